@@ -1,0 +1,32 @@
+# Two set-up commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch/torchvision pair that imports together on these machines (see README).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DATA_DIR ?= $(abspath ../shared/data)
+RUN_RECIPE ?= recipes/cnn_mnist.yaml
+
+.PHONY: install run test test-fast clean
+
+# The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m dltrain train $(RUN_RECIPE)
+
+test: install
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m pytest -q tests
+
+test-fast: install
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,82 @@
+"""`dltrain train|list|...`: the command line. Errors a user can cause print one line and exit non-zero.
+
+Exit codes: 0 done; 2 bad input (recipe, override, data, environment); 3 training stopped
+(e.g. non-finite loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("DLTRAIN_RECIPES_DIR", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see `dltrain list`)")
+    p.add_argument("--profile", help="named profile inside the recipe, e.g. cpu_test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dltrain", description="Train and benchmark reference deep-learning workloads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m dltrain train ...`)")
+    _add_train_args(p)
+    p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path")
+    sub.add_parser("list", help="list the shipped recipes")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from dltrain.recipe import load_recipe
+    from dltrain.run import train
+
+    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    train(recipe, output_dir=args.output_dir, resume=args.resume)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from dltrain.recipe import RecipeError, read_yaml
+
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        try:
+            raw = read_yaml(path)
+        except RecipeError as exc:
+            print(f"{path.name:<26} (unreadable: {exc})")
+            continue
+        profiles = ", ".join(raw.get("profiles") or {}) or "-"
+        print(f"{path.name:<26} {raw.get('workload', '?'):<5} {raw.get('description', '')}  [profiles: {profiles}]")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dltrain.data import DataError
+    from dltrain.recipe import RecipeError
+    from dltrain.trainer import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (RecipeError, DataError) as exc:
+        print(f"dltrain: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingError as exc:
+        print(f"dltrain: training stopped: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
+    except KeyboardInterrupt:
+        print("dltrain: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,121 @@
+"""Shared data helpers: where data lives, and which example indices each process sees.
+
+Every workload keeps its dataset in memory and turns a tensor of example indices into a batch
+(`Split.batches`). What differs between one process and many, or between a fresh start and a
+resume, is only the stream of indices, computed here by arithmetic:
+
+* training: each epoch is a permutation of the train set drawn from (seed, epoch). Optimizer step
+  `s` uses the global batch `order[s*G:(s+1)*G]`; inside it, micro-batch `k` of rank `r` is the
+  slice at offset `(k*world + r) * micro`. So 1 process x batch 2b, 2 processes x batch b, and
+  1 process x batch b x 2 accumulation steps all see the same examples in the same optimizer step,
+  and resuming at step `s` starts at offset `s*G` without touching the earlier batches. The last
+  partial global batch of an epoch is dropped (every step has the same size).
+* evaluation: each rank takes a contiguous shard of ceil(n/world) examples; the last shard is
+  padded by wrapping around so every rank runs the same number of batches (collectives inside
+  a sharded model's forward would otherwise hang), and each batch carries how many of its
+  examples are real, so padding is never counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+
+class DataError(Exception):
+    """Data the user must provide or fix. The message says where we looked and what to do."""
+
+
+def data_root(configured: str | None) -> Path:
+    """`data.root` in the recipe, else $DLTRAIN_DATA_DIR, else the user cache directory."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("DLTRAIN_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return cache_dir() / "data"
+
+
+def cache_dir() -> Path:
+    """A writable per-user cache (copies of read-only data, tokenized datasets)."""
+    env = os.environ.get("DLTRAIN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dltrain"))
+
+
+def require_data() -> bool:
+    """CI sets DLTRAIN_REQUIRE_DATA=1: tests that need real data then fail instead of skipping."""
+    return os.environ.get("DLTRAIN_REQUIRE_DATA", "") not in ("", "0", "false")
+
+
+@dataclass
+class Split:
+    """A dataset split held in memory: `size` examples, and `fetch(indices) -> batch`."""
+
+    size: int
+    fetch: Callable[[torch.Tensor], object]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[object]:
+        for idx in index_batches:
+            yield self.fetch(idx)
+
+
+@dataclass
+class DataSplits:
+    train: Split
+    val: Split
+    test: Split | None = None
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def train_index_batches(
+    n: int,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    rank: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    shuffle: bool = True,
+) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches for one epoch, from optimizer step `start_step` on."""
+    global_batch = micro_batch * grad_accum * world
+    order = epoch_order(n, seed, epoch, shuffle)
+    for step in range(start_step, n // global_batch):
+        base = step * global_batch
+        for k in range(grad_accum):
+            offset = base + (k * world + rank) * micro_batch
+            yield order[offset : offset + micro_batch]
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return n // global_batch
+
+
+def eval_index_batches(n: int, *, batch: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """(indices, n_real) for this rank's shard; see the module docstring for the padding rule."""
+    shard = -(-n // world)
+    start = rank * shard
+    real = max(0, min(shard, n - start))
+    idx = torch.arange(start, start + shard) % n
+    for lo in range(0, shard, batch):
+        chunk = idx[lo : lo + batch]
+        yield chunk, max(0, min(len(chunk), real - lo))

@@ -1,0 +1,237 @@
+"""The MNIST CNN of the original report: two conv blocks and two linear layers."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root
+from dltrain.recipe import RecipeBase, Section
+from dltrain.workloads.common import Output, classification_output, classification_summary
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+class ModelConfig(Section):
+    conv1_channels: PositiveInt = 32
+    conv2_channels: PositiveInt = 64
+    hidden: PositiveInt = 128  # width of the first linear layer
+    num_classes: PositiveInt = 10
+
+
+class DataConfig(Section):
+    root: str | None = Field(None, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out, by seed")
+    loader: Literal["tensor", "torch"] = "tensor"  # in-memory indexing, or torchvision DataLoader
+    num_workers: int = Field(0, ge=0, description="DataLoader workers (loader: torch only)")
+    mean: float = 0.5  # normalization as the original notebook: (x - 0.5) / 0.5
+    std: float = Field(0.5, gt=0)
+    train_subset: PositiveInt | None = Field(None, description="use only this many train examples")
+
+
+class Recipe(RecipeBase):
+    workload: Literal["cnn"]
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class Net(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c1, c2 = cfg.conv1_channels, cfg.conv2_channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 28x28 -> 14x14
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14 -> 7x7
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * 7 * 7, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    return Net(recipe.model)
+
+
+def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
+    images, labels = batch
+    return classification_output(model(images), labels)
+
+
+summarize = classification_summary
+
+
+def batch_size_of(batch) -> int:
+    return len(batch[1])
+
+
+def flops_per_sample(recipe: Recipe) -> int:
+    """Training FLOPs per image: forward, plus backward at twice the forward cost, except that the
+    first conv needs no gradient with respect to its input (the images)."""
+    m = recipe.model
+    conv1 = 2 * 28 * 28 * m.conv1_channels * 9
+    conv2 = 2 * 14 * 14 * m.conv2_channels * m.conv1_channels * 9
+    fc = 2 * (m.conv2_channels * 49 * m.hidden + m.hidden * m.num_classes)
+    forward_flops = conv1 + conv2 + fc
+    return 3 * forward_flops - conv1
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+_FILES = {  # name -> md5 of the .gz, as torchvision checks them
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_HOW_TO = (
+    "put the four MNIST .gz files in <root>/MNIST/raw/ and point data.root or DLTRAIN_DATA_DIR at <root>"
+)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "DLTRAIN_OFFLINE"))
+
+
+def prepare_mnist(root: Path) -> Path:
+    """Return a root whose MNIST/raw holds the four unzipped files, checking what we find.
+
+    The data root is never written to (CI's is read-only): .gz files are unzipped into the user
+    cache. Nothing is downloaded when the files are present; when none are, torchvision downloads
+    them into the cache unless offline.
+    """
+    from torchvision.datasets.utils import check_integrity
+
+    raw = root / "MNIST" / "raw"
+    if all((raw / name).is_file() for name in _FILES):
+        return root
+    cached = cache_dir() / "data"
+    target = cached / "MNIST" / "raw"
+    if all((raw / f"{name}.gz").is_file() for name in _FILES):
+        target.mkdir(parents=True, exist_ok=True)
+        for name, md5 in _FILES.items():
+            if (target / name).is_file():
+                continue
+            if not check_integrity(str(raw / f"{name}.gz"), md5):
+                raise DataError(f"MNIST file {raw / name}.gz is corrupt (MD5 mismatch): replace it; {_HOW_TO}")
+            tmp = target / f".{name}.{os.getpid()}.tmp"
+            with gzip.open(raw / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target / name)  # atomic: concurrent ranks never see half a file
+        return cached
+    if all((target / n).is_file() for n in _FILES):
+        return cached
+    if _offline():
+        raise DataError(f"MNIST not found in {raw} and downloads are off (offline mode): {_HOW_TO}")
+    return _download(cached, raw)
+
+
+def _download(root: Path, looked_in: Path) -> Path:
+    from torchvision.datasets import MNIST
+
+    try:
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DataError(f"MNIST not found in {looked_in} and download failed ({exc}): {_HOW_TO}") from None
+    return root
+
+
+def read_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, 28, 28] and int64 labels [N]."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    prefix = "train" if train else "t10k"
+    raw = root / "MNIST" / "raw"
+    try:
+        images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))
+        labels = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))
+    except Exception as exc:
+        raise DataError(f"MNIST files in {raw} cannot be read ({exc}): delete them; {_HOW_TO}") from None
+    if len(images) != len(labels):
+        raise DataError(f"MNIST files in {raw} disagree: {len(images)} images, {len(labels)} labels; {_HOW_TO}")
+    return images, labels.long()
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    return order[n_val:], order[:n_val]
+
+
+class _TensorFetch:
+    """Batches by indexing uint8 tensors held on the training device."""
+
+    def __init__(self, images, labels, ids, cfg: DataConfig, device):
+        self.images = images[ids].to(device)
+        self.labels = labels[ids].to(device)
+        self.mean, self.std, self.device = cfg.mean, cfg.std, device
+
+    def __call__(self, idx: torch.Tensor):
+        idx = idx.to(self.device)
+        x = self.images[idx].unsqueeze(1).float().div_(255.0).sub_(self.mean).div_(self.std)
+        return x, self.labels[idx]
+
+
+class TorchLoaderSplit(Split):
+    """The classic pipeline: torchvision MNIST -> PIL -> ToTensor -> Normalize, via a DataLoader."""
+
+    def __init__(self, root: Path, train: bool, ids: torch.Tensor, cfg: DataConfig, device):
+        from torchvision import datasets, transforms
+
+        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((cfg.mean,), (cfg.std,))])
+        self.dataset = torch.utils.data.Subset(datasets.MNIST(str(root), train=train, transform=tf), ids.tolist())
+        self.num_workers, self.device = cfg.num_workers, device
+        super().__init__(len(ids), fetch=None)
+
+    def batches(self, index_batches):
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[idx.tolist() for idx in index_batches], num_workers=self.num_workers
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
+    cfg = recipe.data
+    root = prepare_mnist(data_root(cfg.root))
+    train_x, train_y = read_mnist(root, train=True)
+    test_x, test_y = read_mnist(root, train=False)
+    train_ids, val_ids = split_train_val(len(train_x), cfg.val_fraction, recipe.train.seed)
+    if cfg.train_subset:
+        train_ids = train_ids[: cfg.train_subset]
+    test_ids = torch.arange(len(test_x))
+
+    def split(images, labels, ids, train):
+        if cfg.loader == "torch":
+            return TorchLoaderSplit(root, train, ids, cfg, device)
+        return Split(len(ids), _TensorFetch(images, labels, ids, cfg, device))
+
+    return DataSplits(
+        train=split(train_x, train_y, train_ids, True),
+        val=split(train_x, train_y, val_ids, True),
+        test=split(test_x, test_y, test_ids, False),
+    )
+
+
+def sample_inputs(recipe: Recipe, n: int = 16):
+    """(images [n, 28, 28] uint8, labels) for `dltrain inspect`."""
+    root = prepare_mnist(data_root(recipe.data.root))
+    images, labels = read_mnist(root, train=True)
+    return images[:n], labels[:n]
+
