@@ -207,7 +207,7 @@ def load_recipe(path: str | Path, profile: str | None = None, overrides: list[st
             raise RecipeError(f"{path}: unknown profile '{profile}' (profiles in this recipe: {known})")
         raw = deep_merge(raw, profiles[profile] or {})
     for assignment in overrides:
-        apply_override(raw, assignment)
+        apply_override(raw, assignment, source=f"{path}: --set")
     raw.setdefault("name", path.stem + (f"-{profile}" if profile else ""))
     return validate(raw, source=str(path))
 
