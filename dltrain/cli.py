@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path")
     sub.add_parser("list", help="list the shipped recipes")
+    from dltrain import launch
+
+    launch.add_parser(sub, _add_train_args)
     return parser
 
 
@@ -60,7 +63,13 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list}
+def cmd_launch(args) -> int:
+    from dltrain.launch import cmd_launch as launch
+
+    return launch(args)
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,179 @@
+"""`dltrain launch`: build (and run) the right launcher command for N processes on M nodes.
+
+Accelerate has several invocations that look right and silently are not on a CPU (see
+../shared/ENV-NOTES.md): `--cpu --num_processes 2` starts one process, `--multi_gpu` without
+ACCELERATE_USE_CPU starts unconnected copies, and ACCELERATE_USE_CPU drops a DeepSpeed plugin. This
+module is the one place that knows the working forms, so users and the benchmark harness never
+need them by heart:
+
+* one process, no DeepSpeed: plain `python -m dltrain train ...`;
+* several processes (or nodes): `accelerate launch --multi_gpu --num_processes TOTAL
+  --num_machines M ...`, plus ACCELERATE_USE_CPU=true on a CPU (gloo);
+* DeepSpeed: `accelerate launch --use_deepspeed --zero_stage Z ...`, plus DS_ACCELERATOR=cpu on a
+  CPU and never ACCELERATE_USE_CPU; several nodes use the `standalone` multi-node launcher (one
+  torchrun per node, as srun starts them) instead of DeepSpeed's pdsh/ssh launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 29500
+
+
+class LaunchError(ValueError):
+    """Launch options that cannot work together; the message says which and what to do."""
+
+
+def accelerate_executable() -> str:
+    """The `accelerate` of this interpreter's environment, so children run the same dltrain."""
+    beside = Path(sys.executable).with_name("accelerate")
+    return str(beside) if beside.exists() else "accelerate"
+
+
+def parse_master(master: str | None) -> tuple[str, int]:
+    if not master:
+        return "127.0.0.1", DEFAULT_PORT
+    host, _, port = master.rpartition(":")
+    if not host:  # no colon: an address alone
+        return port, DEFAULT_PORT
+    if not port.isdigit():
+        raise LaunchError(f"--master {master!r}: expected ADDR:PORT, e.g. 10.0.0.1:29500")
+    return host, int(port)
+
+
+def build_command(
+    *,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master: str | None = None,
+    cpu: bool = False,
+    deepspeed: int | None = None,
+    train_args: list[str],
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) that start `dltrain train TRAIN_ARGS` on this node.
+
+    nproc is the number of processes on this node; accelerate's --num_processes is the total over
+    all nodes. On several nodes every node runs this with its own node_rank and the same master.
+    """
+    if nproc < 1 or nnodes < 1:
+        raise LaunchError(f"--nproc {nproc} and --nnodes {nnodes} must be at least 1")
+    if not 0 <= node_rank < nnodes:
+        raise LaunchError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
+    if nnodes > 1 and not master:
+        raise LaunchError("several nodes need --master ADDR:PORT (the address of node 0, the same on every node)")
+    if deepspeed is not None and deepspeed not in (0, 1, 2, 3):
+        raise LaunchError(f"--deepspeed {deepspeed}: the ZeRO stage is 0, 1, 2 or 3")
+    train = ["-m", "dltrain", "train", *train_args]
+    env: dict[str, str] = {}
+    if deepspeed is None and nproc * nnodes == 1:
+        if cpu:
+            env["ACCELERATE_USE_CPU"] = "true"
+        return [sys.executable, *train], env
+
+    # Precision comes from the recipe (train.precision), which Accelerator() is given explicitly;
+    # naming the launcher defaults here only silences accelerate's warning about them.
+    argv = [accelerate_executable(), "launch"]
+    if deepspeed is not None:
+        argv += ["--use_deepspeed", "--zero_stage", str(deepspeed)]
+        if cpu:
+            env["DS_ACCELERATOR"] = "cpu"  # and not ACCELERATE_USE_CPU, which drops DeepSpeed
+    else:
+        argv.append("--multi_gpu")  # torchrun underneath; with ACCELERATE_USE_CPU it runs gloo
+        if cpu:
+            env["ACCELERATE_USE_CPU"] = "true"
+    argv += ["--num_processes", str(nproc * nnodes), "--num_machines", str(nnodes)]
+    if nnodes > 1:
+        host, port = parse_master(master)
+        argv += ["--machine_rank", str(node_rank), "--main_process_ip", host, "--main_process_port", str(port)]
+        if deepspeed is not None:
+            argv += ["--deepspeed_multinode_launcher", "standalone"]
+    else:
+        # Port 0: accelerate picks a free one, so concurrent single-node jobs never collide.
+        argv += ["--main_process_port", str(parse_master(master)[1] if master else 0)]
+    argv += ["--mixed_precision", "no", "--dynamo_backend", "no", *train]
+    return argv, env
+
+
+def format_command(argv: list[str], env: dict[str, str]) -> str:
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> int:
+    """Run the launcher in the foreground; its exit code is the job's (non-zero if any rank failed)."""
+    try:
+        return subprocess.run(argv, env={**os.environ, **env}).returncode
+    except FileNotFoundError:
+        raise LaunchError(f"{argv[0]} not found: install accelerate in this environment (pip install accelerate)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# `dltrain launch`
+
+
+def add_parser(sub, add_train_args) -> None:
+    p = sub.add_parser("launch", help="start `dltrain train` on N processes / M nodes with the right launcher")
+    p.add_argument("--nproc", type=int, help="processes on this node (default: its GPUs, else 1)")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (each runs this command)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    p.add_argument("--master", metavar="ADDR:PORT", help="node 0's address and rendezvous port (several nodes)")
+    p.add_argument("--cpu", action="store_true", help="CPU processes talking over gloo (added by itself when no GPU is present)")
+    p.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO stage 0-3 (default: the recipe's deepspeed.zero_stage)")
+    p.add_argument("--dry-run", action="store_true", help="print the command for these options and exit")
+    add_train_args(p)
+    p.add_argument("--resume", nargs="?", const="auto", help="passed on to `dltrain train --resume`")
+
+
+def _train_args(args, deepspeed: int | None) -> list[str]:
+    out = [args.recipe]
+    if args.profile:
+        out += ["--profile", args.profile]
+    for assignment in args.overrides:
+        out += ["--set", assignment]
+    if deepspeed is not None:
+        out += ["--set", f"deepspeed.zero_stage={deepspeed}"]  # the recipe and the launcher agree
+    if args.output_dir:
+        out += ["--output-dir", args.output_dir]
+    if args.resume:
+        out += ["--resume", args.resume]
+    return out
+
+
+def cmd_launch(args) -> int:
+    from dltrain.recipe import load_recipe
+
+    # Check the recipe here, once, before any process starts: a typo fails in one line, not N times.
+    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    deepspeed = args.deepspeed
+    if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
+        deepspeed = recipe.deepspeed.zero_stage
+    cpu, nproc = args.cpu, args.nproc
+    if not args.dry_run:
+        import torch
+
+        if not cpu and not torch.cuda.is_available():
+            print("dltrain launch: no GPU here, launching CPU processes (gloo)", file=sys.stderr)
+            cpu = True
+        if nproc is None:
+            nproc = 1 if cpu else max(1, torch.cuda.device_count())
+    try:
+        argv, env = build_command(
+            nproc=nproc or 1, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, cpu=cpu,
+            deepspeed=deepspeed, train_args=_train_args(args, args.deepspeed),
+        )
+    except LaunchError as exc:
+        print(f"dltrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_command(argv, env), file=sys.stdout if args.dry_run else sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        return run_command(argv, env)
+    except LaunchError as exc:
+        print(f"dltrain: error: {exc}", file=sys.stderr)
+        return 2
