@@ -62,6 +62,7 @@ class TrainConfig(Section):
     log_every: PositiveInt = 50
     max_nonfinite_steps: int = Field(0, ge=0, description="non-finite losses tolerated before stopping")
     warmup_steps_excluded: int = Field(5, ge=0, description="first steps left out of throughput")
+    compile: bool = False  # torch.compile the model; its first (compiling) steps fall in the warm-up
 
 
 class TrackingConfig(Section):

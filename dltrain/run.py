@@ -89,6 +89,10 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
     # it once per process instead.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.train.compile:
+        # After prepare, so the DDP wrapper is compiled too; checkpoints and export still see the
+        # uncompiled module Accelerate registered.
+        model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
 
     log = tracking.RunLog(accelerator, run_dir, recipe)
