@@ -1,0 +1,103 @@
+"""MNIST CNN, three pipelines side by side in one run, interleaved so machine noise hits all alike:
+
+  bare          benchmarks/baselines/cnn_bare.py: a minimal hand-written PyTorch loop
+  dltrain       `dltrain train recipes/cnn_mnist.yaml` with the in-memory tensor loader (default)
+  dltrain-torch the same with `data.loader=torch`: torchvision MNIST -> PIL -> ToTensor ->
+                Normalize through a DataLoader, the original notebook's pipeline
+
+Same model, batch, optimizer and precision; each figure is steady-state train samples/s (warm-up
+excluded, evaluation excluded). Reports per-repeat values, medians, and the ratios
+dltrain / bare (framework overhead) and the epoch-time ratio torch-loader / tensor-loader.
+
+    python benchmarks/cnn_pipeline.py --steps 300 --repeats 3 --out benchmarks/results/cnn_pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_EXAMPLES = 54_000  # train split of MNIST with the default val_fraction 0.1
+
+
+def run_bare(args) -> float:
+    cmd = [sys.executable, str(REPO / "benchmarks/baselines/cnn_bare.py"), "--steps", str(args.steps),
+           "--batch", str(args.batch), "--precision", args.precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["train_samples_per_s"]
+
+
+def run_dltrain(args, loader: str, workdir: Path, tag: str) -> float:
+    out = workdir / tag
+    cmd = [sys.executable, "-m", "dltrain", "train", str(REPO / "recipes/cnn_mnist.yaml"), "--output-dir", str(out),
+           "--set", f"train.max_steps={args.steps + 5}", "--set", "train.warmup_steps_excluded=5",
+           "--set", f"train.global_batch_size={args.batch}", "--set", f"train.precision={args.precision}",
+           "--set", f"data.loader={loader}", "--set", "train.log_every=100", "--set", "tracking.wandb=false",
+           "--set", "tracking.plots=false", "--set", "checkpoint.save_final_model=false"]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads((out / "summary.json").read_text())["throughput"]["train_samples_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cnn_pipeline")
+    args = ap.parse_args()
+
+    results: dict[str, list[float]] = {"bare": [], "dltrain": [], "dltrain-torch": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            results["bare"].append(run_bare(args))
+            results["dltrain"].append(run_dltrain(args, "tensor", Path(tmp), f"tensor{rep}"))
+            results["dltrain-torch"].append(run_dltrain(args, "torch", Path(tmp), f"torch{rep}"))
+            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    pair = [d / b for d, b in zip(results["dltrain"], results["bare"])]
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": vars(args) | {"out": str(args.out)},
+        "samples_per_s": results,
+        "median_samples_per_s": med,
+        "dltrain_over_bare": med["dltrain"] / med["bare"],
+        "dltrain_over_bare_per_repeat": pair,
+        "epoch_time_s": {k: EPOCH_EXAMPLES / v for k, v in med.items()},
+        "torch_loader_epoch_time_over_tensor": med["dltrain"] / med["dltrain-torch"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# MNIST CNN pipelines ({report['date']}, {report['machine']})", "",
+             f"batch {args.batch}, {args.precision}, {args.steps} timed steps, {args.repeats} interleaved repeats", "",
+             "| pipeline | median samples/s | runs | epoch time (54k images) |", "|---|---|---|---|"]
+    for k, v in results.items():
+        lines.append(f"| {k} | {med[k]:,.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {report['epoch_time_s'][k]:.1f} s |")
+    lines += ["", f"- dltrain / bare loop: {report['dltrain_over_bare']:.3f} (per repeat: {', '.join(f'{p:.3f}' for p in pair)})",
+              f"- epoch time, DataLoader path / tensor path: {report['torch_loader_epoch_time_over_tensor']:.2f}x"]
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+if __name__ == "__main__":
+    main()
