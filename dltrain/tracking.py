@@ -111,6 +111,10 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# Logged per step but not learning curves.
+_NOT_CURVES = {"samples_per_s", "lr", "examples", "skipped_step", "skipped_steps", "nonfinite_steps"}
+
+
 def plot_curves(records: list[dict], out_dir: Path) -> list[Path]:
     """loss.png and accuracy.png (or the workload's metric), train and validation against step."""
     import matplotlib
@@ -121,7 +125,7 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[Path]:
     written = []
     metrics = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith(("train/", "val/"))})
     for metric in metrics:
-        if metric in ("samples_per_s", "lr"):
+        if metric in _NOT_CURVES:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for split, style in (("train", "-"), ("val", "o-")):
