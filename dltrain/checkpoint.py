@@ -1,18 +1,404 @@
-"""Checkpoints: periodic saves, best-model export, resume."""
+"""Checkpoints: periodic and preemption saves, atomic writes, keep-last-k, exact resume.
+
+A checkpoint is a folder CKPT_ROOT/step_<N>/ (CKPT_ROOT is `checkpoint.dir`, default
+RUN_DIR/checkpoints; a relative `dir` is taken inside the run directory) holding:
+
+  model.safetensors, optimizer.bin, random_states_<rank>.pkl, [scaler.pt]   Accelerate's save_state
+  scheduler.pt        the LR scheduler (ours: Accelerate reloads registered objects with
+                      weights_only=False, so the scheduler is not registered with it)
+  trainer_state.json  TrainState counters incl. the position inside the epoch, W&B run id, world
+                      size, global batch, elapsed time, the resolved recipe
+  manifest.json       written last: size and sha256 of every file; a folder without it is incomplete
+
+Writes go to CKPT_ROOT/.tmp-step_<N>, are fsynced, get their manifest, and are renamed into place:
+a run killed while writing leaves the previous checkpoints intact. Old checkpoints are deleted only
+after the new one is in place. Everything is loaded with torch.load(weights_only=True) or
+safetensors. The data position needs no replay: the loop restarts the epoch's index stream at
+`step_in_epoch` (dltrain.data.train_index_batches).
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; at the end of the current optimizer step the ranks agree
+(a summed flag), write a checkpoint, write RUN_DIR/preempted.json and stop with exit code 4.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
-from dltrain.recipe import RecipeError
+import torch
+
+from dltrain.recipe import RecipeError, dump_recipe
+
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
+FORMAT = 1
+
+
+class Preempted(Exception):
+    """A signal asked the run to stop; a checkpoint was written. The CLI exits with code 4."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def ckpt_root(recipe, run_dir: Path) -> Path:
+    configured = recipe.checkpoint.dir
+    return run_dir / "checkpoints" if not configured else run_dir / Path(configured).expanduser()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
+def problem_with(path: Path) -> str | None:
+    """Why `path` is not a complete, intact checkpoint (None when it is)."""
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        return "not a directory"
+    if not manifest.is_file():
+        return "incomplete (no manifest: the run stopped while writing it)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "corrupt manifest.json"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def scan(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(incomplete or damaged one, why)])."""
+    good, bad = [], []
+    if not root.is_dir():
+        return good, bad
+    for path in root.iterdir():
+        if path.name.startswith(".tmp-step_"):
+            bad.append((path, "incomplete (interrupted while writing)"))
+        elif path.name.startswith("step_") and path.name[5:].isdigit():
+            why = problem_with(path)
+            (bad.append((path, why)) if why else good.append(path))
+    return sorted(good, key=_step_of), sorted(bad)
+
+
+def locate(run_dir: Path, recipe, resume: str | None, *, verbose: bool = True) -> Path | None:
+    """The checkpoint to resume from: `auto` = newest complete one in the run dir (None if there is
+    none: a fresh start, so a restarted job can always pass --resume auto), else the given path."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser().resolve()
+        if not path.exists():
+            raise RecipeError(f"--resume {resume}: no such checkpoint directory")
+        why = problem_with(path)
+        if why:
+            raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
+        return path
+    good, bad = scan(ckpt_root(recipe, run_dir))
+    for path, why in bad:
+        if verbose and (not good or _step_of_safe(path) > _step_of(good[-1])):
+            print(f"dltrain: warning: skipping checkpoint {path}: {why}", file=sys.stderr, flush=True)
+    return good[-1] if good else None
+
+
+def _step_of_safe(path: Path) -> int:
+    try:
+        return _step_of(path)
+    except ValueError:
+        return -1
+
+
+def wandb_run_id(run_dir: Path, recipe, resume: str | None) -> str | None:
+    """The W&B run id stored with the checkpoint we will resume from, so W&B continues that run."""
+    path = locate(run_dir, recipe, resume, verbose=False)
+    if path is None:
+        return None
+    return json.loads((path / STATE_FILE).read_text()).get("wandb_run_id")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _trainer_state(loop, state) -> dict:
+    fields = {k: getattr(state, k) for k in state.__dataclass_fields__}
+    if fields["step_in_epoch"] >= loop.steps_per_epoch:  # a finished epoch: resume at the next one
+        fields["epoch"] += 1
+        fields["step_in_epoch"] = 0
+    return {
+        "format": FORMAT,
+        "state": fields,
+        "wandb_run_id": loop.log.wandb_run_id,
+        "world_size": loop.accelerator.num_processes,
+        "global_batch": loop.plan.global_batch,
+        "total_steps": loop.total_steps,
+        "elapsed_s": time.perf_counter() - loop.t_start,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe": dump_recipe(loop.recipe),
+    }
+
+
+def save(loop, state) -> Path:
+    """Write step_<N> atomically (every rank takes part); return its path."""
+    acc = loop.accelerator
+    root = ckpt_root(loop.recipe, Path(acc.project_dir))
+    final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:
+        torch.save(loop.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(_trainer_state(loop, state), indent=1) + "\n")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _test_pause_in_save(tmp)
+        _fsync_tree(tmp)
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": state.step, "files": files}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # an older write of the same step (e.g. before a crash): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, loop.recipe.checkpoint.keep_last)
+    acc.wait_for_everyone()
+    loop.last_checkpoint = str(final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; clear leftovers of interrupted writes."""
+    good, bad = scan(root)
+    for path in good[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = _step_of(good[-1]) if good else -1
+    for path, _ in bad:
+        if _step_of_safe(path) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_model(acc, model, path: Path) -> None:
+    """Refuse a checkpoint of another model with a readable line, not a tensor-shape dump."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return  # DeepSpeed writes its own layout and checks it itself
+    from safetensors import safe_open
+
+    here = {k: tuple(v.shape) for k, v in acc.unwrap_model(model).state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        there = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key in sorted(here.keys() | there.keys()):
+        if here.get(key) != there.get(key):
+            raise RecipeError(
+                f"checkpoint {path} was written for a different model: '{key}' is {there.get(key)} there, "
+                f"{here.get(key)} in this recipe; resume with the recipe that wrote it"
+            )
+
+
+def load(loop, path: Path):
+    """Restore model, optimizer, scheduler, scaler, RNG states and the TrainState from `path`."""
+    from dltrain.trainer import TrainState
+
+    acc = loop.accelerator
+    meta = json.loads((path / STATE_FILE).read_text())
+    if meta.get("global_batch") != loop.plan.global_batch:
+        raise RecipeError(
+            f"checkpoint {path} was trained with global batch {meta.get('global_batch')}, this recipe uses "
+            f"{loop.plan.global_batch}: the position inside the epoch would point at other examples; "
+            f"set train.global_batch_size={meta.get('global_batch')}"
+        )
+    saved_world = meta.get("world_size")
+    if saved_world != acc.num_processes:
+        if loop.recipe.deepspeed is not None and loop.recipe.deepspeed.zero_stage > 0:
+            raise RecipeError(
+                f"checkpoint {path} holds ZeRO shards of {saved_world} processes, this run has {acc.num_processes}: "
+                f"resume with {saved_world} processes"
+            )
+        if acc.is_main_process:
+            print(f"dltrain: note: checkpoint written by {saved_world} processes, resuming with {acc.num_processes}: "
+                  "weights, optimizer and data position carry over; per-rank random states of new ranks start fresh",
+                  file=sys.stderr, flush=True)
+    _check_model(acc, loop.model, path)
+    try:
+        acc.load_state(str(path), load_kwargs={"weights_only": True})
+        loop.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    except Exception as exc:  # unpickling refusals, truncated files: all mean "do not use this one"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"cannot load checkpoint {path} ({type(exc).__name__}: {first[:200]}); pick another") from None
+    loop.t_start -= meta.get("elapsed_s", 0.0)  # time-to-target counts the time before the restart
+    loop.last_checkpoint = str(path)
+    return TrainState(**meta["state"])
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop records written after the checkpoint: the resumed run writes those steps again."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return
+    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring into the loop
 
 
 def attach(loop, run_dir: Path, resume: str | None):
-    """Wire checkpointing into the loop; return the TrainState to resume from, or None."""
+    """Install the step-end hook and signal handlers; return the TrainState to resume from, or None."""
+    acc = loop.accelerator
     if loop.recipe.checkpoint.save_best:
         from dltrain.run import export_model
 
         loop.on_new_best = lambda lp, state: export_model(lp, run_dir / "best_model")
-    if resume:
-        raise RecipeError("--resume is not available yet")
-    return None
+    loop.on_step_end = _on_step_end
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_signal)
+    path = _agreed(acc, locate(run_dir, loop.recipe, resume, verbose=acc.is_main_process))
+    state = load(loop, path) if path is not None else None
+    if acc.is_main_process and resume:
+        (run_dir / "preempted.json").unlink(missing_ok=True)
+        _truncate_log(run_dir, state.step if state else 0)
+        where = f"step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} in it) from {path}" if state else \
+            "scratch: no complete checkpoint yet"
+        print(f"dltrain: resuming at {where}", flush=True)
+    acc.wait_for_everyone()
+    return state
+
+
+def _agreed(acc, path: Path | None) -> Path | None:
+    """Every rank resumes from the checkpoint rank 0 chose."""
+    if acc.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(path) if path else ""]
+    broadcast_object_list(box)
+    return Path(box[0]) if box[0] else None
+
+
+_signal_received: str | None = None
+
+
+def _on_signal(signum, frame) -> None:
+    global _signal_received
+    _signal_received = signal.Signals(signum).name  # acted on at the end of the current step
+
+
+def _stop_requested(acc) -> bool:
+    """The signal may reach only some ranks: all stop at the same step if any got one."""
+    flag = torch.tensor(1.0 if _signal_received else 0.0, device=acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return flag.item() > 0
+
+
+def _due(cfg, state, steps_per_epoch: int) -> bool:
+    if cfg.every_steps and state.step % cfg.every_steps == 0:
+        return True
+    epoch_done = state.step_in_epoch == steps_per_epoch
+    return bool(cfg.every_epochs and epoch_done and (state.epoch + 1) % cfg.every_epochs == 0)
+
+
+def _on_step_end(loop, state) -> None:
+    _test_hooks(loop, state)
+    stop = _stop_requested(loop.accelerator)
+    if stop or _due(loop.recipe.checkpoint, state, loop.steps_per_epoch):
+        path = save(loop, state)
+    if stop:
+        _stop(loop, state, path)
+
+
+def _stop(loop, state, path: Path) -> None:
+    acc = loop.accelerator
+    run_dir = Path(acc.project_dir)
+    why = _signal_received or "a signal on another rank"
+    if acc.is_main_process:
+        info = {"step": state.step, "checkpoint": str(path), "signal": why}
+        (run_dir / "preempted.json").write_text(json.dumps(info) + "\n")
+    acc.wait_for_everyone()
+    acc.end_training()  # a clean shutdown of the process group and trackers before exiting
+    raise Preempted(
+        f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
+        f"`--resume auto --output-dir {run_dir}`"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Test hooks: environment variables the tests use to stop, crash or pause a real run at a chosen
+# point. "K" or "K:RANK" (only that rank). Unset in normal use.
+
+
+def _hook_hits(name: str, step: int, rank: int) -> bool:
+    value = os.environ.get(name)
+    if not value:
+        return False
+    at, _, only = value.partition(":")
+    return int(at) == step and (not only or int(only) == rank)
+
+
+def _test_hooks(loop, state) -> None:
+    rank = loop.accelerator.process_index
+    if _hook_hits("DLTRAIN_TEST_SIGNAL_AT_STEP", state.step, rank):
+        os.kill(os.getpid(), getattr(signal, os.environ.get("DLTRAIN_TEST_SIGNAL", "SIGTERM")))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and _hook_hits("DLTRAIN_TEST_CRASH_AT_STEP", state.step, rank):
+        print(f"dltrain-test: planted crash at step {state.step} on rank {rank}", file=sys.stderr, flush=True)
+        os._exit(86)
+
+
+_saves = 0
+
+
+def _test_pause_in_save(tmp: Path) -> None:
+    global _saves
+    _saves += 1
+    if os.environ.get("DLTRAIN_TEST_PAUSE_IN_SAVE") == str(_saves):
+        print(f"dltrain-test: paused while writing {tmp}", file=sys.stderr, flush=True)
+        time.sleep(3600)

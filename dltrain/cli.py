@@ -1,7 +1,8 @@
 """`dltrain train|list|...`: the command line. Errors a user can cause print one line and exit non-zero.
 
 Exit codes: 0 done; 2 bad input (recipe, override, data, environment); 3 training stopped
-(e.g. non-finite loss).
+(e.g. non-finite loss); 4 preempted: SIGTERM/SIGUSR1 made the run write a checkpoint and stop
+(RUN_DIR/preempted.json says where), continue with `--resume auto --output-dir RUN_DIR`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3
+EXIT_PREEMPTED = 4
 
 
 def recipes_dir() -> Path:
@@ -41,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from dltrain.recipe import load_recipe
+    from dltrain.recipe import RecipeError, load_recipe
     from dltrain.run import train
 
+    if args.resume == "auto" and not args.output_dir:
+        raise RecipeError("--resume auto continues the run in --output-dir RUN_DIR: give that directory")
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
     train(recipe, output_dir=args.output_dir, resume=args.resume)
     return 0
@@ -73,6 +77,7 @@ COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dltrain.checkpoint import Preempted
     from dltrain.data import DataError
     from dltrain.recipe import RecipeError
     from dltrain.trainer import TrainingError
@@ -86,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"dltrain: training stopped: {exc}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
+    except Preempted as exc:
+        print(f"dltrain: preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("dltrain: interrupted", file=sys.stderr)
         return 130

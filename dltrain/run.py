@@ -93,13 +93,13 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
         # After prepare, so the DDP wrapper is compiled too; checkpoints and export still see the
         # uncompiled module Accelerate registered.
         model = torch.compile(model)
-    accelerator.register_for_checkpointing(scheduler)
-
-    log = tracking.RunLog(accelerator, run_dir, recipe)
-    loop = Loop(recipe, workload, accelerator, plan, model, optimizer, scheduler, data, log,
-                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start)
+    # The scheduler is not registered with Accelerate: it would reload it with weights_only=False;
+    # dltrain.checkpoint saves and loads it itself.
     from dltrain import checkpoint
 
+    log = tracking.RunLog(accelerator, run_dir, recipe, run_id=checkpoint.wandb_run_id(run_dir, recipe, resume))
+    loop = Loop(recipe, workload, accelerator, plan, model, optimizer, scheduler, data, log,
+                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start)
     state = checkpoint.attach(loop, run_dir, resume) or TrainState()
     print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, {total_steps} steps")
 
