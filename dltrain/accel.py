@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -50,7 +51,18 @@ def plan_batches(train, world: int) -> BatchPlan:
 
 def launched_world_size() -> int:
     """The number of processes the launcher says it started (1 when run directly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    # The variables Accelerate itself reads: torchrun/accelerate set WORLD_SIZE, MPI launchers the others.
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective waits for a silent peer before the job fails (a crashed peer is seen
+    at once by gloo/NCCL; this bounds a hung one). DLTRAIN_DIST_TIMEOUT_S overrides the 15 minutes,
+    which must cover the longest rank-0-only pause (final export, plots) while others wait."""
+    return timedelta(seconds=float(os.environ.get("DLTRAIN_DIST_TIMEOUT_S", "900")))
 
 
 def _use_deepspeed(recipe: RecipeBase) -> bool:
@@ -78,9 +90,10 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     world = launched_world_size()
     plan = plan_batches(recipe.train, world)
     kwargs = {}
-    if device_type == "cpu" and world > 1:
+    if world > 1:
         # gloo is the CPU backend; DeepSpeed on CPU needs it named explicitly (see ENV-NOTES).
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        backend = {"backend": "gloo"} if device_type == "cpu" else {}
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=dist_timeout(), **backend)]
     if _use_deepspeed(recipe):
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(recipe, plan)
     accelerator = Accelerator(
@@ -92,6 +105,7 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
         **kwargs,
     )
     check_world(accelerator, world)
+    check_deepspeed(accelerator, "deepspeed_plugin" in kwargs)
     return accelerator, plan
 
 
@@ -104,9 +118,50 @@ def check_world(accelerator, launched: int) -> None:
         )
 
 
-def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
-    from accelerate.utils import DeepSpeedPlugin
+def check_deepspeed(accelerator, requested: bool) -> None:
+    """Accelerate drops a DeepSpeed plugin silently under ACCELERATE_USE_CPU (see ENV-NOTES)."""
+    from accelerate.utils import DistributedType
 
+    if requested and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RecipeError(
+            f"the recipe asks for DeepSpeed but Accelerate set up {accelerator.distributed_type.value} "
+            "(ACCELERATE_USE_CPU or --cpu disables DeepSpeed): start it with `dltrain launch --deepspeed STAGE`"
+        )
+
+
+def check_ranks_in_sync(accelerator, model) -> None:
+    """After training every rank must hold bit-identical replicated parameters; a difference means
+    the processes did not all-reduce (unconnected copies) or diverged."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3):
+        return  # ZeRO-3 partitions the parameters: there is no replica to compare
+    digest = hashlib.sha256()
+    for name, param in accelerator.unwrap_model(model).state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) != 1:
+        from dltrain.trainer import TrainingError
+
+        raise TrainingError(
+            f"parameters differ between ranks after training ({len(set(digests))} distinct over "
+            f"{len(digests)} ranks): the processes were not all-reducing"
+        )
+    accelerator.print(f"  parameters identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
+
+
+def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
+    from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
+
+    if not is_deepspeed_available():
+        raise RecipeError("the recipe asks for DeepSpeed (deepspeed.zero_stage > 0) but it is not installed: "
+                          "pip install deepspeed, or set deepspeed.zero_stage=0")
+    if "LOCAL_RANK" not in os.environ:  # plain `python -m dltrain`: DeepSpeed finds no process group
+        raise RecipeError("DeepSpeed runs under a launcher: use `dltrain launch RECIPE --deepspeed STAGE ...`")
     ds = recipe.deepspeed
     stage = ds.zero_stage if ds is not None else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
     plugin = DeepSpeedPlugin(
@@ -121,3 +176,12 @@ def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.micro_batch
     plugin.deepspeed_config["train_batch_size"] = plan.global_batch
     return plugin
+
+
+def rendezvous_error(exc: Exception) -> str:
+    """One line for a process group that cannot open or reach its rendezvous (e.g. a busy port)."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    if "EADDRINUSE" in reason or "address already in use" in reason:
+        reason = "the port is already in use by another process"
+    return f"cannot open the rendezvous at {where} ({reason[:160]}): pick a free port (MASTER_PORT, or --master ADDR:PORT)"

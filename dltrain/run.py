@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dltrain import tracking
-from dltrain.accel import build_accelerator
+from dltrain.accel import build_accelerator, check_ranks_in_sync
 from dltrain.metrics import peak_memory_bytes
 from dltrain.recipe import RecipeError, dump_recipe
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
@@ -104,6 +104,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, {total_steps} steps")
 
     state = fit(loop, state)
+    check_ranks_in_sync(accelerator, model)
     final = dict(state.last_eval)
     if data.test is not None:
         final |= evaluate(model, data.test, workload, accelerator, plan.micro_batch, "test")
