@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dltrain import launch
 
     launch.add_parser(sub, _add_train_args)
+    from dltrain import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -73,7 +76,13 @@ def cmd_launch(args) -> int:
     return launch(args)
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch}
+def cmd_bench(args) -> int:
+    from dltrain.bench import cmd_bench as bench
+
+    return bench(args)
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""BERT-family SST-2 fine-tuning by a minimal hand-written PyTorch loop: dltrain's yardstick.
+
+Same model and tokenized data as the recipe (dltrain's own builders), the same AdamW, batch and
+precision; no Accelerate, no metrics, no logging. Batches are consecutive slices of one shuffled
+order, padded like dltrain's (dynamic by default).
+
+    python benchmarks/baselines/bert_bare.py --recipe recipes/bert_sst2_minilm.yaml --profile cpu_test --steps 30
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from bare_common import load, parse_args, report, timed
+
+from dltrain.workloads import bert
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], str(RECIPE))
+    recipe, device = load(args)
+    batch, bf16 = recipe.train.global_batch_size, recipe.train.precision == "bf16"
+    torch.manual_seed(args.seed)
+    data = bert.build_data(recipe, device)
+    model = bert.build_model(recipe).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    order = torch.randperm(len(data.train))
+
+    def step(i: int) -> None:
+        start = (i * batch) % (len(order) - batch)
+        b = data.train.fetch(order[start : start + batch])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**b).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    report("bert_bare", args, batch, recipe.train.precision, timed(step, args.steps, args.warmup, device))
+
+
+if __name__ == "__main__":
+    main()

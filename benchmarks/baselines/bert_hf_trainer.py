@@ -1,0 +1,68 @@
+"""The Hugging Face Trainer fine-tuning the same model on the same SST-2 data and hyperparameters.
+
+Model and tokenized data come from dltrain's builders for the recipe (so both sides see the same
+tokens), then everything else is the Trainer's own: its DataLoader and DataCollatorWithPadding
+(dynamic padding, or max_length for `data.padding: fixed`), AdamW, linear warm-up schedule,
+autocast. The clock runs between the end of the last warm-up step and the end of the last step
+(a callback), so it covers data loading like dltrain's step timer, and leaves out the Trainer's
+start-up.
+
+    python benchmarks/baselines/bert_hf_trainer.py --recipe recipes/bert_sst2_minilm.yaml --profile cpu_test --steps 30
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bare_common import load, parse_args, report
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+from dltrain.workloads import bert
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
+
+
+class StepClock(TrainerCallback):
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], str(RECIPE))
+    recipe, device = load(args)
+    batch = recipe.train.global_batch_size
+    tokenizer = bert.tokenizer_for(recipe)
+    train = bert.load_splits(recipe)["train"]
+    fixed = recipe.data.padding == "fixed"
+    collator = DataCollatorWithPadding(tokenizer, padding="max_length" if fixed else "longest",
+                                       max_length=recipe.data.max_length if fixed else None)
+    clock = StepClock(args.warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
+            learning_rate=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+            # transformers 5 reads a float warmup_steps below 1 as a fraction of all steps.
+            lr_scheduler_type="linear", warmup_steps=recipe.schedule.warmup_steps or recipe.schedule.warmup_fraction,
+            bf16=recipe.train.precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        torch.manual_seed(args.seed)
+        trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
+                          data_collator=collator, callbacks=[clock])
+        trainer.train()
+    report("bert_hf_trainer", args, batch, recipe.train.precision, clock.t1 - clock.t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`dltrain bench`: run a benchmark suite and report it; `dltrain bench compare`: gate on regressions.
+
+    suite.py     the suite schema and its expansion into jobs
+    runner.py    launch each job, one record per run in results.jsonl
+    measure.py   FLOPs of a real step (FlopCounterMode), peak FLOP/s (GPU table, CPU microbenchmark)
+    report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
+    markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+
+def default_output_dir(suite_name: str) -> Path:
+    return Path("runs") / "bench" / f"{suite_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def finish(out_dir: Path, wandb: bool = True) -> dict:
+    """summary.json, report.md, plots and the W&B summary run from the results in out_dir."""
+    from dltrain.bench.markdown import write_report
+    from dltrain.bench.plots import log_wandb, make_plots
+    from dltrain.bench.report import build_summary, read_results
+
+    summary = build_summary(out_dir)
+    plots = make_plots(summary, read_results(out_dir), out_dir)
+    write_report(summary, out_dir)
+    if wandb:
+        log_wandb(summary, plots, out_dir)
+    return summary
+
+
+def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
+          dry_run: bool = False, only: list[str] = ()) -> int:
+    from dltrain.bench.runner import node_info, run_suite
+    from dltrain.bench.suite import load_suite
+    from dltrain.recipe import RecipeError
+
+    suite = load_suite(suite_path)
+    out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
+    if not dry_run and (out_dir / "results.jsonl").exists():
+        raise RecipeError(f"{out_dir} already holds benchmark results: choose another --output-dir")
+    records = run_suite(suite, out_dir, repeats=repeats, dry_run=dry_run, only=only)
+    if dry_run or node_info()[0] > 0:
+        return 0
+    if not records:
+        raise RecipeError(f"suite {suite.name}: no job matches --only {' '.join(only)}")
+    finish(out_dir, wandb=suite.wandb_summary)
+    print(f"dltrain bench: {sum(r['status'] == 'ok' for r in records)}/{len(records)} runs ok; report in {out_dir / 'report.md'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite (`bench SUITE`), or compare two (`bench compare OLD NEW`)",
+                       description="`dltrain bench SUITE`: run a suite (a name under benchmarks/suites/ or a YAML path). "
+                                   "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.")
+    p.add_argument("suite", metavar="SUITE|compare", help="suite name or file; or `compare` followed by OLD_DIR NEW_DIR")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories")
+    p.add_argument("--output-dir", help="where results go (default: runs/bench/<suite>-<time>)")
+    p.add_argument("--repeats", type=int, help="run every job N times (default: the suite's repeats)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this entry or configuration (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print each job's command instead of running it")
+    p.add_argument("--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)")
+
+
+def cmd_bench(args) -> int:
+    from dltrain.recipe import RecipeError
+
+    if args.suite == "compare":
+        from dltrain.bench.compare import run_compare
+
+        if len(args.dirs) != 2:
+            raise RecipeError("usage: dltrain bench compare OLD_DIR NEW_DIR (two `dltrain bench` output directories)")
+        return run_compare(*args.dirs, tolerance=args.tolerance)
+    if args.dirs:
+        raise RecipeError(f"unexpected arguments {' '.join(args.dirs)}: `dltrain bench SUITE` takes one suite")
+    if args.repeats is not None and args.repeats < 1:
+        raise RecipeError(f"--repeats {args.repeats}: give a positive number")
+    return bench(args.suite, args.output_dir, args.repeats, args.dry_run, args.only)

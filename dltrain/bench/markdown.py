@@ -1,0 +1,133 @@
+"""report.md: the suite's summary.json as tables a reader can paste into an issue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _num(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1e4:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _fig(cfg: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    f = cfg.get("figures", {}).get(key)
+    if not f:
+        return "-"
+    text = _num(f["mean"] * scale, digits)
+    return text + (f" ± {_num(f['std'] * scale, 2)}" if f["n"] > 1 else "")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["(none)", ""]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _setup(cfg: dict) -> str:
+    extra = (f", ZeRO-{cfg['deepspeed_stage']}" if cfg["deepspeed_stage"] is not None else "") + (", compile" if cfg["compile"] else "")
+    nodes = f" on {cfg['nnodes']} nodes" if (cfg.get("nnodes") or 1) > 1 else ""
+    return f"{cfg['world_size']}{nodes}, {cfg['precision']}{extra}"
+
+
+def throughput_rows(configs: dict) -> list[list[str]]:
+    rows = []
+    for name, c in configs.items():
+        if c["mode"] != "throughput":
+            continue
+        status = "ok" if not c["failed"] else f"{c['failed']}/{c['runs']} failed"
+        rows.append([name, c["kind"], c.get("workload") or "-", _setup(c), _fig(c, "samples_per_s"), _fig(c, "tokens_per_s"),
+                     _fig(c, "step_time_ms_p50"), _fig(c, "step_time_ms_p90"), _fig(c, "data_wait_share", 100, 2),
+                     _fig(c, "achieved_flops_per_s", 1e-9), _fig(c, "mfu", 100, 3), _fig(c, "peak_memory_mb", 1, 4), status])
+    return rows
+
+
+def render(summary: dict, out_dir: Path) -> str:
+    configs, env = summary["configs"], summary.get("environment") or {}
+    lines = [f"# Benchmark report: suite `{summary['suite']}`", "",
+             f"Created {summary['created_utc']}; {summary['runs']} runs ({summary['failed']} failed), "
+             f"{summary.get('repeats') or 1} repeat(s): figures are mean ± std over repeats.", "",
+             f"Environment: {env.get('gpu') or env.get('cpu', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
+             f"accelerate {env.get('accelerate', '?')}, git {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}.", ""]
+    peaks = summary.get("cpu_peak_flops_per_s") or {}
+    if peaks:
+        lines += ["CPU peak, **measured** in this run by a matmul microbenchmark (1024², best of 1.5 s): "
+                  + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ". CPU MFU is against it.", ""]
+    lines += ["## Throughput (steady state: warm-up, evaluation and checkpointing excluded)", ""]
+    lines += _table(["config", "kind", "workload", "world, precision", "samples/s", "tokens/s", "step p50 ms", "step p90 ms",
+                     "data wait %", "GFLOP/s", "MFU %", "peak mem MB", "status"], throughput_rows(configs))
+    lines += ["## FLOPs per training sample (forward + backward)", "",
+              "Measured with torch.utils.flop_counter.FlopCounterMode on one real micro-batch; text workloads padded to "
+              "data.max_length for this cross-check (the analytic formula's assumption). Achieved FLOP/s of text "
+              "workloads uses the FLOPs per padded token of a real dynamically padded batch.", ""]
+    lines += _table(["entry", "analytic", "measured", "measured / analytic", "parameters", "gradient MB"],
+                    [[k, _num(v["flops_per_sample_analytic"]), _num(v["flops_per_sample_measured"]),
+                      f"{v['flops_measured_over_analytic']:.3f}", f"{v['params']:,}", _num(v["grad_bytes"] / 2**20)]
+                     for k, v in (summary.get("flops") or {}).items()])
+    lines += _ttt_section(configs) + _accuracy_section(configs)
+    lines += ["## dltrain vs baselines (samples/s ratio, per repeat, runs interleaved)", ""]
+    lines += _table(["baseline", "dltrain config", "dltrain samples/s", "baseline samples/s", "ratio", "target"],
+                    [[b["config"], b["dltrain_config"], _num(b["dltrain_samples_per_s"]), _num(b["baseline_samples_per_s"]),
+                      _num(b["ratio"]["mean"]) + (f" ± {_num(b['ratio']['std'], 2)}" if b["ratio"]["n"] > 1 else "") if b["ratio"] else "-",
+                      (f">= {b['target']} " + ("met" if b["ratio"] and b["ratio"]["mean"] >= b["target"] else "NOT met")) if b["target"] else "-"]
+                     for b in summary["baselines"]])
+    lines += ["## Scaling (measured, constant per-device batch)", "", "efficiency = throughput(N) / (N x throughput(1)).", ""]
+    lines += _table(["config", "world", "nodes", "samples/s", "speedup", "efficiency"],
+                    [[s["config"], str(s["world_size"]), str(s["nnodes"]), _num(s["samples_per_s"]), f"{s['speedup']:.2f}",
+                      f"{s['efficiency']:.2f}"] for s in summary["scaling"]])
+    lines += _projection_section(summary["projection"])
+    lines += _failures(configs)
+    lines += ["## Where the numbers are", "",
+              "results.jsonl (one record per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
+              "metrics.jsonl, summary.json, recipe.yaml), logs/ (each job's output).", "",
+              "W&B runs were written offline (unless an API key is configured). Upload them later with:", "",
+              f"    wandb sync {out_dir}/wandb/offline-run-*   # the suite summary run",
+              f"    wandb sync {out_dir}/runs/*/wandb/offline-run-*   # every training run", ""]
+    return "\n".join(lines)
+
+
+def _ttt_section(configs: dict) -> list[str]:
+    rows = []
+    for name, c in configs.items():
+        if c["mode"] != "time_to_target":
+            continue
+        t = c.get("target") or {}
+        ok = c["runs"] - c["failed"]
+        rows.append([name, f"{t.get('metric', '?')} {'>=' if t.get('mode', 'max') == 'max' else '<='} {t.get('value', '?')}",
+                     _fig(c, "time_to_target_s"), f"{c.get('reached', 0)}/{ok}", _fig(c, t.get("metric", ""), 1, 4), _fig(c, "wall_s")])
+    return ["## Time to target (MLPerf-style: from before the data is touched to the first evaluation at the target)", "",
+            *_table(["config", "target", "time to target s", "reached", "final value", "wall s"], rows)]
+
+
+def _accuracy_section(configs: dict) -> list[str]:
+    rows = []
+    for name, c in configs.items():
+        if c["kind"] == "dltrain" or c["kind"] == "notebook":
+            keys = [k for k in sorted(c.get("figures", {})) if "/" in k]
+            if keys:
+                rows.append([name, ", ".join(f"{k} {_fig(c, k, 1, 4)}" for k in keys)])
+    return ["## Final metrics (end of each run)", "", *_table(["config", "metrics"], rows)]
+
+
+def _projection_section(rows: list[dict]) -> list[str]:
+    head = ["## Scaling projection to 8..1024 GPUs (PROJECTED, not measured)", "",
+            "step(N) = compute + 2 (N-1)/N x gradient bytes / link bandwidth (ring all-reduce, no overlap, no latency); "
+            "compute is the measured world-1 step time on the device of this run. NVLink 4 inside a node (N <= 8), "
+            "InfiniBand NDR between nodes.", ""]
+    return head + _table(["config", "N", "link", "compute ms", "all-reduce ms", "projected efficiency", "projected samples/s"],
+                         [[r["config"], str(r["world_size"]), r["link"], _num(r["compute_ms"]), _num(r["allreduce_ms"]),
+                           f"{r['efficiency']:.3f}", _num(r["samples_per_s"])] for r in rows])
+
+
+def _failures(configs: dict) -> list[str]:
+    rows = [[name, str(c["failed"]), (c["errors"][-1] or "?").replace("|", "/")] for name, c in configs.items() if c["failed"]]
+    return ["## Failed runs", "", *_table(["config", "failed", "last error"], rows)] if rows else []
+
+
+def write_report(summary: dict, out_dir: Path) -> Path:
+    path = out_dir / "report.md"
+    path.write_text(render(summary, out_dir))
+    return path

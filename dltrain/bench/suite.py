@@ -1,0 +1,198 @@
+"""Benchmark suites: YAML files checked by a closed schema, expanded into a list of jobs.
+
+A suite crosses its entries (recipe, profile, overrides) with world sizes, node counts,
+precisions, DeepSpeed stages and torch.compile on/off, in one or both modes:
+
+* throughput: a fixed number of optimizer steps (`train.max_steps`), warm-up steps left out of
+  the clock, evaluation only at the end (the trainer pauses its clock for it anyway);
+* time_to_target: the recipe as written with `target.stop=true`, MLPerf-style.
+
+Baselines (hand-written loops, the HF Trainer, the notebook's DataLoader pipeline) run at world
+size 1 beside each precision of their entry, interleaved with the dltrain runs they are compared
+with, so a busy machine slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from dltrain.recipe import RecipeError, _first_error, load_recipe
+
+Mode = Literal["throughput", "time_to_target", "both"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Baseline = Literal["bare", "hf_trainer", "notebook"]
+SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "suites"
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Entry(_Closed):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="short id used in run names")
+    recipe: str  # path, relative to the repository root or absolute
+    profile: str | None = None
+    overrides: list[str] = []  # `--set` assignments, e.g. "train.global_batch_size=128"
+    # Each of these, when given, replaces the suite-wide value for this entry only.
+    mode: Mode | None = None
+    world_sizes: list[PositiveInt] | None = None
+    precisions: list[Precision] | None = None
+    deepspeed_stages: list[Literal[0, 1, 2, 3] | None] | None = None
+    compile: list[bool] | None = None
+    throughput_steps: PositiveInt | None = None
+    baselines: list[Baseline] = []
+
+
+class Suite(_Closed):
+    name: str = ""
+    description: str = ""
+    device: Literal["cpu", "gpu"] = "cpu"
+    mode: Mode = "throughput"
+    repeats: PositiveInt = 1
+    throughput_steps: PositiveInt = 50  # optimizer steps per throughput run
+    warmup_steps: int = Field(5, ge=0, description="first steps left out of the clock (train.warmup_steps_excluded)")
+    world_sizes: list[PositiveInt] = [1]
+    nodes: list[PositiveInt] = [1]  # world size N on M nodes runs N/M processes per node
+    precisions: list[Precision] = ["fp32"]
+    deepspeed_stages: list[Literal[0, 1, 2, 3] | None] = [None]  # None: plain DDP
+    compile: list[bool] = [False]
+    # Weak scaling: keep the per-device batch of the recipe at world size 1 by growing the global
+    # batch with the world size, so efficiency compares equal work per device.
+    scale_batch: bool = True
+    wandb_runs: bool = True  # log every dltrain run to W&B (offline unless a key is configured)
+    wandb_summary: bool = True  # one W&B run for the suite: results table and plots
+    timeout_s: PositiveInt = 1800  # per job; a job past it is killed and recorded as failed
+    entries: list[Entry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _steps_after_warmup(self) -> Suite:
+        steps = [self.throughput_steps] + [e.throughput_steps for e in self.entries if e.throughput_steps]
+        if min(steps) <= self.warmup_steps:
+            raise ValueError(f"throughput_steps must exceed warmup_steps ({self.warmup_steps}): no step would be timed")
+        return self
+
+    @field_validator("entries")
+    @classmethod
+    def _unique_names(cls, entries: list[Entry]) -> list[Entry]:
+        names = [e.name for e in entries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"entry names must be unique (repeated: {', '.join(dupes)})")
+        return entries
+
+
+@dataclass
+class Job:
+    """One launched run. `pair` names the dltrain config a baseline is compared with."""
+
+    config: str
+    entry: Entry
+    kind: Literal["dltrain", "bare", "hf_trainer", "notebook"]
+    mode: Literal["throughput", "time_to_target"]
+    world: int
+    nnodes: int
+    precision: str
+    deepspeed: int | None
+    compile: bool
+    steps: int | None
+    overrides: list[str] = field(default_factory=list)
+    pair: str | None = None
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A suite name (`cpu_quick`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return SUITES_DIR / f"{name_or_path}.yaml"
+
+
+def load_suite(name_or_path: str, repo: Path | None = None) -> Suite:
+    path = resolve_path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))) or "none"
+        raise RecipeError(f"{path}: suite not found (shipped suites: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a suite must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {_first_error(exc)}") from None
+    suite.name = suite.name or path.stem
+    repo = repo or SUITES_DIR.parent.parent
+    for entry in suite.entries:
+        entry.recipe = str(_recipe_path(entry.recipe, repo))
+        # Load each recipe now: a typo in a suite fails before the first job, not an hour later.
+        try:
+            load_recipe(entry.recipe, entry.profile, entry.overrides)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: entry '{entry.name}': {exc}") from None
+    return suite
+
+
+def _recipe_path(recipe: str, repo: Path) -> Path:
+    path = Path(recipe)
+    return path if path.is_absolute() or path.exists() else repo / path
+
+
+def _global_batch(entry: Entry) -> int:
+    return load_recipe(entry.recipe, entry.profile, entry.overrides).train.global_batch_size
+
+
+def expand(suite: Suite) -> list[Job]:
+    """All jobs of one repeat, in the order they run: each dltrain config, then its baselines."""
+    jobs: list[Job] = []
+    for entry in suite.entries:
+        mode = entry.mode or suite.mode
+        modes = ["throughput", "time_to_target"] if mode == "both" else [mode]
+        steps = entry.throughput_steps or suite.throughput_steps
+        base_batch = _global_batch(entry)
+        axes = itertools.product(
+            entry.precisions or suite.precisions,
+            entry.deepspeed_stages if entry.deepspeed_stages is not None else suite.deepspeed_stages,
+            entry.compile if entry.compile is not None else suite.compile,
+            suite.nodes,
+            entry.world_sizes or suite.world_sizes,
+            modes,
+        )
+        for precision, stage, compiled, nnodes, world, m in axes:
+            if world % nnodes:
+                continue  # e.g. world 1 on 2 nodes: not a configuration
+            common = [f"train.precision={precision}", f"train.warmup_steps_excluded={suite.warmup_steps}"]
+            if compiled:
+                common.append("train.compile=true")
+            if stage is not None:
+                common.append(f"deepspeed.zero_stage={stage}")
+            if suite.scale_batch and world > 1:
+                common.append(f"train.global_batch_size={base_batch * world}")
+            config = config_name(entry.name, world, nnodes, precision, stage, compiled, m)
+            jobs.append(Job(config, entry, "dltrain", m, world, nnodes, precision, stage, compiled,
+                            steps if m == "throughput" else None, common))
+            if m == "throughput" and world == 1 and stage is None and not compiled:
+                for kind in entry.baselines:
+                    jobs.append(Job(f"{entry.name}-{kind}-{precision}", entry, kind, m, 1, 1, precision, None, False,
+                                    steps, list(common), pair=config))
+    return jobs
+
+
+def config_name(entry: str, world: int, nnodes: int, precision: str, stage, compiled: bool, mode: str) -> str:
+    parts = [entry, f"w{world}"]
+    if nnodes > 1:
+        parts.append(f"n{nnodes}")
+    parts.append(precision)
+    if stage is not None:
+        parts.append(f"zero{stage}")
+    if compiled:
+        parts.append("compile")
+    parts.append("tput" if mode == "throughput" else "ttt")
+    return "-".join(parts)
