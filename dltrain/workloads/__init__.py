@@ -14,9 +14,11 @@ Each module gives the trainer the same few things:
     save_model(model, dir, recipe) (optional) -> export in the workload's native format
 """
 
-from dltrain.workloads import cnn
+from dltrain.workloads import bert, cnn, rnn
 
 # A plain dict: the name a recipe's `workload:` key takes -> the module implementing it.
 WORKLOADS = {
     "cnn": cnn,
+    "rnn": rnn,
+    "bert": bert,
 }
