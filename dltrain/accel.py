@@ -7,6 +7,7 @@ accumulation steps are derived here, in one place, from the world size.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,6 +97,8 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=dist_timeout(), **backend)]
     if _use_deepspeed(recipe):
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(recipe, plan)
+        # DeepSpeed calls these deprecated collectives on every step; the warning is not ours to fix.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=plan.grad_accum,
@@ -151,7 +154,8 @@ def check_ranks_in_sync(accelerator, model) -> None:
             f"parameters differ between ranks after training ({len(set(digests))} distinct over "
             f"{len(digests)} ranks): the processes were not all-reducing"
         )
-    accelerator.print(f"  parameters identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
+    if accelerator.is_main_process:  # not accelerator.print: that speaks once per node
+        print(f"  parameters identical on all {len(digests)} ranks (sha256 {digests[0][:12]})", flush=True)
 
 
 def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
@@ -163,18 +167,38 @@ def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
     if "LOCAL_RANK" not in os.environ:  # plain `python -m dltrain`: DeepSpeed finds no process group
         raise RecipeError("DeepSpeed runs under a launcher: use `dltrain launch RECIPE --deepspeed STAGE ...`")
     ds = recipe.deepspeed
-    stage = ds.zero_stage if ds is not None else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-    plugin = DeepSpeedPlugin(
-        zero_stage=stage,
-        gradient_accumulation_steps=plan.grad_accum,
-        gradient_clipping=recipe.train.clip_grad_norm or 0.0,
-        offload_optimizer_device=ds.offload_optimizer if ds else "none",
-        offload_param_device=ds.offload_params if ds else "none",
-        zero3_save_16bit_model=True,  # lets get_state_dict gather ZeRO-3 shards for export
-    )
-    # Hand DeepSpeed the batch figures explicitly: its 'auto' values need a prepared DataLoader.
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.micro_batch
-    plugin.deepspeed_config["train_batch_size"] = plan.global_batch
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":  # a DeepSpeed JSON, e.g. from launch/deepspeed_zero3.yaml
+        plugin = DeepSpeedPlugin(hf_ds_config=config_file, gradient_accumulation_steps=plan.grad_accum,
+                                 gradient_clipping=recipe.train.clip_grad_norm or 0.0, zero3_save_16bit_model=True)
+        if ds is not None and ds.zero_stage > 0 and ds.zero_stage != plugin.zero_stage:
+            raise RecipeError(f"{config_file} sets ZeRO stage {plugin.zero_stage} but the recipe has "
+                              f"deepspeed.zero_stage={ds.zero_stage}: make them agree (or drop the recipe's)")
+    else:
+        stage = ds.zero_stage if ds is not None else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        plugin = DeepSpeedPlugin(
+            zero_stage=stage,
+            gradient_accumulation_steps=plan.grad_accum,
+            offload_optimizer_device=ds.offload_optimizer if ds else "none",
+            offload_param_device=ds.offload_params if ds else "none",
+            zero3_save_16bit_model=True,  # lets get_state_dict gather ZeRO-3 shards for export
+        )
+    # The recipe and the world size are the truth for the batch figures and clipping (DeepSpeed
+    # clips and accumulates inside its engine): fill 'auto' with them, refuse numbers that differ.
+    # Accelerate could fill 'auto' batch sizes only from a prepared DataLoader, which dltrain has not.
+    ours = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "train_batch_size": plan.global_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": recipe.train.clip_grad_norm or 0.0,
+    }
+    for key, value in ours.items():
+        given = plugin.deepspeed_config.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise RecipeError(f"DeepSpeed config {config_file}: {key}={given} but the recipe and world size give {value}: "
+                              f'set it to "auto" there')
+        plugin.deepspeed_config[key] = value
+    plugin.gradient_accumulation_steps = plan.grad_accum
     return plugin
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,10 +107,16 @@ def format_command(argv: list[str], env: dict[str, str]) -> str:
 
 def run_command(argv: list[str], env: dict[str, str]) -> int:
     """Run the launcher in the foreground; its exit code is the job's (non-zero if any rank failed)."""
+    # SLURM's advance warning (--signal=USR1@120) reaches every process of the job step, and USR1's
+    # default action kills. The launchers (this one, accelerate's, torchrun's agent) inherit SIG_IGN;
+    # the training processes install their own handler (dltrain.checkpoint): they checkpoint and stop.
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         return subprocess.run(argv, env={**os.environ, **env}).returncode
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]} not found: install accelerate in this environment (pip install accelerate)") from None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +180,10 @@ def cmd_launch(args) -> int:
     if args.dry_run:
         return 0
     try:
-        return run_command(argv, env)
+        rc = run_command(argv, env)
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return 2
+    if rc != 0:
+        print(f"dltrain launch: the job failed (exit {rc}); the failing rank's error is above, under [rankN]", file=sys.stderr)
+    return rc
