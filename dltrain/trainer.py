@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             state.step += 1
             state.step_in_epoch += 1
             _handle_nonfinite(loop, state, nonfinite)
+            _injected_fault(state.step, acc.process_index)
             timer.stop()
             bar.update(1)
             if state.step % r.train.log_every == 0 or state.step == loop.total_steps:
@@ -185,6 +187,14 @@ def _train_step(loop: Loop, batches, window: dict, timer: StepTimer) -> bool:
                 loop.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
     return False
+
+
+def _injected_fault(step: int, rank: int) -> None:
+    """Test hook: DLTRAIN_TEST_FAIL_AT_STEP=N (and DLTRAIN_TEST_FAIL_RANK=R, default 0) makes one
+    rank raise after step N, so tests can check that the whole job then stops instead of hanging."""
+    at = os.environ.get("DLTRAIN_TEST_FAIL_AT_STEP")
+    if at and step == int(at) and rank == int(os.environ.get("DLTRAIN_TEST_FAIL_RANK", "0")):
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} (DLTRAIN_TEST_FAIL_AT_STEP)")
 
 
 def _handle_nonfinite(loop: Loop, state: TrainState, nonfinite: bool) -> None:
