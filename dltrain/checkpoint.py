@@ -305,9 +305,12 @@ def attach(loop, run_dir: Path, resume: str | None):
     if acc.is_main_process and resume:
         (run_dir / "preempted.json").unlink(missing_ok=True)
         _truncate_log(run_dir, state.step if state else 0)
-        where = f"step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} in it) from {path}" if state else \
-            "scratch: no complete checkpoint yet"
-        print(f"dltrain: resuming at {where}", flush=True)
+        if state:
+            print(f"dltrain: resuming at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} in it) "
+                  f"from {path}", flush=True)
+        else:
+            print(f"dltrain: starting from scratch: no complete checkpoint in {ckpt_root(loop.recipe, run_dir)} yet",
+                  flush=True)
     acc.wait_for_everyone()
     return state
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dltrain import bench
 
     bench.add_parser(sub)
+    from dltrain import inspect
+
+    inspect.add_parser(sub, _add_train_args)
     return parser
 
 
@@ -51,6 +54,10 @@ def cmd_train(args) -> int:
 
     if args.resume == "auto" and not args.output_dir:
         raise RecipeError("--resume auto continues the run in --output-dir RUN_DIR: give that directory")
+    if args.resume and args.resume != "auto":
+        from dltrain.checkpoint import locate
+
+        locate(None, None, args.resume)  # a missing or damaged checkpoint fails now, before any data loads
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
     train(recipe, output_dir=args.output_dir, resume=args.resume)
     return 0
@@ -82,10 +89,18 @@ def cmd_bench(args) -> int:
     return bench(args)
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench}
+def cmd_inspect(args) -> int:
+    from dltrain.inspect import cmd_inspect as inspect
+
+    return inspect(args)
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import DistNetworkError
+
     from dltrain.checkpoint import Preempted
     from dltrain.data import DataError
     from dltrain.recipe import RecipeError
@@ -100,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"dltrain: training stopped: {exc}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
+    except DistNetworkError as exc:
+        from dltrain.accel import rendezvous_error
+
+        print(f"dltrain: error: {rendezvous_error(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Preempted as exc:
         print(f"dltrain: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dltrain.data import eval_index_batches, steps_per_epoch, train_index_batches
+from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
 from dltrain.metrics import StepTimer
 
 
@@ -253,8 +253,8 @@ def run_eval(loop: Loop, state: TrainState) -> dict:
 
 def total_steps_for(recipe, n_train: int, global_batch: int) -> tuple[int, int]:
     per_epoch = steps_per_epoch(n_train, global_batch)
-    if per_epoch == 0:
-        raise TrainingError(
+    if per_epoch == 0:  # bad input (exit 2), not a training failure
+        raise DataError(
             f"train.global_batch_size={global_batch} is larger than the training set ({n_train} examples): "
             "lower the batch size or use more data"
         )
