@@ -8,7 +8,7 @@ from pathlib import Path
 def _num(x, digits: int = 3) -> str:
     if x is None:
         return "-"
-    if abs(x) >= 1e4:
+    if abs(x) >= 1e3:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
 

@@ -47,6 +47,7 @@ class Entry(_Closed):
     compile: list[bool] | None = None
     throughput_steps: PositiveInt | None = None
     baselines: list[Baseline] = []
+    baseline_precisions: list[Precision] | None = None  # default: every precision of the entry
 
 
 class Suite(_Closed):
@@ -59,6 +60,7 @@ class Suite(_Closed):
     warmup_steps: int = Field(5, ge=0, description="first steps left out of the clock (train.warmup_steps_excluded)")
     world_sizes: list[PositiveInt] = [1]
     nodes: list[PositiveInt] = [1]  # world size N on M nodes runs N/M processes per node
+    max_procs_per_node: PositiveInt | None = None  # e.g. 8 GPUs: world 16 only on 2+ nodes
     precisions: list[Precision] = ["fp32"]
     deepspeed_stages: list[Literal[0, 1, 2, 3] | None] = [None]  # None: plain DDP
     compile: list[bool] = [False]
@@ -67,6 +69,8 @@ class Suite(_Closed):
     scale_batch: bool = True
     wandb_runs: bool = True  # log every dltrain run to W&B (offline unless a key is configured)
     wandb_summary: bool = True  # one W&B run for the suite: results table and plots
+    # CPU only: threads per process. None: the host's cores shared out among the job's processes.
+    cpu_threads: PositiveInt | None = None
     timeout_s: PositiveInt = 1800  # per job; a job past it is killed and recorded as failed
     entries: list[Entry] = Field(min_length=1)
 
@@ -166,8 +170,8 @@ def expand(suite: Suite) -> list[Job]:
             modes,
         )
         for precision, stage, compiled, nnodes, world, m in axes:
-            if world % nnodes:
-                continue  # e.g. world 1 on 2 nodes: not a configuration
+            if world % nnodes or world < nnodes or (suite.max_procs_per_node or world) < world // nnodes:
+                continue  # e.g. world 1 on 2 nodes, or 16 processes on one 8-GPU node
             common = [f"train.precision={precision}", f"train.warmup_steps_excluded={suite.warmup_steps}"]
             if compiled:
                 common.append("train.compile=true")
@@ -178,7 +182,8 @@ def expand(suite: Suite) -> list[Job]:
             config = config_name(entry.name, world, nnodes, precision, stage, compiled, m)
             jobs.append(Job(config, entry, "dltrain", m, world, nnodes, precision, stage, compiled,
                             steps if m == "throughput" else None, common))
-            if m == "throughput" and world == 1 and stage is None and not compiled:
+            wanted = entry.baseline_precisions or [precision]
+            if m == "throughput" and world == 1 and stage is None and not compiled and precision in wanted:
                 for kind in entry.baselines:
                     jobs.append(Job(f"{entry.name}-{kind}-{precision}", entry, kind, m, 1, 1, precision, None, False,
                                     steps, list(common), pair=config))
