@@ -63,64 +63,62 @@ def test_scan_tells_complete_from_incomplete(tmp_path):
 # One process
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_is_bit_identical(reference, tmp_path):
-    run = tmp_path / "run"
-    env = {"DLTRAIN_TEST_SIGNAL_AT_STEP": "13", "WANDB_API_KEY": "secret-xyz"}
-    first = train(run, "--set", "tracking.wandb=true", env=env)
-    assert first.returncode == EXIT_PREEMPTED, first.stderr[-2000:]
-    assert "Traceback" not in first.stderr
-    assert any(line.startswith("dltrain: preempted: stopped by SIGTERM at step 13") for line in error_lines(first.stderr))
-    assert json.loads((run / "preempted.json").read_text())["step"] == 13
-    ckpts = run / "checkpoints"
-    # keep_last=2: step_4 and step_8 went once step_12 and step_13 were complete
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_12", "step_13"]
-    saved = _state(ckpts / "step_13")
-    assert (saved["state"]["epoch"], saved["state"]["step_in_epoch"]) == (1, 3)
-
-    second = train(run, "--resume", "auto", "--set", "tracking.wandb=true", env={"WANDB_API_KEY": "secret-xyz"})
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming at step 13 (epoch 1, step 3 in it)" in second.stdout
-    d_loss, d_param = max_differences(reference, run)
-    assert (d_loss, d_param) == (0.0, 0.0)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["wandb_run_id"] and summary["wandb_run_id"] == saved["wandb_run_id"]  # the same W&B run goes on
-    assert not (run / "preempted.json").exists()
-    # The W&B API key is never written: not in logs, configs, checkpoints or W&B's own files.
-    for path in run.rglob("*"):
-        if path.is_file():
-            assert b"secret-xyz" not in path.read_bytes(), path
-    assert "secret-xyz" not in first.stdout + first.stderr + second.stdout + second.stderr
-
-
-@pytest.mark.slow
-def test_sigkill_while_writing_keeps_the_previous_checkpoint(reference, tmp_path):
-    run = tmp_path / "run"
-    log = tmp_path / "stderr.txt"
-    env = {**os.environ, "DLTRAIN_TEST_PAUSE_IN_SAVE": "2"}  # the 2nd save (step 8) stops half-written
+def _kill_while_writing(run: Path, log: Path, env: dict) -> None:
+    """Start a run whose 2nd checkpoint write (step 8) pauses half-written, and SIGKILL it there."""
     from resume_helpers import TINY
 
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", *TINY, "--output-dir", str(run)],
-                                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+        proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", *TINY, "--set", "tracking.wandb=true",
+                                 "--output-dir", str(run)], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, **env, "DLTRAIN_TEST_PAUSE_IN_SAVE": "2"}, cwd=REPO)
         deadline = time.time() + 240
         while "paused while writing" not in log.read_text() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert "paused while writing" in log.read_text(), log.read_text()[-2000:]
         proc.kill()  # SIGKILL: no handler runs, nothing is cleaned up
         proc.wait()
-    ckpts = run / "checkpoints"
+
+
+@pytest.mark.slow
+def test_killed_while_writing_then_sigterm_mid_epoch_then_resume_is_bit_identical(reference, tmp_path):
+    """Three legs of one run: SIGKILL while writing step_8; resume from step_4 and SIGTERM at step 13
+    (mid-epoch 2); resume from step_13. Losses and final weights equal the uninterrupted run's."""
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    secret = {"WANDB_API_KEY": "secret-xyz"}  # with WANDB_MODE=offline (conftest)
+    _kill_while_writing(run, tmp_path / "leg1.txt", secret)
     assert (ckpts / "step_4" / "manifest.json").is_file()
     assert (ckpts / ".tmp-step_8").is_dir() and not (ckpts / ".tmp-step_8" / "manifest.json").exists()
     assert not (ckpts / "step_8").exists()
+    wandb_id = _state(ckpts / "step_4")["wandb_run_id"]
 
-    second = train(run, "--resume", "auto")
-    assert second.returncode == 0, second.stderr[-2000:]
-    warnings = [line for line in error_lines(second.stderr) if "warning: skipping checkpoint" in line]
+    second = train(run, "--resume", "auto", "--set", "tracking.wandb=true",
+                   env={**secret, "DLTRAIN_TEST_SIGNAL_AT_STEP": "13"})
+    assert second.returncode == EXIT_PREEMPTED, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    lines = error_lines(second.stderr)
+    warnings = [line for line in lines if "warning: skipping checkpoint" in line]
     assert len(warnings) == 1 and ".tmp-step_8" in warnings[0]
     assert "resuming at step 4 " in second.stdout
+    assert any(line.startswith("dltrain: preempted: stopped by SIGTERM at step 13") for line in lines)
+    assert json.loads((run / "preempted.json").read_text())["step"] == 13
+    # keep_last=2: step_4 and the new step_8 went once step_12 and step_13 were complete; the
+    # half-written .tmp-step_8 went with them
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_12", "step_13"]
+    saved = _state(ckpts / "step_13")
+    assert (saved["state"]["epoch"], saved["state"]["step_in_epoch"]) == (1, 3)
+
+    third = train(run, "--resume", "auto", "--set", "tracking.wandb=true", env=secret)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "resuming at step 13 (epoch 1, step 3 in it)" in third.stdout
     assert max_differences(reference, run) == (0.0, 0.0)
-    assert not (ckpts / ".tmp-step_8").exists()  # cleared once a newer checkpoint was complete
+    summary = json.loads((run / "summary.json").read_text())
+    assert wandb_id and summary["wandb_run_id"] == saved["wandb_run_id"] == wandb_id  # one W&B run throughout
+    assert not (run / "preempted.json").exists()
+    # The W&B API key is never written: not in logs, configs, checkpoints or W&B's own files.
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert b"secret-xyz" not in path.read_bytes(), path
+    assert "secret-xyz" not in (tmp_path / "leg1.txt").read_text() + second.stdout + second.stderr + third.stdout + third.stderr
 
 
 @pytest.mark.slow
