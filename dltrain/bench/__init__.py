@@ -55,8 +55,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark suite (`bench SUITE`), or compare two (`bench compare OLD NEW`)",
                        description="`dltrain bench SUITE`: run a suite (a name under benchmarks/suites/ or a YAML path). "
                                    "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.")
-    p.add_argument("suite", metavar="SUITE|compare", help="suite name or file; or `compare` followed by OLD_DIR NEW_DIR")
-    p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories")
+    p.add_argument("suite", metavar="SUITE|compare|report",
+                   help="suite name or file; `compare OLD_DIR NEW_DIR`; or `report DIR` to rebuild a report")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories; with report: one")
     p.add_argument("--output-dir", help="where results go (default: runs/bench/<suite>-<time>)")
     p.add_argument("--repeats", type=int, help="run every job N times (default: the suite's repeats)")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this entry or configuration (repeatable)")
@@ -73,6 +74,13 @@ def cmd_bench(args) -> int:
         if len(args.dirs) != 2:
             raise RecipeError("usage: dltrain bench compare OLD_DIR NEW_DIR (two `dltrain bench` output directories)")
         return run_compare(*args.dirs, tolerance=args.tolerance)
+    if args.suite == "report":
+        # Rebuild summary, report and plots from the records a (possibly interrupted) run left.
+        if len(args.dirs) != 1 or not (Path(args.dirs[0]) / "results.jsonl").is_file():
+            raise RecipeError("usage: dltrain bench report DIR (a `dltrain bench` output directory with results.jsonl)")
+        finish(Path(args.dirs[0]))
+        print(f"dltrain bench: report in {Path(args.dirs[0]) / 'report.md'}")
+        return 0
     if args.dirs:
         raise RecipeError(f"unexpected arguments {' '.join(args.dirs)}: `dltrain bench SUITE` takes one suite")
     if args.repeats is not None and args.repeats < 1:

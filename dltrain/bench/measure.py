@@ -75,11 +75,21 @@ def first_batch(recipe, data, batch_size: int):
     return next(iter(data.train.batches([idx])))
 
 
+def _quiet() -> None:
+    """The harness prints one line per job; the libraries' progress bars would bury them."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def measure_workload(recipe, micro_batch: int) -> dict:
     """FLOPs per training sample counted on a real micro-batch, the analytic figure beside it,
     and the gradient bytes a data-parallel step all-reduces."""
     from dltrain.workloads import WORKLOADS
 
+    _quiet()
     workload = WORKLOADS[recipe.workload]
     torch.manual_seed(recipe.train.seed)
     model = workload.build_model(recipe)
