@@ -1,0 +1,149 @@
+"""`dltrain launch` command building and the batch/precision/world guards, without starting processes."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import RECIPES
+from dltrain.accel import check_world, plan_batches
+from dltrain.cli import main
+from dltrain.launch import LaunchError, build_command
+from dltrain.recipe import RecipeError, TrainConfig
+
+CNN = str(RECIPES / "cnn_mnist.yaml")
+TRAIN = [CNN, "--profile", "cpu_test"]
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    """--name value pairs of an accelerate command line (flags without a value map to '')."""
+    out, i = {}, 0
+    while i < len(argv) and argv[i] != "-m":
+        if argv[i].startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            out[argv[i]] = argv[i + 1] if has_value else ""
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return out
+
+
+def test_single_process_is_plain_python():
+    argv, env = build_command(nproc=1, train_args=TRAIN)
+    assert argv == [sys.executable, "-m", "dltrain", "train", *TRAIN] and env == {}
+    argv, env = build_command(nproc=1, cpu=True, train_args=TRAIN)
+    assert env == {"ACCELERATE_USE_CPU": "true"}
+
+
+def test_cpu_processes_use_the_multi_gpu_launcher_with_accelerate_use_cpu():
+    # `--cpu --num_processes 2` would start one process; `--multi_gpu` alone, unconnected ones.
+    argv, env = build_command(nproc=2, cpu=True, train_args=TRAIN)
+    flags = _flags(argv)
+    assert argv[1] == "launch" and "--multi_gpu" in flags and "--cpu" not in flags
+    assert flags["--num_processes"] == "2" and flags["--num_machines"] == "1"
+    assert flags["--main_process_port"] == "0"  # a free port: concurrent jobs do not collide
+    assert env == {"ACCELERATE_USE_CPU": "true"}
+    assert argv[-len(TRAIN) - 3 :] == ["-m", "dltrain", "train", *TRAIN]
+
+
+def test_nproc_is_per_node_and_num_processes_is_the_total():
+    argv, env = build_command(nproc=8, nnodes=4, node_rank=3, master="node001:29600", train_args=TRAIN)
+    flags = _flags(argv)
+    assert flags["--num_processes"] == "32" and flags["--num_machines"] == "4"
+    assert flags["--machine_rank"] == "3"
+    assert flags["--main_process_ip"] == "node001" and flags["--main_process_port"] == "29600"
+    assert env == {}
+
+
+def test_deepspeed_on_cpu_never_sets_accelerate_use_cpu():
+    argv, env = build_command(nproc=2, cpu=True, deepspeed=3, train_args=TRAIN)
+    flags = _flags(argv)
+    assert "--use_deepspeed" in flags and flags["--zero_stage"] == "3" and "--multi_gpu" not in flags
+    assert env == {"DS_ACCELERATOR": "cpu"}  # ACCELERATE_USE_CPU would drop the DeepSpeed plugin
+
+
+def test_deepspeed_on_several_nodes_uses_one_launcher_per_node():
+    argv, _ = build_command(nproc=8, nnodes=2, node_rank=1, master="10.0.0.1:29500", deepspeed=2, train_args=TRAIN)
+    assert _flags(argv)["--deepspeed_multinode_launcher"] == "standalone"  # not pdsh/ssh
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(nproc=0), "at least 1"),
+        (dict(nproc=2, nnodes=2), "--master"),
+        (dict(nproc=2, nnodes=2, node_rank=2, master="h:1"), "--node-rank 2"),
+        (dict(nproc=2, deepspeed=4), "ZeRO stage"),
+        (dict(nproc=2, nnodes=2, master="h:port"), "ADDR:PORT"),
+    ],
+)
+def test_impossible_launch_options_are_refused(kwargs, message):
+    with pytest.raises(LaunchError, match=message):
+        build_command(train_args=TRAIN, **kwargs)
+
+
+def _launch(capsys, *args: str) -> tuple[int, str, str]:
+    """`dltrain launch ARGS` in this process (a --dry-run starts nothing; saves an interpreter start)."""
+    rc = main(["launch", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_dry_run_prints_the_command_and_checks_the_recipe_first(capsys):
+    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", *TRAIN, "--set", "train.epochs=2")
+    assert rc == 0, err
+    line = out.strip()
+    assert line.startswith("ACCELERATE_USE_CPU=true ") and "--num_processes 2" in line
+    assert line.endswith("-m dltrain train " + " ".join(TRAIN) + " --set train.epochs=2")
+    rc, out, err = _launch(capsys, "--dry-run", "--nproc", "2", *TRAIN, "--set", "train.epocs=2")
+    assert rc == 2 and "unknown key 'train.epocs'" in err and out == ""
+    rc, _, err = _launch(capsys, "--dry-run", "--nnodes", "2", *TRAIN)
+    assert rc == 2 and "several nodes need --master" in err
+
+
+def test_the_recipes_deepspeed_stage_selects_the_deepspeed_launcher(capsys):
+    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", *TRAIN, "--set", "deepspeed.zero_stage=2")
+    assert rc == 0, err
+    assert out.startswith("DS_ACCELERATOR=cpu ") and "--use_deepspeed --zero_stage 2" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch arithmetic and guards
+
+
+@pytest.mark.parametrize(
+    "given, world, expect",
+    [
+        (dict(global_batch_size=64), 1, (64, 1)),
+        (dict(global_batch_size=64), 2, (32, 1)),
+        (dict(global_batch_size=64), 8, (8, 1)),
+        (dict(global_batch_size=64, grad_accum=2), 2, (16, 2)),
+        (dict(global_batch_size=64, micro_batch_size=8), 2, (8, 4)),
+        (dict(global_batch_size=64, micro_batch_size=16, grad_accum=2), 2, (16, 2)),
+    ],
+)
+def test_micro_batch_and_accumulation_are_derived_from_the_world(given, world, expect):
+    plan = plan_batches(TrainConfig(**given), world)
+    assert (plan.micro_batch, plan.grad_accum) == expect
+    assert plan.micro_batch * plan.grad_accum * world == plan.global_batch == given["global_batch_size"]
+
+
+@pytest.mark.parametrize(
+    "given, world, message",
+    [
+        (dict(global_batch_size=64), 3, "not divisible by world size 3"),
+        (dict(global_batch_size=64, micro_batch_size=24), 2, "not a multiple"),
+        (dict(global_batch_size=64, micro_batch_size=16, grad_accum=4), 2, "= 128, not train.global_batch_size=64"),
+    ],
+)
+def test_batch_figures_that_do_not_multiply_out_are_refused(given, world, message):
+    with pytest.raises(RecipeError, match=message):
+        plan_batches(TrainConfig(**given), world)
+
+
+def test_world_guard_refuses_processes_that_each_see_a_world_of_one():
+    with pytest.raises(RecipeError, match="launched 2 processes but this one sees a world of 1"):
+        check_world(SimpleNamespace(num_processes=1), launched=2)
+    check_world(SimpleNamespace(num_processes=2), launched=2)
