@@ -158,6 +158,7 @@ def build_summary(out_dir: Path) -> dict:
         "repeats": meta.get("repeats"),
         "environment": env,
         "cpu_peak_flops_per_s": meta.get("cpu_peak_flops_per_s", {}),
+        "cpu_threads": (meta.get("suite") or {}).get("cpu_threads"),
         "flops": meta.get("flops", {}),
         "configs": configs,
         "baselines": baseline_ratios(records, configs),

@@ -202,8 +202,10 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
             return
         rec["peak_flops_per_s"], rec["peak_source"] = per_device * rec["world_size"], f"datasheet {env.get('gpu')} x {rec['world_size']}"
     elif rec["precision"] in cpu_peaks:
-        # All processes of a CPU job share one host: its measured peak is the denominator.
-        rec["peak_flops_per_s"], rec["peak_source"] = cpu_peaks[rec["precision"]], "measured (CPU matmul, this host)"
+        threads = rec.get("cpu_threads")
+        procs = rec["world_size"] // rec["nnodes"] if threads else 1
+        where = f"{threads} thread(s) x {procs} process(es)" if threads else "all cores of this host"
+        rec["peak_flops_per_s"], rec["peak_source"] = cpu_peaks[rec["precision"]] * procs, f"measured (CPU matmul, {where})"
     else:
         return
     rec["mfu"] = rec["achieved_flops_per_s"] / rec["peak_flops_per_s"]
@@ -226,7 +228,16 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
 def measure_cpu_peaks(suite: Suite, jobs: list[Job]) -> dict[str, float]:
     if suite.device != "cpu":
         return {}
-    return {p: cpu_matmul_peak(p) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
+    import torch
+
+    # With cpu_threads, each process has that many threads: the peak of one such process, times
+    # the processes of a job. Without, the job's processes share all cores: the host's peak.
+    before = torch.get_num_threads()
+    torch.set_num_threads(suite.cpu_threads or os.cpu_count() or 1)
+    try:
+        return {p: cpu_matmul_peak(p) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = ()) -> list[dict]:
@@ -262,7 +273,8 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
                 summary, error, wall, cmd = run_job(job, suite, run_dir, out_dir / "logs" / f"{name}.log")
             print(f"failed: {error}" if error else f"{wall:.0f} s", flush=True)
             rec = make_record(job, suite, summary, error, {"repeat": r, "wall_s": wall, "run_dir": str(run_dir),
-                                                           "command": cmd, "warmup_steps": suite.warmup_steps})
+                                                           "command": cmd, "warmup_steps": suite.warmup_steps,
+                                                           "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None})
             if summary is not None:
                 add_flops(rec, measured.get(job.entry.name), peaks)
             records.append(rec)
