@@ -301,13 +301,15 @@ def attach(loop, run_dir: Path, resume: str | None):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _on_signal)
     path = _agreed(acc, locate(run_dir, loop.recipe, resume, verbose=acc.is_main_process))
+    t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
+    load_s = time.perf_counter() - t0
     if acc.is_main_process and resume:
         (run_dir / "preempted.json").unlink(missing_ok=True)
         _truncate_log(run_dir, state.step if state else 0)
         if state:
             print(f"dltrain: resuming at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} in it) "
-                  f"from {path}", flush=True)
+                  f"from {path} (loaded in {load_s:.2f} s)", flush=True)
         else:
             print(f"dltrain: starting from scratch: no complete checkpoint in {ckpt_root(loop.recipe, run_dir)} yet",
                   flush=True)

@@ -121,6 +121,33 @@ def test_killed_while_writing_then_sigterm_mid_epoch_then_resume_is_bit_identica
     assert "secret-xyz" not in (tmp_path / "leg1.txt").read_text() + second.stdout + second.stderr + third.stdout + third.stderr
 
 
+RNN_TINY = ["--profile", "cpu_test", "--set", "data.num_sequences=1000", "--set", "train.epochs=2",
+            "--set", "train.log_every=1", "--set", "checkpoint.every_steps=4", "--set", "tracking.plots=false"]
+
+
+@pytest.mark.slow
+def test_rnn_stopped_mid_epoch_resumes_bit_identical(tmp_path):
+    from conftest import RECIPES, run_cli
+
+    from dltrain.workloads import WORKLOADS
+
+    if "rnn" not in WORKLOADS:
+        pytest.skip("the RNN workload is not in this tree")
+    rnn = [str(RECIPES / "rnn_sine.yaml"), *RNN_TINY]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_cli("train", *rnn, "--output-dir", str(ref)).returncode == 0
+    first = run_cli("train", *rnn, "--output-dir", str(run), env={"DLTRAIN_TEST_SIGNAL_AT_STEP": "13"})
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-2000:]
+    second = run_cli("train", *rnn, "--output-dir", str(run), "--resume", "auto")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming at step 13 (epoch 1, step 3 in it)" in second.stdout
+    from resume_helpers import losses, params
+
+    assert losses(ref) == losses(run) and len(losses(ref)) == 20
+    pa, pb = params(ref), params(run)
+    assert all((pa[k] == pb[k]).all() for k in pa)
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
