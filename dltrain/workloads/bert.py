@@ -228,6 +228,8 @@ def _read_file(path: Path):
         return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
                             cache_dir=str(cache_dir() / "hf_datasets"), **kwargs)
     except Exception as exc:  # pandas and pyarrow raise many types for malformed files
+        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
+            raise DataError(f"{path}: no rows (the file holds a header only): give a file with examples") from None
         raise DataError(f"cannot read {path} as {'TSV' if tsv else 'CSV'} ({str(exc).splitlines()[0][:200]})") from None
 
 
@@ -346,3 +348,18 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
     tokenizer = tokenizer_for(recipe)
     splits = {k: Split(len(ds), _PadFetch(ds, tokenizer, recipe.data, device)) for k, ds in load_splits(recipe).items()}
     return DataSplits(train=splits["train"], val=splits["val"], test=splits.get("test"))
+
+
+def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
+    """For `dltrain inspect`: validation texts as the model sees them (decoded token ids), with labels."""
+    tokenizer = tokenizer_for(recipe)
+    ds = load_splits(recipe)["val"]
+    rows = ds.select(range(min(n, len(ds))))
+    lines = [f"# {recipe.name}: {len(rows)} of {len(ds)} validation examples", "",
+             "| # | label | tokens | text (decoded from the token ids) |", "| ---: | ---: | ---: | --- |"]
+    for i, (ids, label) in enumerate(zip(rows["input_ids"], rows["labels"])):
+        text = tokenizer.decode(ids, skip_special_tokens=True).replace("|", "\\|")
+        lines.append(f"| {i} | {label} | {len(ids)} | {text} |")
+    path = out_dir / "samples.md"
+    path.write_text("\n".join(lines) + "\n")
+    return [path]

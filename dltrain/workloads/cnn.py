@@ -235,3 +235,26 @@ def sample_inputs(recipe: Recipe, n: int = 16):
     images, labels = read_mnist(root, train=True)
     return images[:n], labels[:n]
 
+
+
+def write_samples(recipe: Recipe, out_dir: Path, n: int = 16) -> list[Path]:
+    """For `dltrain inspect`: a grid of the first train digits with their labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, labels = sample_inputs(recipe, n)
+    cols = 8
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(labels):
+            ax.imshow(images[i].numpy(), cmap="gray")
+            ax.set_title(f"label {labels[i].item()}", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "samples.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
