@@ -39,7 +39,8 @@ def throughput_rows(configs: dict) -> list[list[str]]:
         if c["mode"] != "throughput":
             continue
         status = "ok" if not c["failed"] else f"{c['failed']}/{c['runs']} failed"
-        rows.append([name, c["kind"], c.get("workload") or "-", _setup(c), _fig(c, "samples_per_s"), _fig(c, "tokens_per_s"),
+        tokens = _fig(c, "tokens_per_s") + (f" ({_fig(c, 'padded_tokens_per_s')} padded)" if "tokens_per_s" in c.get("figures", {}) else "")
+        rows.append([name, c["kind"], c.get("workload") or "-", _setup(c), _fig(c, "samples_per_s"), tokens,
                      _fig(c, "step_time_ms_p50"), _fig(c, "step_time_ms_p90"), _fig(c, "data_wait_share", 100, 2),
                      _fig(c, "achieved_flops_per_s", 1e-9), _fig(c, "mfu", 100, 3), _fig(c, "peak_memory_mb", 1, 4), status])
     return rows

@@ -37,6 +37,7 @@ def plot_scaling(summary: dict, out: Path) -> Path | None:
         line, = ax.plot(xs, [r["samples_per_s"] for r in rs], "o-", label=label)
         base = next(r["samples_per_s"] for r in rs if r["world_size"] == 1)
         ax.plot(xs, [base * x for x in xs], "--", color=line.get_color(), alpha=0.5, label=f"{label} ideal")
+    ax.set_xticks(sorted({r["world_size"] for r in rows}))
     ax.set_xlabel("world size (processes)")
     ax.set_ylabel("train samples/s")
     ax.set_title("Throughput vs world size (dashed: ideal linear)")

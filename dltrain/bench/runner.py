@@ -191,7 +191,9 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         # analytic count then, and say so.
         rec["flops_source"] = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
         rec["achieved_flops_per_s"] = measured["flops_per_sample_analytic"] * sps
-    elif "flops_per_padded_token_measured" in measured and rec.get("padded_tokens_per_s"):
+    elif "flops_per_padded_token_measured" in measured:
+        if not rec.get("padded_tokens_per_s"):
+            return  # text without token counts (the baseline scripts): FLOPs per sample unknown
         rec["achieved_flops_per_s"] = measured["flops_per_padded_token_measured"] * rec["padded_tokens_per_s"]
     else:
         rec["achieved_flops_per_s"] = measured["flops_per_sample_measured"] * sps
