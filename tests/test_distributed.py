@@ -63,6 +63,10 @@ class Run:
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         return [r["train/loss"] for r in records if "train/loss" in r]
 
+    def lrs(self) -> list[float]:
+        records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/lr"] for r in records if "train/lr" in r]
+
     def final_model(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -127,6 +131,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(runs, workloa
     assert "world 2 x micro-batch" in ddp.stdout and "world 1 x micro-batch" in one.stdout
     assert max_diff(ddp.losses(), one.losses()) <= LOSS_ATOL
     assert max_param_diff(ddp.final_model(), one.final_model()) <= PARAM_ATOL
+    assert ddp.lrs() == one.lrs()  # the schedule counts optimizer steps, whatever the world size
     # Both ranks hold bit-identical parameters (sha256 of every tensor, compared across ranks).
     assert "parameters identical on all 2 ranks" in ddp.stdout
 
@@ -155,12 +160,15 @@ def test_two_nodes_on_one_host_train_like_one_node(runs):
 # DeepSpeed ZeRO on 2 CPU processes
 
 
+ZERO3_YAML = [accelerate_executable(), "launch", "--config_file", str(REPO / "launch" / "deepspeed_zero3.yaml"),
+              "--num_processes", "2", "-m", "dltrain", "train"]
+
+
 def _zero_run(runs: Runs, stage: int) -> Run:
     if stage == 3:
         # Through the shipped accelerate YAML + DeepSpeed JSON ("auto" batch figures filled by dltrain).
-        argv = [accelerate_executable(), "launch", "--config_file", str(REPO / "launch" / "deepspeed_zero3.yaml"),
-                "--num_processes", "2", "-m", "dltrain", "train", *SMALL["cnn"], *ACCUM2]
-        return runs.ok("cnn-zero3", argv, env={"DS_ACCELERATOR": "cpu"})
+        return runs.ok("cnn-zero3", [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, *_sets("checkpoint.every_steps=3")],
+                       env={"DS_ACCELERATOR": "cpu"})
     extra = ACCUM2 if stage == 1 else []  # DeepSpeed's own accumulation, against DDP without it
     return runs.ok(f"cnn-zero{stage}", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", "--deepspeed", str(stage),
                                         *SMALL["cnn"], *extra])
@@ -178,6 +186,16 @@ def test_zero_stage_trains_like_ddp_and_exports_a_loadable_model(runs, stage):
     model = cnn.build_model(load_recipe(CNN, "cpu_test"))
     model.load_state_dict(weights, strict=True)
     assert max_param_diff(weights, ddp.final_model()) <= PARAM_ATOL
+
+
+def test_zero3_resumes_from_its_sharded_checkpoint_exactly(runs):
+    full = _zero_run(runs, 3)
+    step3 = full.out / "checkpoints" / "step_3"
+    resumed = runs.ok("cnn-zero3-resumed", [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, "--resume", str(step3)],
+                      env={"DS_ACCELERATOR": "cpu"})
+    assert "resuming at step 3" in resumed.stdout
+    assert resumed.losses() == full.losses()[3:]  # steps 4-6, bit for bit
+    assert max_param_diff(resumed.final_model(), full.final_model()) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +223,7 @@ def test_multi_gpu_launch_on_a_cpu_still_connects_the_processes(runs):
             "-m", "dltrain", "train", *SMALL["rnn"]]
     run = runs.get("rnn-raw-multi-gpu", argv, env={"ACCELERATE_USE_CPU": None})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "world 2 x micro-batch 16" in run.stdout and "parameters identical on all 2 ranks" in run.stdout
+    assert "world 2 x micro-batch" in run.stdout and "parameters identical on all 2 ranks" in run.stdout
     assert max_diff(run.losses(), runs.one("rnn").losses()) <= LOSS_ATOL
 
 
@@ -233,8 +251,7 @@ def test_cnn_bf16_on_two_processes_reaches_the_cpu_test_bar(runs):
     assert summary["metrics"]["test/accuracy"] >= 0.97  # the fp32 cpu_test bar (tests/test_mnist.py)
 
 
-# The RNN cpu_test bar: the model's validation MSE at most a tenth of the repeat-last-value
-# predictor's. fp32 cpu_test reaches 0.074 here; the recipe's own target (0.05) is for the full run.
+# The RNN cpu_test bar of tests/test_rnn.py: test MSE under a tenth of the repeat-last-value predictor's.
 RNN_CPU_TEST_MSE_RATIO = 0.1
 
 
@@ -243,4 +260,4 @@ def test_rnn_bf16_reaches_the_cpu_test_bar(runs):
     run = runs.ok("rnn-bf16", [*DLTRAIN, "train", RNN, "--profile", "cpu_test", *_sets("train.precision=bf16")])
     assert "bf16" in run.stdout
     summary = json.loads((run.out / "summary.json").read_text())
-    assert summary["metrics"]["val/mse_ratio"] <= RNN_CPU_TEST_MSE_RATIO
+    assert summary["metrics"]["test/mse_ratio"] < RNN_CPU_TEST_MSE_RATIO
