@@ -58,7 +58,7 @@ def _step_of(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[1])
 
 
-def problem_with(path: Path) -> str | None:
+def problem_with(path: Path, *, checksums: bool = True) -> str | None:
     """Why `path` is not a complete, intact checkpoint (None when it is)."""
     manifest = path / MANIFEST
     if not path.is_dir():
@@ -75,13 +75,14 @@ def problem_with(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
+        if checksums and _sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
 
-def scan(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(complete checkpoints oldest first, [(incomplete or damaged one, why)])."""
+def scan(root: Path, *, checksums: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(incomplete or damaged one, why)]). Without `checksums`
+    only the manifest and the file sizes are checked: cheap enough for every save."""
     good, bad = [], []
     if not root.is_dir():
         return good, bad
@@ -89,7 +90,7 @@ def scan(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         if path.name.startswith(".tmp-step_"):
             bad.append((path, "incomplete (interrupted while writing)"))
         elif path.name.startswith("step_") and path.name[5:].isdigit():
-            why = problem_with(path)
+            why = problem_with(path, checksums=checksums)
             (bad.append((path, why)) if why else good.append(path))
     return sorted(good, key=_step_of), sorted(bad)
 
@@ -108,10 +109,18 @@ def locate(run_dir: Path, recipe, resume: str | None, *, verbose: bool = True) -
             raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
         return path
     good, bad = scan(ckpt_root(recipe, run_dir))
-    for path, why in bad:
-        if verbose and (not good or _step_of_safe(path) > _step_of(good[-1])):
+    chosen = None
+    for path in reversed(good):  # newest first; checksums are read only until one is intact
+        why = problem_with(path)
+        if why is None:
+            chosen = path
+            break
+        bad.append((path, why))
+    newest = _step_of(chosen) if chosen else -1
+    for path, why in sorted(bad):
+        if verbose and _step_of_safe(path) > newest:
             print(f"dltrain: warning: skipping checkpoint {path}: {why}", file=sys.stderr, flush=True)
-    return good[-1] if good else None
+    return chosen
 
 
 def _step_of_safe(path: Path) -> int:
@@ -123,6 +132,10 @@ def _step_of_safe(path: Path) -> int:
 
 def wandb_run_id(run_dir: Path, recipe, resume: str | None) -> str | None:
     """The W&B run id stored with the checkpoint we will resume from, so W&B continues that run."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return None  # only the main process holds the tracker
     path = locate(run_dir, recipe, resume, verbose=False)
     if path is None:
         return None
@@ -300,7 +313,7 @@ def attach(loop, run_dir: Path, resume: str | None):
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _on_signal)
-    path = _agreed(acc, locate(run_dir, loop.recipe, resume, verbose=acc.is_main_process))
+    path = _agreed(acc, locate(run_dir, loop.recipe, resume) if acc.is_main_process else None)
     t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
     load_s = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from resume_helpers import TOTAL_STEPS, accelerate_two, error_lines, launch_env, max_differences, train
+from resume_helpers import accelerate_two, error_lines, launch_env, max_differences, train
 
 EXIT_PREEMPTED = 4
 
