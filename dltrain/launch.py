@@ -10,7 +10,7 @@ need them by heart:
 * several processes (or nodes): `accelerate launch --multi_gpu --num_processes TOTAL
   --num_machines M ...`, plus ACCELERATE_USE_CPU=true on a CPU (gloo);
 * DeepSpeed: `accelerate launch --use_deepspeed --zero_stage Z ...`, plus DS_ACCELERATOR=cpu on a
-  CPU and never ACCELERATE_USE_CPU; several nodes use the `standalone` multi-node launcher (one
+  CPU and never ACCELERATE_USE_CPU; several nodes use the `standard` multi-node launcher (one
   torchrun per node, as srun starts them) instead of DeepSpeed's pdsh/ssh launcher.
 """
 
@@ -93,7 +93,7 @@ def build_command(
         host, port = parse_master(master)
         argv += ["--machine_rank", str(node_rank), "--main_process_ip", host, "--main_process_port", str(port)]
         if deepspeed is not None:
-            argv += ["--deepspeed_multinode_launcher", "standalone"]
+            argv += ["--deepspeed_multinode_launcher", "standard"]
     else:
         # Port 0: accelerate picks a free one, so concurrent single-node jobs never collide.
         argv += ["--main_process_port", str(parse_master(master)[1] if master else 0)]

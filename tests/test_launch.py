@@ -66,7 +66,7 @@ def test_deepspeed_on_cpu_never_sets_accelerate_use_cpu():
 
 def test_deepspeed_on_several_nodes_uses_one_launcher_per_node():
     argv, _ = build_command(nproc=8, nnodes=2, node_rank=1, master="10.0.0.1:29500", deepspeed=2, train_args=TRAIN)
-    assert _flags(argv)["--deepspeed_multinode_launcher"] == "standalone"  # not pdsh/ssh
+    assert _flags(argv)["--deepspeed_multinode_launcher"] == "standard"  # torchrun per node, not pdsh/ssh
 
 
 @pytest.mark.parametrize(
