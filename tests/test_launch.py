@@ -147,3 +147,42 @@ def test_world_guard_refuses_processes_that_each_see_a_world_of_one():
     with pytest.raises(RecipeError, match="launched 2 processes but this one sees a world of 1"):
         check_world(SimpleNamespace(num_processes=1), launched=2)
     check_world(SimpleNamespace(num_processes=2), launched=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SLURM script, with stand-ins for srun and scontrol
+
+
+FAKE_SRUN = """#!/bin/bash
+# stand-in for srun: run the step once per node, as SLURM would, with that node's SLURM_NODEID
+while [[ $1 == --* ]]; do shift; done
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit $?; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-node007\\ngpu-node008\\n'
+"""
+
+
+def test_slurm_script_starts_one_launcher_per_node_with_its_rank(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node[007-008]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dltrain", "SLURM_GPUS_ON_NODE": "8",
+           "MASTER_PORT": "29611", "DLTRAIN": f"{sys.executable} -m dltrain"}
+    done = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), CNN, "--profile", "cpu_test", "--dry-run"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        flags = _flags(line.split())
+        assert flags["--num_processes"] == "16" and flags["--num_machines"] == "2"
+        assert flags["--machine_rank"] == str(rank)
+        assert flags["--main_process_ip"] == "gpu-node007" and flags["--main_process_port"] == "29611"
+        assert line.endswith("--profile cpu_test --output-dir runs/dltrain-4242")
