@@ -163,6 +163,7 @@ FAKE_SCONTROL = """#!/bin/bash
 """
 
 
+@pytest.mark.slow  # two interpreter starts: 5-13 s depending on load
 def test_slurm_script_starts_one_launcher_per_node_with_its_rank(tmp_path):
     import os
     import subprocess
