@@ -172,11 +172,10 @@ def _mnist_roots(tmp: Path, data_dir: Path) -> dict:
 
 
 def _checkpoints(tmp: Path) -> dict:
-    """A real two-step run, then damaged copies of its last checkpoint."""
+    """A real run stopped (SIGTERM, exit 4) after step 2, then damaged copies of its checkpoint."""
     run = tmp / "ckpt_run"
-    done = run_cli("train", *TINY, "--set", "train.max_steps=2", "--set", "checkpoint.every_steps=1",
-                   "--set", "checkpoint.save_final_model=false", "--output-dir", str(run))
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_cli("train", *TINY, "--output-dir", str(run), env={"DLTRAIN_TEST_SIGNAL_AT_STEP": "2"})
+    assert done.returncode == 4, done.stderr[-2000:]
     good = run / "checkpoints" / "step_2"
     made = {"ckpt": str(good)}
 
