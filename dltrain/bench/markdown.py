@@ -55,7 +55,7 @@ def render(summary: dict, out_dir: Path) -> str:
              f"accelerate {env.get('accelerate', '?')}, git {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}.", ""]
     peaks = summary.get("cpu_peak_flops_per_s") or {}
     if peaks:
-        lines += ["CPU peak, **measured** in this run by a matmul microbenchmark (1024², best of 1.5 s, "
+        lines += ["CPU peak, **measured** in this run by a matmul microbenchmark (1024², the best sampled before and after every job, "
                   + (f"{summary['cpu_threads']} thread(s), times the processes of a job" if summary.get("cpu_threads") else "all cores") + "): "
                   + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ". CPU MFU is against it.", ""]
     lines += ["## Throughput (steady state: warm-up, evaluation and checkpointing excluded)", ""]

@@ -207,6 +207,7 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         threads = rec.get("cpu_threads")
         procs = rec["world_size"] // rec["nnodes"] if threads else 1
         where = f"{threads} thread(s) x {procs} process(es)" if threads else "all cores of this host"
+        rec["peak_procs"] = procs
         rec["peak_flops_per_s"], rec["peak_source"] = cpu_peaks[rec["precision"]] * procs, f"measured (CPU matmul, {where})"
     else:
         return
@@ -227,7 +228,7 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
     return out
 
 
-def measure_cpu_peaks(suite: Suite, jobs: list[Job]) -> dict[str, float]:
+def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> dict[str, float]:
     if suite.device != "cpu":
         return {}
     import torch
@@ -237,7 +238,7 @@ def measure_cpu_peaks(suite: Suite, jobs: list[Job]) -> dict[str, float]:
     before = torch.get_num_threads()
     torch.set_num_threads(suite.cpu_threads or os.cpu_count() or 1)
     try:
-        return {p: cpu_matmul_peak(p) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
+        return {p: cpu_matmul_peak(p, seconds=seconds) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
     finally:
         torch.set_num_threads(before)
 
@@ -277,6 +278,13 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             rec = make_record(job, suite, summary, error, {"repeat": r, "wall_s": wall, "run_dir": str(run_dir),
                                                            "command": cmd, "warmup_steps": suite.warmup_steps,
                                                            "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None})
+            # A shared machine depresses any one peak measurement: sample it again after every job
+            # and keep the best; the report recomputes CPU MFU against the best of the suite.
+            if peaks:
+                again = measure_cpu_peaks(suite, jobs, seconds=0.5)
+                peaks = meta["cpu_peak_flops_per_s"] = {k: max(v, again.get(k, 0.0)) for k, v in peaks.items()}
+                if node_rank == 0:
+                    (out_dir / "bench_meta.json").write_text(json.dumps(meta, indent=2, default=str))
             if summary is not None:
                 add_flops(rec, measured.get(job.entry.name), peaks)
             records.append(rec)
