@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # The torch/torchvision pair that imports together on these machines (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DATA_DIR ?= $(abspath ../shared/data)
-RUN_RECIPE ?= recipes/cnn_mnist.yaml
+MODELS_DIR ?= $(abspath ../shared/models)
+# The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
+RUN_SUITE ?= cpu_quick
 
 .PHONY: install run test test-fast clean
 
@@ -20,13 +22,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m dltrain train $(RUN_RECIPE)
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
+		$(PY) -m dltrain bench $(RUN_SUITE)
 
 test: install
-	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m pytest -q tests
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q --durations=15 tests
 
 test-fast: install
-	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
 
 clean:
 	rm -rf $(VENV) runs
