@@ -128,9 +128,9 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
     metrics = {k: v for k, v in final.items() if "/" in k and k != "time_to_target_s"}
     metrics |= {k: v for k, v in last_train.items() if k in ("train/loss", "train/accuracy", "train/mse")}
     throughput = loop.timer.summary()
+    # Analytic, at the recipe's shapes (for text: padded to data.max_length, an upper bound under
+    # dynamic padding); `dltrain bench` measures FLOPs on real batches and derives FLOP/s and MFU.
     flops = loop.workload.flops_per_sample(recipe)
-    if "train_samples_per_s" in throughput:
-        throughput["achieved_flops_per_s"] = flops * throughput["train_samples_per_s"]
     return {
         "recipe": recipe.name,
         "workload": recipe.workload,
