@@ -59,6 +59,16 @@ def _isolated_env(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """An in-process W&B run (e.g. the bench summary) leaves WANDB_SERVICE in os.environ; child
+    processes would then share that one service, and a run killed in one test would keep its id
+    "in use" for the resumed run of another. Each test starts without it."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m dltrain ARGS` in a subprocess, as a user would run it."""
     full_env = {**os.environ, **(env or {})}
