@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import tracking
+from dltrain import allocator, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
 from dltrain.metrics import peak_memory_bytes
 from dltrain.recipe import RecipeError, dump_recipe
@@ -69,6 +69,7 @@ def export_model(loop: Loop, out_dir: Path) -> None:
 
 def train(recipe, output_dir: str | None = None, resume: str | None = None) -> dict:
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
+    allocator.tune()  # before the data and the model allocate anything
     workload = WORKLOADS[recipe.workload]
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)

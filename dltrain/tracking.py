@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from dltrain import allocator
+
 
 def wandb_mode() -> str:
     """Offline unless the user configured a key: never a login prompt, never a network wait."""
@@ -82,6 +84,7 @@ def environment(accelerator, recipe) -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
+        "host_allocator": allocator.tune(),
         "device": device.type,
         "world_size": accelerator.num_processes,
         "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", "1"))),

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from dltrain import allocator
 from dltrain.bench.measure import cpu_matmul_peak, gpu_peak, measure_workload
 from dltrain.bench.suite import Job, Suite, expand
 from dltrain.launch import LaunchError, build_command, format_command
@@ -57,7 +58,9 @@ def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
 
 def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[str, str]]:
     if job.kind in BASELINE_SCRIPTS:
-        argv, env = baseline_command(job, suite), {}
+        # The allocator settings dltrain applies to itself (dltrain.allocator), so that the ratio
+        # to a baseline measures the training loop and not malloc.
+        argv, env = baseline_command(job, suite), ({} if allocator.describe_env() else dict(allocator.ENV))
     else:
         args = train_args(job, suite, run_dir)
         node_rank, master = node_info()
