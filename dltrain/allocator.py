@@ -5,8 +5,8 @@ large block is freed) straight from mmap and returns them to the kernel on free,
 page-faults its activations and gradients back in (a fresh, zeroed page per 4 KiB). For the MNIST
 CNN on a CPU that is millions of minor faults a run. Keeping blocks up to 32 MiB on the heap and
 not trimming it after each step removes most of them. Set once per process, before training;
-`DLTRAIN_MALLOC_TUNING=0` leaves the allocator alone, and a user's own MALLOC_*_ variables (or a
-preloaded jemalloc/tcmalloc) win.
+`DLTRAIN_MALLOC_TUNING=0` leaves the allocator alone, and a user's own MALLOC_*_ variables or
+glibc.malloc tunables (or a preloaded jemalloc/tcmalloc) win.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def describe_env(env: dict[str, str] | None = None) -> str | None:
         if lib in preload:
             return f"{lib} (LD_PRELOAD)"
     own = sorted(k for k in env if k.startswith("MALLOC_") and k.endswith("_"))
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        own.append("GLIBC_TUNABLES")
     return f"glibc, user settings {', '.join(f'{k}={env[k]}' for k in own)}" if own else None
 
 

@@ -351,6 +351,8 @@ def _on_signal(signum, frame) -> None:
 
 def _stop_requested(acc) -> bool:
     """The signal may reach only some ranks: all stop at the same step if any got one."""
+    if acc.num_processes == 1:
+        return _signal_received is not None
     flag = torch.tensor(1.0 if _signal_received else 0.0, device=acc.device)
     if acc.num_processes > 1:
         flag = acc.reduce(flag, reduction="sum")

@@ -154,7 +154,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     idle = os.getloadavg()[0] <= (os.cpu_count() or 1)
     assert 0 < w2["efficiency"] <= (1.2 if idle else 2.0), (w2, os.getloadavg())
     (ratio,) = summary["baselines"]
-    assert ratio["baseline"] == "bare" and ratio["ratio"]["mean"] > 0
+    assert ratio["baseline"] == "bare" and ratio["ratio"]["mean"] > 0 and ratio["ratio_p50_step"]["mean"] > 0
+    (bare,) = [r for r in records if r["kind"] == "bare"]
+    # the baseline runs with the allocator settings dltrain gives itself, so the ratio is the loop's
+    assert bare["step_time_ms_p50"] > 0 and "MALLOC_MMAP_THRESHOLD_=" in bare["command"]
+    assert all("dltrain" in r["environment"]["host_allocator"] for r in dl)
     ttt = summary["configs"]["ttt-w1-fp32-ttt"]
     assert ttt["reached"] == 1 and ttt["figures"]["time_to_target_s"]["mean"] > 0
     assert summary["projection"] and all(p["label"] == "projected" for p in summary["projection"])

@@ -52,11 +52,15 @@ def test_naive_statistic_and_ratio():
     torch.manual_seed(0)
     model = rnn.build_model(recipe)
     batch = rnn.build_data(recipe).test.fetch(torch.arange(8))
-    out = rnn.forward(model, batch)
     x, y = batch
+    train_out = rnn.forward(model, batch)
+    assert train_out.stats == {}  # the training step computes its loss and nothing else
+    out = rnn.forward(model.eval(), batch)
+    assert torch.allclose(out.stats["loss"].mean(), train_out.loss.detach())
     assert torch.allclose(out.stats["naive_loss"], (x[:, -1, 0] - y) ** 2)
     sums = {"loss": 2.0, "naive_loss": 8.0, "count": 4.0}
     assert rnn.summarize(sums) == {"loss": 0.5, "mse": 0.5, "naive_mse": 2.0, "mse_ratio": 0.25}
+    assert rnn.summarize({"loss": 2.0, "count": 4.0}) == {"loss": 0.5, "mse": 0.5}
 
 
 def test_flops_count_the_gate_matmuls():

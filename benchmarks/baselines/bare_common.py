@@ -3,13 +3,15 @@
 Every baseline takes the flags of benchmarks/baselines/cnn_bare.py (--steps timed steps after
 --warmup untimed ones, --batch, --precision, --seed) plus the recipe it mirrors (--recipe,
 --profile, --set), so model, data and hyperparameters come from the same file dltrain reads, and
-prints one JSON line with its steady-state train samples/s.
+prints one JSON line with its steady-state train samples/s and step-time percentiles, timed
+like dltrain's StepTimer: each step on its own clock, the device synchronized at its end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -41,20 +43,30 @@ def load(args):
     return recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of step(i) after `warmup` untimed ones, the device synchronized."""
+def timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` calls of step(i) after `warmup` untimed ones."""
     for i in range(warmup):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    times = []
+    sync()
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
-    if device.type == "cuda":
+        sync()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    return times
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
-def report(name: str, args, batch: int, precision: str, elapsed: float, **extra) -> None:
-    print(json.dumps({"baseline": name, "steps": args.steps, "batch": batch, "precision": precision,
-                      "train_samples_per_s": args.steps * batch / elapsed, **extra}), flush=True)
+def report(name: str, args, batch: int, precision: str, step_times: list[float], **extra) -> None:
+    q = statistics.quantiles(step_times, n=10) if len(step_times) >= 2 else step_times * 9
+    print(json.dumps({"baseline": name, "steps": len(step_times), "batch": batch, "precision": precision,
+                      "train_samples_per_s": len(step_times) * batch / sum(step_times),
+                      "step_time_ms_p50": 1e3 * statistics.median(step_times), "step_time_ms_p90": 1e3 * q[8],
+                      **extra}), flush=True)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from bare_common import load, parse_args, report
+from bare_common import load, parse_args, report, sync
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from dltrain.workloads import bert
@@ -26,15 +26,17 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yam
 
 
 class StepClock(TrainerCallback):
+    """Per-step times after the warm-up, each from the end of the step before."""
+
     def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, None, None
+        self.warmup, self.last, self.times = warmup, None, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if state.global_step == self.warmup:
-            self.t0 = time.perf_counter()
-        self.t1 = time.perf_counter()
+        sync()
+        now = time.perf_counter()
+        if state.global_step > self.warmup:
+            self.times.append(now - self.last)
+        self.last = now
 
 
 def main() -> None:
@@ -61,7 +63,7 @@ def main() -> None:
         trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
                           data_collator=collator, callbacks=[clock])
         trainer.train()
-    report("bert_hf_trainer", args, batch, recipe.train.precision, clock.t1 - clock.t0)
+    report("bert_hf_trainer", args, batch, recipe.train.precision, clock.times)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Same model (dltrain's Net, built from the same recipe), same data (MNIST decoded into memory and
 normalized the same way), same optimizer and batch; no Accelerate, no logging, no metrics.
-Prints one JSON line: steady-state train samples/s over the timed steps (warm-up excluded).
+Prints one JSON line: steady-state train samples/s and step-time percentiles over the timed
+steps (warm-up excluded).
 
     python benchmarks/baselines/cnn_bare.py --steps 300 --batch 64 [--precision bf16]
 """
@@ -10,12 +11,11 @@ Prints one JSON line: steady-state train samples/s over the timed steps (warm-up
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bare_common import report, timed
 
 from dltrain.data import data_root
 from dltrain.recipe import load_recipe
@@ -51,19 +51,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    for i in range(args.warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    print(json.dumps({"baseline": "cnn_bare", "steps": args.steps, "batch": args.batch, "precision": args.precision,
-                      "train_samples_per_s": args.steps * args.batch / elapsed}))
-
+    report("cnn_bare", args, args.batch, args.precision, timed(step, args.steps, args.warmup, device))
 
 if __name__ == "__main__":
     main()

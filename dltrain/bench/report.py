@@ -82,21 +82,26 @@ def _mean(cfg: dict | None, key: str) -> float | None:
 
 
 def baseline_ratios(records: list[dict], configs: dict[str, dict]) -> list[dict]:
-    """dltrain samples/s over each baseline's, per repeat (the two ran back to back), then averaged."""
+    """dltrain samples/s over each baseline's, per repeat (the two ran back to back), then averaged.
+    Also the ratio of median step times (baseline p50 / dltrain p50): the same comparison, but
+    deaf to bursts of a shared machine that a mean over a short window catches on one side only."""
     by_key = {(r["config"], r["repeat"]): r for r in records if r["status"] == "ok"}
     rows = []
     for name, cfg in configs.items():
         if cfg["kind"] == "dltrain" or not cfg.get("pair"):
             continue
-        ratios = []
+        ratios, p50_ratios = [], []
         for (config, repeat), rec in by_key.items():
             ours = by_key.get((cfg["pair"], repeat))
             if config == name and ours and rec.get("samples_per_s") and ours.get("samples_per_s"):
                 ratios.append(ours["samples_per_s"] / rec["samples_per_s"])
+                if rec.get("step_time_ms_p50") and ours.get("step_time_ms_p50"):
+                    p50_ratios.append(rec["step_time_ms_p50"] / ours["step_time_ms_p50"])
         rows.append({"config": name, "baseline": cfg["kind"], "entry": cfg["entry"], "precision": cfg["precision"],
                      "dltrain_config": cfg["pair"], "dltrain_samples_per_s": _mean(configs.get(cfg["pair"]), "samples_per_s"),
                      "baseline_samples_per_s": _mean(cfg, "samples_per_s"),
                      "ratio": stats(ratios) if ratios else None,
+                     "ratio_p50_step": stats(p50_ratios) if p50_ratios else None,
                      "target": 0.95 if cfg["kind"] == "bare" else None})
     return rows
 

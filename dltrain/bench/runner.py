@@ -97,7 +97,8 @@ def _baseline_summary(log: Path, workload: str) -> dict | None:
         except json.JSONDecodeError:
             continue
         if "train_samples_per_s" in out:
-            return {"workload": workload, "throughput": {"train_samples_per_s": out["train_samples_per_s"]}, "baseline": out}
+            keys = ("train_samples_per_s", "step_time_ms_p50", "step_time_ms_p90")
+            return {"workload": workload, "throughput": {k: out[k] for k in keys if k in out}, "baseline": out}
     return None
 
 

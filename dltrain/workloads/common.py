@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 class Output(NamedTuple):
     loss: torch.Tensor  # mean over the batch; what is backpropagated
-    stats: dict[str, torch.Tensor]  # per-example values, summed by the trainer
+    # Per-example values, summed by the trainer. Evaluation needs "loss" among them; in training
+    # the trainer logs the mean `loss` itself and ignores a "loss" statistic.
+    stats: dict[str, torch.Tensor]
 
 
 def classification_output(logits: torch.Tensor, labels: torch.Tensor) -> Output:
