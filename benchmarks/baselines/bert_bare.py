@@ -1,8 +1,9 @@
 """BERT-family SST-2 fine-tuning by a minimal hand-written PyTorch loop: dltrain's yardstick.
 
 Same model and tokenized data as the recipe (dltrain's own builders), the same AdamW, batch and
-precision; no Accelerate, no metrics, no logging. Batches are consecutive slices of one shuffled
-order, padded like dltrain's (dynamic by default).
+precision; no Accelerate, no metrics, no logging. Step i trains on the same sentences as dltrain's
+step i (the same epoch permutation, dltrain.data.epoch_order), padded the same way (dynamic by
+default), so both sides pad to the same lengths and do the same work.
 
     python benchmarks/baselines/bert_bare.py --recipe recipes/bert_sst2_minilm.yaml --profile cpu_test --steps 30
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from bare_common import load, parse_args, report, timed
 
+from dltrain.data import epoch_order
 from dltrain.workloads import bert
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
@@ -27,10 +29,11 @@ def main() -> None:
     data = bert.build_data(recipe, device)
     model = bert.build_model(recipe).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
-    order = torch.randperm(len(data.train))
+    order = epoch_order(len(data.train), recipe.train.seed, epoch=0)
+    per_epoch = len(order) // batch
 
     def step(i: int) -> None:
-        start = (i * batch) % (len(order) - batch)
+        start = (i % per_epoch) * batch
         b = data.train.fetch(order[start : start + batch])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**b).loss

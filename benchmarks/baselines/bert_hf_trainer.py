@@ -3,7 +3,9 @@
 Model and tokenized data come from dltrain's builders for the recipe (so both sides see the same
 tokens), then everything else is the Trainer's own: its DataLoader and DataCollatorWithPadding
 (dynamic padding, or max_length for `data.padding: fixed`), AdamW, linear warm-up schedule,
-autocast. The clock runs between the end of the last warm-up step and the end of the last step
+autocast. Its sampler reads the data in dltrain's first-epoch order (the same permutation,
+dltrain.data.epoch_order), so step i sees the same sentences, padded to the same lengths, on both
+sides. The clock runs between the end of the last warm-up step and the end of the last step
 (a callback), so it covers data loading like dltrain's step timer, and leaves out the Trainer's
 start-up.
 
@@ -20,6 +22,7 @@ import torch
 from bare_common import load, parse_args, report, sync
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
+from dltrain.data import epoch_order
 from dltrain.workloads import bert
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
@@ -45,6 +48,7 @@ def main() -> None:
     batch = recipe.train.global_batch_size
     tokenizer = bert.tokenizer_for(recipe)
     train = bert.load_splits(recipe)["train"]
+    train = train.select(epoch_order(len(train), recipe.train.seed, epoch=0).tolist())
     fixed = recipe.data.padding == "fixed"
     collator = DataCollatorWithPadding(tokenizer, padding="max_length" if fixed else "longest",
                                        max_length=recipe.data.max_length if fixed else None)
@@ -57,7 +61,7 @@ def main() -> None:
             lr_scheduler_type="linear", warmup_steps=recipe.schedule.warmup_steps or recipe.schedule.warmup_fraction,
             bf16=recipe.train.precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
         )
         torch.manual_seed(args.seed)
         trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
