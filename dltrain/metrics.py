@@ -63,7 +63,20 @@ class StepTimer:
 
 
 def peak_memory_bytes(device: torch.device) -> dict[str, int]:
-    out = {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"cpu_peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process's own address
+    space; ru_maxrss is not enough there: a process forked by a large one and then exec'd keeps
+    the parent's figure (every run started by `dltrain bench` reported the harness's 1.7 GB)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,17 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     data = Path(wandb_file).read_bytes()
     w1 = summary["configs"]["cnn-w1-fp32-tput"]["figures"]["samples_per_s"]["mean"]
     assert b"cnn-w1-fp32-tput/samples_per_s" in data and json.dumps(w1).encode() in data
+
+
+def test_peak_memory_is_the_runs_own_not_its_parents():
+    """A run started by a big process (the harness) must not report the parent's peak."""
+    ballast = bytearray(1536 * 2**20)  # 1.5 GiB resident in this process
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    probe = ("import resource; from dltrain.metrics import peak_rss_bytes; "
+             "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    del ballast
+    assert own < 1024 * 2**20, own
+    if sys.platform == "linux":
+        assert inherited >= 1536 * 2**20  # what ru_maxrss says on Linux: why it is not used

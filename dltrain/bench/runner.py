@@ -43,7 +43,7 @@ def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
     sets = list(job.entry.overrides) + list(job.overrides)
     if job.mode == "throughput":
         # A fixed number of steps; evaluation only at the end (and out of the clock); no exports.
-        sets += [f"train.max_steps={job.steps}", "train.eval_every=0", f"train.log_every={max(1, job.steps // 10)}",
+        sets += [f"train.max_steps={job.steps}", f"train.eval_every={job.steps}", f"train.log_every={max(1, job.steps // 10)}",
                  "checkpoint.save_final_model=false", "checkpoint.save_best=false"]
     else:
         sets += ["target.stop=true"]
