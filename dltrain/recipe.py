@@ -31,6 +31,8 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(0.0, ge=0, description="SGD only")
+    fused: bool | None = Field(None, description="torch's fused optimizer step (one kernel for all parameters); "
+                                                 "default: on, except under DeepSpeed, which steps its own partitions")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimConfig:

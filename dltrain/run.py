@@ -85,7 +85,10 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     model = workload.build_model(recipe)
     data = workload.build_data(recipe, accelerator.device)
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
-    optimizer = build_optimizer(recipe.optim, model.parameters())
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    optimizer = build_optimizer(recipe.optim, model.parameters(), deepspeed=deepspeed)
     scheduler = build_scheduler(recipe.schedule, optimizer, total_steps)
     # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
     # it once per process instead.

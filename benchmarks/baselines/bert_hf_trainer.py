@@ -23,6 +23,7 @@ from bare_common import load, parse_args, report, sync
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from dltrain.data import epoch_order
+from dltrain.trainer import use_fused
 from dltrain.workloads import bert
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
@@ -62,6 +63,7 @@ def main() -> None:
             bf16=recipe.train.precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
             dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
+            optim="adamw_torch_fused" if use_fused(recipe.optim, deepspeed=False) else "adamw_torch",  # as dltrain
         )
         torch.manual_seed(args.seed)
         trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
