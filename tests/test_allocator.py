@@ -41,18 +41,23 @@ def _probe(**env: str) -> tuple[str, float]:
 @glibc
 def test_settings_cut_page_faults_of_a_training_step():
     tuned_desc, tuned = _probe()
-    default_desc, default = _probe(DLTRAIN_MALLOC_TUNING="0")
-    assert "(dltrain)" in tuned_desc and "DLTRAIN_MALLOC_TUNING=0" in default_desc
-    # glibc's default returns the activations' pages every step: thousands of faults per step
-    assert default > 1000 and tuned < default / 5, (tuned, default)
+    assert "(dltrain)" in tuned_desc
+    # glibc starts with a 128 KiB mmap threshold and raises it only as large blocks happen to be
+    # freed, so its default varies from run to run (1,200 to 5,000 faults per iteration seen
+    # here); held at that starting value, every activation is mapped and faulted in afresh.
+    start_desc, start = _probe(DLTRAIN_MALLOC_TUNING="0", MALLOC_MMAP_THRESHOLD_="131072")
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in start_desc
+    # mapped afresh, one iteration's activations, gradients and conv buffers fault ~15,000 pages
+    assert start > 5000 and tuned < 500, (tuned, start)
+    default_desc, _ = _probe(DLTRAIN_MALLOC_TUNING="0")
+    assert "DLTRAIN_MALLOC_TUNING=0" in default_desc
 
 
 @glibc
 def test_the_same_settings_as_environment_variables_work_too():
     desc, faults = _probe(DLTRAIN_MALLOC_TUNING="0", **allocator.ENV)
     assert desc.startswith("glibc, user settings MALLOC_MMAP_THRESHOLD_=")  # dltrain left them alone
-    _, default = _probe(DLTRAIN_MALLOC_TUNING="0")
-    assert faults < default / 5, (faults, default)
+    assert faults < 500, faults
 
 
 def test_a_users_allocator_wins():
