@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from dltrain import testhooks
 from dltrain.recipe import RecipeError, dump_recipe
 
 MANIFEST = "manifest.json"
@@ -203,7 +204,7 @@ def save(loop, state) -> Path:
         (tmp / STATE_FILE).write_text(json.dumps(_trainer_state(loop, state), indent=1) + "\n")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _test_pause_in_save(tmp)
+        testhooks.pause_in_save(tmp)
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -354,9 +355,7 @@ def _stop_requested(acc) -> bool:
     if acc.num_processes == 1:
         return _signal_received is not None
     flag = torch.tensor(1.0 if _signal_received else 0.0, device=acc.device)
-    if acc.num_processes > 1:
-        flag = acc.reduce(flag, reduction="sum")
-    return flag.item() > 0
+    return acc.reduce(flag, reduction="sum").item() > 0
 
 
 def _due(cfg, state, steps_per_epoch: int) -> bool:
@@ -367,7 +366,7 @@ def _due(cfg, state, steps_per_epoch: int) -> bool:
 
 
 def _on_step_end(loop, state) -> None:
-    _test_hooks(loop, state)
+    testhooks.at_step_end(loop.accelerator.process_index, state.step)
     stop = _stop_requested(loop.accelerator)
     if stop or _due(loop.recipe.checkpoint, state, loop.steps_per_epoch):
         path = save(loop, state)
@@ -388,37 +387,3 @@ def _stop(loop, state, path: Path) -> None:
         f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
         f"`--resume auto --output-dir {run_dir}`"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Test hooks: environment variables the tests use to stop, crash or pause a real run at a chosen
-# point. "K" or "K:RANK" (only that rank). Unset in normal use.
-
-
-def _hook_hits(name: str, step: int, rank: int) -> bool:
-    value = os.environ.get(name)
-    if not value:
-        return False
-    at, _, only = value.partition(":")
-    return int(at) == step and (not only or int(only) == rank)
-
-
-def _test_hooks(loop, state) -> None:
-    rank = loop.accelerator.process_index
-    if _hook_hits("DLTRAIN_TEST_SIGNAL_AT_STEP", state.step, rank):
-        os.kill(os.getpid(), getattr(signal, os.environ.get("DLTRAIN_TEST_SIGNAL", "SIGTERM")))
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if first_attempt and _hook_hits("DLTRAIN_TEST_CRASH_AT_STEP", state.step, rank):
-        print(f"dltrain-test: planted crash at step {state.step} on rank {rank}", file=sys.stderr, flush=True)
-        os._exit(86)
-
-
-_saves = 0
-
-
-def _test_pause_in_save(tmp: Path) -> None:
-    global _saves
-    _saves += 1
-    if os.environ.get("DLTRAIN_TEST_PAUSE_IN_SAVE") == str(_saves):
-        print(f"dltrain-test: paused while writing {tmp}", file=sys.stderr, flush=True)
-        time.sleep(3600)
