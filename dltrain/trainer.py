@@ -207,8 +207,8 @@ def _train_step(loop: Loop, batches, window: dict, timer: StepTimer) -> bool:
 
     Every statement here runs once per step, so each costs: on a 1 ms step (the RNN on a CPU) a
     few tensor ops are several percent. Per step it adds to the bare loop one float64 sum per
-    statistic other than the loss, one `.item()` (the non-finite check, which must precede the update) and the
-    scheduler step (unless constant), nothing else.
+    statistic other than the loss, one `.item()` (the non-finite check, which must precede the
+    update) and the scheduler step (unless constant), nothing else.
     """
     acc, model = loop.accelerator, loop.model
     loss_sum = None  # of the micro-batch losses: non-finite iff one of them is
