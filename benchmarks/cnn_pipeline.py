@@ -34,15 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_EXAMPLES = 54_000  # train split of MNIST with the default val_fraction 0.1
 
 
-def _env(tuned: bool) -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without any MALLOC_*_ setting of the user's, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") and k.endswith("_"))}
-    return env | allocator.ENV if tuned else env | {"DLTRAIN_MALLOC_TUNING": "0"}
+    return env | extra
+
+
+UNTUNED = {"DLTRAIN_MALLOC_TUNING": "0"}
 
 
 def run_bare(args, tuned: bool = True) -> float:
     cmd = [sys.executable, str(REPO / "benchmarks/baselines/cnn_bare.py"), "--steps", str(args.steps),
            "--batch", str(args.batch), "--precision", args.precision]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(tuned)).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(**(allocator.ENV if tuned else UNTUNED))).stdout
     return json.loads(out.strip().splitlines()[-1])["train_samples_per_s"]
 
 
@@ -53,11 +57,8 @@ def run_dltrain(args, loader: str, workdir: Path, tag: str, tuned: bool = True) 
            "--set", f"train.global_batch_size={args.batch}", "--set", f"train.precision={args.precision}",
            "--set", f"data.loader={loader}", "--set", "train.log_every=100", "--set", "tracking.wandb=false",
            "--set", "tracking.plots=false", "--set", "checkpoint.save_final_model=false"]
-    # dltrain tunes the allocator itself; without MALLOC_* variables set, so it is its own doing.
-    env = _env(tuned)
-    if tuned:
-        env = {k: v for k, v in env.items() if k not in allocator.ENV}
-    subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    # Tuned, dltrain sets the allocator itself: no MALLOC_* variables, so it is its own doing.
+    subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(**({} if tuned else UNTUNED)))
     return json.loads((out / "summary.json").read_text())["throughput"]["train_samples_per_s"]
 
 
