@@ -16,8 +16,8 @@ after the new one is in place. Everything is loaded with torch.load(weights_only
 safetensors. The data position needs no replay: the loop restarts the epoch's index stream at
 `step_in_epoch` (dltrain.data.train_index_batches).
 
-Preemption: SIGTERM or SIGUSR1 sets a flag; at the end of the current optimizer step the ranks agree
-(a summed flag), write a checkpoint, write RUN_DIR/preempted.json and stop with exit code 4.
+The training loop (dltrain.trainer) decides when to save and when to stop; this module only stores:
+save, locate, load, prune, and the model exports (final_model/, best_model/).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,6 @@ MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 FORMAT = 1
-
-
-class Preempted(Exception):
-    """A signal asked the run to stop; a checkpoint was written. The CLI exits with code 4."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +248,9 @@ def _check_model(acc, model, path: Path) -> None:
             )
 
 
-def load(loop, path: Path):
-    """Restore model, optimizer, scheduler, scaler, RNG states and the TrainState from `path`."""
-    from dltrain.trainer import TrainState
-
+def load(loop, path: Path) -> dict:
+    """Restore model, optimizer, scheduler, scaler and RNG states from `path`; return the saved
+    TrainState fields."""
     acc = loop.accelerator
     meta = json.loads((path / STATE_FILE).read_text())
     if meta.get("global_batch") != loop.plan.global_batch:
@@ -285,7 +279,7 @@ def load(loop, path: Path):
         raise RecipeError(f"cannot load checkpoint {path} ({type(exc).__name__}: {first[:200]}); pick another") from None
     loop.t_start -= meta.get("elapsed_s", 0.0)  # time-to-target counts the time before the restart
     loop.last_checkpoint = str(path)
-    return TrainState(**meta["state"])
+    return meta["state"]
 
 
 def _truncate_log(run_dir: Path, step: int) -> None:
@@ -300,30 +294,23 @@ def _truncate_log(run_dir: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Wiring into the loop
+# Resuming and exporting
 
 
-def attach(loop, run_dir: Path, resume: str | None):
-    """Install the step-end hook and signal handlers; return the TrainState to resume from, or None."""
+def resume(loop, run_dir: Path, resume_from: str | None) -> dict | None:
+    """Load the checkpoint rank 0 picks for `--resume` (every rank the same one); return the saved
+    TrainState fields, or None for a fresh start."""
     acc = loop.accelerator
-    if loop.recipe.checkpoint.save_best:
-        from dltrain.run import export_model
-
-        loop.on_new_best = lambda lp, state: export_model(lp, run_dir / "best_model")
-    loop.on_step_end = _on_step_end
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _on_signal)
-    path = _agreed(acc, locate(run_dir, loop.recipe, resume) if acc.is_main_process else None)
+    path = _agreed(acc, locate(run_dir, loop.recipe, resume_from) if acc.is_main_process else None)
     t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
     load_s = time.perf_counter() - t0
-    if acc.is_main_process and resume:
+    if acc.is_main_process and resume_from:
         (run_dir / "preempted.json").unlink(missing_ok=True)
-        _truncate_log(run_dir, state.step if state else 0)
+        _truncate_log(run_dir, state["step"] if state else 0)
         if state:
-            print(f"dltrain: resuming at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} in it) "
-                  f"from {path} (loaded in {load_s:.2f} s)", flush=True)
+            print(f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+                  f"in it) from {path} (loaded in {load_s:.2f} s)", flush=True)
         else:
             print(f"dltrain: starting from scratch: no complete checkpoint in {ckpt_root(loop.recipe, run_dir)} yet",
                   flush=True)
@@ -342,48 +329,31 @@ def _agreed(acc, path: Path | None) -> Path | None:
     return Path(box[0]) if box[0] else None
 
 
-_signal_received: str | None = None
-
-
-def _on_signal(signum, frame) -> None:
-    global _signal_received
-    _signal_received = signal.Signals(signum).name  # acted on at the end of the current step
-
-
-def _stop_requested(acc) -> bool:
-    """The signal may reach only some ranks: all stop at the same step if any got one."""
-    if acc.num_processes == 1:
-        return _signal_received is not None
-    flag = torch.tensor(1.0 if _signal_received else 0.0, device=acc.device)
-    return acc.reduce(flag, reduction="sum").item() > 0
-
-
-def _due(cfg, state, steps_per_epoch: int) -> bool:
+def due(cfg, state, steps_per_epoch: int) -> bool:
+    """Whether `checkpoint.every_steps` / `every_epochs` asks for a save at the end of this step."""
     if cfg.every_steps and state.step % cfg.every_steps == 0:
         return True
     epoch_done = state.step_in_epoch == steps_per_epoch
     return bool(cfg.every_epochs and epoch_done and (state.epoch + 1) % cfg.every_epochs == 0)
 
 
-def _on_step_end(loop, state) -> None:
-    testhooks.at_step_end(loop.accelerator.process_index, state.step)
-    stop = _stop_requested(loop.accelerator)
-    if stop or _due(loop.recipe.checkpoint, state, loop.steps_per_epoch):
-        path = save(loop, state)
-    if stop:
-        _stop(loop, state, path)
-
-
-def _stop(loop, state, path: Path) -> None:
+def export_model(loop, out_dir: Path) -> None:
+    """Save the trained weights (ZeRO-3 shards are gathered by get_state_dict) in the workload's
+    format. The model is never wrapped by torch.compile (the loop compiles the forward function),
+    so the keys are the plain module's and load into an uncompiled model."""
     acc = loop.accelerator
-    run_dir = Path(acc.project_dir)
-    why = _signal_received or "a signal on another rank"
+    state_dict = acc.get_state_dict(loop.model)
     if acc.is_main_process:
-        info = {"step": state.step, "checkpoint": str(path), "signal": why}
-        (run_dir / "preempted.json").write_text(json.dumps(info) + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_fn = getattr(loop.workload, "save_model", None)
+        if save_fn is not None:
+            save_fn(acc.unwrap_model(loop.model), state_dict, out_dir, loop.recipe)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / "model.safetensors"))
     acc.wait_for_everyone()
-    acc.end_training()  # a clean shutdown of the process group and trackers before exiting
-    raise Preempted(
-        f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
-        f"`--resume auto --output-dir {run_dir}`"
-    )
+
+
+def write_preempted(run_dir: Path, step: int, path: Path, why: str) -> None:
+    (run_dir / "preempted.json").write_text(json.dumps({"step": step, "checkpoint": str(path), "signal": why}) + "\n")

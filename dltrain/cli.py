@@ -59,6 +59,9 @@ def cmd_train(args) -> int:
 
         locate(None, None, args.resume)  # a missing or damaged checkpoint fails now, before any data loads
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    from dltrain import signals
+
+    signals.install()  # SIGTERM/SIGUSR1: checkpoint at the next sync point and exit 4
     train(recipe, output_dir=args.output_dir, resume=args.resume)
     return 0
 
@@ -101,10 +104,9 @@ COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench":
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import DistNetworkError
 
-    from dltrain.checkpoint import Preempted
     from dltrain.data import DataError
     from dltrain.recipe import RecipeError
-    from dltrain.trainer import TrainingError
+    from dltrain.trainer import Preempted, TrainingError
 
     args = build_parser().parse_args(argv)
     try:

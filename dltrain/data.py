@@ -77,11 +77,14 @@ class DataSplits:
     test: Split | None = None
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The epoch's permutation, drawn on `device` from (seed, epoch): the step then copies no
+    index from the host. A GPU's generator draws another permutation than the CPU's, but the
+    same one for the same (seed, epoch) whatever the world size, accumulation or restart."""
     if not shuffle:
-        return torch.arange(n)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
+        return torch.arange(n, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen, device=device)
 
 
 def train_index_batches(
@@ -95,10 +98,12 @@ def train_index_batches(
     epoch: int,
     start_step: int = 0,
     shuffle: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Iterator[torch.Tensor]:
-    """This rank's micro-batches for one epoch, from optimizer step `start_step` on."""
+    """This rank's micro-batches for one epoch, from optimizer step `start_step` on, as slices
+    of a permutation held on `device`."""
     global_batch = micro_batch * grad_accum * world
-    order = epoch_order(n, seed, epoch, shuffle)
+    order = epoch_order(n, seed, epoch, shuffle, device)
     for step in range(start_step, n // global_batch):
         base = step * global_batch
         for k in range(grad_accum):
@@ -110,12 +115,13 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return n // global_batch
 
 
-def eval_index_batches(n: int, *, batch: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, int]]:
+def eval_index_batches(n: int, *, batch: int, rank: int, world: int,
+                       device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, int]]:
     """(indices, n_real) for this rank's shard; see the module docstring for the padding rule."""
     shard = -(-n // world)
     start = rank * shard
     real = max(0, min(shard, n - start))
-    idx = torch.arange(start, start + shard) % n
+    idx = torch.arange(start, start + shard, device=device) % n
     for lo in range(0, shard, batch):
         chunk = idx[lo : lo + batch]
         yield chunk, max(0, min(len(chunk), real - lo))

@@ -1,10 +1,11 @@
-"""Honest clocks: per-step times with the device synchronized, steady-state throughput, memory."""
+"""Honest clocks: wall-clock windows of consecutive steps, steady-state throughput, memory."""
 
 from __future__ import annotations
 
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -14,52 +15,174 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class StepTimer:
-    """Times optimizer steps. The first `warmup` steps, and anything between `pause()` and the next
-    `start()` (evaluation, checkpointing), stay out of the throughput figures."""
+class StepClock:
+    """One wall clock over windows of consecutive optimizer steps.
 
-    def __init__(self, device: torch.device, warmup: int, samples_per_step: int):
+    A window runs from one edge to the next (the end of the warm-up, each train log record, the
+    end of training); everything the loop does per step falls inside it: data, forward,
+    backward, optimizer, logging, the progress bar, signal checks, collectives, host reads. The
+    device is synchronized at the edges only. Evaluation and checkpoint writes are the only
+    work taken out, each timed itself (`excluded`). The first `warmup` steps (compilation,
+    allocator and cache warm-up) stay out of the steady-state figures.
+
+    Step-time percentiles come from the same clock: per-step host times on a CPU (where the host
+    waits for every op anyway), per-step CUDA events on a GPU, resolved at the window's edge.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, samples_per_step: int, start_step: int = 0):
         self.device, self.warmup, self.samples_per_step = device, warmup, samples_per_step
+        self.cuda = device.type == "cuda"
+        self.excluded_s = {"eval_s": 0.0, "checkpoint_s": 0.0}
         self.step_times_s: list[float] = []  # steady-state steps only
-        self.data_wait_s = 0.0  # time spent fetching batches during steady-state steps
-        self.seen = 0
-        self._t0: float | None = None
+        self.steady_s = 0.0  # wall time of the steady windows, exclusions taken out
+        self.steady_steps = 0
+        self.data_wait_s = 0.0
+        self.first_step = start_step
+        synchronize(device)
+        self.t_begin = time.perf_counter()
+        self._open(start_step)
 
-    def start(self) -> None:
-        synchronize(self.device)
-        self._t0 = time.perf_counter()
+    # -- marks -------------------------------------------------------------------------------
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _open(self, step: int) -> None:
+        self.edge_step = step
+        self.edge_t = time.perf_counter()
+        self.window_excluded = 0.0
+        self._prev = self._mark()
+        self._intervals: list = []  # (start mark, end mark) of each step in the window
+
+    def step_done(self, step: int) -> None:
+        """The end of optimizer step `step` (1-based); the warm-up's last step closes its window."""
+        end = self._mark()
+        self._intervals.append((self._prev, end))
+        self._prev = end
+        if step == self.warmup and self.edge_step < self.warmup:
+            self.close(step)
 
     def add_data_wait(self, seconds: float) -> None:
-        if self.seen >= self.warmup:
+        if self.edge_step >= self.warmup:
             self.data_wait_s += seconds
 
-    def stop(self) -> float:
-        """End of an optimizer step; returns its duration and restarts the clock."""
+    @contextmanager
+    def excluded(self, what: str):
+        """Time `what` (eval_s, checkpoint_s) and take it out of the window and of the steps."""
+        synchronize(self.device)  # the steps queued before it are not its cost
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.excluded_s[what] += dt
+            self.window_excluded += dt
+            self._prev = self._mark()  # the next step's own time starts after it
+
+    # -- windows ------------------------------------------------------------------------------
+
+    def close(self, step: int) -> dict:
+        """Close the window at the end of `step` and open the next; returns the window's figures
+        (steps, seconds, samples/s), an empty dict when it holds no step."""
         synchronize(self.device)
         now = time.perf_counter()
-        dt = now - (self._t0 if self._t0 is not None else now)
-        if self.seen >= self.warmup:
-            self.step_times_s.append(dt)
-        self.seen += 1
-        self._t0 = now
-        return dt
+        steps = step - self.edge_step
+        seconds = now - self.edge_t - self.window_excluded
+        times = self._step_seconds()
+        steady = self.edge_step >= self.warmup
+        if steady and steps > 0:
+            self.steady_s += seconds
+            self.steady_steps += steps
+            self.step_times_s.extend(times)
+        self._open(step)
+        if steps <= 0 or seconds <= 0:
+            return {}
+        return {"steps": steps, "seconds": seconds, "samples_per_s": self.samples_per_step * steps / seconds,
+                "steady": steady}
 
-    def pause(self) -> None:
-        self._t0 = None
+    def _step_seconds(self) -> list[float]:
+        if self.cuda:  # the device is synchronized: every event has completed
+            return [start.elapsed_time(end) / 1e3 for start, end in self._intervals]
+        return [end - start for start, end in self._intervals]
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, step: int) -> dict[str, float]:
+        """Steady-state figures, and the cross-check: samples trained / (training wall time minus
+        evaluation and checkpoint writes), warm-up included, beside the steady windows' rate."""
+        synchronize(self.device)
+        wall = time.perf_counter() - self.t_begin
+        busy = wall - sum(self.excluded_s.values())
+        out = {"train_wall_s": wall, **self.excluded_s, "steady_steps": self.steady_steps}
+        trained = step - self.first_step
+        if trained > 0 and busy > 0:
+            out["overall_samples_per_s"] = self.samples_per_step * trained / busy
         times = self.step_times_s
-        if not times:
-            return {"steady_steps": 0}
-        total = sum(times)
+        if not self.steady_steps or not times:
+            return out
         q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-        return {
-            "steady_steps": len(times),
-            "train_samples_per_s": self.samples_per_step * len(times) / total,
+        out |= {
+            "train_samples_per_s": self.samples_per_step * self.steady_steps / self.steady_s,
             "step_time_ms_p50": 1e3 * statistics.median(times),
             "step_time_ms_p90": 1e3 * q[8],
-            "data_wait_share": self.data_wait_s / total,
+            "data_wait_share": self.data_wait_s / self.steady_s,
         }
+        if "overall_samples_per_s" in out:
+            out["clock_agreement"] = out["train_samples_per_s"] / out["overall_samples_per_s"]
+        return out
+
+
+def window_flops(workload, recipe, totals: dict[str, float]) -> dict[str, float]:
+    """Training FLOPs of a window: the workload's own count from its statistics where it has one
+    (text: a padded and a real-token basis), else its analytic FLOPs per sample."""
+    if hasattr(workload, "flops_of"):
+        return workload.flops_of(recipe, totals)
+    return {"flops": workload.flops_per_sample(recipe) * totals["count"]}
+
+
+def throughput_record(workload, recipe, totals: dict[str, float], tick: dict, peak_flops: float | None,
+                      world: int, steady: dict) -> dict[str, float]:
+    """A train record's rates: samples/s from the clock's window (`tick`), tokens/s, FLOP/s and
+    MFU from the summed statistics of the same steps (`totals`); MFU against `peak_flops` per
+    process x `world`. Steady windows are also added up in `steady`, for the run's summary."""
+    sps, count = tick["samples_per_s"], totals["count"]
+    out = {"train/samples_per_s": sps}
+    if not count:
+        return out
+    for key in ("tokens", "padded_tokens"):
+        if key in totals:
+            out[f"train/{key}_per_s"] = totals[key] / count * sps
+    flops = window_flops(workload, recipe, totals)
+    for basis, value in flops.items():
+        suffix = basis[len("flops"):]  # "" (as computed, padding included) or "_real"
+        out[f"train/flops_per_s{suffix}"] = value / count * sps
+        if peak_flops:
+            out[f"train/mfu{suffix}"] = value / count * sps / (peak_flops * world)
+    if tick["steady"]:
+        for key, value in {**flops, "count": count, **{k: totals[k] for k in ("tokens", "padded_tokens") if k in totals}}.items():
+            steady[key] = steady.get(key, 0.0) + value
+    return out
+
+
+def steady_rates(steady: dict, samples_per_s: float | None, peak_flops: float | None, world: int) -> dict[str, float]:
+    """The summary's tokens/s, FLOP/s and MFU: per-sample averages over the steady windows times
+    the steady samples/s."""
+    count = steady.get("count")
+    if not count or not samples_per_s:
+        return {}
+    out = {}
+    for key in ("tokens", "padded_tokens"):
+        if key in steady:
+            out[f"{key}_per_s"] = steady[key] / count * samples_per_s
+    for basis in [k for k in steady if k.startswith("flops")]:
+        suffix = basis[len("flops"):]
+        out[f"flops_per_s{suffix}"] = steady[basis] / count * samples_per_s
+        if peak_flops:
+            out[f"mfu{suffix}"] = out[f"flops_per_s{suffix}"] / (peak_flops * world)
+    return out
 
 
 def peak_memory_bytes(device: torch.device) -> dict[str, int]:

@@ -49,6 +49,22 @@ class ScheduleConfig(Section):
     warmup_fraction: float = Field(0.0, ge=0, le=1)
 
 
+class CompileConfig(Section):
+    """torch.compile of the training forward and loss (backward through AOTAutograd); the first
+    (compiling) steps fall in the warm-up. `train.compile: true` is short for `enabled: true`."""
+
+    enabled: bool = False
+    # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = True  # a graph break is an error, not a silent slow path
+    dynamic: bool | None = False  # False: shapes are static in the steady state (fixed batches, BERT buckets)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value):
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class TrainConfig(Section):
     epochs: PositiveInt | None = 1
     max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
@@ -64,7 +80,14 @@ class TrainConfig(Section):
     log_every: PositiveInt = 50
     max_nonfinite_steps: int = Field(0, ge=0, description="non-finite losses tolerated before stopping")
     warmup_steps_excluded: int = Field(5, ge=0, description="first steps left out of throughput")
-    compile: bool = False  # torch.compile the model; its first (compiling) steps fall in the warm-up
+    # Steps between host reads (non-finite check, stop on a signal): the step never waits for the
+    # device in between. null: by device, 1 on a CPU with one process (a read costs nothing
+    # there), 50 on a GPU or with several processes.
+    sync_every: PositiveInt | None = None
+    compile: CompileConfig = CompileConfig()
+    # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (torch's own default differs
+    # between the two); MFU of an fp32 run is taken against the TF32 peak when on, FP32 when off.
+    tf32: bool = False
 
 
 class TrackingConfig(Section):

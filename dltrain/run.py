@@ -11,7 +11,8 @@ import torch
 
 from dltrain import allocator, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
-from dltrain.metrics import peak_memory_bytes
+from dltrain.metrics import peak_memory_bytes, steady_rates
+from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError, dump_recipe
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
 from dltrain.workloads import WORKLOADS
@@ -51,22 +52,6 @@ def prepare_run_dir(path: Path, resume: str | None) -> None:
         raise RecipeError(f"cannot write to output directory {path} ({exc.strerror}): choose another --output-dir") from None
 
 
-def export_model(loop: Loop, out_dir: Path) -> None:
-    """Save the trained weights (ZeRO-3 shards are gathered by get_state_dict)."""
-    acc = loop.accelerator
-    state_dict = acc.get_state_dict(loop.model)
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save = getattr(loop.workload, "save_model", None)
-        if save is not None:
-            save(acc.unwrap_model(loop.model), state_dict, out_dir, loop.recipe)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / "model.safetensors"))
-    acc.wait_for_everyone()
-
-
 def train(recipe, output_dir: str | None = None, resume: str | None = None) -> dict:
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
     allocator.tune()  # before the data and the model allocate anything
@@ -81,6 +66,8 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")
 
+    # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     model = workload.build_model(recipe)
     data = workload.build_data(recipe, accelerator.device)
@@ -93,19 +80,19 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
     # it once per process instead.
     model, optimizer = accelerator.prepare(model, optimizer)
-    if recipe.train.compile:
-        # After prepare, so the DDP wrapper is compiled too; checkpoints and export still see the
-        # uncompiled module Accelerate registered.
-        model = torch.compile(model)
     # The scheduler is not registered with Accelerate: it would reload it with weights_only=False;
     # dltrain.checkpoint saves and loads it itself.
     from dltrain import checkpoint
 
     log = tracking.RunLog(accelerator, run_dir, recipe, run_id=checkpoint.wandb_run_id(run_dir, recipe, resume))
+    peak, peak_source = peak_flops(accelerator.device, recipe.train.precision, recipe.train.tf32)
     loop = Loop(recipe, workload, accelerator, plan, model, optimizer, scheduler, data, log,
-                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start)
-    state = checkpoint.attach(loop, run_dir, resume) or TrainState()
-    print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, {total_steps} steps")
+                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, run_dir=run_dir, peak_flops=peak, peak_source=peak_source)
+    saved = checkpoint.resume(loop, run_dir, resume)
+    state = TrainState(**saved) if saved else TrainState()
+    print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, "
+                        f"{total_steps} steps, host sync every {loop.sync_every} steps"
+                        + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""))
 
     state = fit(loop, state)
     check_ranks_in_sync(accelerator, model)
@@ -114,7 +101,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
         final |= evaluate(model, data.test, workload, accelerator, plan.micro_batch, "test")
         log.log({k: v for k, v in final.items() if k.startswith("test/")}, state.step)
     if recipe.checkpoint.save_final_model:
-        export_model(loop, run_dir / "final_model")
+        checkpoint.export_model(loop, run_dir / "final_model")
     summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start)
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
@@ -131,9 +118,11 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
     last_train = next((r for r in reversed(loop.log.records()) if "train/loss" in r), {})
     metrics = {k: v for k, v in final.items() if "/" in k and k != "time_to_target_s"}
     metrics |= {k: v for k, v in last_train.items() if k in ("train/loss", "train/accuracy", "train/mse")}
-    throughput = loop.timer.summary()
+    throughput = dict(loop.throughput)
+    throughput |= steady_rates(loop.steady, throughput.get("train_samples_per_s"), loop.peak_flops, acc.num_processes)
+    throughput["peak_flops_per_s"], throughput["peak_source"] = loop.peak_flops, loop.peak_source
     # Analytic, at the recipe's shapes (for text: padded to data.max_length, an upper bound under
-    # dynamic padding); `dltrain bench` measures FLOPs on real batches and derives FLOP/s and MFU.
+    # dynamic padding); the logged windows count FLOPs on the batches actually trained.
     flops = loop.workload.flops_per_sample(recipe)
     return {
         "recipe": recipe.name,
@@ -150,6 +139,8 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
         "skipped_steps": state.skipped_steps,
         "batch": {"global": loop.plan.global_batch, "micro": loop.plan.micro_batch, "grad_accum": loop.plan.grad_accum},
         "wall_s": wall_s,
+        "eval_s": throughput.get("eval_s"),
+        "checkpoint_s": throughput.get("checkpoint_s"),
         "memory": peak_memory_bytes(acc.device),
         "wandb_run_id": loop.log.wandb_run_id,
         "environment": tracking.environment(acc, recipe),
@@ -160,6 +151,11 @@ def _print_summary(summary: dict) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items()) if isinstance(v, float))
     tput = summary["throughput"].get("train_samples_per_s")
     print(f"dltrain: done in {summary['wall_s']:.1f} s; {shown}")
+    t = summary["throughput"]
     if tput:
-        print(f"  steady-state {tput:,.0f} train samples/s over {summary['throughput']['steady_steps']} steps")
+        mfu = f", MFU {t['mfu']:.1%} ({t['peak_source']})" if t.get("mfu") is not None else ""
+        print(f"  steady-state {tput:,.0f} train samples/s over {t['steady_steps']} steps{mfu}")
+    if "overall_samples_per_s" in t:
+        print(f"  {t['overall_samples_per_s']:,.0f} samples/s over all {t['train_wall_s']:.1f} s of training, "
+              f"evaluation ({t['eval_s']:.1f} s) and checkpoints ({t['checkpoint_s']:.1f} s) taken out")
     print(f"  results in {summary['run_dir']}")

@@ -115,7 +115,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # Logged per step but not learning curves.
-_NOT_CURVES = {"samples_per_s", "lr", "examples", "skipped_step", "skipped_steps", "nonfinite_steps"}
+_NOT_CURVES = {"samples_per_s", "lr", "examples", "skipped_step", "skipped_steps", "nonfinite_steps", "mfu", "mfu_real",
+               "flops_per_s", "flops_per_s_real", "tokens_per_s", "padded_tokens_per_s"}
 
 
 def plot_curves(records: list[dict], out_dir: Path) -> list[Path]:

@@ -12,13 +12,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dltrain import testhooks
+from dltrain import checkpoint, signals, testhooks
 from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
-from dltrain.metrics import StepTimer
+from dltrain.metrics import StepClock, throughput_record
 
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. non-finite loss); the message says where and what to do."""
+
+
+class Preempted(Exception):
+    """A signal asked the run to stop; a checkpoint was written. The CLI exits with code 4."""
 
 
 @dataclass
@@ -91,7 +95,8 @@ def evaluate(model, split, workload, accelerator, batch: int, prefix: str) -> di
     """Each example counted exactly once over all processes (see dltrain.data for the sharding)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    index_batches = list(eval_index_batches(len(split), batch=batch, rank=accelerator.process_index, world=accelerator.num_processes))
+    index_batches = list(eval_index_batches(len(split), batch=batch, rank=accelerator.process_index,
+                                            world=accelerator.num_processes, device=accelerator.device))
     for (_, n_real), b in zip(index_batches, split.batches(idx for idx, _ in index_batches)):
         add_stats(sums, workload.forward(model, b).stats, n_real)
     model.train()
@@ -105,7 +110,7 @@ def evaluate(model, split, workload, accelerator, batch: int, prefix: str) -> di
 
 @dataclass
 class Loop:
-    """What the loop needs, built once by fit()."""
+    """What the loop needs, built once by dltrain.run.train()."""
 
     recipe: object
     workload: object
@@ -119,10 +124,13 @@ class Loop:
     total_steps: int
     steps_per_epoch: int
     t_start: float
-    on_step_end: object = None  # callable(loop, state) -> None: checkpoints, signals
-    on_new_best: object = None  # callable(loop, state) -> None: e.g. export the best model
-    timer: StepTimer | None = None
+    run_dir: Path
+    peak_flops: float | None = None  # per process, for MFU; None where unknown (e.g. a MIG slice)
+    peak_source: str = ""
+    clock: StepClock | None = None
+    throughput: dict = field(default_factory=dict)  # the clock's summary at the end of fit()
     last_checkpoint: str | None = None
+    steady: dict = field(default_factory=dict)  # FLOPs and tokens summed over the steady log windows
 
     def __post_init__(self) -> None:
         # Accelerate's optimizer wrapper does work of its own only with a GradScaler (fp16) or on
@@ -132,13 +140,27 @@ class Loop:
         from accelerate.optimizer import AcceleratedOptimizer
         from accelerate.utils import DistributedType
 
-        opt = self.optimizer
-        direct = (isinstance(opt, AcceleratedOptimizer) and opt.scaler is None
+        opt, train = self.optimizer, self.recipe.train
+        self.scaler = getattr(opt, "scaler", None)
+        direct = (isinstance(opt, AcceleratedOptimizer) and self.scaler is None
                   and self.accelerator.distributed_type not in (DistributedType.XLA, DistributedType.DEEPSPEED))
         self._inner = opt.optimizer if direct else opt
         # Likewise Accelerator.backward divides the loss by the accumulation steps, a graph node
         # even when that is 1; without accumulation, a scaler or DeepSpeed it is loss.backward().
         self._plain_backward = direct and self.plan.grad_accum == 1
+        # torch's fused optimizers skip their update on the device when `found_inf` is non-zero
+        # (GradScaler's mechanism): a non-finite loss then needs no host read before the step.
+        # Elsewhere (unfused, DeepSpeed, fp16's own scaler) the loss is read back every step.
+        self.guard_on_device = direct and bool(opt.optimizer.defaults.get("fused"))
+        self.sync_every = train.sync_every or (1 if self.accelerator.device.type == "cpu"
+                                               and self.accelerator.num_processes == 1 else 50)
+        self.forward = self.workload.forward
+        if train.compile.enabled:
+            # The function is compiled, not the module: state_dict keys stay the module's own, so
+            # checkpoints and exports of a compiled run load into an uncompiled model.
+            c = train.compile
+            self.forward = torch.compile(self.workload.forward, mode=c.mode, fullgraph=c.fullgraph, dynamic=c.dynamic)
+        self.pending: list[tuple[str, int, torch.Tensor]] = []  # device flags since the last sync
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._plain_backward:
@@ -146,19 +168,19 @@ class Loop:
         else:
             self.accelerator.backward(loss)
 
-    def optimizer_step(self) -> None:
-        self._inner.step()
-
     def zero_grad(self) -> None:
         self._inner.zero_grad(set_to_none=True)
 
 
 def fit(loop: Loop, state: TrainState) -> TrainState:
+    """The training loop: each step, then its end in the order things happen: host-side sync
+    point, log record, evaluation, checkpoint, preemption. One clock (dltrain.metrics.StepClock)
+    covers all of it except evaluation and checkpoint writes, which it times apart."""
     r, acc, plan = loop.recipe, loop.accelerator, loop.plan
-    timer = loop.timer = StepTimer(acc.device, r.train.warmup_steps_excluded, plan.global_batch)
+    clock = loop.clock = StepClock(acc.device, r.train.warmup_steps_excluded, plan.global_batch, start_step=state.step)
     bar = tqdm(total=loop.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    window: dict = {}  # per-step statistics since the last log record
+    window: dict = {}  # per-step statistics since the last log record, as device tensors
     fail_at = testhooks.fail_at_step(acc.process_index)
     loop.model.train()
     while state.step < loop.total_steps:
@@ -166,58 +188,59 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             train_index_batches(
                 len(loop.data.train), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                 rank=acc.process_index, world=plan.world, seed=r.train.seed, epoch=state.epoch,
-                start_step=state.step_in_epoch,
+                start_step=state.step_in_epoch, device=acc.device,
             )
         )
-        timer.start()
         while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps:
-            nonfinite = _train_step(loop, batches, window, timer)
+            _train_step(loop, batches, window, state)
             state.step += 1
             state.step_in_epoch += 1
-            _handle_nonfinite(loop, state, nonfinite)
+            clock.step_done(state.step)
+            bar.update(1)
             if state.step == fail_at:
                 raise RuntimeError(f"injected failure on rank {acc.process_index} at step {fail_at} (DLTRAIN_TEST_FAIL_AT_STEP)")
-            timer.stop()
-            bar.update(1)
-            if state.step % r.train.log_every == 0 or state.step == loop.total_steps:
-                record = _train_record(loop, window, timer)
-                window.clear()
-                loop.log.log(record, state.step)
-                bar.set_postfix(loss=f"{record['train/loss']:.4f}", samples_s=f"{record.get('train/samples_per_s', 0):.0f}")
-            epoch_done = state.step_in_epoch == loop.steps_per_epoch
-            if _eval_due(r, state, epoch_done, loop.total_steps):
-                timer.pause()
-                run_eval(loop, state)
-                timer.start()
-            if loop.on_step_end is not None:
-                timer.pause()
-                loop.on_step_end(loop, state)
-                timer.start()
+            testhooks.at_step_end(acc.process_index, state.step)
+            # The step's end. Nothing below reads from the device except at a sync point.
+            last = state.step == loop.total_steps
+            log_due = state.step % r.train.log_every == 0 or last
+            eval_due = _eval_due(r, state, state.step_in_epoch == loop.steps_per_epoch, loop.total_steps)
+            save_due = checkpoint.due(r.checkpoint, state, loop.steps_per_epoch)
+            alone_stopping = acc.num_processes == 1 and signals.received() is not None  # no one to agree with
+            stop = False
+            if state.step % loop.sync_every == 0 or last or eval_due or save_due or alone_stopping:
+                stop = _sync(loop, state)
+            if log_due:
+                _log_train(loop, state, window, bar)
+            if eval_due:
+                with clock.excluded("eval_s"):
+                    run_eval(loop, state)
+            if save_due or stop:
+                with clock.excluded("checkpoint_s"):
+                    path = checkpoint.save(loop, state)
+            if stop:
+                _preempt(loop, state, path)
             if state.time_to_target_s is not None and r.target is not None and r.target.stop:
                 state.step = loop.total_steps  # reached the target: stop here, as time-to-target counts
         if state.step_in_epoch >= loop.steps_per_epoch:
             state.epoch += 1
             state.step_in_epoch = 0
     bar.close()
+    loop.throughput = clock.summary(state.step)  # before the test evaluation and exports
     return state
 
 
-def _train_step(loop: Loop, batches, window: dict, timer: StepTimer) -> bool:
-    """One optimizer step: grad_accum micro-batches. Returns True when the loss was non-finite.
-
-    Every statement here runs once per step, so each costs: on a 1 ms step (the RNN on a CPU) a
-    few tensor ops are several percent. Per step it adds to the bare loop one float64 sum per
-    statistic other than the loss, one `.item()` (the non-finite check, which must precede the
-    update) and the scheduler step (unless constant), nothing else.
-    """
+def _train_step(loop: Loop, batches, window: dict, state: TrainState) -> None:
+    """One optimizer step: grad_accum micro-batches, and no host read where the optimizer can skip
+    a non-finite update itself (see Loop). Every statement runs once per step, so each costs: on a
+    1 ms step (the RNN on a CPU) a few tensor ops are several percent."""
     acc, model = loop.accelerator, loop.model
     loss_sum = None  # of the micro-batch losses: non-finite iff one of them is
     for _ in range(loop.plan.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
-        timer.add_data_wait(time.perf_counter() - t0)
+        loop.clock.add_data_wait(time.perf_counter() - t0)
         with acc.accumulate(model) if loop.plan.grad_accum > 1 else nullcontext():
-            out = loop.workload.forward(model, batch)
+            out = loop.forward(model, batch)
             loss = out.loss.detach()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             add_train_stats(window, loss, out.stats, loop.workload.batch_size_of(batch))
@@ -225,16 +248,83 @@ def _train_step(loop: Loop, batches, window: dict, timer: StepTimer) -> bool:
             if acc.sync_gradients:
                 if acc.num_processes > 1:  # every rank must take the same decision
                     loss_sum = acc.reduce(loss_sum, reduction="sum")
-                if not math.isfinite(loss_sum.item()):
-                    loop.zero_grad()
-                    return True
-                if loop.recipe.train.clip_grad_norm:
-                    acc.clip_grad_norm_(model.parameters(), loop.recipe.train.clip_grad_norm)
-                loop.optimizer_step()
-                if loop.recipe.schedule.name != "none":  # a constant schedule has nothing to step
-                    loop.scheduler.step()
-                loop.zero_grad()
-    return False
+                _optimizer_step(loop, loss_sum, state)
+
+
+def _optimizer_step(loop: Loop, loss_sum: torch.Tensor, state: TrainState) -> None:
+    step = state.step + 1  # the step being taken
+    if loop.guard_on_device:
+        bad = (~torch.isfinite(loss_sum)).float()
+        loop._inner.found_inf = bad  # the fused step leaves weights, moments and its count alone
+        loop.pending.append(("nonfinite", step, bad))
+    elif not math.isfinite(loss_sum.item()):
+        loop.zero_grad()
+        _count_nonfinite(loop, state, step)
+        return
+    if loop.recipe.train.clip_grad_norm:
+        loop.accelerator.clip_grad_norm_(loop.model.parameters(), loop.recipe.train.clip_grad_norm)
+    # The scale as a device tensor (`get_scale()` would read it back to the host).
+    scale_before = loop.scaler._get_scale_async().clone() if loop.scaler is not None else None
+    loop._inner.step()
+    if scale_before is not None:
+        # GradScaler always calls a fused optimizer's step (which skips on the device), so
+        # Accelerate's `step_was_skipped` never fires; a skipped step is one that lowered the scale.
+        loop.pending.append(("skipped", step, scale_dropped(loop.scaler, scale_before)))
+    if loop.recipe.schedule.name != "none":  # a constant schedule has nothing to step
+        loop.scheduler.step()
+    loop.zero_grad()
+
+
+def scale_dropped(scaler, scale_before: torch.Tensor) -> torch.Tensor:
+    """1.0 (on the device) when the GradScaler's update lowered the scale: it found inf/NaN
+    gradients and the step was skipped."""
+    return (scaler._get_scale_async() < scale_before).float()
+
+
+def _sync(loop: Loop, state: TrainState) -> bool:
+    """A sync point: the one host read between them. Learns which steps since the last sync had a
+    non-finite loss (not applied) or an fp16 skip, and whether any rank was asked to stop."""
+    acc = loop.accelerator
+    flags = [flag.reshape(1) for _, _, flag in loop.pending]
+    several = acc.num_processes > 1
+    if several:  # ranks agree on stopping here, not with a collective every step
+        asked = 1.0 if signals.received() else 0.0
+        flags.append(torch.full((1,), asked, device=acc.device))
+    vector = torch.cat(flags) if flags else None
+    if several:
+        vector = acc.reduce(vector, reduction="sum")
+    values = vector.tolist() if vector is not None else []
+    pending, loop.pending = loop.pending, []
+    for (kind, step, _), value in zip(pending, values):
+        if value > 0 and kind == "skipped":
+            state.skipped_steps += 1  # fp16 loss scaling found inf gradients: normal, logged
+            loop.log.log({"train/skipped_step": 1, "train/skipped_steps": state.skipped_steps}, step)
+        elif value > 0:
+            _count_nonfinite(loop, state, step)
+    return values[-1] > 0 if several else signals.received() is not None
+
+
+def _count_nonfinite(loop: Loop, state: TrainState, step: int) -> None:
+    state.nonfinite_steps += 1
+    loop.log.log({"train/nonfinite_steps": state.nonfinite_steps}, step)
+    if state.nonfinite_steps > loop.recipe.train.max_nonfinite_steps:
+        ckpt = loop.last_checkpoint or "none"
+        raise TrainingError(
+            f"non-finite loss at step {step} ({state.nonfinite_steps} so far, train.max_nonfinite_steps="
+            f"{loop.recipe.train.max_nonfinite_steps}); last good checkpoint: {ckpt}. Lower optim.lr, set "
+            "train.clip_grad_norm or use bf16/fp32"
+        )
+
+
+def _preempt(loop: Loop, state: TrainState, path: Path) -> None:
+    acc = loop.accelerator
+    why = signals.received() or "a signal on another rank"
+    if acc.is_main_process:
+        checkpoint.write_preempted(loop.run_dir, state.step, path, why)
+    acc.wait_for_everyone()
+    acc.end_training()  # a clean shutdown of the process group and trackers before exiting
+    raise Preempted(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
+                    f"`--resume auto --output-dir {loop.run_dir}`")
 
 
 def add_train_stats(window: dict, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
@@ -254,31 +344,23 @@ def window_sums(window: dict) -> dict[str, torch.Tensor]:
     return sums | {"loss": (losses * n).sum(), "count": n.sum()}
 
 
-def _handle_nonfinite(loop: Loop, state: TrainState, nonfinite: bool) -> None:
-    if getattr(loop.optimizer, "step_was_skipped", False):
-        state.skipped_steps += 1  # fp16 loss scaling found inf gradients: normal, logged
-        loop.log.log({"train/skipped_step": 1, "train/skipped_steps": state.skipped_steps}, state.step)
-    if not nonfinite:
-        return
-    state.nonfinite_steps += 1
-    loop.log.log({"train/nonfinite_steps": state.nonfinite_steps}, state.step)
-    if state.nonfinite_steps > loop.recipe.train.max_nonfinite_steps:
-        ckpt = loop.last_checkpoint or "none"
-        raise TrainingError(
-            f"non-finite loss at step {state.step} ({state.nonfinite_steps} so far, train.max_nonfinite_steps="
-            f"{loop.recipe.train.max_nonfinite_steps}); last good checkpoint: {ckpt}. Lower optim.lr, set "
-            "train.clip_grad_norm or use bf16/fp32"
-        )
-
-
-def _train_record(loop: Loop, window: dict, timer: StepTimer) -> dict:
+def _log_train(loop: Loop, state: TrainState, window: dict, bar) -> None:
+    """A train record: the window's statistics (one reduction, one read) and its clock."""
+    tick = loop.clock.close(state.step)
     totals = reduce_sums(loop.accelerator, window_sums(window)) if window else {"count": 0.0}
-    record = {f"train/{k}": v for k, v in loop.workload.summarize(totals).items()} if window else {}
+    window.clear()
+    record = {f"train/{k}": v for k, v in loop.workload.summarize(totals).items()} if totals["count"] else {}
     record["train/lr"] = loop.scheduler.get_last_lr()[0]
-    if timer.step_times_s:
-        recent = timer.step_times_s[-loop.recipe.train.log_every :]
-        record["train/samples_per_s"] = loop.plan.global_batch * len(recent) / sum(recent)
-    return record
+    if tick:
+        record |= throughput_record(loop.workload, loop.recipe, totals, tick, loop.peak_flops,
+                                    loop.accelerator.num_processes, loop.steady)
+    loop.log.log(record, state.step)
+    shown = {"loss": f"{record['train/loss']:.4f}"} if "train/loss" in record else {}
+    if "train/samples_per_s" in record:
+        shown["samples_s"] = f"{record['train/samples_per_s']:.0f}"
+    if "train/mfu" in record:
+        shown["mfu"] = f"{record['train/mfu']:.1%}"
+    bar.set_postfix(shown)
 
 
 def _eval_due(recipe, state: TrainState, epoch_done: bool, total_steps: int) -> bool:
@@ -297,8 +379,8 @@ def run_eval(loop: Loop, state: TrainState) -> dict:
         sign = 1 if r.target.mode == "max" else -1
         if state.best is None or sign * value > sign * state.best:
             state.best = value
-            if loop.on_new_best is not None:
-                loop.on_new_best(loop, state)
+            if r.checkpoint.save_best:
+                checkpoint.export_model(loop, loop.run_dir / "best_model")
         if state.time_to_target_s is None and sign * value >= sign * r.target.value:
             # MLPerf-style: from before the data was touched to the first evaluation at the target.
             state.time_to_target_s = time.perf_counter() - loop.t_start

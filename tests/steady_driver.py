@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--write-golden", action="store_true", help="write tests/golden/<workload>_cpu_test_losses.json")
+    ap.add_argument("--slow-log-s", type=float, default=0.0, help="plant a log sink that sleeps this long per record")
     args = ap.parse_args()
 
     import torch
@@ -120,10 +122,40 @@ def main() -> None:
         counter.active = warmup <= step < warmup + args.count
 
     testhooks.at_step_end = window
+    from dltrain import trainer
+
+    run_eval, evals = trainer.run_eval, []
+
+    def uncounted_eval(loop, state):
+        """Evaluation is not part of a training step (the clock takes it out too): its own reads
+        are not counted; the sync point that precedes it is, and it is allowed for."""
+        active, counter.active = counter.active, False
+        if active:
+            evals.append(state.step)
+        try:
+            return run_eval(loop, state)
+        finally:
+            counter.active = active
+
+    trainer.run_eval = uncounted_eval
+    if args.slow_log_s:
+        from dltrain import tracking
+
+        log = tracking.RunLog.log
+
+        def slow_log(self, record, step):
+            time.sleep(args.slow_log_s)
+            log(self, record, step)
+
+        tracking.RunLog.log = slow_log
     summary = train(recipe, output_dir=args.output_dir)
     counter.active = False
     values = [float(x) for x in torch.stack(losses).tolist()]
+    records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    counted = range(warmup + 1, warmup + args.count + 1)
     out = {"workload": args.workload, "losses": values, "host_reads": counter.count,
+           "records_in_window": len({r["step"] for r in records if r["step"] in counted and "train/loss" in r}),
+           "evals_in_window": len(evals),
            "counted_steps": args.count, "read_sites": dict(counter.where), "log_every": recipe.train.log_every,
            "sync_every": getattr(recipe.train, "sync_every", None), "throughput": summary.get("throughput")}
     if args.write_golden:

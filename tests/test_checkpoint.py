@@ -190,14 +190,17 @@ def reference_two(data_dir, tmp_path_factory) -> Path:
 @pytest.mark.distributed
 def test_two_processes_signal_on_one_rank_then_resume_is_bit_identical(reference_two, tmp_path):
     run = tmp_path / "run"
-    # SIGUSR1 reaches rank 1 only: both ranks must still stop after the same step.
-    env = launch_env({"DLTRAIN_TEST_SIGNAL_AT_STEP": "7:1", "DLTRAIN_TEST_SIGNAL": "SIGUSR1"})
-    first = subprocess.run(accelerate_two(run), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    # SIGUSR1 reaches rank 1 only after step 5: both ranks must still stop after the same step,
+    # agreed at their next sync point (no collective per step): with train.sync_every=3 that is
+    # step 6, before the checkpoint every 4 steps would have been one.
+    env = launch_env({"DLTRAIN_TEST_SIGNAL_AT_STEP": "5:1", "DLTRAIN_TEST_SIGNAL": "SIGUSR1"})
+    first = subprocess.run(accelerate_two(run, "--set", "train.sync_every=3"), capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=300)
     assert first.returncode != 0  # the launcher reports a worker's exit code 4 as a failure
-    assert json.loads((run / "preempted.json").read_text())["step"] == 7
-    saved = _state(run / "checkpoints" / "step_7")
-    assert saved["world_size"] == 2 and saved["state"]["step"] == 7
-    assert sorted(p.name for p in (run / "checkpoints" / "step_7").glob("random_states_*")) == \
+    assert json.loads((run / "preempted.json").read_text())["step"] == 6
+    saved = _state(run / "checkpoints" / "step_6")
+    assert saved["world_size"] == 2 and saved["state"]["step"] == 6
+    assert sorted(p.name for p in (run / "checkpoints" / "step_6").glob("random_states_*")) == \
         ["random_states_0.pkl", "random_states_1.pkl"]
     second = subprocess.run(accelerate_two(run, "--resume", "auto"), capture_output=True, text=True,
                             env=launch_env(), cwd=REPO, timeout=300)
@@ -232,3 +235,26 @@ def test_resume_with_another_world_size_is_supported(reference_two, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "checkpoint written by 2 processes, resuming with 1" in done.stderr
     assert "resuming at step 16 " in done.stdout
+
+
+@pytest.mark.slow
+def test_a_compiled_run_exports_weights_that_load_into_the_plain_model(data_dir, tmp_path):
+    """torch.compile wraps the forward function, not the module: no `_orig_mod.` keys anywhere."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dltrain.recipe import load_recipe
+    from dltrain.workloads import cnn
+    from resume_helpers import TINY
+
+    run = tmp_path / "run"
+    done = train(run, "--set", "train.compile=true", "--set", "train.max_steps=6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled" in done.stdout
+    weights = load_file(str(run / "final_model" / "model.safetensors"))
+    overrides = [s for flag, s in zip(TINY, TINY[1:]) if flag == "--set" and s.startswith("model.")]
+    net = cnn.Net(load_recipe(TINY[0], "cpu_test", overrides).model)
+    net.load_state_dict(weights, strict=True)
+    ckpt = load_file(str(run / "checkpoints" / "step_4" / "model.safetensors"))
+    assert ckpt.keys() == net.state_dict().keys()
+    assert torch.isfinite(torch.stack([w.abs().sum() for w in weights.values()])).all()

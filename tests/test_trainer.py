@@ -34,3 +34,59 @@ def test_fused_and_unfused_adamw_take_the_same_steps():
             opt.step()
         results.append(p.detach())
     assert torch.allclose(results[0], results[1], rtol=0, atol=1e-6), (results[0] - results[1]).abs().max()
+
+
+def test_a_skipped_fp16_step_is_seen_from_the_scale_with_a_fused_optimizer():
+    """GradScaler always calls a fused optimizer's step (the kernel skips the update itself), so
+    a wrapper that waits for step() not to be called never sees the skip; the scale's decrease does."""
+    from dltrain.trainer import scale_dropped
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([p], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    flags = []
+    for planted in (False, True, False):
+        loss = (p * 2).sum()
+        scaler.scale(loss).backward()
+        if planted:
+            p.grad[1] = float("inf")
+        before_step, before = p.detach().clone(), scaler._get_scale_async().clone()
+        scaler.step(opt)
+        scaler.update()
+        flags.append(scale_dropped(scaler, before).item())
+        assert torch.equal(p.detach(), before_step) == planted  # the planted inf left the weights alone
+        opt.zero_grad(set_to_none=True)
+    assert flags == [0.0, 1.0, 0.0]
+
+
+def test_a_nonfinite_loss_skips_the_fused_update_on_the_device():
+    """The loop's guard: found_inf from the loss, no host read, no update, no step count."""
+    for name in ("adam", "adamw", "sgd"):
+        cfg = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=[f"optim.name={name}"]).optim
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = build_optimizer(cfg, [p])
+        p.grad = torch.ones(3)
+        opt.found_inf = (~torch.isfinite(torch.tensor(float("nan")))).float()
+        opt.step()
+        assert torch.equal(p.detach(), torch.ones(3)), name
+        opt.found_inf = (~torch.isfinite(torch.tensor(1.0))).float()
+        opt.step()
+        assert not torch.equal(p.detach(), torch.ones(3)), name
+
+
+def _explain(workload_name: str, recipe_file: str, batch):
+    from dltrain.workloads import WORKLOADS
+
+    workload = WORKLOADS[workload_name]
+    recipe = load_recipe(RECIPES / recipe_file, "cpu_test")
+    torch.manual_seed(0)
+    model = workload.build_model(recipe).train()
+    torch._dynamo.reset()
+    return torch._dynamo.explain(workload.forward)(model, batch)
+
+
+def test_cnn_and_rnn_training_forward_compile_without_graph_breaks():
+    cnn = _explain("cnn", "cnn_mnist.yaml", (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))))
+    rnn = _explain("rnn", "rnn_sine.yaml", (torch.randn(8, 10, 1), torch.randn(8)))
+    assert (cnn.graph_break_count, rnn.graph_break_count) == (0, 0), (cnn.break_reasons, rnn.break_reasons)
+    assert cnn.graph_count == rnn.graph_count == 1

@@ -1,0 +1,137 @@
+"""Peak FLOP/s to compute MFU against: datasheet dense peaks for GPUs, a measured matmul for CPUs.
+
+MFU = achieved FLOP/s / peak FLOP/s of the hardware one process drives. The training loop prints
+it on its log lines and the benchmark harness reports it; both take the peak from here.
+
+GPUs: dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, by device name and
+precision. Datasheets print the sparse figure with an asterisk; the dense one is half of it.
+fp32 is the plain FP32 (CUDA core) rate, unless TF32 is on for matmuls (train.tf32): then the
+TF32 tensor-core rate. A MIG slice has a fraction of the GPU's units: no peak, so no MFU, rather
+than a whole GPU's. CPUs have no datasheet figure that means anything for PyTorch: the best FLOP/s
+of square matmuls with this process's threads, measured once per process (labelled "measured").
+A CPU without bf16 units (no AVX512-BF16 or AMX) emulates bf16 some 40x slower than fp32, and
+autocast's kernels do better than its bf16 matmul; the bf16 peak is the better of the bf16 and the
+fp32 rate: what the hardware can do for a bf16 run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+# FLOP/s per GPU. Matched against torch.cuda.get_device_name split into words (on spaces and
+# dashes, case ignored): an entry matches when all its words are in the name; the first match
+# wins, so the specific names come first ("H100 NVL" before "H100", "GH200" and "H200 NVL" before
+# "H200"; whole words keep "L4" from matching "L40S" and "A10" from matching "A100").
+# "tf32" is the rate of fp32 matmuls with TF32 on; None where the GPU has no such rate on the sheet.
+# Sources (dense = the datasheet's sparse figure / 2):
+#   H100 SXM5 / PCIe / NVL: NVIDIA H100 Tensor Core GPU datasheet (2023): FP32 67 / 51 / 60 TFLOP/s;
+#     TF32 989* / 756* / 835*; BF16 and FP16 1979* / 1513* / 1671* (* with sparsity).
+#   H200 SXM / NVL: NVIDIA H200 Tensor Core GPU datasheet (2024): FP32 67 / 60; TF32 989* / 835*;
+#     BF16 and FP16 1979* / 1671*.  The NVL part is power-capped: not the SXM's peaks.
+#   GH200: NVIDIA GH200 Grace Hopper Superchip datasheet (2024): FP32 67; TF32 494 dense (989*);
+#     BF16 and FP16 990 dense (1979*).
+#   A100 (SXM4 and PCIe): NVIDIA A100 datasheet (2021): FP32 19.5; TF32 156 (312*); BF16/FP16 312 (624*).
+#   A10: NVIDIA A10 datasheet (2021): FP32 31.2; TF32 62.5 (125*); BF16/FP16 125 (250*).
+#   A10G (AWS G5): no NVIDIA datasheet; FP32 31.2 and BF16/FP16 70 as AWS and NVIDIA's 2021 AWS
+#     announcement give them; no TF32 figure published: None.
+#   L40S: NVIDIA L40S datasheet (2023): FP32 91.6; TF32 183 (366*); BF16/FP16 362.05 (733*).
+#   L40: NVIDIA L40 datasheet (2022): FP32 90.5; TF32 90.5 (181*); BF16/FP16 181 (362*).
+#   L4: NVIDIA L4 datasheet (2023): FP32 30.3; TF32 60 (120*); BF16/FP16 121 (242*).
+#   V100 SXM2 / PCIe: NVIDIA V100 datasheet (2020): FP32 15.7 / 14; FP16 tensor 125 / 112. No BF16
+#     and no TF32 units: with TF32 "on", fp32 matmuls still run at the FP32 rate.
+#   T4: NVIDIA T4 datasheet (2019): FP32 8.1; FP16 tensor 65. No BF16, no TF32.
+GPU_PEAKS: list[tuple[str, dict[str, float | None]]] = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51.2e12, "tf32": 378e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12, "tf32": 417.5e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 66.9e12, "tf32": 494.7e12}),  # SXM5: "H100 80GB HBM3"
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 66.9e12, "tf32": 494.7e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12, "tf32": 417.5e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 66.9e12, "tf32": 494.7e12}),  # SXM
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12, "tf32": None}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12, "tf32": 62.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12, "tf32": 183e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12, "tf32": 90.5e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12, "tf32": 60e12}),
+    ("V100 PCIe", {"fp16": 112e12, "fp32": 14e12, "tf32": 14e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12, "tf32": 15.7e12}),  # SXM2
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12, "tf32": 8.1e12}),
+]
+
+
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[\s\-]+", name.upper()))
+
+
+def gpu_peak(name: str, precision: str, tf32: bool = False) -> float | None:
+    """Dense peak FLOP/s of one GPU, or None: unknown GPU or precision, or a MIG slice."""
+    words = _words(name)
+    if "MIG" in words:
+        return None  # a slice of the GPU: its share of the units is not on any datasheet
+    key = "tf32" if precision == "fp32" and tf32 else precision
+    for entry, peaks in GPU_PEAKS:
+        if _words(entry) <= words:
+            return peaks.get(key)
+    return None
+
+
+def cpu_matmul_peak(precision: str, size: int = 1024, seconds: float = 1.5) -> float:
+    """Best FLOP/s of square matmuls over about `seconds`, with this process's threads (the same
+    number a single-process training run uses). The best of many short trials, because the machine
+    may be shared: the peak is what the hardware can do, not what it did on average. Matrices of
+    `size`, halved while one product would take over a quarter of `seconds` at the rate of a
+    small one (an emulated bf16 1024^3 product takes seconds on its own)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+    def operands(n: int):
+        return torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+
+    def trial(a, b) -> float:
+        t0 = time.perf_counter()
+        a @ b
+        return time.perf_counter() - t0
+
+    a, b = operands(128)
+    trial(a, b)  # warm-up: thread pool, kernel selection
+    rate = 2 * 128**3 / min(trial(a, b), trial(a, b))
+    while size > 128 and 2 * size**3 / rate > seconds / 4:
+        size //= 2
+    a, b = operands(size)
+    trial(a, b)
+    flops, best, end = 2 * size**3, 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        best = max(best, flops / trial(a, b))
+    return best
+
+
+def cpu_peak(precision: str, seconds: float = 1.5) -> float:
+    """The CPU's peak for a run in `precision`: bf16 runs at the better of the bf16 and fp32 rates
+    (see the module docstring)."""
+    if precision == "bf16":
+        return max(cpu_matmul_peak("bf16", seconds=seconds / 2), cpu_matmul_peak("fp32", seconds=seconds / 2))
+    return cpu_matmul_peak(precision, seconds=seconds)
+
+
+_CPU_PEAKS: dict[tuple[str, int], float] = {}  # (precision, threads) -> FLOP/s, measured once per process
+
+
+def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds: float = 0.3) -> tuple[float | None, str]:
+    """(peak FLOP/s of the hardware this process drives, where the figure comes from). None where
+    no honest peak is known: then report no MFU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak(name, precision, tf32)
+        rate = "tf32" if precision == "fp32" and tf32 else precision
+        if peak is None:
+            why = "a MIG slice" if "MIG" in _words(name) else "not in dltrain.peaks.GPU_PEAKS"
+            return None, f"no datasheet peak for {name} {rate} ({why})"
+        return peak, f"datasheet {name} {rate} dense"
+    if device.type == "cpu" and precision in ("fp32", "bf16"):
+        threads = torch.get_num_threads()
+        if (precision, threads) not in _CPU_PEAKS:
+            _CPU_PEAKS[precision, threads] = cpu_peak(precision, seconds=seconds)
+        return _CPU_PEAKS[precision, threads], f"measured (CPU matmul, {threads} threads)"
+    return None, f"no peak known for {precision} on {device.type}"
