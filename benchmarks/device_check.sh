@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: on one H100, the gpu_single suite (fp32 vs bf16, eager vs torch.compile, CNN, RNN,
-# bert-base) with its baselines (bare loops, the notebook pipeline, the HF Trainer), in under 8
-# minutes; results.jsonl, summary.json, report.md and plots/ land in $OUT/bench.
+# The GPU check: on one H100, the gpu_single suite (bert-base and the CNN bf16 compiled first, then
+# eager bf16 and fp32 rows, then the baselines) in under 8 minutes, install included;
+# results.jsonl, summary.json, report.md and plots/ land in $OUT/bench, and the script prints its
+# own time per phase (install, import check, suite, report).
 #
 # The GPU machine has no network and lacks datasets, wandb, pydantic and deepspeed. So, on the
 # CPU machine first:   benchmarks/device_check.sh --prepare
@@ -9,13 +10,24 @@
 # tokenizer (not its weights: bert-base runs from a random init) into the ignored .carry/
 # folder (about 45 MB); carry `.carry` with the run. On the GPU machine:
 #     OUT=/some/dir benchmarks/device_check.sh
+# A lent GPU is counted in minutes, so nothing slow starts before a check that takes seconds:
+# every package the suite needs imports, CUDA is there, the suite validates; if not, exit 2.
+# A CPU dry run of the whole script (no GPU, no .carry when the imports already work):
+#     DEVICE=cpu OUT=/tmp/dry benchmarks/device_check.sh      # SUITE defaults to device_dryrun
+#
+# Environment: OUT (required), DEVICE (cuda | cpu; default cuda), SUITE (default gpu_single, or
+# device_dryrun with DEVICE=cpu), BUDGET_S (whole script, default 450), PYTHON (default python3).
+# Exit codes: 0 done; 2 cannot run (missing packages, no CUDA, bad suite); 3 the suite was cut by
+# the time budget (the report holds what finished); else the suite's or the report's exit code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 CARRY=$REPO/.carry
 SHARED=${SHARED:-$REPO/../shared}
 BUDGET_S=${BUDGET_S:-450}   # the whole script, install included; the suite gets what is left
-SUITE=${SUITE:-gpu_single}  # another suite only for a dry run of this script
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then SUITE=${SUITE:-device_dryrun}; else SUITE=${SUITE:-gpu_single}; fi
+PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--prepare" ]; then
     rm -rf "$CARRY"
@@ -32,36 +44,119 @@ fi
 
 OUT=${OUT:?set OUT to the folder that receives the results}
 mkdir -p "$OUT"
-[ -d "$CARRY/wheels" ] || { echo "device_check: $CARRY/wheels missing: run benchmarks/device_check.sh --prepare on the CPU machine and carry .carry" >&2; exit 2; }
+T_START=$(date +%s%3N)
+T_PHASE=$T_START
+phase_done() {  # "device_check: phase NAME  S.s s", the time since the previous phase ended
+    local now ms
+    now=$(date +%s%3N)
+    ms=$((now - T_PHASE))
+    printf 'device_check: phase %-13s %4d.%d s%s\n' "$1" $((ms / 1000)) $((ms % 1000 / 100)) "${2:+ ($2)}"
+    T_PHASE=$now
+}
 
-# Install only what the image lacks, from the carried wheels, without resolving (no network).
-if ! python3 -c "import datasets, wandb, pydantic" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$REPO/.site" "$CARRY"/wheels/*.whl
-fi
+# ---- install: only what the image lacks, from the carried wheels, without resolving (no network)
 export PYTHONPATH="$REPO/.site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export DLTRAIN_DATA_DIR="$CARRY/data" DLTRAIN_MODELS_DIR="$CARRY/models" DLTRAIN_CACHE_DIR="${TMPDIR:-/tmp}/dltrain-cache"
-export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('datasets', 'pydantic')))" 2>/dev/null; then
+    phase_done install "skipped: datasets and pydantic are installed"
+else
+    [ -d "$CARRY/wheels" ] || { echo "device_check: datasets or pydantic is missing and $CARRY/wheels is missing: run benchmarks/device_check.sh --prepare on the CPU machine and carry .carry" >&2; exit 2; }
+    # W&B is off on the device and gpu_single uses no ZeRO: their wheels (22 of the 27 MB) stay out.
+    wheels=$(ls "$CARRY"/wheels/*.whl | grep -v -e '/wandb-' -e '/deepspeed-')
+    # shellcheck disable=SC2086  # one wheel path per word
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$REPO/.site" $wheels
+    phase_done install
+fi
+# The caller's data and model folders win (a CPU dry run uses its own); else the carried ones.
+export DLTRAIN_DATA_DIR=${DLTRAIN_DATA_DIR:-$CARRY/data} DLTRAIN_MODELS_DIR=${DLTRAIN_MODELS_DIR:-$CARRY/models}
+export DLTRAIN_CACHE_DIR=${DLTRAIN_CACHE_DIR:-${TMPDIR:-/tmp}/dltrain-cache}
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export DEVICE SUITE
 
-{
-    date -u +"%Y-%m-%dT%H:%M:%SZ"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-} | tee "$OUT/device.txt"
+# ---- import check: seconds, before anything slow. CUDA first (fail fast), then every package the
+# suite imports (not wandb: W&B is off on the device), then the suite itself (a recipe override
+# that does not validate fails here).
+set +e
+"$PY" - <<'PY' 2>&1 | tee "$OUT/device.txt"
+import importlib, os, sys
 
-LEFT=$((BUDGET_S - SECONDS - 20))   # 20 s kept for the report
+def fail(message):
+    print(f"device_check: {message}", flush=True)
+    sys.exit(2)
+
+try:
+    import torch
+except Exception as exc:
+    fail(f"cannot import torch ({type(exc).__name__}: {exc})")
+want_cuda = os.environ["DEVICE"] != "cpu"
+if want_cuda and not torch.cuda.is_available():
+    fail(f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); a GPU suite never falls back "
+         "to the CPU: set DEVICE=cpu for a CPU dry run")
+missing = []
+for name in ("transformers", "accelerate", "datasets", "pydantic", "yaml", "tqdm", "safetensors", "torchvision",
+             "matplotlib", "platformdirs", "dltrain", "dltrain.run", "dltrain.bench.runner"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})")
+if missing:
+    fail("cannot import: " + "; ".join(missing))
+from dltrain.bench.runner import validate_jobs
+from dltrain.bench.suite import expand, load_suite
+from dltrain.recipe import RecipeError
+
+try:
+    suite = load_suite(os.environ["SUITE"])
+    validate_jobs(suite, expand(suite))
+except RecipeError as exc:
+    fail(f"suite does not validate: {exc}")
+if suite.device != ("gpu" if want_cuda else "cpu"):
+    fail(f"suite {suite.name} is a {suite.device} suite but DEVICE={os.environ['DEVICE']}: "
+         "a GPU check runs a gpu suite; DEVICE=cpu runs a cpu one")
+import accelerate, transformers
+
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+      f"accelerate {accelerate.__version__}, python {sys.version.split()[0]}")
+if want_cuda:
+    props = torch.cuda.get_device_properties(0)
+    print(f"GPU {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
+          f"{torch.cuda.device_count()} visible")
+print(f"suite {suite.name}: {len(suite.entries)} entries, device {suite.device}, in_process {suite.in_process}")
+PY
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -ne 0 ]; then
+    phase_done import-check "failed"
+    exit 2
+fi
+if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$OUT/device.txt" || true
+fi
+phase_done import-check
+
+# ---- suite: the jobs only, within what is left of the budget (20 s kept for the report)
+LEFT=$((BUDGET_S - (T_PHASE - T_START) / 1000 - 20))
+[ "$LEFT" -ge 30 ] || { echo "device_check: only ${LEFT} s of BUDGET_S=${BUDGET_S} left for the suite: not starting it"; exit 3; }
 echo "device_check: running $SUITE with ${LEFT} s left"
 set +e
-timeout --signal=INT --kill-after=10 "$LEFT" python3 -m dltrain bench "$SUITE" --output-dir "$OUT/bench"
+timeout --signal=INT --kill-after=10 "$LEFT" "$PY" -m dltrain bench "$SUITE" --output-dir "$OUT/bench" --no-report
 rc=$?
 set -e
-if [ $rc -ne 0 ] && [ -f "$OUT/bench/results.jsonl" ]; then
-    # Cut short (time budget) or failed: report whatever runs finished.
-    echo "device_check: suite ended with exit code $rc; reporting the runs that finished"
-    python3 -m dltrain bench report "$OUT/bench" || true
+phase_done suite "exit code $rc"
+
+# ---- report: from whatever finished, also when the budget cut the suite
+report_rc=0
+if [ -f "$OUT/bench/results.jsonl" ]; then
+    [ $rc -ne 0 ] && echo "device_check: suite ended with exit code $rc; reporting the runs that finished"
+    # `dltrain bench report DIR` without the CLI's import of torch, nor W&B (off here): seconds saved.
+    "$PY" -c 'import sys; from pathlib import Path; from dltrain.bench import finish; finish(Path(sys.argv[1]), wandb=False); print("device_check: report in", Path(sys.argv[1]) / "report.md")' "$OUT/bench" || report_rc=$?
+    phase_done report
+else
+    echo "device_check: no results to report"
 fi
-# Keep the reviewable outputs; the per-run folders (W&B files, logs) stay small enough to return.
-ls -la "$OUT/bench" || true
-echo "device_check: done in ${SECONDS} s (exit code of the suite: $rc)"
+ms=$(($(date +%s%3N) - T_START))
+echo "device_check: done in $((ms / 1000)).$((ms % 1000 / 100)) s (suite exit code $rc, report exit code $report_rc)"
 # 124 would read as the caller's own timeout: a suite cut short by this script's budget exits 3.
 [ $rc -eq 124 ] && exit 3
-exit $rc
+[ $rc -ne 0 ] && exit $rc
+exit $report_rc

@@ -82,8 +82,9 @@ def cpu_matmul_peak(precision: str, size: int = 1024, seconds: float = 1.5) -> f
     """Best FLOP/s of square matmuls over about `seconds`, with this process's threads (the same
     number a single-process training run uses). The best of many short trials, because the machine
     may be shared: the peak is what the hardware can do, not what it did on average. Matrices of
-    `size`, halved while one product would take over a quarter of `seconds` at the rate of a
-    small one (an emulated bf16 1024^3 product takes seconds on its own)."""
+    `size`, halved while one product would take over 1/16 of `seconds` at the rate of a small
+    one: enough trials for one to run undisturbed, and no emulated bf16 1024^3 product (seconds
+    on its own)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
     def operands(n: int):
@@ -97,7 +98,7 @@ def cpu_matmul_peak(precision: str, size: int = 1024, seconds: float = 1.5) -> f
     a, b = operands(128)
     trial(a, b)  # warm-up: thread pool, kernel selection
     rate = 2 * 128**3 / min(trial(a, b), trial(a, b))
-    while size > 128 and 2 * size**3 / rate > seconds / 4:
+    while size > 128 and 2 * size**3 / rate > seconds / 16:
         size //= 2
     a, b = operands(size)
     trial(a, b)

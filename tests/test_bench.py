@@ -61,9 +61,171 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     assert "suite not found" in err and "cpu_quick" in err and err.count("\n") == 1
 
 
-def test_shipped_suites_parse_and_expand():
-    for name in ("cpu_quick", "cpu_full", "gpu_single", "scaling"):
-        assert expand(load_suite(name)), name
+@pytest.mark.parametrize("name", ["cpu_quick", "cpu_full", "gpu_single", "scaling", "device_dryrun"])
+def test_shipped_suites_parse_and_expand(name):
+    from dltrain.bench.runner import validate_jobs
+
+    suite = load_suite(name)
+    jobs = expand(suite)
+    assert jobs, name
+    validate_jobs(suite, jobs)  # every job's full set of overrides, as run_suite checks before the first job
+    if name == "gpu_single":  # the rows that matter most run first; nothing slow the device does not need
+        assert [j.config for j in jobs[:2]] == ["bert_base-w1-bf16-compile-tput", "cnn-w1-bf16-compile-tput"]
+        assert suite.in_process and not suite.wandb_runs
+        first_baseline = next(i for i, j in enumerate(jobs) if j.kind != "dltrain")
+        assert jobs[first_baseline - 2].config == "bert_base_eager-w1-bf16-tput"
+
+
+def test_run_order_is_file_order_with_each_entrys_baselines_after_its_rows(tmp_path):
+    suite = load_suite(str(write_suite(tmp_path, suite_with(entries=[
+        {"name": "a", "recipe": CNN, "precisions": ["bf16", "fp32"], "compile": [True, False], "baselines": ["bare"]},
+        {"name": "b", "recipe": CNN, "baselines": ["bare"]}]))))
+    assert [j.config for j in expand(suite)] == [
+        "a-w1-bf16-compile-tput", "a-w1-bf16-tput", "a-w1-fp32-compile-tput", "a-w1-fp32-tput",
+        "a-bare-bf16", "a-bare-fp32", "b-w1-fp32-tput", "b-bare-fp32"]
+
+
+def test_in_process_only_for_single_process_dltrain_jobs(tmp_path):
+    from dltrain.bench import inprocess
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with(in_process=True, world_sizes=[1, 2], entries=[
+        {"name": "cnn", "recipe": CNN, "baselines": ["bare", "notebook"]}]))))
+    chosen = {j.config for j in expand(suite) if inprocess.eligible(j, suite)}
+    assert chosen == {"cnn-w1-fp32-tput", "cnn-notebook-fp32"}
+    suite.in_process = False
+    assert not any(inprocess.eligible(j, suite) for j in expand(suite))
+
+
+@pytest.mark.slow
+def test_in_process_jobs_run_back_to_back_each_in_a_fresh_state(tmp_path, capfd):
+    """Two dltrain jobs inside this process with different precisions: Accelerate refuses a second
+    Accelerator with another mixed precision unless its singleton state was reset in between."""
+    from dltrain.bench.runner import run_suite
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with(
+        in_process=True, precisions=["bf16", "fp32"], throughput_steps=6, warmup_steps=2, wandb_runs=False,
+        wandb_summary=False, cpu_threads=1, timeout_s=120,
+        entries=[{"name": "rnn", "recipe": str(RECIPES / "rnn_sine.yaml"), "profile": "cpu_test"}]))))
+    records = run_suite(suite, tmp_path / "out")
+    assert [(r["precision"], r["status"]) for r in records] == [("bf16", "ok"), ("fp32", "ok")], [r["error"] for r in records]
+    for r in records:
+        assert r["command"].startswith("(in process)") and r["samples_per_s"] > 0
+        assert r["environment"]["precision"] == r["precision"] and r["environment"]["cpu_threads"] == 1
+        log = (tmp_path / "out" / "logs" / f"{r['config']}-r0.log").read_text()
+        assert "dltrain: done" in log  # the run's output went to its log, not to the harness's
+    assert "dltrain: done" not in capfd.readouterr().out
+
+
+def test_a_bad_job_override_fails_the_suite_before_any_job(tmp_path):
+    from dltrain.bench.runner import run_suite
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with())))
+    suite.warmup_steps = -1  # past the suite's own validation: the job's train.warmup_steps_excluded=-1 is refused
+    with pytest.raises(RecipeError, match="job cnn-w1-fp32-tput"):
+        run_suite(suite, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_cut_by_its_time_budget_records_the_cut_job_and_reports(tmp_path, monkeypatch):
+    """device_check.sh's timeout sends SIGINT to the harness: the job it cuts is recorded as
+    interrupted, the interrupt goes on, and the report is built from what finished."""
+    from dltrain.bench import finish, runner
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with(wandb_summary=False))))
+    (job,) = expand(suite)
+    monkeypatch.setattr(runner, "run_job", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results = tmp_path / "results.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        runner._run_or_record_cut(job, suite, tmp_path / "run", tmp_path / "log", {"repeat": 0, "run_dir": "x"}, results)
+    (rec,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert rec["status"] == "failed" and "time budget" in rec["error"]
+    finish(tmp_path, wandb=False)
+    assert "interrupted (the time budget ran out)" in (tmp_path / "report.md").read_text()
+
+
+def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp_path, monkeypatch):
+    import time
+
+    import dltrain.run
+    from dltrain.bench import inprocess
+
+    def boom(recipe, output_dir):
+        print("training...")
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(dltrain.run, "train", boom)
+    log = tmp_path / "a.log"
+    error = inprocess.run(CNN, "cpu_test", [], tmp_path / "run", log, env={"DLTRAIN_X": "1"}, threads=1, timeout_s=60)
+    assert error == "in process: ValueError: boom" and "DLTRAIN_X" not in os.environ
+    assert "training..." in log.read_text() and "Traceback" in log.read_text()
+    monkeypatch.setattr(dltrain.run, "train", lambda recipe, output_dir: time.sleep(30))
+    t0 = time.perf_counter()
+    error = inprocess.run(CNN, "cpu_test", [], tmp_path / "run", tmp_path / "b.log", env={}, threads=None, timeout_s=1)
+    assert error == "timed out after 1 s (suite timeout_s)" and time.perf_counter() - t0 < 10
+
+
+def test_a_gpu_suite_never_runs_on_the_cpu(tmp_path):
+    import torch
+
+    from dltrain.bench.runner import run_suite
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    suite = load_suite(str(write_suite(tmp_path, suite_with(device="gpu"))))
+    with pytest.raises(RecipeError, match="CUDA is not available"):
+        run_suite(suite, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_records_carry_the_clock_figures_and_old_results_still_report(tmp_path):
+    from dltrain.bench.markdown import render
+    from dltrain.bench.report import build_summary
+    from dltrain.bench.runner import make_record
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with())))
+    (job,) = expand(suite)
+    meta = {"repeat": 0, "wall_s": 1.0, "run_dir": str(tmp_path), "command": "", "warmup_steps": 5}
+    new = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45, "eval_s": 1.5,
+                                            "checkpoint_s": 0.25, "train_wall_s": 9.0, "overall_samples_per_s": 90.0,
+                                            "clock_agreement": 100 / 90}}
+    old = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45}}
+    rec_new, rec_old = (make_record(job, suite, s, None, meta) for s in (new, old))
+    assert (rec_new["eval_s"], rec_new["checkpoint_s"], rec_new["clock_agreement"]) == (1.5, 0.25, 100 / 90)
+    assert rec_old["eval_s"] is None and rec_old["clock_agreement"] is None
+    for records, shown in (([rec_old], False), ([rec_new, rec_old | {"repeat": 1}], True)):
+        out = tmp_path / f"out{int(shown)}"
+        out.mkdir()
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        report = render(build_summary(out), out)
+        assert ("## Outside the clock" in report) == shown
+        if shown:
+            (row,) = [ln for ln in report.splitlines() if ln.startswith("| cnn-w1-fp32-tput") and "1.5" in ln]
+            assert "0.25" in row and "1.11" in row
+
+
+def test_baseline_clock_is_one_window_around_the_steps(capsys):
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks" / "baselines"))
+    try:
+        import bare_common
+    finally:
+        sys.path.pop(0)
+    calls = []
+
+    def step(i):
+        calls.append(i)
+        time.sleep(0.002)
+
+    timing = bare_common.timed(step, steps=5, warmup=2, device=torch.device("cpu"))
+    assert calls == list(range(7)) and len(timing.step_times_s) == 5
+    assert timing.window_s >= sum(timing.step_times_s) * 0.999 and min(timing.step_times_s) >= 0.002
+    bare_common.report("x", None, 10, "fp32", timing)
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_samples_per_s"] == pytest.approx(50 / timing.window_s)
+    assert {"step_time_ms_p50", "step_time_ms_p90"} <= out.keys() and out["steps"] == 5
 
 
 def test_expansion_crosses_axes_scales_batch_and_pairs_baselines(tmp_path):

@@ -3,8 +3,11 @@
 Every baseline takes the flags of benchmarks/baselines/cnn_bare.py (--steps timed steps after
 --warmup untimed ones, --batch, --precision, --seed) plus the recipe it mirrors (--recipe,
 --profile, --set), so model, data and hyperparameters come from the same file dltrain reads, and
-prints one JSON line with its steady-state train samples/s and step-time percentiles, timed
-like dltrain's StepTimer: each step on its own clock, the device synchronized at its end.
+prints one JSON line with its steady-state train samples/s and step-time percentiles, clocked as
+dltrain clocks itself (dltrain.metrics.StepClock): samples/s is steps x batch over one wall clock
+around the whole timed window of consecutive steps, the device synchronized at its two edges only;
+the percentiles come from per-step times taken without a synchronize (host times on a CPU, CUDA
+events on a GPU, read after the window).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -43,20 +47,52 @@ def load(args):
     return recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of `steps` calls of step(i) after `warmup` untimed ones."""
+class Timing(NamedTuple):
+    window_s: float  # wall time of the timed window, the device synchronized at its edges
+    step_times_s: list[float]  # each step of it, for the percentiles
+
+
+class WindowClock:
+    """start() before the first timed step, step_done() at the end of every step, stop() after the
+    last: one wall clock over the window, per-step marks inside it that never wait for the device."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        sync()
+        self.t0 = time.perf_counter()
+        self.marks = [self._mark()]
+
+    def step_done(self) -> None:
+        self.marks.append(self._mark())
+
+    def stop(self) -> Timing:
+        sync()
+        window = time.perf_counter() - self.t0
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:  # synchronized: every event has completed
+            return Timing(window, [a.elapsed_time(b) / 1e3 for a, b in pairs])
+        return Timing(window, [b - a for a, b in pairs])
+
+
+def timed(step, steps: int, warmup: int, device: torch.device) -> Timing:
+    """`steps` calls of step(i) after `warmup` untimed ones, clocked as one window."""
     for i in range(warmup):
         step(i)
-    times = []
-    sync()
-    t0 = time.perf_counter()
+    clock = WindowClock(device)
+    clock.start()
     for i in range(warmup, warmup + steps):
         step(i)
-        sync()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        t0 = t1
-    return times
+        clock.step_done()
+    return clock.stop()
 
 
 def sync() -> None:
@@ -64,9 +100,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def report(name: str, args, batch: int, precision: str, step_times: list[float], **extra) -> None:
-    q = statistics.quantiles(step_times, n=10) if len(step_times) >= 2 else step_times * 9
-    print(json.dumps({"baseline": name, "steps": len(step_times), "batch": batch, "precision": precision,
-                      "train_samples_per_s": len(step_times) * batch / sum(step_times),
-                      "step_time_ms_p50": 1e3 * statistics.median(step_times), "step_time_ms_p90": 1e3 * q[8],
+def report(name: str, args, batch: int, precision: str, timing: Timing, **extra) -> None:
+    times = timing.step_times_s
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    print(json.dumps({"baseline": name, "steps": len(times), "batch": batch, "precision": precision,
+                      "train_samples_per_s": len(times) * batch / timing.window_s, "window_s": timing.window_s,
+                      "step_time_ms_p50": 1e3 * statistics.median(times), "step_time_ms_p90": 1e3 * q[8],
                       **extra}), flush=True)

@@ -2,12 +2,15 @@
 
 Model and tokenized data come from dltrain's builders for the recipe (so both sides see the same
 tokens), then everything else is the Trainer's own: its DataLoader and DataCollatorWithPadding
-(dynamic padding, or max_length for `data.padding: fixed`), AdamW, linear warm-up schedule,
-autocast. Its sampler reads the data in dltrain's first-epoch order (the same permutation,
-dltrain.data.epoch_order), so step i sees the same sentences, padded to the same lengths, on both
-sides. The clock runs between the end of the last warm-up step and the end of the last step
-(a callback), so it covers data loading like dltrain's step timer, and leaves out the Trainer's
-start-up.
+(dynamic padding; max_length for `data.padding: fixed`; a multiple of data.bucket_multiple
+for `bucket`), AdamW, linear warm-up schedule, autocast. Its sampler reads the data in dltrain's
+first-epoch order (the same permutation, dltrain.data.epoch_order), so step i sees the same
+sentences, padded to the same lengths, on both sides.
+
+The clock is dltrain's (bare_common.WindowClock): one wall clock from the end of the last warm-up
+step to the end of the last step (a callback), the device synchronized at those two edges only,
+so it covers data loading and everything the Trainer does per step and leaves out its start-up;
+the percentiles come from per-step CUDA events (host times on a CPU).
 
     python benchmarks/baselines/bert_hf_trainer.py --recipe recipes/bert_sst2_minilm.yaml --profile cpu_test --steps 30
 """
@@ -15,11 +18,10 @@ start-up.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bare_common import load, parse_args, report, sync
+from bare_common import Timing, WindowClock, load, parse_args, report
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from dltrain.data import epoch_order
@@ -30,17 +32,22 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yam
 
 
 class StepClock(TrainerCallback):
-    """Per-step times after the warm-up, each from the end of the step before."""
+    """The window of steps warmup+1 .. warmup+steps on one WindowClock."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.last, self.times = warmup, None, []
+    def __init__(self, warmup: int, steps: int, device: torch.device):
+        self.warmup, self.end, self.clock, self.timing = warmup, warmup + steps, WindowClock(device), None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.warmup == 0:
+            self.clock.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        sync()
-        now = time.perf_counter()
-        if state.global_step > self.warmup:
-            self.times.append(now - self.last)
-        self.last = now
+        if state.global_step == self.warmup:
+            self.clock.start()
+        elif self.warmup < state.global_step <= self.end:
+            self.clock.step_done()
+            if state.global_step == self.end:
+                self.timing: Timing = self.clock.stop()
 
 
 def main() -> None:
@@ -51,9 +58,11 @@ def main() -> None:
     train = bert.load_splits(recipe)["train"]
     train = train.select(epoch_order(len(train), recipe.train.seed, epoch=0).tolist())
     fixed = recipe.data.padding == "fixed"
+    # bucket: the longest text of the batch rounded up to a multiple of data.bucket_multiple
+    multiple = getattr(recipe.data, "bucket_multiple", None) if recipe.data.padding == "bucket" else None
     collator = DataCollatorWithPadding(tokenizer, padding="max_length" if fixed else "longest",
-                                       max_length=recipe.data.max_length if fixed else None)
-    clock = StepClock(args.warmup)
+                                       max_length=recipe.data.max_length if fixed else None, pad_to_multiple_of=multiple)
+    clock = StepClock(args.warmup, args.steps, device)
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
@@ -69,7 +78,7 @@ def main() -> None:
         trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
                           data_collator=collator, callbacks=[clock])
         trainer.train()
-    report("bert_hf_trainer", args, batch, recipe.train.precision, clock.times)
+    report("bert_hf_trainer", args, batch, recipe.train.precision, clock.timing)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     suite.py     the suite schema and its expansion into jobs
     runner.py    launch each job, one record per run in results.jsonl
-    measure.py   FLOPs of a real step (FlopCounterMode), peak FLOP/s (GPU table, CPU microbenchmark)
+    inprocess.py single-process dltrain jobs inside the harness process (`in_process: true`)
+    measure.py   FLOPs of a real step (FlopCounterMode); peak FLOP/s are in dltrain/peaks.py
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
     markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
 """
@@ -32,7 +33,7 @@ def finish(out_dir: Path, wandb: bool = True) -> dict:
 
 
 def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
-          dry_run: bool = False, only: list[str] = ()) -> int:
+          dry_run: bool = False, only: list[str] = (), report: bool = True) -> int:
     from dltrain.bench.runner import node_info, run_suite
     from dltrain.bench.suite import load_suite
     from dltrain.recipe import RecipeError
@@ -46,8 +47,12 @@ def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = 
         return 0
     if not records:
         raise RecipeError(f"suite {suite.name}: no job matches --only {' '.join(only)}")
+    ok = f"dltrain bench: {sum(r['status'] == 'ok' for r in records)}/{len(records)} runs ok"
+    if not report:
+        print(f"{ok}; report with `dltrain bench report {out_dir}`")
+        return 0
     finish(out_dir, wandb=suite.wandb_summary)
-    print(f"dltrain bench: {sum(r['status'] == 'ok' for r in records)}/{len(records)} runs ok; report in {out_dir / 'report.md'}")
+    print(f"{ok}; report in {out_dir / 'report.md'}")
     return 0
 
 
@@ -62,6 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, help="run every job N times (default: the suite's repeats)")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this entry or configuration (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print each job's command instead of running it")
+    p.add_argument("--no-report", action="store_true", help="run the jobs only; `bench report DIR` builds the report")
     p.add_argument("--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)")
 
 
@@ -85,4 +91,4 @@ def cmd_bench(args) -> int:
         raise RecipeError(f"unexpected arguments {' '.join(args.dirs)}: `dltrain bench SUITE` takes one suite")
     if args.repeats is not None and args.repeats < 1:
         raise RecipeError(f"--repeats {args.repeats}: give a positive number")
-    return bench(args.suite, args.output_dir, args.repeats, args.dry_run, args.only)
+    return bench(args.suite, args.output_dir, args.repeats, args.dry_run, args.only, report=not args.no_report)

@@ -61,12 +61,13 @@ def render(summary: dict, out_dir: Path) -> str:
              f"accelerate {env.get('accelerate', '?')}, git {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}.", ""]
     peaks = summary.get("cpu_peak_flops_per_s") or {}
     if peaks:
-        lines += ["CPU peak, **measured** in this run by a matmul microbenchmark (1024², the best sampled before and after every job, "
+        lines += ["CPU peak, **measured** in this run by a matmul microbenchmark (up to 1024²; bf16: the better of the bf16 and fp32 rates; the best sampled before and after every job, "
                   + (f"{summary['cpu_threads']} thread(s), times the processes of a job" if summary.get("cpu_threads") else "all cores") + "): "
                   + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ". CPU MFU is against it.", ""]
     lines += ["## Throughput (steady state: warm-up, evaluation and checkpointing excluded)", ""]
     lines += _table(["config", "kind", "workload", "world, precision", "samples/s", "tokens/s", "step p50 ms", "step p90 ms",
                      "data wait %", "GFLOP/s", "MFU %", "peak mem MB", "status"], throughput_rows(configs))
+    lines += _outside_clock_section(configs)
     lines += ["## FLOPs per training sample (forward + backward)", "",
               "Measured with torch.utils.flop_counter.FlopCounterMode on one real micro-batch; text workloads padded to "
               "data.max_length for this cross-check (the analytic formula's assumption). Achieved FLOP/s of text "
@@ -98,6 +99,22 @@ def render(summary: dict, out_dir: Path) -> str:
               f"    wandb sync {out_dir}/wandb/offline-run-*   # the suite summary run",
               f"    wandb sync {out_dir}/runs/*/wandb/offline-run-*   # every training run", ""]
     return "\n".join(lines)
+
+
+def _outside_clock_section(configs: dict) -> list[str]:
+    """Evaluation and checkpoint writes, which the steady clock leaves out, timed on their own; and
+    the clock's cross-check. Runs recorded before the runs reported them have no row."""
+    keys = ("eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement")
+    rows = [[name, _fig(c, "eval_s"), _fig(c, "checkpoint_s"), _fig(c, "train_wall_s"), _fig(c, "overall_samples_per_s"),
+             _fig(c, "clock_agreement")]
+            for name, c in configs.items() if any(k in c.get("figures", {}) for k in keys)]
+    if not rows:
+        return []
+    return ["## Outside the clock: evaluation, checkpoints, and the clock's cross-check", "",
+            "eval s and checkpoint s: time spent evaluating and writing checkpoints, left out of the steady figures. "
+            "overall samples/s: samples trained / (training wall time - eval - checkpoint), warm-up included; "
+            "clock agreement: steady samples/s / overall samples/s (above 1 by the warm-up's share).", "",
+            *_table(["config", "eval s", "checkpoint s", "training wall s", "overall samples/s", "clock agreement"], rows)]
 
 
 def _ttt_section(configs: dict) -> list[str]:

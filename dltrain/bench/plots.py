@@ -104,14 +104,14 @@ def make_plots(summary: dict, results: list[dict], out_dir: Path) -> list[Path]:
 
 def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
     """One W&B run per suite: the per-config table, the headline figures, the plots as images."""
-    import wandb
-
     from dltrain.tracking import wandb_mode
 
     os.environ.setdefault("WANDB_SILENT", "true")
     mode = wandb_mode()
     if mode == "disabled":
         return None
+    import wandb  # after the check: a second or two of import for nothing when disabled
+
     keys = ["samples_per_s", "tokens_per_s", "step_time_ms_p50", "mfu", "time_to_target_s"]
     columns = ["config", "kind", "workload", "mode", "world_size", "precision", "runs", "failed"] + keys
     rows = [[name, c["kind"], c.get("workload"), c["mode"], c["world_size"], c["precision"], c["runs"], c["failed"]]

@@ -18,9 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 FIGURES = ["samples_per_s", "tokens_per_s", "padded_tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
-           "data_wait_share", "achieved_flops_per_s", "mfu", "time_to_target_s", "peak_memory_mb", "wall_s"]
+           "data_wait_share", "achieved_flops_per_s", "mfu", "time_to_target_s", "peak_memory_mb", "wall_s",
+           # outside the steady clock (runs from before that clock lack them)
+           "eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement"]
 HIGHER_IS_BETTER = {"samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s", "mfu",
-                    "val/accuracy", "test/accuracy", "train/accuracy"}
+                    "overall_samples_per_s", "val/accuracy", "test/accuracy", "train/accuracy"}
 # Bandwidth per GPU and direction, bytes/s. NVLink 4 on H100 SXM is 900 GB/s bidirectional;
 # NDR InfiniBand is 400 Gb/s per NIC, one NIC per GPU on current GPU nodes.
 LINKS = {"NVLink 4 (450 GB/s per direction)": 450e9, "InfiniBand NDR (400 Gb/s = 50 GB/s per GPU)": 50e9}

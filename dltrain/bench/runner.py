@@ -1,9 +1,11 @@
-"""Run a suite: every job as its own launched process group, one JSON record per run.
+"""Run a suite: every job as a launched process group (or in this process), one JSON record per run.
 
 Jobs run one after another (a benchmark shares the machine with nothing of its own), repeat by
-repeat, each dltrain configuration followed by its baselines, so slow phases of a shared machine
-fall on both sides of a ratio. A job that fails or times out is recorded with its error and the
-suite goes on.
+repeat, in the order of dltrain.bench.suite.expand: the suite's entries in file order, each
+entry's dltrain configurations, then its baselines, so slow phases of a shared machine fall on
+both sides of a ratio. A job that fails or times out is recorded with its error and the suite goes
+on. With the suite's `in_process: true`, single-process dltrain jobs run inside this process
+(dltrain.bench.inprocess) instead of a launched one: no interpreter or CUDA start-up per job.
 
 Several nodes: start `dltrain bench SUITE` on every node (e.g. under srun) with
 DLTRAIN_NODE_RANK (or SLURM_NODEID) and DLTRAIN_MASTER=ADDR:PORT set; every node walks the same
@@ -21,10 +23,12 @@ import time
 from pathlib import Path
 
 from dltrain import allocator
-from dltrain.bench.measure import cpu_matmul_peak, gpu_peak, measure_workload
+from dltrain.bench import inprocess
+from dltrain.bench.measure import measure_workload
 from dltrain.bench.suite import Job, Suite, expand
 from dltrain.launch import LaunchError, build_command, format_command
-from dltrain.recipe import load_recipe
+from dltrain.peaks import cpu_peak, gpu_peak
+from dltrain.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BASELINES = REPO / "benchmarks" / "baselines"
@@ -36,22 +40,26 @@ def node_info() -> tuple[int, str | None]:
     return int(rank), os.environ.get("DLTRAIN_MASTER")
 
 
-def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
-    args = [job.entry.recipe]
-    if job.entry.profile:
-        args += ["--profile", job.entry.profile]
+def train_sets(job: Job, suite: Suite) -> list[str]:
+    """The `--set` assignments of a dltrain job: the entry's, the job's axes, the mode's."""
     sets = list(job.entry.overrides) + list(job.overrides)
     if job.mode == "throughput":
-        # A fixed number of steps; evaluation only at the end (and out of the clock); no exports.
+        # A fixed number of steps; evaluation only at the end (and out of the clock); no exports,
+        # no per-run plots (the report plots every run's curves).
         sets += [f"train.max_steps={job.steps}", f"train.eval_every={job.steps}", f"train.log_every={max(1, job.steps // 10)}",
-                 "checkpoint.save_final_model=false", "checkpoint.save_best=false"]
+                 "checkpoint.save_final_model=false", "checkpoint.save_best=false", "tracking.plots=false"]
     else:
         sets += ["target.stop=true"]
     if job.kind == "notebook":
         sets.append("data.loader=torch")  # the original notebook's torchvision DataLoader pipeline
-    if suite.wandb_runs and job.kind in ("dltrain", "notebook"):
-        sets.append("tracking.wandb=true")
-    for s in sets:
+    if job.kind in ("dltrain", "notebook"):  # wandb_runs: false turns W&B off even where the recipe has it on
+        sets.append(f"tracking.wandb={'true' if suite.wandb_runs else 'false'}")
+    return sets
+
+
+def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
+    args = [job.entry.recipe] + (["--profile", job.entry.profile] if job.entry.profile else [])
+    for s in train_sets(job, suite):
         args += ["--set", s]
     return args + ["--output-dir", str(run_dir)]
 
@@ -67,11 +75,15 @@ def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[
         argv, env = build_command(nproc=job.world // job.nnodes, nnodes=job.nnodes, node_rank=node_rank,
                                   master=master, cpu=suite.device == "cpu", deepspeed=job.deepspeed, train_args=args)
     if suite.device == "cpu":
-        # Processes on one host share its cores: give each its share, so world size 2 on 2 cores
-        # is 2 x 1 thread, not 2 x 2 threads fighting over the same cores.
-        env["OMP_NUM_THREADS"] = str(suite.cpu_threads or max(1, (os.cpu_count() or 1) // (job.world // job.nnodes)))
+        env["OMP_NUM_THREADS"] = str(cpu_threads(job, suite))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return argv, env
+
+
+def cpu_threads(job: Job, suite: Suite) -> int:
+    """Processes on one host share its cores: each gets its share, so world size 2 on 2 cores is
+    2 x 1 thread, not 2 x 2 threads fighting over the same cores."""
+    return suite.cpu_threads or max(1, (os.cpu_count() or 1) // (job.world // job.nnodes))
 
 
 def baseline_command(job: Job, suite: Suite) -> list[str]:
@@ -112,6 +124,8 @@ def _error_line(log: Path, rc: int) -> str:
 
 def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | None, str | None, float, str]:
     """(summary.json of the run or None, error or None, wall seconds, command line)."""
+    if inprocess.eligible(job, suite):
+        return run_in_process(job, suite, run_dir, log)
     try:
         argv, env = command_for(job, suite, run_dir)
     except LaunchError as exc:
@@ -135,6 +149,22 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
     if rc != 0 or not summary_path.is_file():
         return None, _error_line(log, rc), wall, cmd
     return json.loads(summary_path.read_text()), None, wall, cmd
+
+
+def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | None, str | None, float, str]:
+    """The same job as run_job's launched `python -m dltrain train`, inside this process."""
+    args = train_args(job, suite, run_dir)
+    env = {"ACCELERATE_USE_CPU": "true"} if suite.device == "cpu" else {}
+    threads = cpu_threads(job, suite) if suite.device == "cpu" else None
+    cmd = "(in process) " + format_command(["dltrain", "train", *args], env)
+    t0 = time.perf_counter()
+    error = inprocess.run(job.entry.recipe, job.entry.profile, train_sets(job, suite), run_dir, log,
+                          env=env, threads=threads, timeout_s=suite.timeout_s)
+    wall = time.perf_counter() - t0
+    summary_path = run_dir / "summary.json"
+    if error is None and not summary_path.is_file():
+        error = "in process: the run wrote no summary.json"
+    return (None if error else json.loads(summary_path.read_text())), error, wall, cmd
 
 
 def _mean_tokens(run_dir: Path, warmup: int) -> tuple[float | None, float | None]:
@@ -169,6 +199,18 @@ def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None,
         "step_time_ms_p90": tput.get("step_time_ms_p90"),
         "data_wait_share": tput.get("data_wait_share"),
         "steady_steps": tput.get("steady_steps"),
+        # Outside the steady clock: evaluation and checkpoint writes, timed on their own, and the
+        # cross-check of the clock (steady samples/s over samples / all training time less those).
+        # Runs older than that clock have none of these keys: None.
+        "eval_s": tput.get("eval_s", summary.get("eval_s")),
+        "checkpoint_s": tput.get("checkpoint_s", summary.get("checkpoint_s")),
+        "train_wall_s": tput.get("train_wall_s"),
+        "overall_samples_per_s": tput.get("overall_samples_per_s"),
+        "clock_agreement": tput.get("clock_agreement"),
+        # The run's own figures, where it reports them (the harness recomputes MFU from its counts).
+        "tokens_per_s": tput.get("tokens_per_s"),
+        "padded_tokens_per_s": tput.get("padded_tokens_per_s"),
+        "run_mfu": tput.get("mfu"),
         "time_to_target_s": summary.get("time_to_target_s"),
         "target": summary.get("target"),
         "metrics": summary.get("metrics", {}),
@@ -182,11 +224,11 @@ def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None,
 
 def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> None:
     """Tokens/s, achieved FLOP/s and MFU from the run's throughput and the harness's counts."""
-    run_dir = Path(rec["run_dir"])
-    real, padded = _mean_tokens(run_dir, rec.get("warmup_steps", 0))
     sps = rec.get("samples_per_s")
-    if sps and real is not None:
-        rec["tokens_per_s"], rec["padded_tokens_per_s"] = sps * real, sps * padded
+    if rec.get("padded_tokens_per_s") is None:  # older runs: from the per-example token counts they logged
+        real, padded = _mean_tokens(Path(rec["run_dir"]), rec.get("warmup_steps", 0))
+        if sps and real is not None:
+            rec["tokens_per_s"], rec["padded_tokens_per_s"] = sps * real, sps * padded
     if not measured or not sps:
         return
     rec["flops"] = measured
@@ -203,10 +245,12 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         rec["achieved_flops_per_s"] = measured["flops_per_sample_measured"] * sps
     env = rec.get("environment") or {}
     if env.get("device") == "cuda":
-        per_device = gpu_peak(env.get("gpu", ""), rec["precision"])
+        tf32 = bool(rec.get("tf32")) and rec["precision"] == "fp32"
+        per_device = gpu_peak(env.get("gpu", ""), rec["precision"], tf32)
         if per_device is None:
-            return
-        rec["peak_flops_per_s"], rec["peak_source"] = per_device * rec["world_size"], f"datasheet {env.get('gpu')} x {rec['world_size']}"
+            return  # unknown GPU or a MIG slice: no MFU rather than a wrong one
+        rate = "tf32" if tf32 else rec["precision"]
+        rec["peak_flops_per_s"], rec["peak_source"] = per_device * rec["world_size"], f"datasheet {env.get('gpu')} {rate} x {rec['world_size']}"
     elif rec["precision"] in cpu_peaks:
         threads = rec.get("cpu_threads")
         procs = rec["world_size"] // rec["nnodes"] if threads else 1
@@ -219,17 +263,36 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
 
 
 def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
-    out = {}
+    """FLOPs per entry, counted once per distinct recipe (entries that differ only in their axes,
+    e.g. a compiled and an eager entry of one recipe, share a count). On a GPU suite the count runs
+    on the GPU: bert-base at a large batch takes tens of seconds on a CPU."""
+    import torch
+
+    device = "cuda" if suite.device == "gpu" and torch.cuda.is_available() else "cpu"
+    out, counted = {}, {}
     for entry in suite.entries:
         if not any(j.entry is entry for j in jobs):
             continue
-        recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
-        micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
-        try:
-            out[entry.name] = measure_workload(recipe, micro)
-        except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
-            print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
+        key = (entry.recipe, entry.profile, tuple(entry.overrides))
+        if key not in counted:
+            recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
+            micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
+            try:
+                counted[key] = measure_workload(recipe, micro, device)
+            except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
+                print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
+                counted[key] = None
+        if counted[key] is not None:
+            out[entry.name] = counted[key]
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
+
+
+def _tf32(job: Job) -> bool:
+    """Whether the job's fp32 matmuls run as TF32 (its MFU is then against the TF32 peak)."""
+    recipe = load_recipe(job.entry.recipe, job.entry.profile, [*job.entry.overrides, *job.overrides])
+    return bool(getattr(recipe.train, "tf32", False))
 
 
 def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> dict[str, float]:
@@ -242,9 +305,47 @@ def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> di
     before = torch.get_num_threads()
     torch.set_num_threads(suite.cpu_threads or os.cpu_count() or 1)
     try:
-        return {p: cpu_matmul_peak(p, seconds=seconds) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
+        return {p: cpu_peak(p, seconds=seconds) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
     finally:
         torch.set_num_threads(before)
+
+
+def _append(results: Path, rec: dict) -> None:
+    with results.open("a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def _run_or_record_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
+    """run_job; when the caller's time budget interrupts it (device_check.sh's timeout sends
+    SIGINT), the cut job is recorded as such before the interrupt goes on, so the report built
+    from what finished also says what was cut."""
+    t0 = time.perf_counter()
+    try:
+        return run_job(job, suite, run_dir, log)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        if results is not None:
+            _append(results, make_record(job, suite, None, "interrupted (the time budget ran out)",
+                                         meta_run | {"wall_s": time.perf_counter() - t0, "command": ""}))
+        raise
+
+
+def validate_jobs(suite: Suite, jobs: list[Job]) -> None:
+    """Every job's recipe with all its overrides, before the first job runs: a bad override fails
+    the suite in seconds, not after the jobs before it have run (on a lent GPU, minutes)."""
+    for job in jobs:
+        try:
+            load_recipe(job.entry.recipe, job.entry.profile, train_sets(job, suite))
+        except RecipeError as exc:
+            raise RecipeError(f"job {job.config}: {exc}") from None
+
+
+def _check_device(suite: Suite) -> None:
+    if suite.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():  # never a GPU suite's figures measured on the CPU
+            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
 
 
 def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = ()) -> list[dict]:
@@ -254,10 +355,13 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
     if dry_run:
         for job in jobs:
             try:
-                print(f"[{job.config}] {format_command(*command_for(job, suite, out_dir / 'runs' / job.config))}")
+                where = "(in process, as) " if inprocess.eligible(job, suite) else ""
+                print(f"[{job.config}] {where}{format_command(*command_for(job, suite, out_dir / 'runs' / job.config))}")
             except LaunchError as exc:
                 print(f"[{job.config}] cannot launch here: {exc}")
         return []
+    _check_device(suite)
+    validate_jobs(suite, jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     print(f"dltrain bench: suite {suite.name}: {len(jobs)} jobs x {repeats} repeats -> {out_dir}", flush=True)
@@ -274,14 +378,15 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             name = f"{job.config}-r{r}"
             run_dir = out_dir / "runs" / name
             print(f"[{r * len(jobs) + i}/{len(jobs) * repeats}] {name} ...", end=" ", flush=True)
+            meta_run = {"repeat": r, "run_dir": str(run_dir), "warmup_steps": suite.warmup_steps, "tf32": _tf32(job),
+                        "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None}
             if job.nnodes > 1 and not master:
                 summary, error, wall, cmd = None, "several nodes need DLTRAIN_MASTER=ADDR:PORT on every node", 0.0, ""
             else:
-                summary, error, wall, cmd = run_job(job, suite, run_dir, out_dir / "logs" / f"{name}.log")
+                summary, error, wall, cmd = _run_or_record_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
+                                                               results if node_rank == 0 else None)
             print(f"failed: {error}" if error else f"{wall:.0f} s", flush=True)
-            rec = make_record(job, suite, summary, error, {"repeat": r, "wall_s": wall, "run_dir": str(run_dir),
-                                                           "command": cmd, "warmup_steps": suite.warmup_steps,
-                                                           "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None})
+            rec = make_record(job, suite, summary, error, meta_run | {"wall_s": wall, "command": cmd})
             # A shared machine depresses any one peak measurement: sample it again after every job
             # and keep the best; the report recomputes CPU MFU against the best of the suite.
             if peaks:
@@ -293,6 +398,5 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
                 add_flops(rec, measured.get(job.entry.name), peaks)
             records.append(rec)
             if node_rank == 0:
-                with results.open("a") as f:
-                    f.write(json.dumps(rec, default=str) + "\n")
+                _append(results, rec)
     return records

@@ -8,8 +8,14 @@ precisions, DeepSpeed stages and torch.compile on/off, in one or both modes:
 * time_to_target: the recipe as written with `target.stop=true`, MLPerf-style.
 
 Baselines (hand-written loops, the HF Trainer, the notebook's DataLoader pipeline) run at world
-size 1 beside each precision of their entry, interleaved with the dltrain runs they are compared
-with, so a busy machine slows both sides alike.
+size 1 beside each precision of their entry.
+
+Run order is file order: the entries as listed; within an entry its dltrain jobs in the order of
+the axes as listed (precisions, then DeepSpeed stages, compile, nodes, world sizes, modes: list
+`precisions: [bf16, fp32]` to run bf16 first), then the entry's baselines, each close to the
+dltrain runs it is compared with, so a busy machine slows both sides alike. A suite cut short by a
+time budget therefore holds its first entries: list the rows that matter most first (split one
+recipe into several entries when its rows have different priorities).
 """
 
 from __future__ import annotations
@@ -67,8 +73,11 @@ class Suite(_Closed):
     # Weak scaling: keep the per-device batch of the recipe at world size 1 by growing the global
     # batch with the world size, so efficiency compares equal work per device.
     scale_batch: bool = True
-    wandb_runs: bool = True  # log every dltrain run to W&B (offline unless a key is configured)
+    wandb_runs: bool = True  # log every dltrain run to W&B (offline unless a key is configured); false: none
     wandb_summary: bool = True  # one W&B run for the suite: results table and plots
+    # Run world-size-1 single-node dltrain jobs inside the harness process (no interpreter or CUDA
+    # start-up per job; dltrain.bench.inprocess); baselines and multi-process jobs stay launched.
+    in_process: bool = False
     # CPU only: threads per process. None: the host's cores shared out among the job's processes.
     cpu_threads: PositiveInt | None = None
     timeout_s: PositiveInt = 1800  # per job; a job past it is killed and recorded as failed
@@ -154,9 +163,11 @@ def _global_batch(entry: Entry) -> int:
 
 
 def expand(suite: Suite) -> list[Job]:
-    """All jobs of one repeat, in the order they run: each dltrain config, then its baselines."""
+    """All jobs of one repeat, in the order they run: entry by entry, its dltrain configs, then
+    its baselines."""
     jobs: list[Job] = []
     for entry in suite.entries:
+        baselines: list[Job] = []
         mode = entry.mode or suite.mode
         modes = ["throughput", "time_to_target"] if mode == "both" else [mode]
         steps = entry.throughput_steps or suite.throughput_steps
@@ -185,8 +196,9 @@ def expand(suite: Suite) -> list[Job]:
             wanted = entry.baseline_precisions or [precision]
             if m == "throughput" and world == 1 and stage is None and not compiled and precision in wanted:
                 for kind in entry.baselines:
-                    jobs.append(Job(f"{entry.name}-{kind}-{precision}", entry, kind, m, 1, 1, precision, None, False,
-                                    steps, list(common), pair=config))
+                    baselines.append(Job(f"{entry.name}-{kind}-{precision}", entry, kind, m, 1, 1, precision, None, False,
+                                         steps, list(common), pair=config))
+        jobs += baselines
     return jobs
 
 

@@ -1,0 +1,97 @@
+"""The peak FLOP/s table MFU is computed against: names as torch.cuda.get_device_name gives them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dltrain import peaks
+from dltrain.bench import measure
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H200", "bf16", 989e12),  # SXM
+    ("NVIDIA H200 NVL", "bf16", 835e12),  # power-capped PCIe card: not the SXM's peak
+    ("NVIDIA GH200 480GB", "bf16", 989e12),  # "GH200" contains "H200": must not read as it either way
+    ("NVIDIA GH200 480GB", "fp32", 66.9e12),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ("NVIDIA H100 NVL", "bf16", 835e12),
+    ("NVIDIA H100 PCIe", "fp16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A10G", "bf16", 70e12),
+    ("NVIDIA A10", "bf16", 125e12),  # not the A100's
+    ("NVIDIA L4", "fp32", 30.3e12),
+    ("NVIDIA L40S", "fp32", 91.6e12),  # not the L4's
+    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla V100-PCIE-32GB", "fp16", 112e12),
+])
+def test_datasheet_peaks_by_name(name, precision, expected):
+    assert peaks.gpu_peak(name, precision) == expected
+
+
+@pytest.mark.parametrize("name, fp32, tf32", [
+    ("NVIDIA H100 80GB HBM3", 66.9e12, 494.7e12),
+    ("NVIDIA H200", 66.9e12, 494.7e12),
+    ("NVIDIA H100 PCIe", 51.2e12, 378e12),
+    ("NVIDIA H200 NVL", 60e12, 417.5e12),
+    ("NVIDIA A100-PCIE-40GB", 19.5e12, 156e12),
+    ("NVIDIA L40S", 91.6e12, 183e12),
+    ("NVIDIA L4", 30.3e12, 60e12),
+    ("Tesla V100-SXM2-16GB", 15.7e12, 15.7e12),  # no TF32 units: fp32 stays fp32
+    ("Tesla T4", 8.1e12, 8.1e12),
+])
+def test_tf32_switches_the_fp32_peak_only(name, fp32, tf32):
+    assert peaks.gpu_peak(name, "fp32", tf32=False) == fp32
+    assert peaks.gpu_peak(name, "fp32", tf32=True) == tf32
+    assert peaks.gpu_peak(name, "bf16", tf32=True) == peaks.gpu_peak(name, "bf16")
+
+
+@pytest.mark.parametrize("name, precision, tf32", [
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False),  # a slice: no whole-GPU peak
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "fp32", True),
+    ("NVIDIA RTX 9999", "bf16", False),  # unknown
+    ("Tesla V100-SXM2-16GB", "bf16", False),  # no bf16 rate on its sheet
+    ("NVIDIA A10G", "fp32", True),  # no TF32 figure published
+])
+def test_no_peak_rather_than_a_wrong_one(name, precision, tf32):
+    assert peaks.gpu_peak(name, precision, tf32) is None
+
+
+def test_measure_keeps_its_old_names():
+    assert measure.gpu_peak is peaks.gpu_peak and measure.cpu_matmul_peak is peaks.cpu_matmul_peak
+
+
+def test_cpu_peak_is_measured_once_per_precision_and_threads(monkeypatch):
+    calls = []
+
+    def fake(precision, seconds=1.5):
+        calls.append((precision, seconds))
+        return 1e11
+
+    monkeypatch.setattr(peaks, "cpu_peak", fake)
+    monkeypatch.setattr(peaks, "_CPU_PEAKS", {})
+    threads = torch.get_num_threads()
+    for _ in range(2):
+        peak, source = peaks.peak_flops(torch.device("cpu"), "fp32", tf32=False)
+        assert peak == 1e11 and source == f"measured (CPU matmul, {threads} threads)"
+    assert calls == [("fp32", 0.3)]  # short, and cached
+    assert peaks.peak_flops(torch.device("cpu"), "fp16", False)[0] is None
+
+
+def test_cpu_bf16_peak_is_never_below_the_fp32_rate(monkeypatch):
+    # A CPU without bf16 units emulates it far slower than fp32: a bf16 run's kernels then beat
+    # the bf16 matmul, and MFU against it read 300% (seen on this project's AVX2 machines).
+    rates = {"fp32": 20e9, "bf16": 0.5e9}
+    monkeypatch.setattr(peaks, "cpu_matmul_peak", lambda precision, size=1024, seconds=1.5: rates[precision])
+    assert peaks.cpu_peak("bf16") == 20e9 and peaks.cpu_peak("fp32") == 20e9
+    rates["bf16"] = 60e9  # AVX512-BF16 / AMX: bf16 is faster
+    assert peaks.cpu_peak("bf16") == 60e9
+
+
+def test_cpu_matmul_peak_is_a_plausible_rate_within_its_time():
+    import time
+
+    t0 = time.perf_counter()
+    assert 1e7 < peaks.cpu_matmul_peak("fp32", seconds=0.1) < 1e14
+    assert 1e6 < peaks.cpu_matmul_peak("bf16", seconds=0.1) < 1e14  # emulated bf16: a smaller size, not seconds
+    assert time.perf_counter() - t0 < 5
