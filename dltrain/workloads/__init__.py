@@ -11,6 +11,9 @@ Each module gives the trainer the same few things:
                                    (`sums["count"]` is the number of examples)
     batch_size_of(batch)        -> examples in a batch
     flops_per_sample(recipe)    -> analytic training FLOPs per example (forward + backward)
+    flops_of(recipe, sums) (optional) -> {"flops": ..., "flops_real": ...}: the training FLOPs of a
+                                   logged window from its summed statistics (text: padded and
+                                   real-token bases); default flops_per_sample x count
     save_model(model, state_dict, dir, recipe) (optional) -> export in the workload's native format
     write_samples(recipe, out_dir) (optional) -> [paths]: sample inputs with their labels, drawn
                                    or tabulated for `dltrain inspect`
