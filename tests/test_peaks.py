@@ -95,3 +95,11 @@ def test_cpu_matmul_peak_is_a_plausible_rate_within_its_time():
     assert 1e7 < peaks.cpu_matmul_peak("fp32", seconds=0.1) < 1e14
     assert 1e6 < peaks.cpu_matmul_peak("bf16", seconds=0.1) < 1e14  # emulated bf16: a smaller size, not seconds
     assert time.perf_counter() - t0 < 5
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    peaks.cpu_matmul_peak("fp32", size=128, seconds=0.05)
+    assert torch.equal(torch.rand(3), expected)
