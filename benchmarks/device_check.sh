@@ -70,6 +70,9 @@ fi
 export DLTRAIN_DATA_DIR=${DLTRAIN_DATA_DIR:-$CARRY/data} DLTRAIN_MODELS_DIR=${DLTRAIN_MODELS_DIR:-$CARRY/models}
 export DLTRAIN_CACHE_DIR=${DLTRAIN_CACHE_DIR:-${TMPDIR:-/tmp}/dltrain-cache}
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# torch.cuda.set_sync_debug_mode("warn") in every dltrain run (dltrain/run.py): each place that
+# makes the host wait for the GPU warns once; the count per run is printed after the suite.
+export DLTRAIN_SYNC_DEBUG=${DLTRAIN_SYNC_DEBUG:-warn}
 export DEVICE SUITE
 
 # ---- import check: seconds, before anything slow. CUDA first (fail fast), then every package the
@@ -144,6 +147,10 @@ rc=$?
 set -e
 phase_done suite "exit code $rc"
 
+if [ -d "$OUT/bench/logs" ]; then
+    echo "device_check: host-sync sites warned per run (set_sync_debug_mode; eval, logging and sync points included):"
+    grep -c "synchronizing CUDA operation" "$OUT"/bench/logs/*.log 2>/dev/null | sed 's|.*/||' || true
+fi
 # ---- report: from whatever finished, also when the budget cut the suite
 report_rc=0
 if [ -f "$OUT/bench/results.jsonl" ]; then

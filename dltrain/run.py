@@ -66,6 +66,9 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")
 
+    if accelerator.device.type == "cuda" and os.environ.get("DLTRAIN_SYNC_DEBUG"):
+        # "warn" or "error" on every host sync (the device check counts them); "default" is off.
+        torch.cuda.set_sync_debug_mode(os.environ["DLTRAIN_SYNC_DEBUG"])
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
