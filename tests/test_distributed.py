@@ -248,12 +248,16 @@ def test_deepspeed_recipe_under_accelerate_use_cpu_fails_loudly(runs):
 
 
 @pytest.mark.slow
-def test_cnn_bf16_on_two_processes_reaches_the_cpu_test_bar(runs):
+def test_cnn_bf16_on_two_processes_learns_mnist(runs):
+    """A third of the cpu_test epoch (300 steps): a CPU without bf16 units (AVX2 only, as CI's
+    machine was on 2026-11-28) emulates bf16 at ~3 steps/s here, and the whole epoch ran past 5
+    minutes. The bar is the one an fp32 run of the same 300 steps clears (95%)."""
     run = runs.ok("cnn-bf16", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", CNN, "--profile", "cpu_test",
-                               *_sets("train.precision=bf16")])
+                               *_sets("train.precision=bf16", "data.train_subset=19200", "data.val_fraction=0.02")])
     assert "bf16" in run.stdout and "world 2" in run.stdout
     summary = json.loads((run.out / "summary.json").read_text())
-    assert summary["metrics"]["test/accuracy"] >= 0.97  # the fp32 cpu_test bar (tests/test_mnist.py)
+    assert summary["steps"] == 300
+    assert summary["metrics"]["test/accuracy"] >= 0.95
 
 
 # The RNN cpu_test bar of tests/test_rnn.py: test MSE under a tenth of the repeat-last-value predictor's.
