@@ -159,6 +159,9 @@ class Loop:
             # The function is compiled, not the module: state_dict keys stay the module's own, so
             # checkpoints and exports of a compiled run load into an uncompiled model.
             c = train.compile
+            # nn.RNN/GRU/LSTM are refused by dynamo (a graph break, an error under fullgraph) unless
+            # this lets it trace them as their decomposition (torch calls it experimental).
+            torch._dynamo.config.allow_rnn = True
             self.forward = torch.compile(self.workload.forward, mode=c.mode, fullgraph=c.fullgraph, dynamic=c.dynamic)
         self.pending: list[tuple[str, int, torch.Tensor]] = []  # device flags since the last sync
 

@@ -118,9 +118,14 @@ def test_forward_and_backward_read_nothing_back(minilm_dir, texts_tsv, minilm_mo
 def test_forward_compiles_without_graph_breaks(minilm_dir, texts_tsv, minilm_model):
     split = bert.build_data(recipe_for(minilm_dir, texts_tsv, "data.padding=bucket", "data.bucket_multiple=8")).train
     batch = split.fetch(torch.arange(8))
+    # fullgraph=True raises at any graph break; the eager backend traces in seconds (inductor's
+    # compile of the same graph took 138 s on this CPU). Forward and backward both run.
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(bert.forward)(minilm_model.train(), batch)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
+    compiled = torch.compile(bert.forward, fullgraph=True, backend="eager", dynamic=False)
+    out = compiled(minilm_model.train(), batch)
+    out.loss.backward()
+    minilm_model.zero_grad(set_to_none=True)
+    assert torch.isfinite(out.loss) and set(out.stats) >= {"tokens", "padded_tokens", "correct"}
 
 
 def test_padding_does_not_change_the_outputs(minilm_dir, texts_tsv, minilm_model):
