@@ -186,7 +186,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     window: dict = {}  # per-step statistics since the last log record, as device tensors
     fail_at = testhooks.fail_at_step(acc.process_index)
     loop.model.train()
-    while state.step < loop.total_steps:
+    reached = False  # the target, when target.stop ends training there
+    while state.step < loop.total_steps and not reached:
         batches = loop.data.train.batches(
             train_index_batches(
                 len(loop.data.train), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
@@ -194,7 +195,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 start_step=state.step_in_epoch, device=acc.device,
             )
         )
-        while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps:
+        while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps and not reached:
             _train_step(loop, batches, window, state)
             state.step += 1
             state.step_in_epoch += 1
@@ -222,8 +223,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                     path = checkpoint.save(loop, state)
             if stop:
                 _preempt(loop, state, path)
-            if state.time_to_target_s is not None and r.target is not None and r.target.stop:
-                state.step = loop.total_steps  # reached the target: stop here, as time-to-target counts
+            # Reached the target: stop here, as time-to-target counts (state.step stays the steps taken).
+            reached = state.time_to_target_s is not None and r.target is not None and r.target.stop
         if state.step_in_epoch >= loop.steps_per_epoch:
             state.epoch += 1
             state.step_in_epoch = 0

@@ -325,6 +325,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     assert all("dltrain" in r["environment"]["host_allocator"] for r in dl)
     ttt = summary["configs"]["ttt-w1-fp32-ttt"]
     assert ttt["reached"] == 1 and ttt["figures"]["time_to_target_s"]["mean"] > 0
+    # Stopped at the target: the run's step count is the step that reached it, not the planned total.
+    (ttt_run,) = [Path(r["run_dir"]) for r in records if r["mode"] == "time_to_target"]
+    reached_at = [json.loads(line)["step"] for line in (ttt_run / "metrics.jsonl").read_text().splitlines()
+                  if "time_to_target_s" in line]
+    assert json.loads((ttt_run / "summary.json").read_text())["steps"] == reached_at[0]
     assert summary["projection"] and all(p["label"] == "projected" for p in summary["projection"])
     report = (out / "report.md").read_text()
     assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "PROJECTED" in report
