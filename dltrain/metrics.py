@@ -15,6 +15,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_mark(cuda: bool):
+    """A point in time that never waits for the device: a recorded CUDA event, or the host clock
+    on a CPU (where the host waits for every op anyway)."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
 class StepClock:
     """One wall clock over windows of consecutive optimizer steps.
 
@@ -42,25 +52,16 @@ class StepClock:
         self.t_begin = time.perf_counter()
         self._open(start_step)
 
-    # -- marks -------------------------------------------------------------------------------
-
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def _open(self, step: int) -> None:
         self.edge_step = step
         self.edge_t = time.perf_counter()
         self.window_excluded = 0.0
-        self._prev = self._mark()
+        self._prev = step_mark(self.cuda)
         self._intervals: list = []  # (start mark, end mark) of each step in the window
 
     def step_done(self, step: int) -> None:
         """The end of optimizer step `step` (1-based); the warm-up's last step closes its window."""
-        end = self._mark()
+        end = step_mark(self.cuda)
         self._intervals.append((self._prev, end))
         self._prev = end
         if step == self.warmup and self.edge_step < self.warmup:
@@ -82,7 +83,7 @@ class StepClock:
             dt = time.perf_counter() - t0
             self.excluded_s[what] += dt
             self.window_excluded += dt
-            self._prev = self._mark()  # the next step's own time starts after it
+            self._prev = step_mark(self.cuda)  # the next step's own time starts after it
 
     # -- windows ------------------------------------------------------------------------------
 
@@ -135,6 +136,23 @@ class StepClock:
         return out
 
 
+def add_train_stats(window: dict, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
+    """Per micro-batch: its mean loss (the one backpropagated, kept as is) and one float64 sum
+    per other statistic, as device tensors; reduced only when a record is logged."""
+    window.setdefault("loss", []).append(loss)
+    window.setdefault("n", []).append(n)
+    for key, per_example in stats.items():
+        if key != "loss":
+            window.setdefault(key, []).append(per_example.detach().sum(dtype=torch.float64))
+
+
+def window_sums(window: dict) -> dict[str, torch.Tensor]:
+    losses = torch.stack(window["loss"]).double()
+    n = torch.tensor(window["n"], dtype=torch.float64, device=losses.device)
+    sums = {k: torch.stack(v).sum() for k, v in window.items() if k not in ("loss", "n")}
+    return sums | {"loss": (losses * n).sum(), "count": n.sum()}
+
+
 def window_flops(workload, recipe, totals: dict[str, float]) -> dict[str, float]:
     """Training FLOPs of a window: the workload's own count from its statistics where it has one
     (text: a padded and a real-token basis), else its analytic FLOPs per sample."""
@@ -143,46 +161,34 @@ def window_flops(workload, recipe, totals: dict[str, float]) -> dict[str, float]
     return {"flops": workload.flops_per_sample(recipe) * totals["count"]}
 
 
-def throughput_record(workload, recipe, totals: dict[str, float], tick: dict, peak_flops: float | None,
-                      world: int, steady: dict) -> dict[str, float]:
-    """A train record's rates: samples/s from the clock's window (`tick`), tokens/s, FLOP/s and
-    MFU from the summed statistics of the same steps (`totals`); MFU against `peak_flops` per
-    process x `world`. Steady windows are also added up in `steady`, for the run's summary."""
-    sps, count = tick["samples_per_s"], totals["count"]
-    out = {"train/samples_per_s": sps}
-    if not count:
-        return out
-    for key in ("tokens", "padded_tokens"):
-        if key in totals:
-            out[f"train/{key}_per_s"] = totals[key] / count * sps
-    flops = window_flops(workload, recipe, totals)
-    for basis, value in flops.items():
-        suffix = basis[len("flops"):]  # "" (as computed, padding included) or "_real"
-        out[f"train/flops_per_s{suffix}"] = value / count * sps
-        if peak_flops:
-            out[f"train/mfu{suffix}"] = value / count * sps / (peak_flops * world)
-    if tick["steady"]:
-        for key, value in {**flops, "count": count, **{k: totals[k] for k in ("tokens", "padded_tokens") if k in totals}}.items():
-            steady[key] = steady.get(key, 0.0) + value
-    return out
-
-
-def steady_rates(steady: dict, samples_per_s: float | None, peak_flops: float | None, world: int) -> dict[str, float]:
-    """The summary's tokens/s, FLOP/s and MFU: per-sample averages over the steady windows times
-    the steady samples/s."""
-    count = steady.get("count")
+def rates(sums: dict[str, float], samples_per_s: float, peak_flops: float | None, world: int) -> dict[str, float]:
+    """tokens/s, FLOP/s and MFU: per-sample averages of `sums` (count, tokens, padded_tokens,
+    flops[_real]) times samples/s; MFU against `peak_flops` per process x `world`."""
+    count = sums.get("count")
     if not count or not samples_per_s:
         return {}
-    out = {}
-    for key in ("tokens", "padded_tokens"):
-        if key in steady:
-            out[f"{key}_per_s"] = steady[key] / count * samples_per_s
-    for basis in [k for k in steady if k.startswith("flops")]:
-        suffix = basis[len("flops"):]
-        out[f"flops_per_s{suffix}"] = steady[basis] / count * samples_per_s
+    out = {f"{key}_per_s": sums[key] / count * samples_per_s for key in ("tokens", "padded_tokens") if key in sums}
+    for basis in [k for k in sums if k.startswith("flops")]:
+        suffix = basis[len("flops"):]  # "" (as computed, padding included) or "_real"
+        out[f"flops_per_s{suffix}"] = sums[basis] / count * samples_per_s
         if peak_flops:
             out[f"mfu{suffix}"] = out[f"flops_per_s{suffix}"] / (peak_flops * world)
     return out
+
+
+def throughput_record(workload, recipe, totals: dict[str, float], tick: dict, peak_flops: float | None,
+                      world: int, steady: dict) -> dict[str, float]:
+    """A train record's rates: samples/s from the clock's window (`tick`), the others from the
+    summed statistics of the same steps (`totals`). Steady windows are also added up in `steady`,
+    whose rates (`rates(steady, ...)`) the run's summary reports."""
+    sums = {k: totals[k] for k in ("count", "tokens", "padded_tokens") if k in totals}
+    if sums.get("count"):
+        sums |= window_flops(workload, recipe, totals)
+    if tick["steady"]:
+        for key, value in sums.items():
+            steady[key] = steady.get(key, 0.0) + value
+    out = {"samples_per_s": tick["samples_per_s"], **rates(sums, tick["samples_per_s"], peak_flops, world)}
+    return {f"train/{k}": v for k, v in out.items()}
 
 
 def peak_memory_bytes(device: torch.device) -> dict[str, int]:

@@ -11,7 +11,7 @@ import torch
 
 from dltrain import allocator, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
-from dltrain.metrics import peak_memory_bytes, steady_rates
+from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError, dump_recipe
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
@@ -122,7 +122,7 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
     metrics = {k: v for k, v in final.items() if "/" in k and k != "time_to_target_s"}
     metrics |= {k: v for k, v in last_train.items() if k in ("train/loss", "train/accuracy", "train/mse")}
     throughput = dict(loop.throughput)
-    throughput |= steady_rates(loop.steady, throughput.get("train_samples_per_s"), loop.peak_flops, acc.num_processes)
+    throughput |= rates(loop.steady, throughput.get("train_samples_per_s"), loop.peak_flops, acc.num_processes)
     throughput["peak_flops_per_s"], throughput["peak_source"] = loop.peak_flops, loop.peak_source
     # Analytic, at the recipe's shapes (for text: padded to data.max_length, an upper bound under
     # dynamic padding); the logged windows count FLOPs on the batches actually trained.

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dltrain import checkpoint, signals, testhooks
 from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
-from dltrain.metrics import StepClock, throughput_record
+from dltrain.metrics import StepClock, add_train_stats, throughput_record, window_sums
 
 
 class TrainingError(Exception):
@@ -329,23 +329,6 @@ def _preempt(loop: Loop, state: TrainState, path: Path) -> None:
     acc.end_training()  # a clean shutdown of the process group and trackers before exiting
     raise Preempted(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
                     f"`--resume auto --output-dir {loop.run_dir}`")
-
-
-def add_train_stats(window: dict, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
-    """Per micro-batch: its mean loss (the one backpropagated, kept as is) and one float64 sum
-    per other statistic; reduced only when a record is logged."""
-    window.setdefault("loss", []).append(loss)
-    window.setdefault("n", []).append(n)
-    for key, per_example in stats.items():
-        if key != "loss":
-            window.setdefault(key, []).append(per_example.detach().sum(dtype=torch.float64))
-
-
-def window_sums(window: dict) -> dict[str, torch.Tensor]:
-    losses = torch.stack(window["loss"]).double()
-    n = torch.tensor(window["n"], dtype=torch.float64, device=losses.device)
-    sums = {k: torch.stack(v).sum() for k, v in window.items() if k not in ("loss", "n")}
-    return sums | {"loss": (losses * n).sum(), "count": n.sum()}
 
 
 def _log_train(loop: Loop, state: TrainState, window: dict, bar) -> None:

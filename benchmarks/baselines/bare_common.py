@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from dltrain.metrics import step_mark
+
 
 def parse_args(description: str, default_recipe: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
@@ -59,20 +61,13 @@ class WindowClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def start(self) -> None:
         sync()
         self.t0 = time.perf_counter()
-        self.marks = [self._mark()]
+        self.marks = [step_mark(self.cuda)]
 
     def step_done(self) -> None:
-        self.marks.append(self._mark())
+        self.marks.append(step_mark(self.cuda))
 
     def stop(self) -> Timing:
         sync()
