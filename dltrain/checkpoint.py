@@ -22,6 +22,7 @@ save, locate, load, prune, and the model exports (final_model/, best_model/).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import testhooks
+from dltrain import rundir, testhooks
 from dltrain.recipe import RecipeError, dump_recipe
 
 MANIFEST = "manifest.json"
@@ -46,8 +47,7 @@ FORMAT = 1
 
 
 def ckpt_root(recipe, run_dir: Path) -> Path:
-    configured = recipe.checkpoint.dir
-    return run_dir / "checkpoints" if not configured else run_dir / Path(configured).expanduser()
+    return rundir.checkpoint_root(recipe, run_dir)
 
 
 def _step_of(path: Path) -> int:
@@ -100,6 +100,9 @@ def locate(run_dir: Path, recipe, resume: str | None, *, verbose: bool = True) -
         path = Path(resume).expanduser().resolve()
         if not path.exists():
             raise RecipeError(f"--resume {resume}: no such checkpoint directory")
+        if (path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir():
+            raise RecipeError(f"--resume {resume} is a run directory, not a checkpoint: continue it with "
+                              f"--resume auto --output-dir {resume}, or pass one of its checkpoints/step_N")
         why = problem_with(path)
         if why:
             raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
@@ -126,16 +129,9 @@ def _step_of_safe(path: Path) -> int:
         return -1
 
 
-def wandb_run_id(run_dir: Path, recipe, resume: str | None) -> str | None:
-    """The W&B run id stored with the checkpoint we will resume from, so W&B continues that run."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return None  # only the main process holds the tracker
-    path = locate(run_dir, recipe, resume, verbose=False)
-    if path is None:
-        return None
-    return json.loads((path / STATE_FILE).read_text()).get("wandb_run_id")
+def saved_state(path: Path | None) -> dict:
+    """trainer_state.json of a checkpoint ({} for none): counters, run ids, the recipe."""
+    return json.loads((path / STATE_FILE).read_text()) if path is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +169,7 @@ def _trainer_state(loop, state) -> dict:
     return {
         "format": FORMAT,
         "state": fields,
+        "run_id": loop.run_id,
         "wandb_run_id": loop.log.wandb_run_id,
         "world_size": loop.accelerator.num_processes,
         "global_batch": loop.plan.global_batch,
@@ -184,46 +181,146 @@ def _trainer_state(loop, state) -> dict:
 
 
 def save(loop, state) -> Path:
-    """Write step_<N> atomically (every rank takes part); return its path."""
+    """Write step_<N> atomically (every rank takes part); return its path. A write that fails
+    (a full disk, a quota) on any rank is removed, and every rank raises the same RecipeError
+    naming the checkpoint that is intact and the space needed: the run exits 2, nothing lost."""
     acc = loop.accelerator
     root = ckpt_root(loop.recipe, Path(acc.project_dir))
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
+    failed = None
     if acc.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+        failed = _attempt(lambda: _begin(root, tmp, final, loop.run_id))
+    if not _agree_ok(acc, failed):
+        return _give_up(loop, root, tmp, failed)
+    if acc.distributed_type.name == "DEEPSPEED":
+        acc.save_state(str(tmp), safe_serialization=True)  # collectives inside: every rank must get through
+    else:
+        failed = _attempt(lambda: acc.save_state(str(tmp), safe_serialization=True))
+    if acc.is_main_process and failed is None:
+        failed = _attempt(lambda: _write_own_files(loop, state, tmp))
+    if not _agree_ok(acc, failed):
+        return _give_up(loop, root, tmp, failed)
     if acc.is_main_process:
-        torch.save(loop.scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(_trainer_state(loop, state), indent=1) + "\n")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        testhooks.pause_in_save(tmp)
-        _fsync_tree(tmp)
-        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": state.step, "files": files}, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # an older write of the same step (e.g. before a crash): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _prune(root, loop.recipe.checkpoint.keep_last)
-    acc.wait_for_everyone()
+        failed = _attempt(lambda: _seal(loop, state, root, tmp, final))
+    if not _agree_ok(acc, failed):
+        return _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; clear leftovers of interrupted writes."""
+def _begin(root: Path, tmp: Path, final: Path, run_id: str) -> None:
+    if final.exists() and not rundir.owned_by(final, run_id):  # a shared checkpoint.dir
+        raise FileExistsError(errno.EEXIST, "another run's checkpoint of that step is there: give each run its own "
+                              "checkpoint.dir", str(final))
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "RUN_ID").write_text(run_id + "\n")  # ownership of a write that never finishes
+
+
+def _write_own_files(loop, state, tmp: Path) -> None:
+    torch.save(loop.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(_trainer_state(loop, state), indent=1) + "\n")
+
+
+def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
+    """Checksums, manifest (written last), rename into place, then prune."""
+    testhooks.in_save(tmp)
+    _fsync_tree(tmp)
+    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT, "step": state.step, "run_id": loop.run_id, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # an older write of the same step (e.g. before a crash): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, loop.recipe.checkpoint.keep_last, loop.run_id)
+
+
+def _attempt(write) -> Exception | None:
+    """Run one phase of a save; return what failed. torch's zip writer reports a full disk as a
+    RuntimeError ("unexpected pos"), not an OSError."""
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        return exc
+    return None
+
+
+def _agree_ok(acc, failed: Exception | None) -> bool:
+    """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
+    if acc.num_processes == 1:
+        return failed is None
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
+    return acc.reduce(flag, reduction="sum").item() == 0
+
+
+def _give_up(loop, root: Path, tmp: Path, failed: Exception | None):
+    acc = loop.accelerator
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    good, _ = scan(root)
+    intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+    need = _size(good[-1]) if good else _state_bytes(loop)
+    try:
+        free_bytes = shutil.disk_usage(root).free
+    except OSError:
+        free_bytes = None
+    code = getattr(failed, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free_bytes is not None and free_bytes < need)
+    if full:
+        what = os.strerror(errno.ENOSPC) if code is None else failed.strerror
+    elif failed is None:
+        what = "failed on another rank"
+    else:
+        what = getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
+    head = f"checkpoint {tmp.name[5:]} not written to {root} ({what}"
+    if not full:
+        raise RecipeError(f"{head}); {intact}")
+    free = f", {_mb(free_bytes)} free" if free_bytes is not None else ""
+    raise RecipeError(f"{head}; it needs about {_mb(need)}{free}); {intact}: free space and continue with "
+                      f"--resume auto --output-dir {acc.project_dir}")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _state_bytes(loop) -> int:
+    """Model weights plus optimizer state, as a checkpoint of them would hold."""
+    tensors = list(loop.model.state_dict().values())
+    for per_param in loop.optimizer.state_dict().get("state", {}).values():
+        tensors += [t for t in per_param.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _prune(root: Path, keep_last: int, run_id: str) -> None:
+    """Keep the newest `keep_last` complete checkpoints of this run; clear its leftovers of
+    interrupted writes. Checkpoints without this run's id (another run's, in a shared
+    `checkpoint.dir`) are never deleted."""
     good, bad = scan(root)
+    good = [p for p in good if rundir.owned_by(p, run_id)]
     for path in good[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
     newest = _step_of(good[-1]) if good else -1
     for path, _ in bad:
-        if _step_of_safe(path) < newest:
+        if _step_of_safe(path) < newest and rundir.owned_by(path, run_id):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale_writes(root: Path, run_id: str | None, *, inside_run: bool) -> list[Path]:
+    """Temporaries of writes a crash interrupted. Inside a locked run directory every one is this
+    run's; in a shared `checkpoint.dir` only those carrying `run_id`."""
+    stale = [p for p in root.glob(".tmp-step_*") if inside_run or rundir.owned_by(p, run_id)] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,32 +379,20 @@ def load(loop, path: Path) -> dict:
     return meta["state"]
 
 
-def _truncate_log(run_dir: Path, step: int) -> None:
-    """Drop records written after the checkpoint: the resumed run writes those steps again."""
-    log = run_dir / "metrics.jsonl"
-    if not log.is_file():
-        return
-    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = log.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log)
-
-
 # ----------------------------------------------------------------------------------------------
 # Resuming and exporting
 
 
-def resume(loop, run_dir: Path, resume_from: str | None) -> dict | None:
-    """Load the checkpoint rank 0 picks for `--resume` (every rank the same one); return the saved
-    TrainState fields, or None for a fresh start."""
+def resume(loop, run_dir: Path, path: Path | None, resume_from: str | None) -> dict | None:
+    """Load `path`, the checkpoint rank 0 picked for `--resume` (every rank the same one); return
+    the saved TrainState fields, or None for a fresh start."""
     acc = loop.accelerator
-    path = _agreed(acc, locate(run_dir, loop.recipe, resume_from) if acc.is_main_process else None)
     t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
     load_s = time.perf_counter() - t0
     if acc.is_main_process and resume_from:
         (run_dir / "preempted.json").unlink(missing_ok=True)
-        _truncate_log(run_dir, state["step"] if state else 0)
+        rundir.truncate_log(run_dir, state["step"] if state else 0)
         if state:
             print(f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
                   f"in it) from {path} (loaded in {load_s:.2f} s)", flush=True)
@@ -316,17 +401,6 @@ def resume(loop, run_dir: Path, resume_from: str | None) -> dict | None:
                   flush=True)
     acc.wait_for_everyone()
     return state
-
-
-def _agreed(acc, path: Path | None) -> Path | None:
-    """Every rank resumes from the checkpoint rank 0 chose."""
-    if acc.num_processes == 1:
-        return path
-    from accelerate.utils import broadcast_object_list
-
-    box = [str(path) if path else ""]
-    broadcast_object_list(box)
-    return Path(box[0]) if box[0] else None
 
 
 def due(cfg, state, steps_per_epoch: int) -> bool:

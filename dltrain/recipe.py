@@ -101,7 +101,10 @@ class CheckpointConfig(Section):
     every_steps: PositiveInt | None = None
     every_epochs: PositiveInt | None = None
     keep_last: PositiveInt = 2
-    dir: str | None = Field(None, description="default: RUN_DIR/checkpoints")
+    dir: str | None = Field(None, description="default: RUN_DIR/checkpoints; a relative path is taken inside the run directory")
+    # A `dir` outside the run directory (e.g. a scratch filesystem) is refused unless this is true;
+    # pruning there deletes only this run's checkpoints (dltrain.rundir).
+    outside_run_dir: bool = False
     save_final_model: bool = True
     save_best: bool = False  # export the model at each new best value of `target.metric`
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from dltrain import allocator, tracking
+from dltrain import allocator, rundir, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
-from dltrain.recipe import RecipeError, dump_recipe
+from dltrain.recipe import RecipeError
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
 from dltrain.workloads import WORKLOADS
 
@@ -32,7 +33,12 @@ def choose_run_dir(recipe, output_dir: str | None, accelerator) -> Path:
         path = Path(output_dir)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(os.environ.get("DLTRAIN_RUNS_DIR", "runs")) / f"{recipe.name}-{stamp}"
+        root = Path(os.environ.get("DLTRAIN_RUNS_DIR", "runs"))
+        path = root / f"{recipe.name}-{stamp}"
+        for n in range(2, 100):  # two runs started within the same second get their own directories
+            if not path.exists():
+                break
+            path = root / f"{recipe.name}-{stamp}-{n}"
     if accelerator.num_processes > 1:
         box = [str(path)]
         broadcast_object_list(box)
@@ -40,9 +46,8 @@ def choose_run_dir(recipe, output_dir: str | None, accelerator) -> Path:
     return path.resolve()
 
 
-def prepare_run_dir(path: Path, resume: str | None) -> None:
-    if (path / "metrics.jsonl").exists() and not resume:
-        raise RecipeError(f"{path} already holds a run: pass --resume auto to continue it, or another --output-dir")
+def lock_run_dir(path: Path, resume: str | None) -> rundir.RunLock:
+    """Create the directory if need be and take its lock; refuse one that holds another run."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -50,18 +55,70 @@ def prepare_run_dir(path: Path, resume: str | None) -> None:
         probe.unlink()
     except OSError as exc:
         raise RecipeError(f"cannot write to output directory {path} ({exc.strerror}): choose another --output-dir") from None
+    lock = rundir.RunLock(path)
+    if (path / "metrics.jsonl").exists() and not resume:
+        lock.release()
+        raise RecipeError(f"{path} already holds a run: pass --resume auto to continue it, or another --output-dir")
+    return lock
+
+
+def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
+    """What this segment starts from, decided before anything is loaded or written: the
+    checkpoint (none for a fresh start), the recipe changes it allows, the run's ids."""
+    from dltrain import checkpoint
+
+    root = checkpoint.ckpt_root(recipe, run_dir)  # refuses a checkpoint.dir leading out of the run
+    path = checkpoint.locate(run_dir, recipe, resume)
+    meta = checkpoint.saved_state(path)
+    changes = rundir.recipe_changes(meta["recipe"], recipe, path) if "recipe" in meta else []
+    run_id = meta.get("run_id") or rundir.new_run_id()
+    stale = checkpoint.clean_stale_writes(root, run_id, inside_run=root.is_relative_to(run_dir))
+    if stale:
+        print(f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier run: "
+              + ", ".join(p.name for p in stale), file=sys.stderr, flush=True)
+    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "wandb_run_id": meta.get("wandb_run_id")}
+
+
+def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
+    """Rank 0 locks and checks the directory and picks the start point; every rank gets the same
+    answer, or raises the same one-line error (no rank is left waiting for one that gave up)."""
+    lock, start, error = None, {}, ""
+    if accelerator.is_main_process:
+        try:
+            lock = lock_run_dir(run_dir, resume)
+            start = start_point(run_dir, recipe, resume)
+        except RecipeError as exc:
+            if lock is not None:
+                lock.release()
+            lock, error = None, str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [error, start]
+        broadcast_object_list(box)
+        error, start = box
+    if error:
+        raise RecipeError(error)
+    return lock, start
 
 
 def train(recipe, output_dir: str | None = None, resume: str | None = None) -> dict:
+    """Train `recipe` into `output_dir` (or a new directory under runs/); the run directory is
+    locked for the whole run (dltrain.rundir)."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
     allocator.tune()  # before the data and the model allocate anything
-    workload = WORKLOADS[recipe.workload]
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    accelerator.wait_for_everyone()
+    lock, start = open_run_dir(accelerator, recipe, run_dir, resume)
+    try:
+        return _train(recipe, accelerator, plan, run_dir, start, resume, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | None, t_start: float) -> dict:
+    workload = WORKLOADS[recipe.workload]
     accelerator.project_configuration.set_directories(str(run_dir))
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")
@@ -87,12 +144,22 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     # dltrain.checkpoint saves and loads it itself.
     from dltrain import checkpoint
 
-    log = tracking.RunLog(accelerator, run_dir, recipe, run_id=checkpoint.wandb_run_id(run_dir, recipe, resume))
+    log = tracking.RunLog(accelerator, run_dir, recipe, run_id=start["wandb_run_id"] if accelerator.is_main_process else None)
     peak, peak_source = peak_flops(accelerator.device, recipe.train.precision, recipe.train.tf32)
     loop = Loop(recipe, workload, accelerator, plan, model, optimizer, scheduler, data, log,
                 total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, run_dir=run_dir, peak_flops=peak, peak_source=peak_source)
-    saved = checkpoint.resume(loop, run_dir, resume)
+    loop.run_id = start["run_id"]
+    saved = checkpoint.resume(loop, run_dir, Path(start["path"]) if start["path"] else None, resume)
     state = TrainState(**saved) if saved else TrainState()
+    changes = start["changes"] if saved else []
+    if changes:
+        rundir.apply_to_optimizer(changes, recipe, optimizer, scheduler)
+        print0(accelerator, f"dltrain: resuming with changes: {rundir.describe(changes)}")
+    if state.step > total_steps:
+        raise RecipeError(f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
+                          "raise train.epochs or train.max_steps to continue training")
+    if accelerator.is_main_process:
+        rundir.write_segment_recipe(run_dir, recipe, state.step)
     print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, "
                         f"{total_steps} steps, host sync every {loop.sync_every} steps"
                         + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""))
@@ -105,7 +172,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
         log.log({k: v for k, v in final.items() if k.startswith("test/")}, state.step)
     if recipe.checkpoint.save_final_model:
         checkpoint.export_model(loop, run_dir / "final_model")
-    summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start)
+    summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {"resumed_with_changes": changes}
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
         if recipe.tracking.plots:
@@ -131,6 +198,7 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
         "recipe": recipe.name,
         "workload": recipe.workload,
         "run_dir": str(run_dir),
+        "run_id": loop.run_id,
         "metrics": metrics,
         "throughput": throughput,
         "flops_per_sample": flops,

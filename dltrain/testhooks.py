@@ -4,11 +4,13 @@ at a chosen point. Unset in normal use; each costs a dictionary lookup where it 
   DLTRAIN_TEST_SIGNAL_AT_STEP=K[:RANK]  send this process DLTRAIN_TEST_SIGNAL (default SIGTERM) after step K
   DLTRAIN_TEST_CRASH_AT_STEP=K[:RANK]   exit hard (86) after step K, on the first torchrun attempt only
   DLTRAIN_TEST_PAUSE_IN_SAVE=N          sleep half-way through writing the N-th checkpoint
+  DLTRAIN_TEST_ENOSPC_IN_SAVE=N         fail half-way through writing the N-th checkpoint as a full disk does
   DLTRAIN_TEST_FAIL_AT_STEP=N           raise after step N on rank DLTRAIN_TEST_FAIL_RANK (default 0)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -36,12 +38,14 @@ def at_step_end(rank: int, step: int) -> None:
 _saves = 0
 
 
-def pause_in_save(tmp: Path) -> None:
+def in_save(tmp: Path) -> None:
     global _saves
     _saves += 1
     if os.environ.get("DLTRAIN_TEST_PAUSE_IN_SAVE") == str(_saves):
         print(f"dltrain-test: paused while writing {tmp}", file=sys.stderr, flush=True)
         time.sleep(3600)
+    if os.environ.get("DLTRAIN_TEST_ENOSPC_IN_SAVE") == str(_saves):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
 
 def fail_at_step(rank: int) -> int | None:

@@ -58,7 +58,18 @@ class RunLog:
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a crash or a full disk is left out."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def _git(*args: str) -> str | None:

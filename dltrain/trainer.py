@@ -130,6 +130,7 @@ class Loop:
     clock: StepClock | None = None
     throughput: dict = field(default_factory=dict)  # the clock's summary at the end of fit()
     last_checkpoint: str | None = None
+    run_id: str = ""  # carried by every checkpoint of the run (dltrain.rundir); pruning deletes only those
     steady: dict = field(default_factory=dict)  # FLOPs and tokens summed over the steady log windows
 
     def __post_init__(self) -> None:

@@ -109,7 +109,7 @@ CASES = [
     Case("resume-other-model", [*TINY, *_set("model.hidden=64"), "--resume", "{ckpt}", "--output-dir", "{tmp}/run"],
          "different model", needs=("ckpt",)),
     Case("resume-other-global-batch", [*TINY, *_set("train.global_batch_size=32"), "--resume", "{ckpt}",
-                                       "--output-dir", "{tmp}/run"], "global batch", needs=("ckpt",)),
+                                       "--output-dir", "{tmp}/run"], "train.global_batch_size", needs=("ckpt",)),
     # --- SST-2 / BERT (the workload of issue 3)
     Case("sst2-missing-column", [BERT, "--profile", "cpu_test", *_set("model.name_or_path={minilm}", "data.train_file={sst_nocol}",
          "data.eval_file={sst_ok}"), "--output-dir", "{tmp}/run"], "sentence", needs=("bert",)),
@@ -119,6 +119,26 @@ CASES = [
          "data.eval_file={sst_ok}"), "--output-dir", "{tmp}/run"], "empty.tsv", needs=("bert",)),
     Case("hub-model-offline", [BERT, "--profile", "cpu_test", *_set("model.name_or_path=nobody-here/no-such-model"),
          "--output-dir", "{tmp}/run"], "no-such-model", env={"HF_HUB_OFFLINE": "1"}, needs=("bert",)),
+    # --- issue 14: data (MNIST root and cache, tokenized cache, TSV rows)
+    # --- issue 14: recipes, schema bounds, the command line
+    # --- issue 14: run directories (locks, resume with changes, confinement, metrics.jsonl, disk full)
+    Case("run-dir-in-use", [*CPU_TEST, "--output-dir", "{locked_run}"], "in use by another run (pid", inproc=True),
+    Case("resume-auto-run-dir-in-use", [*CPU_TEST, "--resume", "auto", "--output-dir", "{locked_run}"],
+         "in use by another run (pid", inproc=True),
+    Case("checkpoint-dir-climbs-out", [*CPU_TEST, *_set("checkpoint.dir=../../elsewhere"), "--output-dir", "{tmp}/run"],
+         "leads outside the run directory", inproc=True),
+    Case("checkpoint-dir-absolute", [*CPU_TEST, *_set("checkpoint.dir={tmp}/scratch"), "--output-dir", "{tmp}/run"],
+         "checkpoint.outside_run_dir=true", inproc=True),
+    Case("resume-given-a-run-dir", [*TINY, "--resume", "{ckpt_run}", "--output-dir", "{tmp}/run"],
+         "is a run directory, not a checkpoint", inproc=True, needs=("ckpt",)),
+    Case("resume-other-optimizer", [*TINY, *_set("optim.name=sgd"), "--resume", "{ckpt}", "--output-dir", "{tmp}/run"],
+         "different optim.name", needs=("ckpt",)),
+    Case("resume-other-seed", [*TINY, *_set("train.seed=3", "optim.lr=0.01"), "--resume", "{ckpt}",
+                               "--output-dir", "{tmp}/run"], "different train.seed", needs=("ckpt",)),
+    Case("resume-past-the-end", [*TINY, *_set("train.max_steps=1"), "--resume", "{ckpt}", "--output-dir", "{tmp}/run"],
+         "past the end of this recipe", needs=("ckpt",)),
+    Case("disk-full-in-checkpoint", [*TINY, "--output-dir", "{tmp}/run"], "no space left on device",
+         env={"DLTRAIN_TEST_ENOSPC_IN_SAVE": "2"}, needs=("mnist",)),
 ]
 
 
@@ -177,7 +197,7 @@ def _checkpoints(tmp: Path) -> dict:
     done = run_cli("train", *TINY, "--output-dir", str(run), env={"DLTRAIN_TEST_SIGNAL_AT_STEP": "2"})
     assert done.returncode == 4, done.stderr[-2000:]
     good = run / "checkpoints" / "step_2"
-    made = {"ckpt": str(good)}
+    made = {"ckpt": str(good), "ckpt_run": str(run)}
 
     def copy(name: str) -> Path:
         dst = tmp / "ckpts" / name / "step_2"
@@ -242,7 +262,13 @@ def workspace(tmp_path_factory, request):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     values["port"] = str(busy.getsockname()[1])
+    from dltrain.rundir import RunLock
+
+    (tmp / "locked_run").mkdir()
+    held = RunLock(tmp / "locked_run")  # as a live run holds its directory
+    values["locked_run"] = str(tmp / "locked_run")
     yield values
+    held.release()
     busy.close()
 
 

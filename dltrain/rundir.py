@@ -1,0 +1,238 @@
+"""The run directory: who may write it, where its checkpoints may go, and what a resume may change.
+
+A run directory belongs to one job at a time. Rank 0 holds an exclusive OS lock on RUN_DIR/.lock
+(fcntl.flock) from before it looks at the directory until the process ends; the kernel releases it
+when the process dies, however it dies, so a SIGKILLed run never blocks `--resume auto`. A second
+job on the same directory is refused at once, naming the holder (pid, host, start time).
+
+Files a run writes there:
+
+  recipe.yaml               the recipe of the segment that started the directory
+  recipe.resume-<N>.yaml    the recipe of each later segment, resumed from step N
+  metrics.jsonl, summary.json, checkpoints/, final_model/, ...   (see dltrain.run)
+
+Checkpoints go to RUN_DIR/checkpoints, or to `checkpoint.dir`: a relative one must stay inside
+the run directory; one outside (absolute, or climbing out with ..) only with
+`checkpoint.outside_run_dir: true`. Every checkpoint carries the run's id (`run_id`, kept across
+resumes), and pruning deletes only checkpoints that carry it.
+
+Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
+what defines the model, the data or their order (workload, model.*, data.*, train.seed,
+train.global_batch_size, train.precision, optim.name, deepspeed.*) is refused with one line listing
+the changed keys. Changes to what users change when continuing a run (RESUMABLE below: length,
+cadences, learning rate and optimizer hyperparameters, schedule, tracking, target) are applied,
+printed, and listed in summary.json under `resumed_with_changes`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from dltrain.recipe import RecipeError, dump_recipe
+
+LOCK_FILE = ".lock"
+
+# Keys (or sections, as prefixes) a resume may change. Everything else must stay as the
+# checkpoint's recipe has it: a key added here must not change the model, the data or its order.
+RESUMABLE = (
+    "name", "description",
+    "train.epochs", "train.max_steps", "train.eval_every", "train.log_every", "train.sync_every",
+    "train.max_nonfinite_steps", "train.warmup_steps_excluded", "train.compile", "train.tf32",
+    "train.clip_grad_norm", "train.micro_batch_size", "train.grad_accum",
+    "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.fused",
+    "schedule", "tracking", "checkpoint", "target",
+    # Workload keys that change neither the examples nor their order.
+    "data.padding", "data.bucket_multiple", "data.loader", "data.num_workers",
+)
+# Changes after which the optimizer's hyperparameters and the LR schedule are set anew.
+RESCHEDULE = ("optim.", "schedule", "train.epochs", "train.max_steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by this process until release() or its end."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = run_dir / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = self._holder()
+            os.close(self._fd)
+            self._fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise RecipeError(
+                    f"{run_dir} is in use by another run ({holder}): wait for it to end, or choose another --output-dir"
+                ) from None
+            raise RecipeError(f"cannot lock run directory {run_dir} ({exc.strerror}): choose another --output-dir") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
+
+    def _holder(self) -> str:
+        try:
+            who = json.loads(self.path.read_text() or "{}")
+            return f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+
+
+def checkpoint_root(recipe, run_dir: Path) -> Path:
+    """Where this run's checkpoints live; a `checkpoint.dir` leading out of the run directory is
+    refused unless `checkpoint.outside_run_dir` says so."""
+    configured = recipe.checkpoint.dir
+    if not configured:
+        return run_dir / "checkpoints"
+    root = (run_dir / Path(configured).expanduser()).resolve()
+    inside = root.is_relative_to(run_dir.resolve())
+    if not inside and not getattr(recipe.checkpoint, "outside_run_dir", False):
+        raise RecipeError(
+            f"checkpoint.dir={configured} leads outside the run directory {run_dir}: use a path inside it, "
+            "or set checkpoint.outside_run_dir=true to write checkpoints there"
+        )
+    return root
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def owned_by(path: Path, run_id: str | None) -> bool:
+    """Whether a checkpoint folder (complete or not) carries `run_id` in its manifest or state."""
+    if not run_id:
+        return False
+    for name in ("manifest.json", "trainer_state.json"):
+        try:
+            if json.loads((path / name).read_text()).get("run_id") == run_id:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    try:
+        return (path / "RUN_ID").read_text().strip() == run_id
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe across resumes
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
+def recipe_changes(saved_yaml: str, recipe, checkpoint: Path) -> list[dict]:
+    """[{key, from, to}] for each resumable change from the checkpoint's recipe; a change to
+    anything else raises RecipeError listing every such key. Keys the saved recipe does not have
+    (added to the schema since) are not changes."""
+    saved = _flat(yaml.safe_load(saved_yaml) or {})
+    now = _flat(yaml.safe_load(dump_recipe(recipe)))
+    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    refused = [k for k in changed if not _resumable(k)]
+    if refused:
+        shown = ", ".join(f"{k} ({_short(saved[k])} -> {_short(now[k])})" for k in refused)
+        raise RecipeError(
+            f"cannot resume from {checkpoint} with a different {shown}: a resume keeps the model, the data, its "
+            "order and the optimizer type; use the checkpoint's values, or start a new run in another --output-dir"
+        )
+    return [{"key": k, "from": saved[k], "to": now[k]} for k in changed]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe(changes: list[dict]) -> str:
+    return ", ".join(f"{c['key']} {_short(c['from'])} -> {_short(c['to'])}" for c in changes)
+
+
+def apply_to_optimizer(changes: list[dict], recipe, optimizer, scheduler) -> None:
+    """After a resume with changes: the loaded optimizer and scheduler states carry the old
+    hyperparameters and base LR (torch restores them from the checkpoint); set the recipe's, and
+    the LR the new schedule gives at the current step."""
+    if not any(c["key"].startswith(RESCHEDULE) for c in changes):
+        return
+    cfg = recipe.optim
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay
+        group["initial_lr"] = cfg.lr
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def write_segment_recipe(run_dir: Path, recipe, resumed_step: int) -> Path:
+    """recipe.yaml for the segment that starts the directory, recipe.resume-<N>.yaml after."""
+    first = resumed_step == 0 or not (run_dir / "recipe.yaml").exists()
+    path = run_dir / ("recipe.yaml" if first else f"recipe.resume-{resumed_step}.yaml")
+    path.write_text(dump_recipe(recipe))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Drop records written after the checkpoint (the resumed run writes those steps again) and
+    any line a crash or a full disk left unfinished."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return
+    kept, broken = [], 0
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            broken += 1
+    if broken:
+        print(f"dltrain: warning: {log}: dropped {broken} unreadable line(s) (a run cut off while writing)",
+              file=sys.stderr, flush=True)
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log)
