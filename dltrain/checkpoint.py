@@ -1,18 +1,21 @@
 """Checkpoints: periodic and preemption saves, atomic writes, keep-last-k, exact resume.
 
 A checkpoint is a folder CKPT_ROOT/step_<N>/ (CKPT_ROOT is `checkpoint.dir`, default
-RUN_DIR/checkpoints; a relative `dir` is taken inside the run directory) holding:
+RUN_DIR/checkpoints, confined to the run directory: dltrain.rundir) holding:
 
   model.safetensors, optimizer.bin, random_states_<rank>.pkl, [scaler.pt]   Accelerate's save_state
   scheduler.pt        the LR scheduler (ours: Accelerate reloads registered objects with
                       weights_only=False, so the scheduler is not registered with it)
-  trainer_state.json  TrainState counters incl. the position inside the epoch, W&B run id, world
-                      size, global batch, elapsed time, the resolved recipe
-  manifest.json       written last: size and sha256 of every file; a folder without it is incomplete
+  trainer_state.json  TrainState counters incl. the position inside the epoch, run id, W&B run id,
+                      world size, global batch, elapsed time, the resolved recipe
+  RUN_ID              the run's id, written first (so even an unfinished write says whose it is)
+  manifest.json       written last: run id, size and sha256 of every file; a folder without it is
+                      incomplete
 
 Writes go to CKPT_ROOT/.tmp-step_<N>, are fsynced, get their manifest, and are renamed into place:
-a run killed while writing leaves the previous checkpoints intact. Old checkpoints are deleted only
-after the new one is in place. Everything is loaded with torch.load(weights_only=True) or
+a run killed while writing leaves the previous checkpoints intact; a write that fails (full disk)
+is removed and the run exits 2 naming the intact one. Old checkpoints of this run (its run id) are
+deleted only after the new one is in place. Everything is loaded with torch.load(weights_only=True) or
 safetensors. The data position needs no replay: the loop restarts the epoch's index stream at
 `step_in_epoch` (dltrain.data.train_index_batches).
 
@@ -184,26 +187,24 @@ def save(loop, state) -> Path:
     """Write step_<N> atomically (every rank takes part); return its path. A write that fails
     (a full disk, a quota) on any rank is removed, and every rank raises the same RecipeError
     naming the checkpoint that is intact and the space needed: the run exits 2, nothing lost."""
-    acc = loop.accelerator
+    acc, main = loop.accelerator, loop.accelerator.is_main_process
     root = ckpt_root(loop.recipe, Path(acc.project_dir))
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
-    failed = None
-    if acc.is_main_process:
-        failed = _attempt(lambda: _begin(root, tmp, final, loop.run_id))
-    if not _agree_ok(acc, failed):
-        return _give_up(loop, root, tmp, failed)
-    if acc.distributed_type.name == "DEEPSPEED":
-        acc.save_state(str(tmp), safe_serialization=True)  # collectives inside: every rank must get through
-    else:
-        failed = _attempt(lambda: acc.save_state(str(tmp), safe_serialization=True))
-    if acc.is_main_process and failed is None:
-        failed = _attempt(lambda: _write_own_files(loop, state, tmp))
-    if not _agree_ok(acc, failed):
-        return _give_up(loop, root, tmp, failed)
-    if acc.is_main_process:
-        failed = _attempt(lambda: _seal(loop, state, root, tmp, final))
-    if not _agree_ok(acc, failed):
-        return _give_up(loop, root, tmp, failed)
+    # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
+    caught = (OSError, RuntimeError) if acc.distributed_type.name != "DEEPSPEED" else ()
+    phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
+              (True, lambda: acc.save_state(str(tmp), safe_serialization=True)),
+              (main, lambda: _write_own_files(loop, state, tmp)),
+              (main, lambda: _seal(loop, state, root, tmp, final))]
+    for here, phase in phases:
+        failed = None
+        try:
+            if here:
+                phase()
+        except caught as exc:  # torch's zip writer reports a full disk as a RuntimeError, not an OSError
+            failed = exc
+        if not _agree_ok(acc, failed):
+            _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
 
@@ -239,16 +240,6 @@ def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     _prune(root, loop.recipe.checkpoint.keep_last, loop.run_id)
 
 
-def _attempt(write) -> Exception | None:
-    """Run one phase of a save; return what failed. torch's zip writer reports a full disk as a
-    RuntimeError ("unexpected pos"), not an OSError."""
-    try:
-        write()
-    except (OSError, RuntimeError) as exc:
-        return exc
-    return None
-
-
 def _agree_ok(acc, failed: Exception | None) -> bool:
     """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
     if acc.num_processes == 1:
@@ -257,7 +248,7 @@ def _agree_ok(acc, failed: Exception | None) -> bool:
     return acc.reduce(flag, reduction="sum").item() == 0
 
 
-def _give_up(loop, root: Path, tmp: Path, failed: Exception | None):
+def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     acc = loop.accelerator
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,24 +259,8 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None):
         free_bytes = shutil.disk_usage(root).free
     except OSError:
         free_bytes = None
-    code = getattr(failed, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free_bytes is not None and free_bytes < need)
-    if full:
-        what = os.strerror(errno.ENOSPC) if code is None else failed.strerror
-    elif failed is None:
-        what = "failed on another rank"
-    else:
-        what = getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
-    head = f"checkpoint {tmp.name[5:]} not written to {root} ({what}"
-    if not full:
-        raise RecipeError(f"{head}); {intact}")
-    free = f", {_mb(free_bytes)} free" if free_bytes is not None else ""
-    raise RecipeError(f"{head}; it needs about {_mb(need)}{free}); {intact}: free space and continue with "
-                      f"--resume auto --output-dir {acc.project_dir}")
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+    raise RecipeError(rundir.write_failure(failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need,
+                                           free_bytes, acc.project_dir))
 
 
 def _size(path: Path) -> int:

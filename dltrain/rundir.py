@@ -138,6 +138,27 @@ def owned_by(path: Path, run_id: str | None) -> bool:
         return False
 
 
+def write_failure(failed: Exception | None, head: str, intact: str, need: int, free: int | None, run_dir) -> str:
+    """The one line for a checkpoint write that failed. torch's zip writer reports a full disk as a
+    RuntimeError without an errno: little free space then tells."""
+    code = getattr(failed, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < need)
+    if full:
+        what = failed.strerror if code else os.strerror(errno.ENOSPC)
+    elif failed is None:
+        what = "failed on another rank"
+    else:
+        what = getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
+    if not full:
+        return f"{head} ({what}); {intact}"
+    space = f"it needs about {_mb(need)}" + (f", {_mb(free)} free" if free is not None else "")
+    return f"{head} ({what}; {space}); {intact}: free space and continue with --resume auto --output-dir {run_dir}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
 # ----------------------------------------------------------------------------------------------
 # The recipe across resumes
 
