@@ -61,20 +61,25 @@ def test_measure_keeps_its_old_names():
     assert measure.gpu_peak is peaks.gpu_peak and measure.cpu_matmul_peak is peaks.cpu_matmul_peak
 
 
-def test_cpu_peak_is_measured_once_per_precision_and_threads(monkeypatch):
+def test_cpu_peak_is_one_thread_measured_once_times_the_threads(monkeypatch):
     calls = []
 
     def fake(precision, seconds=1.5):
-        calls.append((precision, seconds))
+        calls.append((precision, seconds, torch.get_num_threads()))
         return 1e11
 
     monkeypatch.setattr(peaks, "cpu_peak", fake)
     monkeypatch.setattr(peaks, "_CPU_PEAKS", {})
     threads = torch.get_num_threads()
-    for _ in range(2):
-        peak, source = peaks.peak_flops(torch.device("cpu"), "fp32", tf32=False)
-        assert peak == 1e11 and source == f"measured (CPU matmul, {threads} threads)"
-    assert calls == [("fp32", 0.3)]  # short, and cached
+    try:
+        for n in (threads, 3):
+            torch.set_num_threads(n)
+            peak, source = peaks.peak_flops(torch.device("cpu"), "fp32", tf32=False)
+            assert peak == 1e11 * n and source == f"measured (CPU matmul, 1 thread x {n})"
+            assert torch.get_num_threads() == n  # the run's threads are left as they were
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [("fp32", 0.3, 1)]  # short, on one thread, and cached
     assert peaks.peak_flops(torch.device("cpu"), "fp16", False)[0] is None
 
 
