@@ -1,4 +1,5 @@
-"""Shared data helpers: where data lives, and which example indices each process sees.
+"""Shared data helpers: where data lives, which example indices each process sees, and the one-line
+notes and memory errors the workloads' data code gives the user (`say`, `sized_by`).
 
 Every workload keeps its dataset in memory and turns a tensor of example indices into a batch
 (`Split.batches`). What differs between one process and many, or between a fresh start and a
@@ -19,6 +20,9 @@ resume, is only the stream of indices, computed here by arithmetic:
 from __future__ import annotations
 
 import os
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -48,6 +52,30 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("dltrain"))
+
+
+def say(kind: str, message: str) -> None:
+    """One line on stderr from the main process only: `dltrain: warning: ...` or `dltrain: note: ...`."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"dltrain: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def sized_by(what: str, keys: str):
+    """Turn a failed allocation while building `what` (a model, a data set) into one line that
+    names the recipe keys setting its size, instead of a traceback. (Past the memory the machine
+    has, Linux may grant the allocation and kill the process later: nothing to catch then.)"""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and "allocate" not in text:  # torch's CPU and CUDA allocators say so
+            raise
+        asked = re.search(r"allocate (\d+) bytes", text)
+        size = f"{int(asked.group(1)) / 2**30:,.1f} GiB in one allocation" if asked else "out of memory"
+        raise DataError(f"not enough memory for {what} ({size}): lower {keys}") from None
 
 
 def require_data() -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from conftest import RECIPES, REPO, run_cli
 from dltrain.data import DataError
-from dltrain.recipe import load_recipe
+from dltrain.recipe import RecipeError, load_recipe
 from dltrain.workloads import bert
 
 MINILM = RECIPES / "bert_sst2_minilm.yaml"
@@ -85,6 +85,61 @@ def test_bad_user_files_give_one_clear_error(tmp_path, minilm_dir, monkeypatch, 
     ok = write_tsv(tmp_path / "ok.tsv", [("good", 1), ("bad", 0)])
     with pytest.raises(DataError, match=message):
         bert.load_splits(minilm_recipe(minilm_dir, f"data.train_file={bad}", f"data.eval_file={ok}"))
+
+
+@pytest.mark.parametrize("name, row, message", [
+    ("ragged.tsv", "bad\tfilm\t0", r"ragged.tsv, line 3: 3 tab-separated fields where the header has 2"),
+    # pandas would read "" as this row's label
+    ("ragged.tsv", "bad film", r"ragged.tsv, line 3: 1 tab-separated field where the header has 2"),
+    ("ragged.csv", "bad,film,0", r"ragged.csv, line 3: 3 comma-separated fields where the header has 2"),
+])
+def test_a_ragged_row_names_the_file_and_the_line(tmp_path, minilm_dir, monkeypatch, name, row, message):
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    sep = "\t" if name.endswith(".tsv") else ","
+    bad = tmp_path / name
+    bad.write_text(f"sentence{sep}label\ngood film{sep}1\n{row}\n\nfine{sep}1\n")  # the blank line is no row
+    ok = write_tsv(tmp_path / "ok.tsv", [("good", 1), ("bad", 0)])
+    with pytest.raises(DataError, match=message):
+        bert.load_splits(minilm_recipe(minilm_dir, f"data.train_file={bad}", f"data.eval_file={ok}"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unfinished"])
+def test_a_damaged_tokenized_cache_is_rebuilt_with_one_warning(tmp_path, minilm_dir, monkeypatch, capsys, damage):
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    train = write_tsv(tmp_path / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])
+    dev = write_tsv(tmp_path / "dev.tsv", [("great", 1), ("awful", 0)])
+    recipe = minilm_recipe(minilm_dir, f"data.train_file={train}", f"data.eval_file={dev}")
+    want = {split: ds["input_ids"] for split, ds in bert.load_splits(recipe).items()}  # read now: the files change below
+    folder = sorted((tmp_path / "cache" / "tokenized").iterdir())[0]
+    if damage == "truncated":  # a new file in its place: the loaded copy may still map the old one
+        arrow = next(folder.glob("*.arrow"))
+        cut = folder / "cut"
+        cut.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+        os.replace(cut, arrow)
+    else:  # a folder with no completion marker, as a process killed while writing it would leave
+        (folder / "dltrain-complete.json").unlink()
+    capsys.readouterr()
+    before = bert.TOKENIZE_CALLS
+    again = bert.load_splits(recipe)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dltrain:")]  # not progress bars
+    assert len(said) == 1 and said[0].startswith(f"dltrain: warning: tokenized cache {folder} is damaged"), said
+    assert bert.TOKENIZE_CALLS == before + 1  # only the damaged split tokenized again
+    assert {split: ds["input_ids"] for split, ds in again.items()} == want
+    bert.load_splits(recipe)  # the rebuilt copy is whole
+    assert bert.TOKENIZE_CALLS == before + 1 and "dltrain:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_length, message", [
+    (2, "data.max_length=2 leaves no room for text after the tokenizer's 2 special tokens"),
+    (513, "data.max_length=513 is more than the 512 positions of"),
+])
+def test_max_length_is_checked_against_the_tokenizer_and_the_model(tmp_path, minilm_dir, monkeypatch, max_length, message):
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    rows = write_tsv(tmp_path / "rows.tsv", [("good", 1), ("bad", 0)])
+    recipe = minilm_recipe(minilm_dir, f"data.train_file={rows}", f"data.eval_file={rows}", f"data.max_length={max_length}")
+    with pytest.raises(RecipeError, match=message):
+        bert.build_data(recipe)
+    assert not (tmp_path / "cache" / "tokenized").exists()  # refused before anything was tokenized
 
 
 def test_models_dir_resolves_a_hub_id_offline(minilm_dir, monkeypatch):

@@ -103,6 +103,52 @@ def test_missing_data_offline_says_where_it_looked(tmp_path, monkeypatch):
         cnn.prepare_mnist(tmp_path)
 
 
+def _gz_root(root, data_dir):
+    """A data root whose MNIST/raw links to the real .gz files; returns that raw folder."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for src in (data_dir / "MNIST" / "raw").glob("*.gz"):
+        (raw / src.name).symlink_to(src)
+    return raw
+
+
+@pytest.fixture
+def filled_cache(tmp_path, data_dir, monkeypatch):
+    """The user cache's MNIST/raw, holding the copy a run from another, good root unzipped there."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    assert cnn.prepare_mnist(_gz_root(tmp_path / "good", data_dir).parent.parent) == tmp_path / "cache" / "data"
+    return tmp_path / "cache" / "data" / "MNIST" / "raw"
+
+
+def test_an_empty_root_uses_the_cache_and_says_so(tmp_path, filled_cache, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert cnn.prepare_mnist(empty) == filled_cache.parent.parent
+    assert capsys.readouterr().err.splitlines() == [
+        f"dltrain: note: no MNIST files in {empty}/MNIST/raw: using the copy in {filled_cache}"]
+
+
+def test_a_root_with_files_is_used_and_checked_even_when_the_cache_has_a_copy(tmp_path, data_dir, filled_cache, capsys):
+    corrupt = _gz_root(tmp_path / "corrupt", data_dir)
+    (corrupt / "train-images-idx3-ubyte.gz").unlink()
+    (corrupt / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not the MNIST images")
+    with pytest.raises(cnn.DataError, match="train-images-idx3-ubyte.gz is corrupt"):
+        cnn.prepare_mnist(corrupt.parent.parent)
+    partial = _gz_root(tmp_path / "partial", data_dir)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(cnn.DataError, match=r"incomplete: t10k-labels-idx1-ubyte\(\.gz\) is missing"):
+        cnn.prepare_mnist(partial.parent.parent)
+    cut = tmp_path / "cut" / "MNIST" / "raw"  # unzipped files, cut short: this root is read, and fails
+    cut.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (cut / name).write_bytes(bytes(16))
+    assert cnn.prepare_mnist(cut.parent.parent) == cut.parent.parent
+    with pytest.raises(cnn.DataError, match="cannot be read"):
+        cnn.read_mnist(cut.parent.parent, train=True)
+    assert "note" not in capsys.readouterr().err  # no root above was swapped for the cache
+
+
 def test_flops_per_sample_matches_the_layers():
     recipe = load_recipe(RECIPES / "cnn_mnist.yaml")
     conv1, conv2 = 2 * 28 * 28 * 32 * 9, 2 * 14 * 14 * 64 * 32 * 9

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import RECIPES, run_cli
-from dltrain.recipe import load_recipe
+from dltrain.data import DataError
+from dltrain.recipe import RecipeError, load_recipe
 from dltrain.workloads import rnn
 
 RECIPE = RECIPES / "rnn_sine.yaml"
@@ -45,6 +46,22 @@ def test_target_is_the_value_after_the_inputs():
     two_cos = (s2 + s0) / s1
     keep = s1.abs() > 0.2  # avoid dividing by values near zero
     assert torch.allclose((two_cos * s2 - s1)[keep], y.double()[keep], atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.val_fraction=0.0001"], r"data.num_sequences=4000 x data.val_fraction=0.0001 leaves the validation split empty"),
+    (["data.num_sequences=2"], "leaves the validation split empty"),  # 2 x 0.15 rounds to 0
+    (["data.num_sequences=3", "data.train_fraction=0.5", "data.val_fraction=0.49"], "no sequence for the test split"),
+])
+def test_splits_that_round_to_nothing_are_refused_naming_the_keys(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPE, "cpu_test", overrides)
+
+
+def test_a_model_past_memory_is_one_line_naming_its_keys():
+    recipe = load_recipe(RECIPE, "cpu_test", ["model.hidden=300000000"])  # a 3.6e17-byte matrix: past any address space
+    with pytest.raises(DataError, match=r"not enough memory for the model .*: lower model.hidden or model.layers"):
+        rnn.build_model(recipe)
 
 
 def test_naive_statistic_and_ratio():

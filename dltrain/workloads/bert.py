@@ -1,11 +1,8 @@
 """BERT-family sequence classification on SST-2 (or any text/label TSV/CSV), via transformers.
 
-Data path: rows are read with `datasets` (local GLUE TSV under the data root, the hub's
-`nyu-mll/glue`/`sst2` when online, or the user's own files), tokenized once with the model's
-tokenizer and saved with `save_to_disk` under `dltrain.data.cache_dir()`; later runs load that
-copy. `build_data` then pads every text to max_length once, into tensors on the training device
-(`TokenSplit`), and a batch is a slice of them: no tokenizer call and no host-to-device copy per
-step, and the index-based sharding in dltrain.data works unchanged.
+Data path: reading, tokenizing, the tokenized cache and the padded device tensors live in
+dltrain.workloads.bert_data; `load_splits` and `build_data` here give it the recipe's data
+section, tokenizer and seed.
 
 Model path: `model.name_or_path` is a local directory or a hub id. A hub id also resolves to
 `$DLTRAIN_MODELS_DIR/<id>` or `$DLTRAIN_MODELS_DIR/<last part of the id>` when such a folder
@@ -15,12 +12,8 @@ offline).
 
 from __future__ import annotations
 
-import csv
 import functools
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -28,28 +21,33 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root
-from dltrain.recipe import RecipeBase, Section
+from dltrain.data import DataError, DataSplits, sized_by
+from dltrain.recipe import RecipeBase, RecipeError, Section
+from dltrain.workloads import bert_data
+from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
 from dltrain.workloads.common import Output, classification_output
+
+METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example"))  # test/: with data.test_file
 
 # ----------------------------------------------------------------------------------------------
 # Config
 
 
 class ModelConfig(Section):
-    name_or_path: str = "bert-base-uncased"  # hub id or local directory (see module docstring)
-    tokenizer: str | None = Field(None, description="hub id or directory; default: name_or_path")
+    name_or_path: str = Field("bert-base-uncased", min_length=1)  # hub id or local directory (see module docstring)
+    tokenizer: str | None = Field(None, min_length=1, description="hub id or directory; default: name_or_path")
     init: Literal["pretrained", "random"] = "pretrained"  # random: architecture from the config alone
-    num_labels: PositiveInt = 2
+    num_labels: int = Field(2, ge=2, description="classifier outputs; the labels are 0 and 1, so at least 2")
 
 
 class DataConfig(Section):
-    root: str | None = Field(None, description="folder holding sst2/{train,dev}.tsv; default $DLTRAIN_DATA_DIR")
-    train_file: str | None = Field(None, description="own TSV/CSV file instead of SST-2 (needs eval_file)")
-    eval_file: str | None = None
-    test_file: str | None = None
-    text_column: str = "sentence"
-    label_column: str = "label"
+    root: str | None = Field(None, min_length=1,
+                             description="folder holding sst2/{train,dev}.tsv; default $DLTRAIN_DATA_DIR")
+    train_file: str | None = Field(None, min_length=1, description="own TSV/CSV file instead of SST-2 (needs eval_file)")
+    eval_file: str | None = Field(None, min_length=1)
+    test_file: str | None = Field(None, min_length=1)
+    text_column: str = Field("sentence", min_length=1)
+    label_column: str = Field("label", min_length=1)
     max_length: PositiveInt = 128  # tokens, truncating longer texts, as the original
     # dynamic: each micro-batch padded to its longest text (least work in eager mode); fixed: always
     # to max_length (one shape); bucket: the longest text rounded up to a multiple of
@@ -131,12 +129,14 @@ def build_model(recipe: Recipe) -> nn.Module:
 
     cfg = recipe.model
     if cfg.init == "random":
-        return AutoModelForSequenceClassification.from_config(model_config(cfg), attn_implementation="sdpa")
+        with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
+            return AutoModelForSequenceClassification.from_config(model_config(cfg), attn_implementation="sdpa")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     try:
-        return AutoModelForSequenceClassification.from_pretrained(resolve(cfg.name_or_path), num_labels=cfg.num_labels,
-                                                                  attn_implementation="sdpa")  # forward() relies on it
+        with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
+            return AutoModelForSequenceClassification.from_pretrained(resolve(cfg.name_or_path), num_labels=cfg.num_labels,
+                                                                      attn_implementation="sdpa")  # forward() relies on it
     except (OSError, ValueError) as exc:
         raise _load_error("model", cfg.name_or_path, exc) from None
     finally:
@@ -220,207 +220,39 @@ def save_model(model: nn.Module, state_dict: dict, out_dir: Path, recipe: Recipe
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-TOKENIZE_CALLS = 0  # how many splits were tokenized (not loaded from the cache) in this process
-_CACHE_VERSION = 1  # bump when the tokenized format changes
-_HOW_TO_DATA = (
-    "put GLUE's SST-2 train.tsv and dev.tsv in <root>/sst2/ and point data.root or DLTRAIN_DATA_DIR at "
-    "<root>, or give data.train_file and data.eval_file"
-)
+# Data (dltrain.workloads.bert_data does the work)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DLTRAIN_OFFLINE"))
+def __getattr__(name: str):
+    # TOKENIZE_CALLS is counted in bert_data; read it there at each access, not copied at import.
+    if name == "TOKENIZE_CALLS":
+        return bert_data.TOKENIZE_CALLS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _source_files(cfg: DataConfig) -> dict[str, Path] | None:
-    """split -> file, or None to use the hub. Raises DataError when nothing usable is found."""
-    if cfg.train_file or cfg.eval_file:
-        if not (cfg.train_file and cfg.eval_file):
-            raise DataError("data.train_file and data.eval_file go together: give both (eval_file is the validation set)")
-        files = {"train": cfg.train_file, "val": cfg.eval_file} | ({"test": cfg.test_file} if cfg.test_file else {})
-        files = {k: Path(v).expanduser() for k, v in files.items()}
-        for key, path in files.items():
-            if not path.is_file():
-                raise DataError(f"data file not found: {path} (data.{'eval' if key == 'val' else key}_file)")
-        return files
-    sst2 = data_root(cfg.root) / "sst2"
-    if (sst2 / "train.tsv").is_file() and (sst2 / "dev.tsv").is_file():
-        return {"train": sst2 / "train.tsv", "val": sst2 / "dev.tsv"}
-    if _offline():
-        raise DataError(f"SST-2 not found in {sst2} and downloads are off (offline mode): {_HOW_TO_DATA}")
-    return None
-
-
-def _read_file(path: Path):
-    from datasets import load_dataset
-
-    tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
-    try:
-        # QUOTE_NONE for TSV: GLUE text holds bare quote characters; keep_default_na=False keeps a
-        # text such as "null" or "nan" a string.
-        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-        return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
-                            cache_dir=str(cache_dir() / "hf_datasets"), **kwargs)
-    except Exception as exc:  # pandas and pyarrow raise many types for malformed files
-        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
-            raise DataError(f"{path}: no rows (the file holds a header only): give a file with examples") from None
-        raise DataError(f"cannot read {path} as {'TSV' if tsv else 'CSV'} ({str(exc).splitlines()[0][:200]})") from None
-
-
-def _read_hub(split: str):
-    from datasets import load_dataset
-
-    try:
-        return load_dataset("nyu-mll/glue", "sst2", split=split, cache_dir=str(cache_dir() / "hf_datasets"))
-    except Exception as exc:
-        raise DataError(f"SST-2 download from the hub failed ({str(exc).splitlines()[0][:200]}): {_HOW_TO_DATA}") from None
-
-
-def _check(ds, cfg: DataConfig, where: str):
-    """Rows with a text and a 0/1 label, or a DataError that says what to change."""
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{where}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_column and data.label_column"
-        )
-    if len(ds) == 0:
-        raise DataError(f"{where}: no rows")
-    labels = set(ds.unique(cfg.label_column))
-    if not labels <= {0, 1}:
-        shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
-        raise DataError(f"{where}: labels must be 0 or 1 (binary classification), found {shown}")
-    return ds
-
-
-def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
-    ident = {
-        "source": source, "text": cfg.text_column, "label": cfg.label_column, "max_length": cfg.max_length,
-        "tokenizer": [tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer)], "v": _CACHE_VERSION,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_ident(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str):
-    """A datasets.Dataset with input_ids and labels, from the cache or tokenized now and cached.
-
-    Several processes may start together: the main process goes first and writes the cache
-    (atomically, by renaming a finished folder), the others then load it.
-    """
-    from accelerate import PartialState
-    from datasets import load_from_disk
-
-    global TOKENIZE_CALLS
-    target = cache_dir() / "tokenized" / _cache_key(source, cfg, tokenizer)
-    with PartialState().main_process_first():
-        if target.is_dir():
-            return load_from_disk(str(target))
-        ds = _check(read(), cfg, where)
-        TOKENIZE_CALLS += 1
-        ds = ds.map(
-            lambda rows: tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
-            | {"labels": rows[cfg.label_column]},
-            batched=True, remove_columns=ds.column_names, desc=f"tokenizing {where}",
-        )
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        ds.save_to_disk(str(tmp))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-        return load_from_disk(str(target))
-
-
-class TokenSplit(Split):
-    """A split's token ids padded once to max_length, as tensors on the training device: a batch is
-    `ids[idx, :T]`, its mask `positions < lengths[idx]`, its labels `labels[idx]`; the values
-    `tokenizer.pad` gives for the same rows and T (BERT pads on the right).
-
-    T is a shape, so the host must know it, yet it depends on the rows' lengths, which live on the
-    device. `batches` therefore takes all of a call's index tensors at once (one epoch of training,
-    one evaluation), computes every micro-batch's T on the device and reads them back in one
-    `.tolist()` (none for fixed padding): one host read per call instead of one per step.
-    """
-
-    def __init__(self, table, pad_id: int, cfg: DataConfig, device):
-        # Through Arrow, not Python lists: 15 ms for SST-2's 67k texts, against 0.8 s.
-        column = table.column("input_ids").combine_chunks()
-        lengths, flat = _long(column.value_lengths()), _long(column.flatten())
-        ids = torch.full((len(lengths), cfg.max_length), pad_id, dtype=torch.long)
-        ids[torch.arange(cfg.max_length) < lengths[:, None]] = flat  # row by row, left-aligned
-        super().__init__(len(lengths), self.fetch_one)
-        self.ids, self.lengths = ids.to(device), lengths.to(device)
-        self.labels = _long(table.column("labels")).to(device)
-        self.positions = torch.arange(cfg.max_length, device=device)
-        self.padding, self.max_length, self.multiple = cfg.padding, cfg.max_length, cfg.bucket_multiple
-
-    def batches(self, index_batches):
-        index_batches = list(index_batches)  # slices of one permutation: cheap to hold
-        if not index_batches:
-            return
-        sizes = [len(idx) for idx in index_batches]  # the last evaluation batch may be shorter
-        rows = torch.cat(index_batches).to(self.ids.device)  # one copy per call if they come from the host
-        for idx, T in zip(rows.split(sizes), self.padded_lengths(rows, sizes)):
-            yield {"input_ids": self.ids[idx, :T], "attention_mask": (self.positions[:T] < self.lengths[idx, None]).long(),
-                   "labels": self.labels[idx]}
-
-    def padded_lengths(self, rows: torch.Tensor, sizes: list[int]) -> list[int]:
-        """T of each micro-batch (`sizes` consecutive rows each), from a single host read."""
-        if self.padding == "fixed":
-            return [self.max_length] * len(sizes)
-        which = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(rows.device)
-        longest = torch.zeros(len(sizes), dtype=torch.long, device=rows.device)
-        longest.scatter_reduce_(0, which, self.lengths[rows], reduce="amax")
-        if self.padding == "bucket":
-            longest = ((longest + self.multiple - 1) // self.multiple * self.multiple).clamp_(max=self.max_length)
-        return longest.tolist()
-
-    def fetch_one(self, idx: torch.Tensor) -> dict:
-        """One batch (inspect, benchmarks): one host read of its own."""
-        return next(self.batches([idx]))
-
-
-def _long(arrow_array) -> torch.Tensor:
-    # A copy: Arrow's memory is read-only.
-    return torch.tensor(arrow_array.to_numpy(zero_copy_only=False), dtype=torch.long)
-
-
-def _subset(ds, n: int | None, seed: int):
-    if n is None or n >= len(ds):
-        return ds
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return ds.select(sorted(order.tolist()))
+def checked_tokenizer(recipe: Recipe):
+    """The tokenizer, once data.max_length is known to fit it and the model: a length past the
+    model's positions fails in its embeddings, one that leaves no room for text in TokenSplit."""
+    tokenizer, n = tokenizer_for(recipe), recipe.data.max_length
+    specials = tokenizer.num_special_tokens_to_add()
+    if n <= specials:
+        raise RecipeError(f"data.max_length={n} leaves no room for text after the tokenizer's {specials} special "
+                          "tokens: raise it")
+    config = _cached_config(recipe.model.name_or_path, recipe.model.num_labels)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and n > positions:
+        raise RecipeError(f"data.max_length={n} is more than the {positions} positions of {recipe.model.name_or_path}: "
+                          f"lower it to {positions} or less")
+    return tokenizer
 
 
 def load_splits(recipe: Recipe) -> dict:
     """split name -> tokenized datasets.Dataset (train, val, and test for user files that have one)."""
-    cfg, tokenizer = recipe.data, tokenizer_for(recipe)
-    files = _source_files(cfg)
-    out = {}
-    if files is None:
-        for split, hub_split in (("train", "train"), ("val", "validation")):
-            out[split] = tokenized_split(functools.partial(_read_hub, hub_split), f"hub:nyu-mll/glue/sst2/{hub_split}",
-                                         cfg, tokenizer, f"SST-2 {hub_split}")
-    else:
-        for split, path in files.items():
-            out[split] = tokenized_split(functools.partial(_read_file, path), _file_ident(path), cfg, tokenizer, str(path))
-    out["train"] = _subset(out["train"], cfg.train_subset, recipe.train.seed)
-    out["val"] = _subset(out["val"], cfg.eval_subset, recipe.train.seed)
-    return out
+    return bert_data.tokenized_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed)
 
 
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
-    pad_id = tokenizer_for(recipe).pad_token_id
-    splits = {k: TokenSplit(ds.with_format("arrow")[:], pad_id, recipe.data, device)  # the rows a subset selects
-              for k, ds in load_splits(recipe).items()}
-    return DataSplits(train=splits["train"], val=splits["val"], test=splits.get("test"))
+    return bert_data.device_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device)
 
 
 def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:

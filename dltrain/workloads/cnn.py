@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, FiniteFloat, PositiveInt
 from torch import nn
 
-from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root
+from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sized_by
 from dltrain.recipe import RecipeBase, Section
 from dltrain.workloads.common import Output, classification_output, classification_summary
+
+METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -24,16 +26,17 @@ class ModelConfig(Section):
     conv1_channels: PositiveInt = 32
     conv2_channels: PositiveInt = 64
     hidden: PositiveInt = 128  # width of the first linear layer
-    num_classes: PositiveInt = 10
+    num_classes: int = Field(10, ge=10, description="logits; MNIST's labels are 0-9, so at least 10")
 
 
 class DataConfig(Section):
-    root: str | None = Field(None, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
+    root: str | None = Field(None, min_length=1, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out, by seed")
     loader: Literal["tensor", "torch"] = "tensor"  # in-memory indexing, or torchvision DataLoader
-    num_workers: int = Field(0, ge=0, description="DataLoader workers (loader: torch only)")
-    mean: float = 0.5  # normalization as the original notebook: (x - 0.5) / 0.5
-    std: float = Field(0.5, gt=0)
+    # DataLoader worker processes (loader: torch only); each one imports torch, hence a ceiling.
+    num_workers: int = Field(0, ge=0, le=64)
+    mean: FiniteFloat = 0.5  # normalization as the original notebook: (x - 0.5) / 0.5
+    std: FiniteFloat = Field(0.5, gt=0)
     train_subset: PositiveInt | None = Field(None, description="use only this many train examples")
 
 
@@ -64,7 +67,8 @@ class Net(nn.Module):
 
 
 def build_model(recipe: Recipe) -> nn.Module:
-    return Net(recipe.model)
+    with sized_by("the model", "model.conv1_channels, model.conv2_channels or model.hidden"):
+        return Net(recipe.model)
 
 
 def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
@@ -93,11 +97,11 @@ def flops_per_sample(recipe: Recipe) -> int:
 # ----------------------------------------------------------------------------------------------
 # Data
 
-_FILES = {  # name -> md5 of the .gz, as torchvision checks them
-    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+_FILES = {  # name -> (md5 of the .gz, as torchvision checks them; bytes unzipped)
+    "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", 47_040_016),
+    "train-labels-idx1-ubyte": ("d53e105ee54ea40749a09fcbcd1e9432", 60_008),
+    "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", 7_840_016),
+    "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", 10_008),
 }
 _HOW_TO = (
     "put the four MNIST .gz files in <root>/MNIST/raw/ and point data.root or DLTRAIN_DATA_DIR at <root>"
@@ -111,34 +115,53 @@ def _offline() -> bool:
 def prepare_mnist(root: Path) -> Path:
     """Return a root whose MNIST/raw holds the four unzipped files, checking what we find.
 
-    The data root is never written to (CI's is read-only): .gz files are unzipped into the user
-    cache. Nothing is downloaded when the files are present; when none are, torchvision downloads
-    them into the cache unless offline.
+    A root that holds MNIST files is the one used: unzipped files as they are (read_mnist checks
+    them), .gz files checked against their MD5 every time and unzipped into the user cache (the
+    data root is never written to: CI's is read-only). Only a root with no MNIST file at all falls
+    back to the cache's copy, saying so, or, when online, to a download into the cache.
     """
-    from torchvision.datasets.utils import check_integrity
-
     raw = root / "MNIST" / "raw"
-    if all((raw / name).is_file() for name in _FILES):
+    plain = [name for name in _FILES if (raw / name).is_file()]
+    zipped = [name for name in _FILES if (raw / f"{name}.gz").is_file()]
+    if len(plain) == len(_FILES):
         return root
     cached = cache_dir() / "data"
     target = cached / "MNIST" / "raw"
-    if all((raw / f"{name}.gz").is_file() for name in _FILES):
-        target.mkdir(parents=True, exist_ok=True)
-        for name, md5 in _FILES.items():
-            if (target / name).is_file():
-                continue
-            if not check_integrity(str(raw / f"{name}.gz"), md5):
-                raise DataError(f"MNIST file {raw / name}.gz is corrupt (MD5 mismatch): replace it; {_HOW_TO}")
-            tmp = target / f".{name}.{os.getpid()}.tmp"
-            with gzip.open(raw / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target / name)  # atomic: concurrent ranks never see half a file
+    if len(zipped) == len(_FILES):
+        _unzip_checked(raw, target)
         return cached
-    if all((target / n).is_file() for n in _FILES):
+    if plain or zipped:  # some files: the user meant this root, so never swap in another copy
+        missing = [name for name in _FILES if name not in plain and name not in zipped]
+        if missing:
+            raise DataError(f"MNIST in {raw} is incomplete: {missing[0]}(.gz) is missing; {_HOW_TO}")
+        raise DataError(f"MNIST in {raw} holds some files unzipped and others as .gz: give all four in one form; {_HOW_TO}")
+    if raw.resolve() != target.resolve() and all(_unzipped_ok(target / name) for name in _FILES):
+        say("note", f"no MNIST files in {raw}: using the copy in {target}")
         return cached
     if _offline():
         raise DataError(f"MNIST not found in {raw} and downloads are off (offline mode): {_HOW_TO}")
     return _download(cached, raw)
+
+
+def _unzipped_ok(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == _FILES[path.name][1]
+
+
+def _unzip_checked(raw: Path, target: Path) -> None:
+    """Check the four .gz in `raw` and unzip into `target` those it lacks. A copy unzipped earlier,
+    from this root or another, is kept: its .gz had the same MD5, so it holds the same bytes."""
+    from torchvision.datasets.utils import check_integrity
+
+    for name, (md5, _) in _FILES.items():
+        if not check_integrity(str(raw / f"{name}.gz"), md5):
+            raise DataError(f"MNIST file {raw / name}.gz is corrupt (MD5 mismatch): replace it; {_HOW_TO}")
+        if _unzipped_ok(target / name):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{name}.{os.getpid()}.tmp"
+        with gzip.open(raw / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target / name)  # atomic: concurrent ranks never see half a file
 
 
 def _download(root: Path, looked_in: Path) -> Path:
@@ -213,6 +236,9 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
     train_x, train_y = read_mnist(root, train=True)
     test_x, test_y = read_mnist(root, train=False)
     train_ids, val_ids = split_train_val(len(train_x), cfg.val_fraction, recipe.train.seed)
+    if len(val_ids) == 0:  # evaluation would have nothing to average
+        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of the {len(train_x):,} in the train "
+                        f"set: raise it to {1 / len(train_x):.1e} or more")
     if cfg.train_subset:
         train_ids = train_ids[: cfg.train_subset]
     test_ids = torch.arange(len(test_x))

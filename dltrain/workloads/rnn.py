@@ -14,12 +14,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, FiniteFloat, PositiveInt, model_validator
 from torch import nn
 
-from dltrain.data import DataSplits, Split
+from dltrain.data import DataSplits, Split, sized_by
 from dltrain.recipe import RecipeBase, Section
 from dltrain.workloads.common import Output
+
+METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "mse", "naive_mse", "mse_ratio"))  # what evaluation reports
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -31,24 +33,41 @@ class ModelConfig(Section):
     layers: PositiveInt = 1
 
 
+def split_sizes(cfg: DataConfig) -> tuple[int, int, int]:
+    """Sequences in train, validation and test (DataConfig's validator needs it first)."""
+    n_train = int(round(cfg.num_sequences * cfg.train_fraction))
+    n_val = int(round(cfg.num_sequences * cfg.val_fraction))
+    return n_train, n_val, cfg.num_sequences - n_train - n_val
+
+
 class DataConfig(Section):
-    seed: int = 0  # the data are a function of this seed alone, whatever train.seed is
+    # The data are a function of this seed alone, whatever train.seed is; torch.Generator's range.
+    seed: int = Field(0, ge=-(2**63), lt=2**64)
     num_sequences: PositiveInt = 1000
     seq_len: PositiveInt = 10  # inputs per sequence; the target is the value after them
     train_fraction: float = Field(0.70, gt=0, lt=1)
     val_fraction: float = Field(0.15, gt=0, lt=1)  # the rest is the test split
-    amplitude: tuple[float, float] = (0.5, 1.5)  # uniform range
-    frequency: tuple[float, float] = (0.02, 0.2)  # cycles per time step, uniform range
-    noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to every value")
+    amplitude: tuple[FiniteFloat, FiniteFloat] = (0.5, 1.5)  # uniform range
+    frequency: tuple[FiniteFloat, FiniteFloat] = (0.02, 0.2)  # cycles per time step, uniform range
+    noise: FiniteFloat = Field(0.0, ge=0, description="std of Gaussian noise added to every value")
 
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:
         if self.train_fraction + self.val_fraction >= 1:
-            raise ValueError("train_fraction + val_fraction must leave some sequences for the test split")
+            raise ValueError("data.train_fraction + data.val_fraction must leave some sequences for the test split")
         for name in ("amplitude", "frequency"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
-                raise ValueError(f"{name} must be a range [low, high] with 0 <= low <= high")
+                raise ValueError(f"data.{name} must be a range [low, high] with 0 <= low <= high")
+        # An empty split would leave evaluation nothing to average: refuse it here, naming the keys.
+        n_train, n_val, n_test = split_sizes(self)
+        for n, split, key in ((n_train, "train", "train_fraction"), (n_val, "validation", "val_fraction")):
+            if n == 0:
+                raise ValueError(f"data.num_sequences={self.num_sequences} x data.{key}={getattr(self, key)} "
+                                 f"leaves the {split} split empty: raise either")
+        if n_test < 1:
+            raise ValueError(f"data.num_sequences={self.num_sequences} leaves no sequence for the test split after "
+                             "data.train_fraction and data.val_fraction: raise it or lower them")
         return self
 
 
@@ -79,7 +98,8 @@ class SeqRegressor(nn.Module):
 
 
 def build_model(recipe: Recipe) -> nn.Module:
-    return SeqRegressor(recipe.model)
+    with sized_by("the model", "model.hidden or model.layers"):
+        return SeqRegressor(recipe.model)
 
 
 def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
@@ -138,14 +158,9 @@ def generate(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return values[:, :-1].unsqueeze(-1), values[:, -1]
 
 
-def split_sizes(cfg: DataConfig) -> tuple[int, int, int]:
-    n_train = int(round(cfg.num_sequences * cfg.train_fraction))
-    n_val = int(round(cfg.num_sequences * cfg.val_fraction))
-    return n_train, n_val, cfg.num_sequences - n_train - n_val
-
-
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
-    x, y = generate(recipe.data)
+    with sized_by("the sequences", "data.num_sequences or data.seq_len"):
+        x, y = generate(recipe.data)
     x, y = x.to(device), y.to(device)
     n_train, n_val, _ = split_sizes(recipe.data)
     # The sequences are drawn independently, so consecutive slices are random splits.
