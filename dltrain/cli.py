@@ -67,16 +67,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from dltrain.recipe import RecipeError, read_yaml
+    from dltrain.recipe import RecipeError, clip, read_yaml
 
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    where = recipes_dir()
+    if not where.is_dir():
+        raise RecipeError(f"recipes directory {where} not found (DLTRAIN_RECIPES_DIR)")
+    for path in sorted(where.glob("*.yaml")):
         try:
             raw = read_yaml(path)
-        except RecipeError as exc:
-            print(f"{path.name:<26} (unreadable: {exc})")
+        except RecipeError as exc:  # one bad file (not UTF-8, not YAML) must not hide the others
+            print(f"dltrain: warning: skipping {path.name}: {exc}", file=sys.stderr)
             continue
-        profiles = ", ".join(raw.get("profiles") or {}) or "-"
-        print(f"{path.name:<26} {raw.get('workload', '?'):<5} {raw.get('description', '')}  [profiles: {profiles}]")
+        profiles = raw.get("profiles")
+        profiles = ", ".join(map(str, profiles)) if isinstance(profiles, dict) and profiles else "-"
+        description = clip(str(raw.get("description", "")).strip().split("\n")[0], 100)
+        print(f"{path.name:<26} {clip(str(raw.get('workload', '?')), 20):<5} {description}  [profiles: {clip(profiles, 100)}]")
     return 0
 
 

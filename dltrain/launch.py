@@ -37,13 +37,17 @@ def accelerate_executable() -> str:
 
 
 def parse_master(master: str | None) -> tuple[str, int]:
+    """(address, port) of `--master ADDR[:PORT]`; the port is a TCP port, 1-65535 (0: any free one,
+    which only a single node can use)."""
     if not master:
         return "127.0.0.1", DEFAULT_PORT
-    host, _, port = master.rpartition(":")
-    if not host:  # no colon: an address alone
-        return port, DEFAULT_PORT
-    if not port.isdigit():
-        raise LaunchError(f"--master {master!r}: expected ADDR:PORT, e.g. 10.0.0.1:29500")
+    host, colon, port = master.rpartition(":")
+    if not colon:  # an address alone
+        host, port = master, str(DEFAULT_PORT)
+    if not host or not host.isprintable() or any(c.isspace() for c in host):
+        raise LaunchError(f"--master {master!r}: expected ADDR:PORT with a host name or IP address, e.g. 10.0.0.1:29500")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise LaunchError(f"--master {master!r}: expected ADDR:PORT, PORT a number from 1 to 65535, e.g. 10.0.0.1:29500")
     return host, int(port)
 
 
@@ -64,10 +68,14 @@ def build_command(
     """
     if nproc < 1 or nnodes < 1:
         raise LaunchError(f"--nproc {nproc} and --nnodes {nnodes} must be at least 1")
+    if nproc * nnodes >= 2**31:  # torch.distributed counts ranks in 32-bit integers
+        raise LaunchError(f"--nproc {nproc} x --nnodes {nnodes}: more processes than torch.distributed can number (2**31)")
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
     if nnodes > 1 and not master:
         raise LaunchError("several nodes need --master ADDR:PORT (the address of node 0, the same on every node)")
+    if nnodes > 1 and parse_master(master)[1] == 0:
+        raise LaunchError(f"--master {master}: port 0 (any free port) cannot be found by the other nodes: give a port")
     if deepspeed is not None and deepspeed not in (0, 1, 2, 3):
         raise LaunchError(f"--deepspeed {deepspeed}: the ZeRO stage is 0, 1, 2 or 3")
     train = ["-m", "dltrain", "train", *train_args]
@@ -151,11 +159,29 @@ def _train_args(args, deepspeed: int | None) -> list[str]:
     return out
 
 
+def check_nproc(nproc: int, cpu: bool) -> None:
+    """Processes this host can run: one per visible GPU; on a CPU, up to 4 per core (each process
+    holds its own torch, ~0.4 GB, and more only time-slice the same cores)."""
+    if nproc < 1:
+        raise LaunchError(f"--nproc {nproc}: give at least 1 process")
+    if cpu:
+        cores = os.cpu_count() or 1
+        if nproc > 4 * cores:
+            raise LaunchError(f"--nproc {nproc}: more than 4 processes per core of this host ({cores} cores)")
+        return
+    import torch
+
+    if nproc > torch.cuda.device_count():
+        raise LaunchError(f"--nproc {nproc}: this node has {torch.cuda.device_count()} visible GPU(s), one per process")
+
+
 def cmd_launch(args) -> int:
     from dltrain.recipe import load_recipe
 
     # Check the recipe here, once, before any process starts: a typo fails in one line, not N times.
-    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    # With the stage the processes will get (_train_args), e.g. for an offload that needs it.
+    stage = [f"deepspeed.zero_stage={args.deepspeed}"] if args.deepspeed in (0, 1, 2, 3) else []
+    recipe = load_recipe(args.recipe, args.profile, [*args.overrides, *stage])
     deepspeed = args.deepspeed
     if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
         deepspeed = recipe.deepspeed.zero_stage
@@ -169,8 +195,10 @@ def cmd_launch(args) -> int:
         if nproc is None:
             nproc = 1 if cpu else max(1, torch.cuda.device_count())
     try:
+        if not args.dry_run:
+            check_nproc(nproc, cpu)
         argv, env = build_command(
-            nproc=nproc or 1, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, cpu=cpu,
+            nproc=1 if nproc is None else nproc, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, cpu=cpu,
             deepspeed=deepspeed, train_args=_train_args(args, args.deepspeed),
         )
     except LaunchError as exc:

@@ -4,16 +4,31 @@ A recipe holds values, never code. Loading goes: read YAML (safe_load) -> pick a
 and deep-merge it -> apply `--set a.b=value` overrides -> validate with the workload's pydantic
 model (unknown keys are errors). Any problem raises RecipeError, whose message names the file
 and the key path; the CLI prints it on one line and exits with code 2.
+
+Bounds are those of the code downstream: a value the schema accepts must not crash the run. Floats
+are finite, counts at most MAX_COUNT, seeds in [0, 2**32), names not paths, W&B names as W&B takes
+them; a file over MAX_RECIPE_BYTES, or whose YAML aliases expand past MAX_EXPANDED_SIZE (a "billion
+laughs" bomb), is refused before anything copies, merges or validates it; an echoed value is cut short.
 """
 
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a megabyte of YAML is not one
+MAX_EXPANDED_SIZE = 1 << 20  # characters of text plus 8 per value, aliases expanded
+MAX_DEPTH = 32  # nesting of mappings and lists (a recipe has 3 levels; PyYAML recurses per level)
+# Counts (steps, epochs, sizes) end up in int64s (torch, JSON readers) and the epoch in the data
+# order's generator seed (dltrain.data): 2**62 is "never" and still fits with room to add.
+MAX_COUNT = 2**62
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+Steps = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class RecipeError(Exception):
@@ -21,8 +36,10 @@ class RecipeError(Exception):
 
 
 class Section(BaseModel):
-    # Closed: a misspelt key is an error, not a silently ignored value.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Closed: a misspelt key is an error, not a silently ignored value. Floats are finite: an
+    # lr, weight decay or target of .inf/.nan is a typo that would otherwise surface as a
+    # non-finite loss (or a target never reached) after the data has loaded.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class OptimConfig(Section):
@@ -34,18 +51,19 @@ class OptimConfig(Section):
     fused: bool | None = Field(None, description="torch's fused optimizer step (one kernel for all parameters); "
                                                  "default: on, except under DeepSpeed, which steps its own partitions")
 
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> OptimConfig:
-        if not all(0.0 <= b < 1.0 for b in self.betas):
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError("betas must each be in [0, 1)")
-        return self
+        return betas
 
 
 class ScheduleConfig(Section):
     name: Literal["none", "linear_warmup"] = "none"
     # linear_warmup: lr rises linearly over warmup_steps (or warmup_fraction of all steps), then
     # decays linearly to zero at the last optimizer step.
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: Steps | None = None
     warmup_fraction: float = Field(0.0, ge=0, le=1)
 
 
@@ -66,41 +84,58 @@ class CompileConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: PositiveInt | None = 1
-    max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
-    global_batch_size: PositiveInt = 64
+    epochs: Count | None = 1
+    max_steps: Count | None = Field(None, description="optimizer steps; overrides epochs")
+    global_batch_size: Count = 64
     # Hardware stays out of recipes: per-device batch and accumulation are derived from the world
     # size. Give one of them to pin it; the three must then multiply out to global_batch_size.
-    micro_batch_size: PositiveInt | None = None
-    grad_accum: PositiveInt | None = None
+    micro_batch_size: Count | None = None
+    grad_accum: Count | None = None
     clip_grad_norm: float | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
-    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = each epoch")
-    log_every: PositiveInt = 50
-    max_nonfinite_steps: int = Field(0, ge=0, description="non-finite losses tolerated before stopping")
-    warmup_steps_excluded: int = Field(5, ge=0, description="first steps left out of throughput")
+    # torch takes seeds below 2**64, but the data order draws from seed * 1_000_003 + epoch
+    # (dltrain.data), which must fit too: [0, 2**32), the range numpy and most tools take.
+    seed: int = Field(0, ge=0, lt=2**32)
+    eval_every: Steps = Field(0, description="optimizer steps between evaluations; 0 = each epoch")
+    log_every: Count = 50
+    max_nonfinite_steps: Steps = Field(0, description="non-finite losses tolerated before stopping")
+    warmup_steps_excluded: Steps = Field(5, description="first steps left out of throughput")
     # Steps between host reads (non-finite check, stop on a signal): the step never waits for the
     # device in between. null: by device, 1 on a CPU with one process (a read costs nothing
     # there), 50 on a GPU or with several processes.
-    sync_every: PositiveInt | None = None
+    sync_every: Count | None = None
     compile: CompileConfig = CompileConfig()
     # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (torch's own default differs
     # between the two); MFU of an fp32 run is taken against the TF32 peak when on, FP32 when off.
     tf32: bool = False
 
+    @model_validator(mode="after")
+    def _a_length(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("train.epochs and train.max_steps are both empty: give one (max_steps wins when both are)")
+        return self
+
 
 class TrackingConfig(Section):
     wandb: bool = True
-    project: str = "dltrain"
-    tags: list[str] = []
+    project: str = "dltrain"  # W&B's rules: 1-128 characters, none of / \ # ? % :
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []  # W&B takes tags of 1-64 characters
     plots: bool = True
+
+    @field_validator("project")
+    @classmethod
+    def _a_wandb_project(cls, project: str) -> str:
+        bad = sorted(set(project) & set("/\\#?%:"))
+        if not project or len(project) > 128 or bad or not project.isprintable():
+            found = f" (found {' '.join(bad)})" if bad else ""
+            raise ValueError(f"W&B takes a project name of 1-128 printable characters without / \\ # ? % :{found}")
+        return project
 
 
 class CheckpointConfig(Section):
-    every_steps: PositiveInt | None = None
-    every_epochs: PositiveInt | None = None
-    keep_last: PositiveInt = 2
+    every_steps: Count | None = None
+    every_epochs: Count | None = None
+    keep_last: Count = 2
     dir: str | None = Field(None, description="default: RUN_DIR/checkpoints; a relative path is taken inside the run directory")
     # A `dir` outside the run directory (e.g. a scratch filesystem) is refused unless this is true;
     # pruning there deletes only this run's checkpoints (dltrain.rundir).
@@ -111,8 +146,18 @@ class CheckpointConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    offload_params: Literal["none", "cpu"] = "none"
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO stages 1-3
+    offload_params: Literal["none", "cpu"] = "none"  # ZeRO stage 3 only (DeepSpeed ignores it below)
+
+    @model_validator(mode="after")
+    def _offload_needs_its_stage(self) -> DeepSpeedConfig:
+        # Stage 0 runs without DeepSpeed and stages 1-2 do not partition parameters: an offload
+        # there would be dropped without a word.
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
+        return self
 
 
 class TargetConfig(Section):
@@ -126,7 +171,7 @@ class TargetConfig(Section):
 
 class RecipeBase(Section):
     workload: str
-    name: str = ""
+    name: str = Field("", description="names the run directory runs/<name>-<time>; default: the file's stem")
     description: str = ""
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -138,32 +183,125 @@ class RecipeBase(Section):
     # Profiles are merged before validation; kept here only so a resolved recipe still parses.
     profiles: dict[str, dict[str, Any]] = {}
 
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, name: str) -> str:
+        return check_name(name)
+
+
+def check_name(name: str) -> str:
+    """A run's (or suite's) name, stripped; it becomes one path component (runs/<name>-<time>) and
+    the W&B run name, so it is a name, not a path. ValueError says what is wrong."""
+    name = name.strip()
+    if not name:
+        raise ValueError("the name is empty: give one, or leave `name` out for the file's stem")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError("a name, not a path: no '/' or '\\', and not '.' or '..' (use --output-dir for where)")
+    if not name.isprintable():
+        raise ValueError("no control characters (newline, tab, NUL) in a name")
+    if len(name.encode()) > 200:
+        raise ValueError("at most 200 bytes: it becomes a file name (255 bytes at most) with a time stamp")
+    return name
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 
 
+_SHOWN = reprlib.Repr()  # Python 3.11's takes no keyword arguments
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 60, 60, 60
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = 4
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, on one line, without expanding a large value first:
+    an error message echoes what the user wrote, never hundreds of MB of it."""
+    try:
+        text = _SHOWN.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int past Python's digit limit; never fail a message
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """User text (a key, an assignment) for a one-line message: control characters escaped, cut."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    return clip(".".join(str(p) for p in loc), 120) or "(top level)"
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    err = exc.errors(include_url=False)[0]
     where = _format_loc(err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
     if err["type"] == "missing":
         return f"missing required key '{where}'"
     value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"bad value at '{where}': {err['msg']}{shown}"
+    echoed = "" if isinstance(value, dict) else f" (got {shown(value)})"
+    return f"bad value at '{where}': {clip(err['msg'].removeprefix('Value error, '), 200)}{echoed}"
+
+
+def check_size(raw: Any, source: str) -> None:
+    """Refuse a document whose aliases expand to an absurd size or that nests absurdly deep,
+    before anything copies, merges, validates or prints it. YAML aliases share one object, so a
+    'billion laughs' (lists of lists of an alias, 0.5 KB of YAML) costs nothing to load; it is
+    everything after (deepcopy, validation, repr in an error) that would expand it. A shared value
+    is sized once here (memo by id), so this walk is linear in the file."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if isinstance(node, (str, bytes)):
+            return 8 + len(node)
+        if not isinstance(node, (dict, list, tuple, set)):
+            return 8
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in walking:
+            raise RecipeError(f"{source}: a value contains itself (a recursive YAML alias): write the value out")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{source}: values nested more than {MAX_DEPTH} levels deep: not a recipe")
+        walking.add(key)
+        total = 8
+        for item in ([*node.keys(), *node.values()] if isinstance(node, dict) else node):
+            total += size(item, depth + 1)
+            if total > MAX_EXPANDED_SIZE:
+                raise RecipeError(f"{source}: expands to more than {MAX_EXPANDED_SIZE >> 20} MiB once its YAML "
+                                  "aliases (*name) are expanded: not a recipe (an alias bomb?)")
+        walking.discard(key)
+        sizes[key] = total
+        return total
+
+    size(raw, 0)
+
+
+def _safe_load(text: str, source: str) -> Any:
+    """yaml.safe_load, every failure a RecipeError (PyYAML also raises ValueError, for an integer
+    past Python's 4300-digit limit or a date like 2024-13-01, and RecursionError when deep)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{source}: invalid YAML{where}: {clip(problem, 200)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:
+        raise RecipeError(f"{source}: invalid YAML: {clip(str(exc), 200)}") from None
 
 
 def parse_value(text: str) -> Any:
     """Type an override the way YAML would (`3` -> int, `1e-3` -> float, `[1,2]` -> list)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
         return text
     # YAML 1.1 reads '1e-3' as a string; the schema coerces numeric strings anyway.
     return value
@@ -171,19 +309,19 @@ def parse_value(text: str) -> Any:
 
 def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
     if "=" not in assignment:
-        raise RecipeError(f"{source} '{assignment}': expected key.path=value")
+        raise RecipeError(f"{source} '{clip(assignment)}': expected key.path=value")
     path, text = assignment.split("=", 1)
     keys = path.strip().split(".")
     if not all(keys):
-        raise RecipeError(f"{source} '{assignment}': empty key in path '{path}'")
+        raise RecipeError(f"{source} '{clip(assignment)}': empty key in path '{clip(path)}'")
     node = raw
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            prefix = ".".join(keys[: i + 1])
-            raise RecipeError(f"{source} '{assignment}': '{prefix}' is a value, not a section")
+            prefix = clip(".".join(keys[: i + 1]))
+            raise RecipeError(f"{source} '{clip(assignment)}': '{prefix}' is a value, not a section")
         node = child
     node[keys[-1]] = parse_value(text)
 
@@ -198,18 +336,32 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found (see `dltrain list` for the shipped recipes)")
+def read_text(path: Path, what: str = "recipe") -> str:
+    """The file's text: UTF-8 and under MAX_RECIPE_BYTES, or a RecipeError that says which."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_RECIPE_BYTES >> 20} MiB "
+                              f"a {what} may have: not a {what}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}): "
+                          f"save the {what} as UTF-8") from None
+
+
+def read_yaml(path: Path, what: str = "recipe") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        hint = " (see `dltrain list` for the shipped recipes)" if what == "recipe" else ""
+        raise RecipeError(f"{path}: {what} file not found{hint}")
+    raw = _safe_load(read_text(path, what), str(path))
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+        raise RecipeError(f"{path}: a {what} must be a YAML mapping, got {type(raw).__name__}")
+    check_size(raw, str(path))
     return raw
 
 
@@ -217,13 +369,36 @@ def validate(raw: dict, source: str = "recipe") -> RecipeBase:
     from dltrain.workloads import WORKLOADS
 
     workload = raw.get("workload")
-    if workload not in WORKLOADS:
+    if not isinstance(workload, str) or workload not in WORKLOADS:
         known = ", ".join(sorted(WORKLOADS))
-        raise RecipeError(f"{source}: unknown workload {workload!r} at 'workload' (known: {known})")
+        raise RecipeError(f"{source}: unknown workload {shown(workload)} at 'workload' (known: {known})")
+    module = WORKLOADS[workload]
     try:
-        return WORKLOADS[workload].Recipe.model_validate(raw)
+        recipe = module.Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_first_error(exc)}") from None
+    _check_target(recipe, getattr(module, "METRICS", ()), workload, source)
+    if recipe.checkpoint.save_best and recipe.target is None:  # "best" is by target.metric: nothing would be saved
+        raise RecipeError(f"{source}: bad value at 'checkpoint.save_best': the best model is the best target.metric, "
+                          "and this recipe has no target: give one (target.metric, target.value) or set save_best false")
+    return recipe
+
+
+def _check_target(recipe: RecipeBase, metrics: tuple, workload: str, source: str) -> None:
+    """A target the workload never reports would leave time-to-target null without a word. A
+    validation metric is checked at each evaluation; a test metric is measured once, after a fixed
+    schedule (the time-to-accuracy records' rule), so it can neither stop training nor pick a best
+    model: peeking at the test split to stop would make the record meaningless."""
+    target = recipe.target
+    if target is None or not metrics:
+        return
+    if target.metric not in metrics:
+        raise RecipeError(f"{source}: bad value at 'target.metric': {shown(target.metric)} is not a metric the "
+                          f"{workload} workload reports; give one of {', '.join(metrics)}")
+    if target.metric.startswith("test/") and (target.stop or recipe.checkpoint.save_best):
+        key = "target.stop" if target.stop else "checkpoint.save_best"
+        raise RecipeError(f"{source}: bad value at '{key}': the test split is evaluated once, after training, and must "
+                          f"not decide when to stop or which model to keep; set {key}=false, or target a val/ metric")
 
 
 def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = ()) -> RecipeBase:
@@ -232,11 +407,15 @@ def load_recipe(path: str | Path, profile: str | None = None, overrides: list[st
     profiles = raw.get("profiles") or {}
     if profile:
         if not isinstance(profiles, dict) or profile not in profiles:
-            known = ", ".join(profiles) if isinstance(profiles, dict) and profiles else "none"
-            raise RecipeError(f"{path}: unknown profile '{profile}' (profiles in this recipe: {known})")
+            known = ", ".join(map(str, profiles)) if isinstance(profiles, dict) and profiles else "none"
+            raise RecipeError(f"{path}: unknown profile '{clip(profile)}' (profiles in this recipe: {clip(known, 200)})")
+        if not isinstance(profiles[profile] or {}, dict):
+            raise RecipeError(f"{path}: bad value at 'profiles.{clip(profile)}': a profile is a mapping of recipe "
+                              f"keys, got {type(profiles[profile]).__name__}")
         raw = deep_merge(raw, profiles[profile] or {})
     for assignment in overrides:
         apply_override(raw, assignment, source=f"{path}: --set")
+    check_size(raw, f"{path} with its --set overrides")
     raw.setdefault("name", path.stem + (f"-{profile}" if profile else ""))
     return validate(raw, source=str(path))
 

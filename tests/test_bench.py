@@ -43,6 +43,9 @@ def suite_with(**changes) -> dict:
     ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["train.epochz=1"]}]}, "entry 'a'"),
     ({"entries": [{"name": "a", "recipe": "recipes/nope.yaml"}]}, "recipe file not found"),
     ({"entries": [{"name": "a", "recipe": CNN, "baselines": ["magic"]}]}, "baselines.0"),
+    ({"name": "../elsewhere"}, "bad value at 'name'"),  # it names the default output directory
+    ({"timeout_s": 10**10}, "timeout_s"),  # past what the in-process timer (setitimer) takes
+    ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["target.metric=val/acc"]}]}, "target.metric"),
 ])
 def test_bad_suites_give_one_clear_error(tmp_path, changes, message):
     path = write_suite(tmp_path, suite_with(**changes))
@@ -59,6 +62,124 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     assert main(["bench", "no_such_suite"]) == 2
     err = capsys.readouterr().err
     assert "suite not found" in err and "cpu_quick" in err and err.count("\n") == 1
+
+
+def test_a_suite_file_that_is_not_utf8_or_is_an_alias_bomb_is_one_line(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_bytes(b"name: caf\xe9\nentries: []\n")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_suite(str(path))
+    levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path.write_text("\n".join([*levels, "description: *l8", "entries: []"]) + "\n")
+    with pytest.raises(RecipeError, match="alias") as err:
+        load_suite(str(path))
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tolerance", "nan"], "--tolerance nan"),  # nan flags nothing: the gate would always pass
+    (["--tolerance", "-0.1"], "--tolerance -0.1"),  # negative flags an identical pair
+])
+def test_compare_refuses_a_tolerance_that_defeats_the_gate(tmp_path, capsys, argv, message):
+    assert main(["bench", "compare", str(tmp_path), str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_refuses_what_this_host_or_directory_cannot_take_before_any_job(tmp_path, capsys, monkeypatch):
+    from dltrain.bench.runner import run_suite
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    suite = write_suite(tmp_path, suite_with())
+    assert main(["bench", str(suite), "--output-dir", str(a_file / "out")]) == 2  # was a FileExistsError traceback
+    assert "cannot write to --output-dir" in capsys.readouterr().err
+    assert main(["bench", str(suite), "--only", "nothing", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no job matches --only nothing" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    cores = os.cpu_count() or 1
+    for changes, message in (({"cpu_threads": 2**31}, "cpu_threads"), ({"world_sizes": [8 * cores]}, "world_sizes")):
+        with pytest.raises(RecipeError, match=message):
+            run_suite(load_suite(str(write_suite(tmp_path, suite_with(**changes)))), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("DLTRAIN_NODE_RANK", "first")  # was a ValueError from int()
+    assert main(["bench", str(suite), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "DLTRAIN_NODE_RANK" in capsys.readouterr().err
+
+
+def _cheap_harness(monkeypatch):
+    """run_suite without its FLOP count and CPU peak measurements (seconds each, beside the point)."""
+    from dltrain.bench import runner
+
+    monkeypatch.setattr(runner, "measure_entries", lambda suite, jobs: {})
+    monkeypatch.setattr(runner, "measure_cpu_peaks", lambda suite, jobs, seconds=1.5: {})
+
+
+@pytest.mark.parametrize("no_report", [False, True])
+def test_a_suite_with_a_failed_run_exits_non_zero_and_still_reports(tmp_path, monkeypatch, capsys, no_report):
+    """Seen: '9/12 runs ok', exit 0. Automation running a suite must see the failure."""
+    import dltrain.run
+    from dltrain.bench import EXIT_RUNS_FAILED
+    from dltrain.data import DataError
+
+    def fails(recipe, output_dir):
+        raise DataError("MNIST not found in /nowhere: set DLTRAIN_DATA_DIR")
+
+    _cheap_harness(monkeypatch)
+    monkeypatch.setattr(dltrain.run, "train", fails)
+    suite = write_suite(tmp_path, suite_with(in_process=True, wandb_runs=False, wandb_summary=False, cpu_threads=1))
+    out = tmp_path / "out"
+    rc = main(["bench", str(suite), "--output-dir", str(out), *(["--no-report"] if no_report else [])])
+    assert rc == EXIT_RUNS_FAILED == 3
+    (rec,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rec["status"] == "failed" and "MNIST not found" in rec["error"]
+    printed = capsys.readouterr().out
+    assert "0/1 runs ok (1 failed: exit code 3" in printed
+    assert (out / "report.md").is_file() != no_report
+    if not no_report:
+        assert "MNIST not found" in (out / "report.md").read_text()
+
+
+def test_a_suite_whose_runs_all_pass_exits_0(tmp_path, monkeypatch):
+    import dltrain.run
+
+    def passes(recipe, output_dir):
+        summary = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45}}
+        (Path(output_dir) / "summary.json").write_text(json.dumps(summary))
+
+    _cheap_harness(monkeypatch)
+    monkeypatch.setattr(dltrain.run, "train", passes)
+    suite = write_suite(tmp_path, suite_with(in_process=True, wandb_runs=False, wandb_summary=False, cpu_threads=1))
+    (tmp_path / "out" / "runs" / "cnn-w1-fp32-tput-r0").mkdir(parents=True)
+    assert main(["bench", str(suite), "--output-dir", str(tmp_path / "out"), "--no-report"]) == 0
+
+
+def test_a_failing_baseline_gives_its_one_line_error_not_an_exception_name(tmp_path, monkeypatch):
+    from dltrain.bench import runner
+
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "cnn_bare.py").write_text(
+        "from dltrain.recipe import RecipeError\n"
+        "raise RecipeError('--batch 100000 is larger than the training set: lower it')\n")
+    monkeypatch.setattr(runner, "BASELINES", tmp_path / "baselines")
+    suite = load_suite(str(write_suite(tmp_path, suite_with(
+        entries=[{"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["bare"]}]))))
+    (baseline,) = [j for j in expand(suite) if j.kind == "bare"]
+    summary, error, _, _ = runner.run_job(baseline, suite, tmp_path / "run", tmp_path / "bare.log")
+    assert summary is None and "Traceback" in (tmp_path / "bare.log").read_text()
+    assert error == "exit code 1: --batch 100000 is larger than the training set: lower it"
+
+
+@pytest.mark.parametrize("log, rc, expected", [
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'hidden'\n", 1, "exit code 1: 'hidden' (KeyError)"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError\n", 1, "exit code 1: MemoryError (no message)"),
+    ("step 3\n", -9, "killed by SIGKILL (out of memory?): step 3"),
+    ("dltrain: error: bad value at 'optim.lr'\nValueError: later\n", 2, "exit code 2: dltrain: error: bad value at 'optim.lr'"),
+    ("", 1, "exit code 1: no output"),
+])
+def test_a_job_logs_error_line(tmp_path, log, rc, expected):
+    from dltrain.bench.joblog import error_line
+
+    (tmp_path / "job.log").write_text(log)
+    assert error_line(tmp_path / "job.log", rc) == expected
 
 
 @pytest.mark.parametrize("name", ["cpu_quick", "cpu_full", "gpu_single", "scaling", "device_dryrun"])

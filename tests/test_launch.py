@@ -77,11 +77,47 @@ def test_deepspeed_on_several_nodes_uses_one_launcher_per_node():
         (dict(nproc=2, nnodes=2, node_rank=2, master="h:1"), "--node-rank 2"),
         (dict(nproc=2, deepspeed=4), "ZeRO stage"),
         (dict(nproc=2, nnodes=2, master="h:port"), "ADDR:PORT"),
+        (dict(nproc=2, nnodes=2, master=":29500"), "host name"),  # was taken as the address "29500"
+        (dict(nproc=2, nnodes=2, master="h:99999"), "1 to 65535"),
+        (dict(nproc=2, nnodes=2, master="h:\u00b2"), "1 to 65535"),  # '²'.isdigit(): was a ValueError from int()
+        (dict(nproc=2, nnodes=2, master="h:0"), "port 0"),  # a free port node 1 cannot know
+        (dict(nproc=2, nnodes=2, master="a host:29500"), "host name"),
+        (dict(nproc=8, nnodes=2**30, master="h:1"), "2\\*\\*31"),  # ranks are 32-bit integers in torch.distributed
     ],
 )
 def test_impossible_launch_options_are_refused(kwargs, message):
     with pytest.raises(LaunchError, match=message):
         build_command(train_args=TRAIN, **kwargs)
+
+
+def test_master_without_a_port_takes_the_default_and_one_node_may_take_any_free_port():
+    argv, _ = build_command(nproc=1, nnodes=2, master="node001", train_args=TRAIN)
+    assert _flags(argv)["--main_process_port"] == "29500"
+    argv, _ = build_command(nproc=2, master="127.0.0.1:0", train_args=TRAIN)
+    assert _flags(argv)["--main_process_port"] == "0"
+
+
+def test_launch_refuses_process_counts_this_host_cannot_run_before_starting_any(capsys, monkeypatch):
+    import os
+
+    from dltrain import launch
+
+    def must_not_run(argv, env):
+        raise AssertionError(f"launched {argv}")
+
+    monkeypatch.setattr(launch, "run_command", must_not_run)
+    too_many = 4 * (os.cpu_count() or 1) + 1
+    rc, _, err = _launch(capsys, "--cpu", "--nproc", str(too_many), *TRAIN)
+    assert rc == 2 and f"--nproc {too_many}: more than 4 processes per core" in err
+    rc, _, err = _launch(capsys, "--cpu", "--nproc", "0", *TRAIN)  # was silently one process (`nproc or 1`)
+    assert rc == 2 and "--nproc 0" in err
+    rc, _, err = _launch(capsys, "--dry-run", "--nproc", "0", *TRAIN)
+    assert rc == 2 and "--nproc 0" in err
+    import torch
+
+    if not torch.cuda.is_available():  # one process per GPU: none here
+        with pytest.raises(LaunchError, match="0 visible GPU"):
+            launch.check_nproc(1, cpu=False)
 
 
 def _launch(capsys, *args: str) -> tuple[int, str, str]:
@@ -101,6 +137,15 @@ def test_dry_run_prints_the_command_and_checks_the_recipe_first(capsys):
     assert rc == 2 and "unknown key 'train.epocs'" in err and out == ""
     rc, _, err = _launch(capsys, "--dry-run", "--nnodes", "2", *TRAIN)
     assert rc == 2 and "several nodes need --master" in err
+
+
+def test_the_recipe_is_checked_with_the_launchers_deepspeed_stage(capsys):
+    # ZeRO-3 parameter offload: valid with --deepspeed 3, dropped without a word below it (refused)
+    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", "--deepspeed", "3", *TRAIN,
+                           "--set", "deepspeed.offload_params=cpu")
+    assert rc == 0 and "--zero_stage 3" in out, err
+    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", *TRAIN, "--set", "deepspeed.offload_params=cpu")
+    assert rc == 2 and "deepspeed.offload_params needs deepspeed.zero_stage 3" in err
 
 
 def test_the_recipes_deepspeed_stage_selects_the_deepspeed_launcher(capsys):

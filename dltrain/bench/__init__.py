@@ -6,12 +6,22 @@
     measure.py   FLOPs of a real step (FlopCounterMode); peak FLOP/s are in dltrain/peaks.py
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
     markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
+    joblog.py    a launched job's log: a baseline's figures, or the job's error in one line
+
+Exit codes of `dltrain bench SUITE`: 0 every run ok; 3 (EXIT_RUNS_FAILED) at least one run failed,
+timed out or was cut short, the results and the report written all the same (also with
+--no-report); 2 bad input (suite, recipe, option, output directory); 130 interrupted (the job it
+cut is recorded as such). `dltrain bench compare`: 1 on a regression beyond noise.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from datetime import datetime
 from pathlib import Path
+
+EXIT_RUNS_FAILED = 3  # some runs of the suite failed: automation (CI, a nightly job) must see it
 
 
 def default_output_dir(suite_name: str) -> Path:
@@ -35,31 +45,50 @@ def finish(out_dir: Path, wandb: bool = True) -> dict:
 def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
           dry_run: bool = False, only: list[str] = (), report: bool = True) -> int:
     from dltrain.bench.runner import node_info, run_suite
-    from dltrain.bench.suite import load_suite
+    from dltrain.bench.suite import expand, load_suite
     from dltrain.recipe import RecipeError
 
     suite = load_suite(suite_path)
+    if not [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]:
+        which = f"matches --only {' '.join(only)}" if only else "fits its world sizes, nodes and max_procs_per_node"
+        raise RecipeError(f"suite {suite.name}: no job {which}")
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
-    if not dry_run and (out_dir / "results.jsonl").exists():
-        raise RecipeError(f"{out_dir} already holds benchmark results: choose another --output-dir")
+    if not dry_run:
+        check_output_dir(out_dir)
     records = run_suite(suite, out_dir, repeats=repeats, dry_run=dry_run, only=only)
     if dry_run or node_info()[0] > 0:
         return 0
-    if not records:
-        raise RecipeError(f"suite {suite.name}: no job matches --only {' '.join(only)}")
-    ok = f"dltrain bench: {sum(r['status'] == 'ok' for r in records)}/{len(records)} runs ok"
-    if not report:
+    failed = sum(r["status"] != "ok" for r in records)
+    ok = f"dltrain bench: {len(records) - failed}/{len(records)} runs ok"
+    if failed:
+        ok += f" ({failed} failed: exit code {EXIT_RUNS_FAILED}; each one's error is in results.jsonl and the report)"
+    if report:
+        finish(out_dir, wandb=suite.wandb_summary)
+        print(f"{ok}; report in {out_dir / 'report.md'}")
+    else:
         print(f"{ok}; report with `dltrain bench report {out_dir}`")
-        return 0
-    finish(out_dir, wandb=suite.wandb_summary)
-    print(f"{ok}; report in {out_dir / 'report.md'}")
-    return 0
+    return EXIT_RUNS_FAILED if failed else 0
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """A directory bench can create and write its results in, holding none of an earlier suite's;
+    checked without creating it, so a suite refused later leaves nothing behind."""
+    from dltrain.recipe import RecipeError
+
+    if (out_dir / "results.jsonl").exists():
+        raise RecipeError(f"{out_dir} already holds benchmark results: choose another --output-dir")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "no permission to write there"
+        raise RecipeError(f"cannot write to --output-dir {out_dir} ({existing}: {why}): choose another")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark suite (`bench SUITE`), or compare two (`bench compare OLD NEW`)",
                        description="`dltrain bench SUITE`: run a suite (a name under benchmarks/suites/ or a YAML path). "
-                                   "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.")
+                                   "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.",
+                       epilog=f"exit codes: 0 every run ok; {EXIT_RUNS_FAILED} a run failed, timed out or was cut short "
+                              "(results and report written all the same); 2 bad input; 1 (compare) a regression.")
     p.add_argument("suite", metavar="SUITE|compare|report",
                    help="suite name or file; `compare OLD_DIR NEW_DIR`; or `report DIR` to rebuild a report")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories; with report: one")
@@ -79,6 +108,9 @@ def cmd_bench(args) -> int:
 
         if len(args.dirs) != 2:
             raise RecipeError("usage: dltrain bench compare OLD_DIR NEW_DIR (two `dltrain bench` output directories)")
+        if not (math.isfinite(args.tolerance) and 0 <= args.tolerance < 1):
+            # nan would flag nothing (every comparison with it is false), a negative value everything
+            raise RecipeError(f"--tolerance {args.tolerance}: a fraction in [0, 1), e.g. 0.10 for 10%")
         return run_compare(*args.dirs, tolerance=args.tolerance)
     if args.suite == "report":
         # Rebuild summary, report and plots from the records a (possibly interrupted) run left.

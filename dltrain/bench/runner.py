@@ -24,8 +24,9 @@ from pathlib import Path
 
 from dltrain import allocator
 from dltrain.bench import inprocess
+from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import measure_workload
-from dltrain.bench.suite import Job, Suite, expand
+from dltrain.bench.suite import Job, Suite, check_host, expand
 from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.peaks import cpu_peak, gpu_peak
 from dltrain.recipe import RecipeError, load_recipe
@@ -37,6 +38,8 @@ BASELINE_SCRIPTS = {"bare": "{workload}_bare.py", "hf_trainer": "{workload}_hf_t
 
 def node_info() -> tuple[int, str | None]:
     rank = os.environ.get("DLTRAIN_NODE_RANK") or os.environ.get("SLURM_NODEID") or "0"
+    if not (rank.isascii() and rank.isdigit()):
+        raise RecipeError(f"DLTRAIN_NODE_RANK (or SLURM_NODEID) {rank!r}: this node's rank, a number from 0")
     return int(rank), os.environ.get("DLTRAIN_MASTER")
 
 
@@ -101,27 +104,6 @@ def baseline_command(job: Job, suite: Suite) -> list[str]:
     return argv
 
 
-def _baseline_summary(log: Path, workload: str) -> dict | None:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("{")]
-    for line in reversed(lines):
-        try:
-            out = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "train_samples_per_s" in out:
-            keys = ("train_samples_per_s", "step_time_ms_p50", "step_time_ms_p90")
-            return {"workload": workload, "throughput": {k: out[k] for k in keys if k in out}, "baseline": out}
-    return None
-
-
-def _error_line(log: Path, rc: int) -> str:
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
-    ours = [ln for ln in lines if ln.startswith("dltrain:") and ("error" in ln or "stopped" in ln)]
-    python = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
-    last = (ours or python or lines or ["no output"])[-1]
-    return f"exit code {rc}: {last[:300]}"
-
-
 def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | None, str | None, float, str]:
     """(summary.json of the run or None, error or None, wall seconds, command line)."""
     if inprocess.eligible(job, suite):
@@ -143,11 +125,11 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0
     if job.kind in BASELINE_SCRIPTS:
-        summary = _baseline_summary(log, load_recipe(job.entry.recipe, job.entry.profile, job.entry.overrides).workload) if rc == 0 else None
-        return summary, None if summary else _error_line(log, rc), wall, cmd
+        summary = baseline_summary(log, load_recipe(job.entry.recipe, job.entry.profile, job.entry.overrides).workload) if rc == 0 else None
+        return summary, None if summary else error_line(log, rc), wall, cmd
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
-        return None, _error_line(log, rc), wall, cmd
+        return None, error_line(log, rc), wall, cmd
     return json.loads(summary_path.read_text()), None, wall, cmd
 
 
@@ -340,14 +322,6 @@ def validate_jobs(suite: Suite, jobs: list[Job]) -> None:
             raise RecipeError(f"job {job.config}: {exc}") from None
 
 
-def _check_device(suite: Suite) -> None:
-    if suite.device == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():  # never a GPU suite's figures measured on the CPU
-            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
-
-
 def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = ()) -> list[dict]:
     jobs = [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]
     repeats = repeats or suite.repeats
@@ -360,7 +334,7 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             except LaunchError as exc:
                 print(f"[{job.config}] cannot launch here: {exc}")
         return []
-    _check_device(suite)
+    check_host(suite, jobs)
     validate_jobs(suite, jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"

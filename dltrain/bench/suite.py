@@ -21,14 +21,14 @@ recipe into several entries when its rows have different priorities).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from dltrain.recipe import RecipeError, _first_error, load_recipe
+from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, load_recipe, read_yaml
 
 Mode = Literal["throughput", "time_to_target", "both"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -37,7 +37,7 @@ SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "sui
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Entry(_Closed):
@@ -51,7 +51,7 @@ class Entry(_Closed):
     precisions: list[Precision] | None = None
     deepspeed_stages: list[Literal[0, 1, 2, 3] | None] | None = None
     compile: list[bool] | None = None
-    throughput_steps: PositiveInt | None = None
+    throughput_steps: PositiveInt | None = Field(None, le=MAX_COUNT)
     baselines: list[Baseline] = []
     baseline_precisions: list[Precision] | None = None  # default: every precision of the entry
 
@@ -62,8 +62,8 @@ class Suite(_Closed):
     device: Literal["cpu", "gpu"] = "cpu"
     mode: Mode = "throughput"
     repeats: PositiveInt = 1
-    throughput_steps: PositiveInt = 50  # optimizer steps per throughput run
-    warmup_steps: int = Field(5, ge=0, description="first steps left out of the clock (train.warmup_steps_excluded)")
+    throughput_steps: PositiveInt = Field(50, le=MAX_COUNT)  # optimizer steps per throughput run
+    warmup_steps: int = Field(5, ge=0, le=MAX_COUNT, description="first steps left out of the clock (train.warmup_steps_excluded)")
     world_sizes: list[PositiveInt] = [1]
     nodes: list[PositiveInt] = [1]  # world size N on M nodes runs N/M processes per node
     max_procs_per_node: PositiveInt | None = None  # e.g. 8 GPUs: world 16 only on 2+ nodes
@@ -80,8 +80,15 @@ class Suite(_Closed):
     in_process: bool = False
     # CPU only: threads per process. None: the host's cores shared out among the job's processes.
     cpu_threads: PositiveInt | None = None
-    timeout_s: PositiveInt = 1800  # per job; a job past it is killed and recorded as failed
+    # Per job; a job past it is killed and recorded as failed. At most 30 days: the in-process
+    # timer (setitimer) takes no more than ~290 years, and no benchmark job runs a month.
+    timeout_s: PositiveInt = Field(1800, le=30 * 86400)
     entries: list[Entry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, name: str) -> str:
+        return check_name(name) if name else name  # empty: the file's stem
 
     @model_validator(mode="after")
     def _steps_after_warmup(self) -> Suite:
@@ -131,12 +138,7 @@ def load_suite(name_or_path: str, repo: Path | None = None) -> Suite:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))) or "none"
         raise RecipeError(f"{path}: suite not found (shipped suites: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a suite must be a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml(path, what="suite")  # UTF-8, size and alias bounds as a recipe's
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as exc:
@@ -151,6 +153,25 @@ def load_suite(name_or_path: str, repo: Path | None = None) -> Suite:
         except RecipeError as exc:
             raise RecipeError(f"{path}: entry '{entry.name}': {exc}") from None
     return suite
+
+
+def check_host(suite: Suite, jobs: list[Job]) -> None:
+    """What this host can run, before the first job: a GPU suite needs CUDA (never a GPU suite's
+    figures measured on the CPU); a CPU suite at most 4 processes per core, and threads per
+    process likewise (torch.set_num_threads overflows past 2**31; far before, the host thrashes)."""
+    if suite.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
+        return
+    cores = os.cpu_count() or 1
+    if suite.cpu_threads is not None and suite.cpu_threads > 4 * cores:
+        raise RecipeError(f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)")
+    most = max((j.world // j.nnodes for j in jobs), default=1)
+    if most > 4 * cores:
+        raise RecipeError(f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
+                          f"this host ({cores} cores): lower world_sizes or spread them over `nodes`")
 
 
 def _recipe_path(recipe: str, repo: Path) -> Path:
