@@ -7,6 +7,7 @@
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
     markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
     joblog.py    a launched job's log: a baseline's figures, or the job's error in one line
+    ttt.py       record suites (`records:`): time-to-accuracy records over seeds; records.py the table
 
 Exit codes of `dltrain bench SUITE`: 0 every run ok; 3 (EXIT_RUNS_FAILED) at least one run failed,
 timed out or was cut short, the results and the report written all the same (also with
@@ -20,6 +21,8 @@ import math
 import os
 from datetime import datetime
 from pathlib import Path
+
+from dltrain.bench import ttt
 
 EXIT_RUNS_FAILED = 3  # some runs of the suite failed: automation (CI, a nightly job) must see it
 
@@ -45,9 +48,12 @@ def finish(out_dir: Path, wandb: bool = True) -> dict:
 def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
           dry_run: bool = False, only: list[str] = (), report: bool = True) -> int:
     from dltrain.bench.runner import node_info, run_suite
-    from dltrain.bench.suite import expand, load_suite
-    from dltrain.recipe import RecipeError
+    from dltrain.bench.suite import expand, load_suite, resolve_path
+    from dltrain.recipe import RecipeError, read_yaml
 
+    path = resolve_path(suite_path)
+    if path.is_file() and ttt.is_record_suite(raw := read_yaml(path, what="suite")):
+        return bench_records(path, raw, output_dir, dry_run, only)
     suite = load_suite(suite_path)
     if not [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]:
         which = f"matches --only {' '.join(only)}" if only else "fits its world sizes, nodes and max_procs_per_node"
@@ -70,12 +76,33 @@ def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = 
     return EXIT_RUNS_FAILED if failed else 0
 
 
+def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, only: list[str]) -> int:
+    """A record suite (dltrain.bench.ttt): every record's seeds and reference, then the table."""
+    suite = ttt.load_record_suite(path, raw)
+    known = {r.name for r in suite.records}
+    if set(only) - known:
+        from dltrain.recipe import RecipeError
+
+        raise RecipeError(f"suite {suite.name}: no record {', '.join(sorted(set(only) - known))} (records: {', '.join(sorted(known))})")
+    if dry_run:
+        for rec in suite.records:
+            print(f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe} --profile {rec.profile} "
+                  + " ".join(f"--set {s}" for s in rec.overrides) + " --set train.seed=S")
+        return 0
+    out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
+    check_output_dir(out_dir)
+    rows = ttt.run_records(suite, out_dir, only)
+    failed = sum(len(r["agg"]["failed_seeds"]) + r["reference_failed"] for r in rows)
+    print(f"dltrain bench: {len(rows)} records, {failed} failed runs; report in {out_dir / 'report.md'}")
+    return EXIT_RUNS_FAILED if failed else 0
+
+
 def check_output_dir(out_dir: Path) -> None:
     """A directory bench can create and write its results in, holding none of an earlier suite's;
     checked without creating it, so a suite refused later leaves nothing behind."""
     from dltrain.recipe import RecipeError
 
-    if (out_dir / "results.jsonl").exists():
+    if (out_dir / "results.jsonl").exists() or (out_dir / "records.jsonl").exists():
         raise RecipeError(f"{out_dir} already holds benchmark results: choose another --output-dir")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

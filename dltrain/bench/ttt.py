@@ -1,0 +1,208 @@
+"""`dltrain bench ttt`: time-to-accuracy records. A record suite (a YAML file with `records:`
+instead of `entries:`) runs each record config over its seeds, then its reference, and writes
+records.jsonl (one line per run), records.json (the aggregates) and report.md (the table).
+
+A record config is a recipe and profile whose `target` names the held-out metric and the value to
+reach (e.g. `test/accuracy` >= 0.99); the schedule is fixed (`target.stop` on a test metric is
+refused by the recipe schema) and the held-out split is evaluated once, at the end. Each seed is
+one `dltrain train` process with `train.seed=S`; `wall_s` is measured around that process (start
+to exit: imports, data decode, compile, everything), `train_s` is the run's own training clock
+(summary.json's throughput.train_s: first batch to last step, evaluation excluded).
+
+The reference is the same workload's original settings (a dltrain profile or overrides, one run),
+or a baseline script's steady throughput over a window of steps projected to its full schedule
+(the HF Trainer on the MiniLM data: a whole epoch takes some 20 minutes here), which the report
+says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from dltrain.bench.joblog import baseline_summary, error_line
+from dltrain.bench.records import aggregate, table, verdict
+from dltrain.recipe import RecipeError, _first_error, check_name, load_recipe, read_yaml
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Reference(_Closed):
+    what: str  # how the report names it, e.g. "original settings: 10 epochs, batch 64"
+    profile: str | None = None  # a dltrain run of the record's recipe with this profile ...
+    overrides: list[str] = []  # ... and these --set assignments
+    baseline: str | None = Field(None, pattern=r"^[a-z_]+$")  # or a script under benchmarks/baselines/
+    baseline_args: list[str] = []  # its flags (--steps, --warmup, --recipe, --set ...)
+    full_samples: PositiveInt | None = None  # baseline: samples of its full schedule, for the projection
+
+
+class Record(_Closed):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    recipe: str
+    profile: str | None = None
+    overrides: list[str] = []
+    seeds: list[int] = Field(min_length=1)
+    reference: Reference | None = None
+
+
+class RecordSuite(_Closed):
+    name: str = ""
+    description: str = ""
+    cpu_threads: PositiveInt | None = None  # CPU threads per run (OMP_NUM_THREADS); None: all cores
+    timeout_s: PositiveInt = Field(3600, le=30 * 86400)  # per run
+    records: list[Record] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, name: str) -> str:
+        return check_name(name) if name else name
+
+
+def is_record_suite(raw: dict) -> bool:
+    return isinstance(raw, dict) and "records" in raw
+
+
+def load_record_suite(path: Path, raw: dict | None = None) -> RecordSuite:
+    raw = read_yaml(path, "suite") if raw is None else raw
+    raw.setdefault("name", path.stem)
+    try:
+        suite = RecordSuite.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {_first_error(exc)}") from None
+    for rec in suite.records:  # every recipe, with every seed's and the reference's settings, before any run
+        target = load_recipe(_path(rec.recipe), rec.profile, rec.overrides).target
+        if target is None:
+            raise RecipeError(f"{path}: record {rec.name}: its recipe has no target (target.metric, target.value)")
+        if rec.reference and rec.reference.baseline is None:
+            load_recipe(_path(rec.recipe), rec.reference.profile, rec.reference.overrides)
+    return suite
+
+
+def _path(recipe: str) -> Path:
+    p = Path(recipe)
+    return p if p.is_absolute() else REPO / p
+
+
+def _env(suite: RecordSuite) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    if suite.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(suite.cpu_threads)
+    return env
+
+
+def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None, float]:
+    """(exit code or None on timeout, wall seconds from process start to exit)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        try:
+            rc = subprocess.run(argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT, timeout=suite.timeout_s,
+                                cwd=REPO).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    return rc, time.perf_counter() - t0
+
+
+def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path) -> dict:
+    """One `dltrain train` process; its summary.json figures, both clocks, or its error."""
+    argv = [sys.executable, "-m", "dltrain", "train", str(_path(recipe)), *(["--profile", profile] if profile else [])]
+    argv += [a for s in [*sets, "tracking.wandb=false", "checkpoint.save_final_model=false"] for a in ("--set", s)]
+    rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
+    summary_path = run_dir / "summary.json"
+    if rc != 0 or not summary_path.is_file():
+        why = f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
+        return {"ok": False, "error": why, "wall_s": wall}
+    summary = json.loads(summary_path.read_text())
+    target = summary.get("target") or {}
+    return {"ok": True, "metric": summary["metrics"].get(target.get("metric")), "train_s": summary["throughput"].get("train_s"),
+            "wall_s": wall, "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"),
+            "environment": summary.get("environment", {}), "run_dir": str(run_dir)}
+
+
+def reference_run(suite: RecordSuite, rec: Record, out_dir: Path) -> dict:
+    ref = rec.reference
+    log = out_dir / "logs" / f"{rec.name}-reference.log"
+    if ref.baseline is None:
+        out = train_run(suite, rec.recipe, ref.profile, ref.overrides, out_dir / "runs" / f"{rec.name}-reference", log)
+        return out | {"what": ref.what}
+    script = REPO / "benchmarks" / "baselines" / f"{ref.baseline}.py"
+    rc, wall = _launch([sys.executable, str(script), *ref.baseline_args], suite, log)
+    summary = baseline_summary(log, rec.name) if rc == 0 else None
+    if summary is None:
+        return {"ok": False, "error": "timed out" if rc is None else error_line(log, rc), "wall_s": wall, "what": ref.what}
+    rate = summary["throughput"]["train_samples_per_s"]
+    projected = ref.full_samples / rate if ref.full_samples else None
+    return {"ok": True, "train_s": projected, "samples_per_s": rate, "wall_s": wall,
+            "what": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s"}
+
+
+def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list[dict]:
+    """Every record's seeds, then its reference; one line per run in records.jsonl as it ends."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    records = [r for r in suite.records if not only or r.name in only]
+    total = sum(len(r.seeds) + (r.reference is not None) for r in records)
+    done = 0
+    for rec in records:
+        target = load_recipe(_path(rec.recipe), rec.profile, rec.overrides).target
+        runs = []
+        for seed in rec.seeds:
+            done += 1
+            print(f"[{done}/{total}] {rec.name} seed {seed} ...", end=" ", flush=True)
+            run = train_run(suite, rec.recipe, rec.profile, [*rec.overrides, f"train.seed={seed}"],
+                            out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log")
+            runs.append(run | {"seed": seed})
+            _append(out_dir, {"record": rec.name, "kind": "seed", "seed": seed} | run)
+            print(f"{target.metric} {run['metric']:.4g}, train {run['train_s']:.1f} s, wall {run['wall_s']:.1f} s"
+                  if run["ok"] else f"failed: {run['error']}", flush=True)
+        ref = None
+        if rec.reference is not None:
+            done += 1
+            print(f"[{done}/{total}] {rec.name} reference ...", end=" ", flush=True)
+            ref = reference_run(suite, rec, out_dir)
+            _append(out_dir, {"record": rec.name, "kind": "reference"} | ref)
+            print(f"train {ref['train_s']:.1f} s" if ref["ok"] and ref.get("train_s") else f"failed: {ref.get('error')}",
+                  flush=True)
+        agg = aggregate(runs, target.metric)
+        env = next((r["environment"] for r in runs if r.get("environment")), {})
+        rows.append({"name": rec.name, "recipe": rec.recipe, "profile": rec.profile, "overrides": rec.overrides,
+                     "agg": agg, "target": target.value, "mode": target.mode, "met": verdict(agg, target.value, target.mode),
+                     "reference": ref if ref and ref["ok"] else None, "reference_failed": bool(ref and not ref["ok"]),
+                     "environment": env})
+    (out_dir / "records.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    (out_dir / "report.md").write_text("\n".join(report_lines(suite, rows)) + "\n")
+    return rows
+
+
+def _append(out_dir: Path, line: dict) -> None:
+    with (out_dir / "records.jsonl").open("a") as f:
+        f.write(json.dumps({k: v for k, v in line.items() if k != "environment"}, default=str) + "\n")
+
+
+def report_lines(suite: RecordSuite, rows: list[dict]) -> list[str]:
+    env = next((r["environment"] for r in rows if r.get("environment")), {})
+    host = ", ".join(f"{k} {env[k]}" for k in ("cpu", "gpu", "torch", "git_commit") if env.get(k))
+    host += " (uncommitted changes)" if env.get("git_dirty") else ""
+    lines = [f"# Time-to-accuracy records: {suite.name}", "", suite.description, "",
+             f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
+             f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
+             "train_s: first batch to the end of the last step, evaluation excluded; wall_s: process start to exit. "
+             "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.", ""]
+    lines += table(rows)
+    for row in rows:
+        cmd = f"dltrain train {row['recipe']}" + (f" --profile {row['profile']}" if row["profile"] else "")
+        cmd += "".join(f" --set {s}" for s in row["overrides"]) + " --set train.seed=S"
+        env = row.get("environment") or {}
+        setup = f"{env.get('precision', '?')}, {env.get('cpu_threads', '?')} threads, {env.get('device', '?')}"
+        lines += ["", f"- {row['name']} ({setup}): `{cmd}`, seeds {', '.join(map(str, row['agg']['seeds']))}"]
+    return lines

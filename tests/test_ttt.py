@@ -1,0 +1,63 @@
+"""Record suites (`dltrain bench` on a file with `records:`): seeds, both clocks, the reference,
+the table; a tiny suite end to end on real MNIST."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import RECIPES, run_cli
+
+TINY_CNN = ["data.train_subset=640", "data.val_fraction=0.01", "model.conv1_channels=8", "model.conv2_channels=16",
+            "model.hidden=32", "tracking.plots=false", "train.eval_every=1000", "target.metric=test/accuracy",
+            "target.value=0.05", "target.stop=false"]
+
+
+def _suite(tmp_path, reference: str) -> str:
+    sets = ", ".join(TINY_CNN)
+    path = tmp_path / "ttt_tiny.yaml"
+    path.write_text(f"""name: ttt_tiny
+description: two seeds of a few steps, and a reference
+cpu_threads: 1
+records:
+  - name: cnn
+    recipe: {RECIPES / 'cnn_mnist.yaml'}
+    profile: cpu_test
+    overrides: [{sets}, train.max_steps=4]
+    seeds: [0, 1]
+    reference:
+{reference}
+""")
+    return str(path)
+
+
+def test_a_tiny_record_suite_runs_every_seed_and_the_reference_and_writes_the_table(data_dir, tmp_path):
+    ref = f"      what: the same, twice as many steps\n      profile: cpu_test\n      overrides: [{', '.join(TINY_CNN)}, train.max_steps=8]"
+    out = tmp_path / "out"
+    done = run_cli("bench", _suite(tmp_path, ref), "--output-dir", str(out), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert [(x["kind"], x.get("seed")) for x in lines] == [("seed", 0), ("seed", 1), ("reference", None)]
+    for x in lines:
+        assert x["ok"] and 0 < x["train_s"] < x["wall_s"], x  # the process clock covers imports and data as well
+    assert [x["steps"] for x in lines] == [4, 4, 8]
+    (row,) = json.loads((out / "records.json").read_text())
+    agg = row["agg"]
+    assert agg["metric_name"] == "test/accuracy" and agg["metric"]["values"] == [x["metric"] for x in lines[:2]]
+    assert agg["train_s"]["n"] == 2 and agg["wall_s"]["mean"] > agg["train_s"]["mean"]
+    assert row["met"] in (True, False) and row["reference"]["train_s"] == lines[2]["train_s"]
+    report = (out / "report.md").read_text()
+    assert "| cnn | 2 | test/accuracy" in report and "train_s" in report and "wall_s" in report
+    assert "the same, twice as many steps" in report and "--set train.seed=S" in report
+
+
+def test_a_failed_reference_run_fails_the_suite_with_exit_3(data_dir, tmp_path):
+    ref = "      what: a baseline script that is not there\n      baseline: no_such_baseline"
+    out = tmp_path / "out"
+    path = _suite(tmp_path, ref)
+    text = open(path).read().replace("seeds: [0, 1]", "seeds: [0]")
+    open(path, "w").write(text)
+    done = run_cli("bench", path, "--output-dir", str(out), timeout=600)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = json.loads((out / "records.json").read_text())
+    assert row["reference_failed"] and row["reference"] is None
+    assert "1 failed runs" in done.stdout
