@@ -65,7 +65,8 @@ def table(rows: list[dict]) -> list[str]:
         met = {True: "yes", False: "no", None: "no record"}[row["met"]]
         ref_s = ref.get("train_s")
         speedup = f"{ref_s / agg['train_s']['mean']:.1f}x" if ref_s and agg["train_s"]["mean"] else "-"
-        ref_text = f"{ref_s:.1f} s ({ref['what']})" if ref_s else "-"
+        reached = f", {ref['metric_name']} {ref['metric']:.4g}" if ref.get("metric") is not None else ""
+        ref_text = f"{ref_s:.1f} s ({ref['what']}{reached})" if ref_s else "-"
         out.append(f"| {row['name']} | {agg['metric']['n']} | {agg['metric_name']} {_pm(agg['metric'], fmt)} | {each} "
                    f"| {sign} {row['target']:g} | {met} | {_pm(agg['train_s'], '.1f')} s | {_pm(agg['wall_s'], '.1f')} s "
                    f"| {ref_text} | {speedup} |")

@@ -124,7 +124,8 @@ def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[s
         return {"ok": False, "error": why, "wall_s": wall}
     summary = json.loads(summary_path.read_text())
     target = summary.get("target") or {}
-    return {"ok": True, "metric": summary["metrics"].get(target.get("metric")), "train_s": summary["throughput"].get("train_s"),
+    return {"ok": True, "metric": summary["metrics"].get(target.get("metric")), "metric_name": target.get("metric"),
+            "train_s": summary["throughput"].get("train_s"),
             "wall_s": wall, "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"),
             "environment": summary.get("environment", {}), "run_dir": str(run_dir)}
 
