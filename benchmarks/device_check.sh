@@ -16,7 +16,9 @@
 #     DEVICE=cpu OUT=/tmp/dry benchmarks/device_check.sh      # SUITE defaults to device_dryrun
 #
 # Environment: OUT (required), DEVICE (cuda | cpu; default cuda), SUITE (default gpu_single, or
-# device_dryrun with DEVICE=cpu), BUDGET_S (whole script, default 450), PYTHON (default python3).
+# device_dryrun with DEVICE=cpu), RECORDS (record suite run first, default ttt_gpu; none with
+# DEVICE=cpu), RECORDS_S (its share, default 120 s), BUDGET_S (whole script, default 450),
+# PYTHON (default python3).
 # Exit codes: 0 done; 2 cannot run (missing packages, no CUDA, bad suite); 3 the suite was cut by
 # the time budget (the report holds what finished); else the suite's or the report's exit code.
 set -euo pipefail
@@ -136,6 +138,21 @@ if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$OUT/device.txt" || true
 fi
 phase_done import-check
+
+# ---- records first (issue 11): the fast CNN and RNN over their seeds (seconds each on a GPU), in
+# at most RECORDS_S of the budget; results in $OUT/ttt (report.md). RECORDS=none skips them (the
+# default with DEVICE=cpu: a CPU's records come from `dltrain bench ttt`).
+if [ "$DEVICE" = cpu ]; then RECORDS=${RECORDS:-none}; else RECORDS=${RECORDS:-ttt_gpu}; fi
+if [ "$RECORDS" != none ]; then
+    LEFT=$((BUDGET_S - (T_PHASE - T_START) / 1000 - 60))
+    RECORDS_S=${RECORDS_S:-120}
+    [ "$RECORDS_S" -gt $((LEFT / 2)) ] && RECORDS_S=$((LEFT / 2))
+    set +e
+    timeout --signal=INT --kill-after=10 "$RECORDS_S" "$PY" -m dltrain bench "$RECORDS" --output-dir "$OUT/ttt"
+    rrc=$?
+    set -e
+    phase_done records "exit code $rrc"
+fi
 
 # ---- suite: the jobs only, within what is left of the budget (20 s kept for the report)
 LEFT=$((BUDGET_S - (T_PHASE - T_START) / 1000 - 20))

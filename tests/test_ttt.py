@@ -61,3 +61,26 @@ def test_a_failed_reference_run_fails_the_suite_with_exit_3(data_dir, tmp_path):
     (row,) = json.loads((out / "records.json").read_text())
     assert row["reference_failed"] and row["reference"] is None
     assert "1 failed runs" in done.stdout
+
+
+def test_the_shipped_record_suites_validate_with_every_recipe_profile_and_reference():
+    from dltrain.bench.suite import resolve_path
+    from dltrain.bench.ttt import load_record_suite
+
+    for name in ("ttt", "ttt_gpu"):
+        suite = load_record_suite(resolve_path(name))
+        assert suite.name == name and all(len(r.seeds) >= (3 if r.name == "minilm" else 5) for r in suite.records)
+    cpu = load_record_suite(resolve_path("ttt"))
+    assert {r.name for r in cpu.records} == {"cnn", "rnn", "minilm"} and all(r.reference for r in cpu.records)
+
+
+def test_a_record_suite_with_a_recipe_without_target_is_refused(tmp_path):
+    from dltrain.bench.ttt import load_record_suite
+    from dltrain.recipe import RecipeError
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"records:\n  - name: x\n    recipe: {RECIPES / 'rnn_sine.yaml'}\n    overrides: [target=null]\n    seeds: [0]\n")
+    import pytest
+
+    with pytest.raises(RecipeError, match="record x: its recipe has no target"):
+        load_record_suite(path)

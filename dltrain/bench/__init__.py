@@ -86,8 +86,9 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
         raise RecipeError(f"suite {suite.name}: no record {', '.join(sorted(set(only) - known))} (records: {', '.join(sorted(known))})")
     if dry_run:
         for rec in suite.records:
-            print(f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe} --profile {rec.profile} "
-                  + " ".join(f"--set {s}" for s in rec.overrides) + " --set train.seed=S")
+            sets = [*rec.overrides, "train.seed=S"]
+            print(f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe}"
+                  + (f" --profile {rec.profile}" if rec.profile else "") + "".join(f" --set {s}" for s in sets))
         return 0
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
     check_output_dir(out_dir)
