@@ -4,6 +4,8 @@ own process (tests/steady_driver.py):
 * golden loss curves: the first 100 per-step train losses must match tests/golden/ within 1e-5
   relative (a refactor that moves them is not a refactor; regenerate them only in a commit of
   their own that says why: `python tests/steady_driver.py WORKLOAD --write-golden --output-dir DIR`);
+  the CNN's curve depends on the CPU's vector ISA (AVX2 and AVX-512 convolutions sum in another
+  order), so it has one file per torch CPU capability;
 * host reads: over 100 steady steps the loop reads back from the device at most once per sync
   interval (`train.sync_every`, set to 50 here) plus once per log record (and once before each
   evaluation, whose own reads are not the step's): no `.item()`,
@@ -63,7 +65,10 @@ def _needs(request, workload: str) -> None:
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_first_losses_match_the_golden_curve(steady, workload, request):
     _needs(request, workload)
-    golden = json.loads(golden_path(workload).read_text())["losses"]
+    path = golden_path(workload)
+    assert path.is_file(), (f"no golden curve for this CPU's kernels ({path.name}): record one on a clean tree with "
+                            f"`python tests/steady_driver.py {workload} --write-golden --output-dir DIR` and commit it")
+    golden = json.loads(path.read_text())["losses"]
     got = steady(workload)["losses"][:GOLDEN_STEPS]
     assert len(golden) == len(got) == GOLDEN_STEPS
     worst = max(range(GOLDEN_STEPS), key=lambda i: abs(got[i] - golden[i]) / abs(golden[i]))
