@@ -214,3 +214,12 @@ def test_two_processes_count_each_dev_example_once(tmp_path, sst2_dir, minilm_di
     summary = json.loads((out / "summary.json").read_text())
     assert summary["batch"] == {"global": 16, "micro": 8, "grad_accum": 1}  # two ranks of 8
     assert summary["metrics"]["val/examples"] == 872  # 436 per rank, no padding counted
+
+
+def test_fast_profile_validates_keeps_the_model_and_never_stops_early():
+    base, fast = load_recipe(MINILM), load_recipe(MINILM, "fast")
+    assert fast.model == base.model  # a record may change anything but the architecture
+    assert fast.target.stop is False  # dev is evaluated once, at the end of a fixed schedule
+    assert fast.checkpoint.save_best is False  # no model is picked by the dev set
+    assert (fast.target.metric, fast.target.value, fast.target.mode) == ("val/accuracy", 0.88, "max")
+    assert fast.train.max_steps and fast.train.eval_every == fast.train.max_steps
