@@ -49,3 +49,14 @@ def test_table_shows_both_clocks_each_seed_and_the_speed_up():
     assert "test/accuracy 0.9906 ± 0.0007" in row and "0.9901, 0.9911" in row
     assert "| yes |" in row and "21.0 ± 1.4 s" in row and "31.0 ± 1.4 s" in row
     assert "157.5 s (10 epochs, batch 64, to 99% val)" in row and "7.5x" in row
+
+
+def test_a_reference_short_of_the_target_gives_a_bound_not_a_speed_up():
+    agg = aggregate([_run(0, 0.991, 28.0, 33.0)], "test/accuracy")
+    row = {"name": "cnn", "agg": agg, "target": 0.99, "mode": "max", "met": True,
+           "reference": {"train_s": 164.5, "what": "original", "metric": 0.9875, "metric_name": "val/accuracy"}}
+    assert "> 5.9x (reference short of the target)" in table([row])[2]
+    row["reference"] |= {"train_s": 0.1}
+    assert "n/a (reference short of the target)" in table([row])[2]
+    row["reference"] |= {"train_s": 164.5, "metric": 0.991}
+    assert "| 5.9x |" in table([row])[2]
