@@ -194,6 +194,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 len(loop.data.train), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                 rank=acc.process_index, world=plan.world, seed=r.train.seed, epoch=state.epoch,
                 start_step=state.step_in_epoch, device=acc.device,
+                # a split that groups by length (BERT's data.order: length_grouped) says by what
+                lengths=getattr(loop.data.train, "order_lengths", None), group=getattr(loop.data.train, "group", 0),
             )
         )
         while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps and not reached:

@@ -55,6 +55,11 @@ class DataConfig(Section):
     # in eager mode it costs 1.4x dynamic's step time: MiniLM, SST-2, batch 16, 1 CPU thread).
     padding: Literal["dynamic", "fixed", "bucket"] = "dynamic"
     bucket_multiple: PositiveInt = 32  # tokens; padding: bucket only
+    # random: the epoch's permutation; length_grouped: sorted by length inside mega-batches of
+    # group_batches global batches, whose batches are then shuffled (dltrain.data.length_grouped):
+    # less padding (MiniLM, SST-2, batch 32: 2.9x less CPU per real token, 1 thread), another order.
+    order: Literal["random", "length_grouped"] = "random"
+    group_batches: int = Field(64, ge=1, le=1_000_000)
     train_subset: PositiveInt | None = Field(None, description="use this many train rows, drawn by train.seed")
     eval_subset: PositiveInt | None = Field(None, description="use this many eval rows, drawn by train.seed")
 

@@ -297,4 +297,6 @@ def tokenized_splits(cfg: DataConfig, tokenizer, seed: int) -> dict:
 def device_splits(cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu") -> DataSplits:
     splits = {k: TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device)  # the rows a subset selects
               for k, ds in tokenized_splits(cfg, tokenizer, seed).items()}
+    if cfg.order == "length_grouped":  # read by the training loop's index stream
+        splits["train"].order_lengths, splits["train"].group = splits["train"].lengths, cfg.group_batches
     return DataSplits(train=splits["train"], val=splits["val"], test=splits.get("test"))
