@@ -26,7 +26,6 @@ save, locate, load, prune, and the model exports (final_model/, best_model/).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from dltrain import rundir, testhooks
+from dltrain.data import sha256_of
 from dltrain.recipe import RecipeError, dump_recipe
 
 MANIFEST = "manifest.json"
@@ -141,13 +141,7 @@ def saved_state(path: Path | None) -> dict:
 # Writing
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+_sha256 = sha256_of  # the manifest's checksums
 
 def _fsync_tree(path: Path) -> None:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):

@@ -78,6 +78,17 @@ def sized_by(what: str, keys: str):
         raise DataError(f"not enough memory for {what} ({size}): lower {keys}") from None
 
 
+def sha256_of(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (checkpoint manifests, the tokenized cache's marker)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def require_data() -> bool:
     """CI sets DLTRAIN_REQUIRE_DATA=1: tests that need real data then fail instead of skipping."""
     return os.environ.get("DLTRAIN_REQUIRE_DATA", "") not in ("", "0", "false")

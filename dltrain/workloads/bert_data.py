@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say
+from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sha256_of
 
 if TYPE_CHECKING:
     from dltrain.workloads.bert import DataConfig
@@ -173,15 +173,7 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str):
 
 
 def _fingerprint(folder: Path) -> dict[str, list]:
-    return {p.name: [p.stat().st_size, _sha256(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DONE}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {p.name: [p.stat().st_size, sha256_of(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DONE}
 
 
 def _damage(folder: Path) -> str | None:
@@ -201,7 +193,7 @@ def _damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} holds {path.stat().st_size} bytes, not {size}"
-        if _sha256(path) != sha256:
+        if sha256_of(path) != sha256:
             return f"{name} fails its checksum"
     return None
 
