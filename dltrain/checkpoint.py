@@ -74,7 +74,7 @@ def problem_with(path: Path, *, checksums: bool = True) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if checksums and _sha256(f) != meta["sha256"]:
+        if checksums and sha256_of(f) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -140,8 +140,6 @@ def saved_state(path: Path | None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Writing
 
-
-_sha256 = sha256_of  # the manifest's checksums
 
 def _fsync_tree(path: Path) -> None:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -222,7 +220,7 @@ def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     """Checksums, manifest (written last), rename into place, then prune."""
     testhooks.in_save(tmp)
     _fsync_tree(tmp)
-    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format": FORMAT, "step": state.step, "run_id": loop.run_id, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -123,15 +123,10 @@ def new_run_id() -> str:
 
 
 def owned_by(path: Path, run_id: str | None) -> bool:
-    """Whether a checkpoint folder (complete or not) carries `run_id` in its manifest or state."""
+    """Whether a checkpoint folder (complete or not) carries `run_id`: its RUN_ID file, the first
+    thing a save writes (dltrain.checkpoint), so even an unfinished write says whose it is."""
     if not run_id:
         return False
-    for name in ("manifest.json", "trainer_state.json"):
-        try:
-            if json.loads((path / name).read_text()).get("run_id") == run_id:
-                return True
-        except (OSError, ValueError, AttributeError):
-            continue
     try:
         return (path / "RUN_ID").read_text().strip() == run_id
     except OSError:

@@ -258,7 +258,7 @@ def _checkpoints(tmp: Path) -> dict:
     made["pwned"] = str(tmp / "PWNED")
     _plant_code_in_pickle(evil / "scheduler.pt", Path(made["pwned"]))
     manifest = json.loads((evil / "manifest.json").read_text())  # a crafted file that passes the checksums
-    from dltrain.checkpoint import _sha256
+    from dltrain.data import sha256_of as _sha256
 
     manifest["files"]["scheduler.pt"] = {"size": (evil / "scheduler.pt").stat().st_size, "sha256": _sha256(evil / "scheduler.pt")}
     (evil / "manifest.json").write_text(json.dumps(manifest))

@@ -43,7 +43,8 @@ def _state(ckpt: Path) -> dict:
 
 
 def test_scan_tells_complete_from_incomplete(tmp_path):
-    from dltrain.checkpoint import MANIFEST, _sha256, problem_with, scan
+    from dltrain.checkpoint import MANIFEST, problem_with, scan
+    from dltrain.data import sha256_of as _sha256
 
     root = tmp_path / "checkpoints"
     good = root / "step_8"
