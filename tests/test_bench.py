@@ -46,6 +46,9 @@ def suite_with(**changes) -> dict:
     ({"name": "../elsewhere"}, "bad value at 'name'"),  # it names the default output directory
     ({"timeout_s": 10**10}, "timeout_s"),  # past what the in-process timer (setitimer) takes
     ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["target.metric=val/acc"]}]}, "target.metric"),
+    ({"comm": {"world_sizes": [1]}}, "comm.world_sizes.0"),  # a collective needs two processes
+    ({"comm": {"max_bytes": "lots"}}, "give bytes or a number with K, M or G"),
+    ({"comm": {"ops": ["all_to_all"]}}, "comm.ops.0"),
 ])
 def test_bad_suites_give_one_clear_error(tmp_path, changes, message):
     path = write_suite(tmp_path, suite_with(**changes))
@@ -62,6 +65,19 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     assert main(["bench", "no_such_suite"]) == 2
     err = capsys.readouterr().err
     assert "suite not found" in err and "cpu_quick" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "1"], "--nproc 1: a collective needs at least 2 processes"),
+    (["--ops", "all_reduce,gossip"], "--ops all_reduce,gossip: choose from"),
+    (["--min-bytes", "1M", "--max-bytes", "4K"], "give 0 < --min-bytes <= --max-bytes"),
+    (["--max-bytes", "huge"], "message size 'huge'"),
+])
+def test_bench_comm_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    assert main(["bench", "comm", *argv, "--output-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
 def test_a_suite_file_that_is_not_utf8_or_is_an_alias_bomb_is_one_line(tmp_path):
@@ -182,7 +198,7 @@ def test_a_job_logs_error_line(tmp_path, log, rc, expected):
     assert error_line(tmp_path / "job.log", rc) == expected
 
 
-@pytest.mark.parametrize("name", ["cpu_quick", "cpu_full", "gpu_single", "scaling", "device_dryrun"])
+@pytest.mark.parametrize("name", ["cpu_quick", "cpu_full", "gpu_single", "scaling", "device_dryrun", "scaling_cpu"])
 def test_shipped_suites_parse_and_expand(name):
     from dltrain.bench.runner import validate_jobs
 
@@ -415,6 +431,7 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     suite = write_suite(tmp_path, {
         "name": "tiny", "throughput_steps": 8, "warmup_steps": 2, "world_sizes": [1, 2], "cpu_threads": 1,
         "wandb_runs": False, "timeout_s": 300,
+        "comm": {"world_sizes": [2], "ops": ["all_reduce", "broadcast"], "max_bytes": "256K", "target_s": 0.02},
         "entries": [
             {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "overrides": small, "baselines": ["bare"]},
             {"name": "ttt", "recipe": CNN, "profile": "cpu_test", "mode": "time_to_target", "world_sizes": [1],
@@ -451,9 +468,21 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     reached_at = [json.loads(line)["step"] for line in (ttt_run / "metrics.jsonl").read_text().splitlines()
                   if "time_to_target_s" in line]
     assert json.loads((ttt_run / "summary.json").read_text())["steps"] == reached_at[0]
-    assert summary["projection"] and all(p["label"] == "projected" for p in summary["projection"])
+    # The step model's check: the w2 step predicted from the w1 run, the step profile and the
+    # collectives measured on 2 gloo processes, beside the measured w2 step.
+    (comm,) = summary["comm"]
+    assert comm["backend"] == "gloo" and {f["op"] for f in comm["fits"]} == {"all_reduce", "broadcast"}
+    assert len(comm["rows"]) == 2 * 7 and all(r["busbw_GBps"] > 0 for r in comm["rows"])  # 4 KiB .. 256 KiB
+    (check,) = summary["validation"]
+    assert check["config"] == "cnn-w2-fp32-tput" and check["buckets"] >= 1
+    assert check["predicted_ms"] >= check["step1_ms"] and 0 <= check["exposed_ms"] <= check["comm_ms"] + 1e-9
+    assert check["measured_ms"] == summary["configs"]["cnn-w2-fp32-tput"]["figures"]["step_time_ms_p50"]["mean"]
+    # Projected from the FLOP count on the datasheet (no GPU results here), never from this CPU's steps.
+    assert summary["projection"] and all(p["label"] == "PROJECTED" and "datasheet" in p["compute_source"]
+                                         for p in summary["projection"])
     report = (out / "report.md").read_text()
     assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "PROJECTED" in report
+    assert "The step model against measured runs" in report and (out / "plots" / "comm_busbw.png").is_file()
     # the suite's W&B run, offline: its record file holds the summary figures
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     data = Path(wandb_file).read_bytes()

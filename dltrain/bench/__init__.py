@@ -31,13 +31,13 @@ def default_output_dir(suite_name: str) -> Path:
     return Path("runs") / "bench" / f"{suite_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def finish(out_dir: Path, wandb: bool = True) -> dict:
+def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None) -> dict:
     """summary.json, report.md, plots and the W&B summary run from the results in out_dir."""
     from dltrain.bench.markdown import write_report
     from dltrain.bench.plots import log_wandb, make_plots
     from dltrain.bench.report import build_summary, read_results
 
-    summary = build_summary(out_dir)
+    summary = build_summary(out_dir, gpu_results)
     plots = make_plots(summary, read_results(out_dir), out_dir)
     write_report(summary, out_dir)
     if wandb:
@@ -117,8 +117,9 @@ def add_parser(sub) -> None:
                                    "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.",
                        epilog=f"exit codes: 0 every run ok; {EXIT_RUNS_FAILED} a run failed, timed out or was cut short "
                               "(results and report written all the same); 2 bad input; 1 (compare) a regression.")
-    p.add_argument("suite", metavar="SUITE|compare|report",
-                   help="suite name or file; `compare OLD_DIR NEW_DIR`; or `report DIR` to rebuild a report")
+    p.add_argument("suite", metavar="SUITE|compare|report|comm",
+                   help="suite name or file; `compare OLD_DIR NEW_DIR`; `report DIR` to rebuild a report; "
+                        "`comm` to time collectives")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories; with report: one")
     p.add_argument("--output-dir", help="where results go (default: runs/bench/<suite>-<time>)")
     p.add_argument("--repeats", type=int, help="run every job N times (default: the suite's repeats)")
@@ -126,6 +127,12 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print each job's command instead of running it")
     p.add_argument("--no-report", action="store_true", help="run the jobs only; `bench report DIR` builds the report")
     p.add_argument("--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)")
+    p.add_argument("--gpu-results", metavar="DIR", help="report: a GPU suite's output directory, the compute of the GPU projection")
+    c = p.add_argument_group("`dltrain bench comm`: collective timings and the alpha-beta fit")
+    c.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
+    c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast", help="comma-separated collectives")
+    c.add_argument("--min-bytes", default="4K", help="smallest message (default 4K)")
+    c.add_argument("--max-bytes", default="512M", help="largest message (default 512M)")
 
 
 def cmd_bench(args) -> int:
@@ -140,11 +147,13 @@ def cmd_bench(args) -> int:
             # nan would flag nothing (every comparison with it is false), a negative value everything
             raise RecipeError(f"--tolerance {args.tolerance}: a fraction in [0, 1), e.g. 0.10 for 10%")
         return run_compare(*args.dirs, tolerance=args.tolerance)
+    if args.suite == "comm":
+        return cmd_comm(args)
     if args.suite == "report":
         # Rebuild summary, report and plots from the records a (possibly interrupted) run left.
         if len(args.dirs) != 1 or not (Path(args.dirs[0]) / "results.jsonl").is_file():
             raise RecipeError("usage: dltrain bench report DIR (a `dltrain bench` output directory with results.jsonl)")
-        finish(Path(args.dirs[0]))
+        finish(Path(args.dirs[0]), gpu_results=args.gpu_results)
         print(f"dltrain bench: report in {Path(args.dirs[0]) / 'report.md'}")
         return 0
     if args.dirs:
@@ -152,3 +161,25 @@ def cmd_bench(args) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise RecipeError(f"--repeats {args.repeats}: give a positive number")
     return bench(args.suite, args.output_dir, args.repeats, args.dry_run, args.only, report=not args.no_report)
+
+
+def cmd_comm(args) -> int:
+    """`dltrain bench comm`: time the collectives, fit alpha and busbw, write comm.json and report.md."""
+    from dltrain.bench.comm import parse_size, run_comm
+    from dltrain.bench.markdown import comm_section
+    from dltrain.bench.plots import plot_comm
+    from dltrain.recipe import RecipeError
+
+    if args.dirs:
+        raise RecipeError(f"unexpected arguments {' '.join(args.dirs)}: `dltrain bench comm` takes options only")
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir("comm")
+    if (out_dir / "comm.json").exists():
+        raise RecipeError(f"{out_dir} already holds communication results: choose another --output-dir")
+    check_output_dir(out_dir)
+    result = run_comm(out_dir, args.nproc, tuple(o.strip() for o in args.ops.split(",") if o.strip()),
+                      parse_size(args.min_bytes), parse_size(args.max_bytes))
+    plot = plot_comm([result], out_dir)
+    lines = ["# dltrain bench comm", "", *comm_section([result])] + ([f"![busbw]({plot.relative_to(out_dir)})", ""] if plot else [])
+    (out_dir / "report.md").write_text("\n".join(lines))
+    print(f"dltrain bench comm: report in {out_dir / 'report.md'}")
+    return 0

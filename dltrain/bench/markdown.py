@@ -90,6 +90,8 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += _table(["config", "world", "nodes", "samples/s", "speedup", "efficiency"],
                     [[s["config"], str(s["world_size"]), str(s["nnodes"]), _num(s["samples_per_s"]), f"{s['speedup']:.2f}",
                       f"{s['efficiency']:.2f}"] for s in summary["scaling"]])
+    lines += comm_section(summary.get("comm", []))
+    lines += _validation_section(summary.get("validation", []))
     lines += _projection_section(summary["projection"])
     lines += _failures(configs)
     lines += ["## Where the numbers are", "",
@@ -140,14 +142,60 @@ def _accuracy_section(configs: dict) -> list[str]:
     return ["## Final metrics (end of each run)", "", *_table(["config", "metrics"], rows)]
 
 
+def comm_section(comm: list[dict]) -> list[str]:
+    """The collective timings and the alpha-beta fits of each world size measured."""
+    if not comm:
+        return []
+    out = ["## Communication (measured: `dltrain bench comm`)", "",
+           "time: the slowest rank's, median of 5 blocks of back-to-back calls; algbw = bytes / time; busbw = algbw x "
+           "2(N-1)/N (all-reduce), x (N-1)/N (all-gather, reduce-scatter), x 1 (broadcast), as nccl-tests defines them. "
+           "Fit: time = alpha + factor x bytes / busbw per size range, least squares on relative error.", ""]
+    for c in comm:
+        env = c.get("environment") or {}
+        out += [f"### {c['backend']} on {c['device']}, {c['world_size']} processes ({env.get('host', '?')}, torch "
+                f"{env.get('torch', '?')}, {env.get('date_utc', '?')} UTC)", ""]
+        out += _table(["range", "op", "alpha us", "busbw GB/s", "worst miss", "points"],
+                      [[f["range"], f["op"], _num(f["alpha_s"] * 1e6), _num(f["busbw"] / 1e9) if f["busbw"] < 1e14 else "inf",
+                        f"{f['max_rel_err']:.0%}", str(f["points"])] for f in sorted(c["fits"], key=lambda f: (f["op"], f["lo"]))])
+        sizes = sorted({r["bytes"] for r in c.get("rows", [])})
+        ops = [op for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast") if any(r["op"] == op for r in c.get("rows", []))]
+        by = {(r["op"], r["bytes"]): r for r in c.get("rows", [])}
+        out += _table(["bytes", *(f"{op} us / busbw GB/s" for op in ops)],
+                      [[_bytes(n), *(f"{_num(by[op, n]['time_us'])} / {_num(by[op, n]['busbw_GBps'])}" if (op, n) in by else "-"
+                                     for op in ops)] for n in sizes])
+    return out
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
+
+
+def _validation_section(rows: list[dict]) -> list[str]:
+    head = ["## The step model against measured runs", "",
+            "predicted = the world-1 step (measured p50) + exposed communication: DDP's buckets (torch's assignment, "
+            "in the order gradients became ready in the harness's step profile) all-reduced one after another from "
+            "when each is ready, alpha + 2(N-1)/N x bytes / busbw from the fits above, past the end of backward; plus "
+            "dltrain's per-step loss all-reduce and DDP's buffer broadcast. no overlap: all communication after "
+            "backward. error = predicted / measured - 1.", ""]
+    return head + _table(["config", "N", "world-1 ms", "backward ms", "buckets", "comm ms", "exposed ms", "other coll. ms",
+                          "predicted ms", "no-overlap ms", "measured ms", "error"],
+                         [[r["config"], str(r["world_size"]), _num(r["step1_ms"]), _num(r["backward_ms"]), str(r["buckets"]),
+                           _num(r["comm_ms"]), _num(r["exposed_ms"]), _num(r["other_collectives_ms"]), _num(r["predicted_ms"]),
+                           _num(r["no_overlap_ms"]), _num(r["measured_ms"]), f"{r['error']:+.1%}"] for r in rows])
+
+
 def _projection_section(rows: list[dict]) -> list[str]:
-    head = ["## Scaling projection to 8..1024 GPUs (PROJECTED, not measured)", "",
-            "step(N) = compute + 2 (N-1)/N x gradient bytes / link bandwidth (ring all-reduce, no overlap, no latency); "
-            "compute is the measured world-1 step time on the device of this run. NVLink 4 inside a node (N <= 8), "
-            "InfiniBand NDR between nodes.", ""]
-    return head + _table(["config", "N", "link", "compute ms", "all-reduce ms", "projected efficiency", "projected samples/s"],
-                         [[r["config"], str(r["world_size"]), r["link"], _num(r["compute_ms"]), _num(r["allreduce_ms"]),
-                           f"{r['efficiency']:.3f}", _num(r["samples_per_s"])] for r in rows])
+    sources = sorted({r["compute_source"] for r in rows})
+    head = ["## Projection to 8..1024 GPUs (PROJECTED, not measured)", "",
+            "step(N) = one GPU's step + exposed communication, the step model above with NCCL on GPU links "
+            "(dltrain.bench.scaling.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
+            "busbw 450 GB/s in a node, 8 NDR NICs x 50 GB/s x 0.9 across nodes). Assumptions: gradients become ready "
+            "at the same fractions of backward as in the CPU profile, and backward takes the same share of the step; "
+            "compute: " + ("; ".join(sources) if sources else "none (no GPU results and no FLOP count)") + ".", ""]
+    return head + _table(["entry", "N", "nodes", "compute ms", "comm ms", "exposed ms", "step ms", "efficiency", "samples/s", "label"],
+                         [[r["entry"], str(r["world_size"]), str(r["nodes"]), _num(r["compute_ms"]), _num(r["comm_ms"]),
+                           _num(r["exposed_ms"]), _num(r["step_ms"]), f"{r['efficiency']:.3f}", _num(r["samples_per_s"]),
+                           r["label"]] for r in rows])
 
 
 def _failures(configs: dict) -> list[str]:

@@ -75,3 +75,80 @@ def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
         out["flops_per_sample_measured"] = _count(model, workload, batch) / workload.batch_size_of(batch)
     out["flops_measured_over_analytic"] = out["flops_per_sample_measured"] / out["flops_per_sample_analytic"]
     return out
+
+
+def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3) -> dict:
+    """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
+    over `steps` after `warmup`), and when each gradient became ready, relative to the start of
+    backward (a post-accumulate-grad hook per parameter): what dltrain.bench.stepmodel needs to
+    place DDP's buckets in time. Runs in the harness process, at its thread count."""
+    import statistics
+    import time
+    from contextlib import nullcontext
+
+    from dltrain.trainer import build_optimizer
+    from dltrain.workloads import WORKLOADS
+
+    _quiet()
+    workload = WORKLOADS[recipe.workload]
+    torch.manual_seed(recipe.train.seed)
+    model = workload.build_model(recipe).to(device).train()
+    batch = first_batch(recipe, workload.build_data(recipe, device), micro_batch)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(recipe.optim, list(params.values()))
+    cuda = device.startswith("cuda")
+    stamp = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
+    marks: dict[str, object] = {}
+    for name, p in params.items():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: marks.__setitem__(name, _record(stamp)))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else nullcontext
+    phases, ready = [], {n: [] for n in params}
+    for i in range(warmup + steps):
+        marks.clear()
+        t0 = _record(stamp)
+        with autocast():
+            loss = workload.forward(model, batch).loss
+        t1 = _record(stamp)
+        loss.backward()
+        t2 = _record(stamp)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = _record(stamp)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            elapsed = (lambda a, b: a.elapsed_time(b) / 1e3) if cuda else (lambda a, b: b - a)
+            phases.append((elapsed(t0, t1), elapsed(t1, t2), elapsed(t2, t3)))
+            for n, m in marks.items():
+                ready[n].append(elapsed(t1, m))
+    fwd, bwd, opt = (statistics.median(p[k] for p in phases) for k in range(3))
+    grads = sorted(([p.numel() * p.element_size(), statistics.median(ready[n])] for n, p in params.items() if ready[n]),
+                   key=lambda g: g[1])
+    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "grads": grads,
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+            "threads": torch.get_num_threads(), "device": device, "precision": recipe.train.precision}
+
+
+def _record(stamp):
+    """A point in time: perf_counter seconds, or a CUDA event recorded on the current stream."""
+    mark = stamp()
+    if isinstance(mark, float):
+        return mark
+    mark.record()
+    return mark
+
+
+def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | None = None) -> dict:
+    """profile_step at `threads` CPU threads (the suite's per-process count), with what the step
+    model needs beside it: the per-device batch and DDP's bucket cap."""
+    before = torch.get_num_threads()
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        profile = profile_step(recipe, micro_batch, device)
+    finally:
+        torch.set_num_threads(before)
+    dist = getattr(recipe, "distributed", None)
+    profile["bucket_cap_mb"] = getattr(dist, "bucket_cap_mb", None)  # None: DDP's default
+    return {"micro_batch": micro_batch, "step_profile": profile}

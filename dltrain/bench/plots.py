@@ -89,10 +89,26 @@ def plot_loss_curves(summary: dict, results: list[dict], out: Path) -> Path | No
     return _save(fig, out / "loss_curves.png")
 
 
+def plot_comm(comm: list[dict], out_dir: Path) -> Path | None:
+    """Bus bandwidth against message size, one line per collective and world size."""
+    rows = [r for c in comm for r in c.get("rows", [])]
+    if not rows:
+        return None
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    fig, ax = _plt().subplots(figsize=(7, 4))
+    for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
+        pts = sorted((r["bytes"], r["busbw_GBps"]) for r in rows if (r["op"], r["world_size"]) == (op, world))
+        ax.plot([b for b, _ in pts], [g for _, g in pts], marker="o", ms=3, label=f"{op}, N={world}")
+    ax.set(xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth GB/s", title="Collectives (measured)")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "plots" / "comm_busbw.png")
+
+
 def make_plots(summary: dict, results: list[dict], out_dir: Path) -> list[Path]:
     out = out_dir / "plots"
     out.mkdir(exist_ok=True)
     paths = [
+        plot_comm(summary.get("comm", []), out_dir),
         plot_scaling(summary, out),
         _bars(_figure_items(summary, "mfu", 100), "MFU %", "Model FLOPs utilization per configuration", out / "mfu.png"),
         _bars(_figure_items(summary, "samples_per_s", mode="throughput"), "train samples/s", "Steady-state throughput", out / "throughput.png"),

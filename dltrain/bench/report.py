@@ -1,13 +1,5 @@
-"""From results.jsonl to summary.json: repeats aggregated, baseline ratios, scaling, projection.
-
-Scaling efficiency at world size N is throughput(N) / (N x throughput(1)), measured at constant
-per-device batch (the suite's scale_batch). The projection to 8..1024 GPUs is a model, not a
-measurement: step time(N) = compute + ring all-reduce, with compute the measured step time at
-world size 1 and the all-reduce of G gradient bytes over a ring of N devices taking
-2 (N - 1) / N x G / bandwidth (each device sends and receives 2 (N-1)/N of the buffer; latency and
-the overlap of communication with the backward pass are ignored, so it is the no-overlap bound).
-Within a node (N <= 8) the link is NVLink; beyond, the ring is limited by the slowest hop, the
-InfiniBand NIC of each GPU.
+"""From results.jsonl to summary.json: repeats aggregated, baseline ratios, scaling, the step model's
+check against measured runs, the communication fits, and GPU projections (dltrain.bench.scaling).
 """
 
 from __future__ import annotations
@@ -23,11 +15,6 @@ FIGURES = ["samples_per_s", "tokens_per_s", "padded_tokens_per_s", "step_time_ms
            "eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement"]
 HIGHER_IS_BETTER = {"samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s", "mfu",
                     "overall_samples_per_s", "val/accuracy", "test/accuracy", "train/accuracy"}
-# Bandwidth per GPU and direction, bytes/s. NVLink 4 on H100 SXM is 900 GB/s bidirectional;
-# NDR InfiniBand is 400 Gb/s per NIC, one NIC per GPU on current GPU nodes.
-LINKS = {"NVLink 4 (450 GB/s per direction)": 450e9, "InfiniBand NDR (400 Gb/s = 50 GB/s per GPU)": 50e9}
-PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
-GPUS_PER_NODE = 8
 
 
 def read_results(out_dir: Path) -> list[dict]:
@@ -108,51 +95,6 @@ def baseline_ratios(records: list[dict], configs: dict[str, dict]) -> list[dict]
     return rows
 
 
-def _group_key(cfg: dict) -> tuple:
-    return (cfg["entry"], cfg["precision"], cfg["deepspeed_stage"], cfg["compile"])
-
-
-def scaling(configs: dict[str, dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for name, cfg in configs.items():
-        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and _mean(cfg, "samples_per_s"):
-            groups.setdefault(_group_key(cfg), []).append(cfg | {"config": name})
-    rows = []
-    for key, cfgs in groups.items():
-        base = next((c for c in cfgs if c["world_size"] == 1), None)
-        if base is None or len(cfgs) < 2:
-            continue
-        t1 = _mean(base, "samples_per_s")
-        for c in sorted(cfgs, key=lambda c: (c["world_size"], c["nnodes"])):
-            speedup = _mean(c, "samples_per_s") / t1
-            rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
-                         "config": c["config"], "world_size": c["world_size"], "nnodes": c["nnodes"],
-                         "samples_per_s": _mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
-    return rows
-
-
-def projection(configs: dict[str, dict], flops: dict[str, dict]) -> list[dict]:
-    """Projected, not measured: see the module docstring for the model."""
-    rows = []
-    for name, cfg in configs.items():
-        if not (cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and cfg["world_size"] == 1
-                and cfg["deepspeed_stage"] is None and not cfg["compile"]):
-            continue
-        compute_s = (_mean(cfg, "step_time_ms_p50") or 0) / 1e3
-        grad_bytes = (flops.get(cfg["entry"]) or {}).get("grad_bytes")
-        if not compute_s or not grad_bytes:
-            continue
-        for n in PROJECTED_WORLDS:
-            link, bw = list(LINKS.items())[0 if n <= GPUS_PER_NODE else 1]
-            comm_s = 2 * (n - 1) / n * grad_bytes / bw
-            rows.append({"config": name, "entry": cfg["entry"], "precision": cfg["precision"], "world_size": n,
-                         "link": link, "compute_ms": compute_s * 1e3, "allreduce_ms": comm_s * 1e3,
-                         "grad_mb": grad_bytes / 2**20, "efficiency": compute_s / (compute_s + comm_s),
-                         "samples_per_s": n * _mean(cfg, "samples_per_s") * compute_s / (compute_s + comm_s),
-                         "label": "projected"})
-    return rows
-
-
 def rescale_cpu_mfu(records: list[dict], peaks: dict[str, float]) -> None:
     """CPU MFU against the best peak sampled over the whole suite (results.jsonl holds the value
     against the best peak known when the run ended)."""
@@ -162,12 +104,24 @@ def rescale_cpu_mfu(records: list[dict], peaks: dict[str, float]) -> None:
             rec["mfu"] = rec["achieved_flops_per_s"] / rec["peak_flops_per_s"]
 
 
-def build_summary(out_dir: Path) -> dict:
+def read_comm(out_dir: Path) -> list[dict]:
+    """What `dltrain bench comm` (or a suite's comm section) wrote under out_dir: one entry per world size."""
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("comm/*/comm.json"))] + \
+        ([json.loads((out_dir / "comm.json").read_text())] if (out_dir / "comm.json").is_file() else [])
+
+
+def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
+    from dltrain.bench.comm import Fit
+    from dltrain.bench.scaling import projection, read_gpu_configs, scaling, validation
+
     records = read_results(out_dir)
     meta_path = out_dir / "bench_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     rescale_cpu_mfu(records, meta.get("cpu_peak_flops_per_s", {}))
     configs = aggregate(records)
+    comm = read_comm(out_dir)
+    fits = [Fit(**f) for c in comm for f in c["fits"]]
+    gpu_configs = read_gpu_configs(gpu_results or meta.get("gpu_results"))
     env = next((r["environment"] for r in records if r.get("environment")), {})
     summary = {
         "suite": (meta.get("suite") or {}).get("name") or (records[0]["suite"] if records else None),
@@ -180,7 +134,10 @@ def build_summary(out_dir: Path) -> dict:
         "configs": configs,
         "baselines": baseline_ratios(records, configs),
         "scaling": scaling(configs),
-        "projection": projection(configs, meta.get("flops", {})),
+        "comm": comm,
+        "validation": validation(configs, meta.get("flops", {}), fits),
+        "projection": projection(meta.get("flops", {}), gpu_configs),
+        "gpu_results": str(gpu_results or meta.get("gpu_results") or "") or None,
         "runs": len(records),
         "failed": sum(r["status"] != "ok" for r in records),
     }

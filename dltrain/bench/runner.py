@@ -25,7 +25,7 @@ from pathlib import Path
 from dltrain import allocator
 from dltrain.bench import inprocess
 from dltrain.bench.joblog import baseline_summary, error_line
-from dltrain.bench.measure import measure_workload
+from dltrain.bench.measure import measure_step, measure_workload
 from dltrain.bench.suite import Job, Suite, check_host, expand
 from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.peaks import cpu_peak, gpu_peak
@@ -261,6 +261,8 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
             micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
             try:
                 counted[key] = measure_workload(recipe, micro, device)
+                # forward/backward/optimizer and gradient readiness, for the step model (dltrain.bench.scaling)
+                counted[key] |= measure_step(recipe, micro, device, suite.cpu_threads if device == "cpu" else None)
             except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
                 print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
                 counted[key] = None
@@ -341,9 +343,14 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
     print(f"dltrain bench: suite {suite.name}: {len(jobs)} jobs x {repeats} repeats -> {out_dir}", flush=True)
     measured = measure_entries(suite, jobs) if node_rank == 0 else {}
     peaks = measure_cpu_peaks(suite, jobs)
-    meta = {"suite": suite.model_dump(mode="json"), "cpu_peak_flops_per_s": peaks, "flops": measured, "repeats": repeats}
+    meta = {"suite": suite.model_dump(mode="json"), "cpu_peak_flops_per_s": peaks, "flops": measured, "repeats": repeats,
+            "gpu_results": suite.gpu_results}
     if node_rank == 0:
         (out_dir / "bench_meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    if suite.comm is not None and node_rank == 0:
+        from dltrain.bench.comm import run_for_suite
+
+        run_for_suite(suite.comm, out_dir / "comm", cpu=suite.device == "cpu")
     records = []
     for r in range(repeats):
         for i, job in enumerate(jobs, 1):

@@ -24,7 +24,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -56,6 +56,28 @@ class Entry(_Closed):
     baseline_precisions: list[Precision] | None = None  # default: every precision of the entry
 
 
+class CommSection(_Closed):
+    """Collective timings run before the jobs (dltrain.bench.comm), one set per world size: the
+    inputs of the step model that the report checks against the suite's multi-process runs."""
+
+    world_sizes: list[Annotated[int, Field(ge=2, le=1024)]] = [2]
+    ops: list[Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast"]] = ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
+    min_bytes: str = "4K"  # 4K, 512M, 1G or a number of bytes
+    max_bytes: str = "512M"
+    target_s: float = Field(0.2, gt=0, le=60, description="seconds of calls timed per size")
+
+    @field_validator("min_bytes", "max_bytes")
+    @classmethod
+    def _a_size(cls, text: str) -> str:
+        from dltrain.bench.comm import parse_size
+
+        try:
+            parse_size(text)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return text
+
+
 class Suite(_Closed):
     name: str = ""
     description: str = ""
@@ -84,6 +106,9 @@ class Suite(_Closed):
     # timer (setitimer) takes no more than ~290 years, and no benchmark job runs a month.
     timeout_s: PositiveInt = Field(1800, le=30 * 86400)
     entries: list[Entry] = Field(min_length=1)
+    comm: CommSection | None = None  # collective timings before the jobs, for the step model's check
+    # A `dltrain bench gpu_single` output directory: GPU compute for the projection (else: datasheet FLOPs)
+    gpu_results: str | None = None
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,306 @@
+"""`dltrain bench comm`: time the collectives data-parallel training uses, and fit the alpha-beta model.
+
+Each of N processes (torchrun, gloo on CPUs, NCCL on GPUs) runs all-reduce, all-gather,
+reduce-scatter and broadcast over float32 buffers from 4 KiB to 512 MiB. A size's time is that of
+the slowest rank over a block of back-to-back calls (at least 3, and at least `target_s` long),
+after two untimed calls. Bandwidths use the nccl-tests definitions (its doc/PERFORMANCE.md):
+`size` is the whole buffer (all-gather: the gathered output; reduce-scatter: the input), algorithm
+bandwidth algbw = size / time, bus bandwidth busbw = algbw x 2(N-1)/N for all-reduce,
+x (N-1)/N for all-gather and reduce-scatter, x 1 for broadcast: busbw is what each link carries,
+comparable across world sizes and with the hardware's link speed.
+
+The alpha-beta model of one collective: time(size) = alpha + factor x size / busbw, alpha the
+latency, busbw the bandwidth. It is fitted by least squares per size range (latency-bound small
+messages, a middle range, bandwidth-bound large ones), since one line fits neither end well; the
+fit's largest relative miss per range is reported beside it. dltrain.bench.stepmodel predicts a
+training step's exposed communication from these fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+KiB, MiB = 2**10, 2**20
+# Inclusive at both ends, so neighbouring fits share a point and each has at least five.
+SIZE_RANGES = {"small": (4 * KiB, 64 * KiB), "medium": (64 * KiB, 4 * MiB), "large": (4 * MiB, 2**40)}
+
+
+def bus_factor(op: str, world: int) -> float:
+    """busbw / algbw for `op` over `world` ranks (nccl-tests' definitions)."""
+    if world == 1:
+        return 0.0
+    return {"all_reduce": 2 * (world - 1) / world, "all_gather": (world - 1) / world,
+            "reduce_scatter": (world - 1) / world, "broadcast": 1.0}[op]
+
+
+def sizes_between(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo to hi bytes (both rounded to a power of two)."""
+    out, size = [], 1 << max(0, (lo - 1).bit_length())
+    while size <= hi:
+        out.append(size)
+        size *= 2
+    return out
+
+
+def parse_size(text: str) -> int:
+    """'4K', '512M', '1G' or a number of bytes."""
+    units = {"K": KiB, "M": MiB, "G": 2**30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        from dltrain.recipe import RecipeError
+
+        raise RecipeError(f"message size {text!r}: give bytes or a number with K, M or G (e.g. 4K, 512M)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker: one per process, under torchrun
+
+
+def _call(op: str, size: int, world: int, device):
+    """A closure running `op` once over buffers allocated here, `size` bytes in nccl-tests' sense."""
+    import torch
+    import torch.distributed as dist
+
+    numel = max(world, size // 4 // world * world)  # float32, divisible into world equal shards
+    if op == "all_reduce":
+        buf = torch.ones(numel, device=device)
+        return lambda: dist.all_reduce(buf)
+    if op == "all_gather":
+        out, shard = torch.empty(numel, device=device), torch.ones(numel // world, device=device)
+        return lambda: dist.all_gather_into_tensor(out, shard)
+    if op == "reduce_scatter":
+        inp, shard = torch.ones(numel, device=device), torch.empty(numel // world, device=device)
+        return lambda: dist.reduce_scatter_tensor(shard, inp)
+    buf = torch.ones(numel, device=device)
+    return lambda: dist.broadcast(buf, 0)
+
+
+def _slowest(seconds: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_op(call, device, target_s: float, blocks: int = 5) -> tuple[float, int]:
+    """Seconds per call and the calls timed: the median over `blocks` blocks of back-to-back calls
+    of the slowest rank's mean per call (a burst of another process on a shared host spoils one
+    block, not the figure)."""
+    import torch
+    import torch.distributed as dist
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(2):  # untimed: first-use allocations and connection set-up
+        call()
+    sync()
+    estimate = _slowest((time.perf_counter() - t0) / 2, device)  # every rank must choose the same count
+    per_block = int(min(200, max(1, target_s / blocks / max(estimate, 1e-7))))
+    times = []
+    for _ in range(blocks):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            call()
+        sync()
+        times.append(_slowest((time.perf_counter() - t0) / per_block, device))
+    return statistics.median(times), per_block * blocks
+
+
+def worker(argv: list[str] | None = None) -> int:
+    import torch
+    import torch.distributed as dist
+
+    p = argparse.ArgumentParser(prog="python -m dltrain.bench.comm")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--min-bytes", type=int, default=4 * KiB)
+    p.add_argument("--max-bytes", type=int, default=512 * MiB)
+    p.add_argument("--target-s", type=float, default=0.2)
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda" if cuda else "cpu", torch.cuda.current_device() if cuda else None)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    try:
+        for op in args.ops.split(","):
+            for size in sizes_between(args.min_bytes, args.max_bytes):
+                seconds, calls = time_op(_call(op, size, world, device), device, args.target_s)
+                algbw = size / seconds
+                rows.append({"op": op, "bytes": size, "world_size": world, "backend": dist.get_backend(),
+                             "device": device.type, "dtype": "float32", "calls": calls, "time_us": seconds * 1e6,
+                             "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * bus_factor(op, world) / 1e9})
+                if rank == 0:
+                    print(f"  {op:15s} {size / KiB:>10,.0f} KiB {seconds * 1e6:>12,.1f} us "
+                          f"busbw {rows[-1]['busbw_GBps']:7.3f} GB/s ({calls} calls)", flush=True)
+                torch.cuda.empty_cache() if cuda else None
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The alpha-beta fit
+
+
+@dataclass(frozen=True)
+class Fit:
+    op: str
+    world_size: int
+    range: str
+    lo: int
+    hi: int
+    alpha_s: float  # latency
+    busbw: float  # bytes/s each link carries
+    max_rel_err: float  # the fit's worst miss over the points it was fitted to
+    points: int
+
+    def time(self, size: float) -> float:
+        return self.alpha_s + bus_factor(self.op, self.world_size) * size / self.busbw
+
+
+def _fit_relative(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(alpha, slope) of t = alpha + slope x minimizing the squared relative misses (t - fit) / t:
+    ordinary least squares would fit the largest times and leave the small ones 100% off."""
+    w = [1 / t**2 for _, t in pts]
+    sw, sx, st = sum(w), sum(wi * x for wi, (x, _) in zip(w, pts)), sum(wi * t for wi, (_, t) in zip(w, pts))
+    sxx = sum(wi * x * x for wi, (x, _) in zip(w, pts))
+    sxt = sum(wi * x * t for wi, (x, t) in zip(w, pts))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return st / sw, 0.0
+    return (sxx * st - sx * sxt) / det, (sw * sxt - sx * st) / det
+
+
+def fit_alpha_beta(rows: list[dict]) -> list[Fit]:
+    """alpha and busbw per (op, world size, size range), fitted to relative error."""
+    fits = []
+    for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
+        factor = bus_factor(op, world)
+        for name, (lo, hi) in SIZE_RANGES.items():
+            pts = [(factor * r["bytes"], r["time_us"] / 1e6) for r in rows
+                   if r["op"] == op and r["world_size"] == world and lo <= r["bytes"] <= hi]
+            if len(pts) < 2 or factor == 0:
+                continue
+            alpha, slope = _fit_relative(pts)
+            if slope <= 0:  # flat (all latency): more bandwidth than these sizes can show
+                alpha, slope = statistics.median(t for _, t in pts), 1e-15
+            elif alpha < 0:  # a line through the origin: no latency visible at these sizes
+                alpha, slope = 0.0, statistics.median(t / x for x, t in pts)
+            fit = Fit(op, world, name, lo, hi, alpha, 1 / slope, 0.0, len(pts))
+            worst = max(abs(fit.time(x / factor) / t - 1) for x, t in pts)
+            fits.append(replace(fit, max_rel_err=worst))
+    return fits
+
+
+class CommModel:
+    """Time of one collective of `size` bytes from the fits: the fit of the range holding the
+    size (below the smallest range: the small-message fit; above: the large one)."""
+
+    def __init__(self, fits: list[Fit], world_size: int):
+        self.world_size = world_size
+        self.fits = {}
+        for f in fits:
+            if f.world_size == world_size:
+                self.fits.setdefault(f.op, []).append(f)
+        for ranges in self.fits.values():
+            ranges.sort(key=lambda f: f.lo)
+
+    def time(self, op: str, size: int) -> float:
+        if self.world_size == 1 or size <= 0:
+            return 0.0
+        ranges = self.fits.get(op)
+        if not ranges:
+            raise KeyError(f"no {op} fit at world size {self.world_size}")
+        fit = next((f for f in ranges if size <= f.hi), ranges[-1])
+        return max(0.0, fit.time(size))
+
+
+def load_fits(path: Path) -> list[Fit]:
+    return [Fit(**f) for f in json.loads(path.read_text())["fits"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: `dltrain bench comm`
+
+
+def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_bytes: int = 4 * KiB,
+             max_bytes: int = 512 * MiB, cpu: bool | None = None, target_s: float = 0.2) -> dict:
+    """Launch the workers, fit, write comm.jsonl (one row per op and size) and comm.json (fits)."""
+    import torch
+
+    from dltrain.recipe import RecipeError
+
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown or not ops:
+        raise RecipeError(f"--ops {','.join(ops)}: choose from {', '.join(OPS)}")
+    if nproc < 2:
+        raise RecipeError(f"--nproc {nproc}: a collective needs at least 2 processes")
+    if not 0 < min_bytes <= max_bytes:
+        raise RecipeError(f"message sizes {min_bytes}..{max_bytes} bytes: give 0 < --min-bytes <= --max-bytes")
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = out_dir / "comm.jsonl"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dltrain.bench.comm", "--out", str(rows_path), "--ops", ",".join(ops),
+            "--min-bytes", str(min_bytes), "--max-bytes", str(max_bytes), "--target-s", str(target_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    print(f"dltrain bench comm: {nproc} processes, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
+          f"{min_bytes / KiB:,.0f} KiB .. {max_bytes / MiB:,.0f} MiB", flush=True)
+    rc = subprocess.run(argv, env=env).returncode
+    if rc != 0 or not rows_path.is_file():
+        raise RecipeError(f"the communication benchmark failed (exit code {rc}); its output is above")
+    rows = [json.loads(ln) for ln in rows_path.read_text().splitlines() if ln.strip()]
+    fits = fit_alpha_beta(rows)
+    result = {"world_size": nproc, "backend": rows[0]["backend"], "device": rows[0]["device"],
+              "fits": [f.__dict__ for f in fits], "rows": rows, "environment": _environment()}
+    (out_dir / "comm.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_for_suite(section, out_dir: Path, cpu: bool) -> None:
+    """A suite's `comm:` section: one measurement per world size under out_dir/w<N>. A failure is
+    printed and leaves that world size without fits (the report says so); the jobs still run."""
+    from dltrain.recipe import RecipeError
+
+    for n in section.world_sizes:
+        try:
+            run_comm(out_dir / f"w{n}", n, tuple(section.ops), parse_size(section.min_bytes),
+                     parse_size(section.max_bytes), cpu=cpu, target_s=section.target_s)
+        except RecipeError as exc:
+            print(f"dltrain bench comm: world size {n}: {exc}", file=sys.stderr, flush=True)
+
+
+def _environment() -> dict:
+    import platform
+
+    import torch
+
+    return {"host": platform.node(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+if __name__ == "__main__":
+    sys.exit(worker())

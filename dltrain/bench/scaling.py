@@ -1,0 +1,181 @@
+"""Scaling: measured efficiency, the step model checked against measured runs, and GPU projections.
+
+* `scaling`: throughput(N) / (N x throughput(1)) at constant per-device batch, measured.
+* `validation`: the world-N step time predicted by dltrain.bench.stepmodel from the world-1 run,
+  the harness's step profile and the collectives measured on this host (dltrain.bench.comm), beside
+  the measured world-N run. This is the check on the model: a projection is only as good as it.
+* `projection`: 8..1024 GPUs, PROJECTED. Compute comes from a GPU: a gpu_single results directory
+  (`--gpu-results`), or, when none is given, FLOPs / (datasheet peak x an assumed MFU), each row
+  saying which. Compute measured on a CPU is never put on GPU links. Links: `NcclModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dltrain.bench.comm import CommModel, Fit
+from dltrain.bench.report import _mean
+from dltrain.bench.stepmodel import predict_step
+
+PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
+GPUS_PER_NODE = 8
+ASSUMED_MFU = 0.40  # datasheet path only: a well-tuned dense transformer step; small models reach far less
+GPU = "H100 SXM"
+GPU_PEAK_BF16 = 989e12  # dense BF16, NVIDIA H100 datasheet (dltrain.peaks)
+
+
+def _group_key(cfg: dict) -> tuple:
+    return (cfg["entry"], cfg["precision"], cfg["deepspeed_stage"], cfg["compile"])
+
+
+def _throughput_groups(configs: dict[str, dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for name, cfg in configs.items():
+        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and _mean(cfg, "samples_per_s"):
+            groups.setdefault(_group_key(cfg), []).append(cfg | {"config": name})
+    return groups
+
+
+def scaling(configs: dict[str, dict]) -> list[dict]:
+    rows = []
+    for key, cfgs in _throughput_groups(configs).items():
+        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        if base is None or len(cfgs) < 2:
+            continue
+        t1 = _mean(base, "samples_per_s")
+        for c in sorted(cfgs, key=lambda c: (c["world_size"], c["nnodes"])):
+            speedup = _mean(c, "samples_per_s") / t1
+            rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
+                         "config": c["config"], "world_size": c["world_size"], "nnodes": c["nnodes"],
+                         "samples_per_s": _mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
+    return rows
+
+
+def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
+    """Predicted vs measured step time at each measured world size N > 1 on one node (plain DDP)."""
+    rows = []
+    for (entry, precision, stage, compiled), cfgs in _throughput_groups(configs).items():
+        profile = (flops.get(entry) or {}).get("step_profile")
+        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        if stage is not None or profile is None or base is None:
+            continue
+        step1 = _mean(base, "step_time_ms_p50") / 1e3
+        for c in cfgs:
+            n = c["world_size"]
+            if n == 1 or c["nnodes"] != 1 or not any(f.world_size == n for f in fits):
+                continue
+            model = CommModel(fits, n)
+            pred = predict_step(step1, profile, model, profile.get("bucket_cap_mb"))
+            measured = _mean(c, "step_time_ms_p50") / 1e3
+            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": c["config"], "world_size": n,
+                         "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
+                         "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
+                         "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
+                         "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
+                         "measured_ms": measured * 1e3, "error": pred["step_s"] / measured - 1})
+    return rows
+
+
+class NcclModel:
+    """NCCL collective times on GPU nodes: the faster of a ring and a tree, LL (small messages) or
+    Simple (large) protocol, as NCCL's own tuner picks (src/graph/tuning.cc, NCCL 2.x: base and
+    per-hop latencies in microseconds, LL at 1/4 of the bus bandwidth on a ring, 1/3.8 on a tree;
+    a tree's algorithm bandwidth half the bus bandwidth). Bus bandwidths:
+
+    * in a node: NVLink 4 through NVSwitch, 450 GB/s per GPU per direction (H100 SXM datasheet,
+      900 GB/s bidirectional); nccl-tests all-reduce on 8 H100 SXM reports 460-480 GB/s with NVLS.
+    * across nodes: one NDR InfiniBand NIC per GPU, 400 Gb/s = 50 GB/s each; NCCL runs a ring per
+      NIC, so a node's 8 NICs give the ring 8 x 50 GB/s, at an assumed 90% efficiency: 360 GB/s.
+    """
+
+    BASE = {("ring", "LL"): 3.6, ("ring", "Simple"): 8.4, ("tree", "LL"): 4.4, ("tree", "Simple"): 0.0}
+    HOP = {"nvlink": {("ring", "LL"): 0.47, ("ring", "Simple"): 3.4, ("tree", "LL"): 0.52, ("tree", "Simple"): 28.0},
+           "net": {("ring", "LL"): 2.7, ("ring", "Simple"): 9.6, ("tree", "LL"): 5.0, ("tree", "Simple"): 50.0}}
+    NVLINK_BUSBW = 450e9
+    NIC_BW, NICS_PER_NODE, NET_EFFICIENCY = 50e9, 8, 0.9
+
+    def __init__(self, world_size: int, gpus_per_node: int = GPUS_PER_NODE):
+        self.world_size = world_size
+        self.ppn = min(world_size, gpus_per_node)
+        self.nodes = math.ceil(world_size / gpus_per_node)
+        inter = self.NICS_PER_NODE * self.NIC_BW * self.NET_EFFICIENCY
+        self.busbw = self.NVLINK_BUSBW if self.nodes == 1 else min(self.NVLINK_BUSBW, inter)
+        self.link = ("NVLink 4 / NVSwitch, 450 GB/s busbw" if self.nodes == 1 else
+                     f"{self.nodes} nodes: NDR IB, 8 x 50 GB/s NICs x 0.9 = {self.busbw / 1e9:.0f} GB/s busbw")
+
+    def latency_s(self, algo: str, proto: str, op: str = "all_reduce") -> float:
+        n, nodes, intra, net = self.world_size, self.nodes, self.HOP["nvlink"], self.HOP["net"]
+        key = (algo, proto)
+        if algo == "ring":
+            steps, inter = (2 * (n - 1), 2 * (nodes - 1)) if op == "all_reduce" else (n - 1, nodes - 1)
+            lat = self.BASE[key] + (steps - inter) * intra[key] + inter * net[key]
+        else:
+            lat = self.BASE[key] + 2 * ((self.ppn - 1) * intra[key] + math.log2(nodes) * net[key])
+        return lat * 1e-6
+
+    def time(self, op: str, size: int) -> float:
+        n = self.world_size
+        if n == 1 or size <= 0:
+            return 0.0
+        ring_factor = 2 * (n - 1) / n if op == "all_reduce" else 1.0
+        options = [self.latency_s("ring", p, op) + ring_factor * size / (self.busbw * s) for p, s in (("LL", 0.25), ("Simple", 1.0))]
+        if op == "all_reduce":  # trees are for all-reduce only
+            options += [self.latency_s("tree", p) + 2 * size / (self.busbw * s) for p, s in (("LL", 1 / 3.8), ("Simple", 0.9))]
+        return min(options)
+
+
+def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None) -> tuple[float, int, str] | None:
+    """(seconds per step, per-device batch, source) on one GPU: measured, or from the datasheet."""
+    for name, cfg in (gpu_configs or {}).items():
+        if (cfg["entry"], cfg["kind"], cfg["mode"], cfg["world_size"]) == (entry, "dltrain", "throughput", 1) \
+                and _mean(cfg, "step_time_ms_p50") and _mean(cfg, "samples_per_s"):
+            step = _mean(cfg, "step_time_ms_p50") / 1e3
+            return step, round(_mean(cfg, "samples_per_s") * step), f"measured on a GPU ({name})"
+    per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
+    batch = flops.get("micro_batch")
+    if not per_sample or not batch:
+        return None
+    step = per_sample * batch / (GPU_PEAK_BF16 * ASSUMED_MFU)
+    return step, batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
+
+
+def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None) -> list[dict]:
+    """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
+    Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
+    share of the GPU step the profile's share too (both stated with every row)."""
+    rows = []
+    for entry, meas in flops.items():
+        profile, compute = meas.get("step_profile"), gpu_compute(entry, meas, gpu_configs)
+        if not profile or not compute:
+            continue
+        step1, batch, source = compute
+        total = profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]
+        share = profile["backward_s"] / total
+        scaled = {"backward_s": step1 * share, "buffer_bytes": profile["buffer_bytes"],
+                  "grads": [(b, r / profile["backward_s"] * step1 * share) for b, r in profile["grads"]]}
+        for n in PROJECTED_WORLDS:
+            links = NcclModel(n)
+            pred = predict_step(step1, scaled, links, profile.get("bucket_cap_mb"))
+            rows.append({"entry": entry, "world_size": n, "nodes": links.nodes, "link": links.link, "compute_source": source,
+                         "compute_ms": step1 * 1e3, "backward_share": share, "comm_ms": pred["comm_s"] * 1e3,
+                         "exposed_ms": (pred["step_s"] - step1) * 1e3, "step_ms": pred["step_s"] * 1e3,
+                         "efficiency": step1 / pred["step_s"], "samples_per_s": n * batch / pred["step_s"],
+                         "grad_mb": sum(b for b, _ in profile["grads"]) / 2**20, "label": "PROJECTED"})
+    return rows
+
+
+def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, dict] | None:
+    """The configs of a GPU suite's summary.json (e.g. gpu_single), refused if not run on a GPU."""
+    if not gpu_results:
+        return None
+    from dltrain.recipe import RecipeError
+
+    path = Path(gpu_results) / "summary.json"
+    if not path.is_file():
+        raise RecipeError(f"--gpu-results {gpu_results}: no summary.json there (give a `dltrain bench gpu_single` output directory)")
+    summary = json.loads(path.read_text())
+    if (summary.get("environment") or {}).get("device") != "cuda":
+        raise RecipeError(f"--gpu-results {gpu_results}: its runs did not run on a GPU; projecting CPU compute onto GPU links is refused")
+    return summary["configs"]
