@@ -190,7 +190,8 @@ def _projection_section(rows: list[dict]) -> list[str]:
             "step(N) = one GPU's step + exposed communication, the step model above with NCCL on GPU links "
             "(dltrain.bench.scaling.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
             "busbw 450 GB/s in a node, 8 NDR NICs x 50 GB/s x 0.9 across nodes). Assumptions: gradients become ready "
-            "at the same fractions of backward as in the CPU profile, and backward takes the same share of the step; "
+            "at the same fractions of backward as in the harness's step profile (on this suite's device), and backward "
+            "takes the same share of the step; "
             "compute: " + ("; ".join(sources) if sources else "none (no GPU results and no FLOP count)") + ".", ""]
     return head + _table(["entry", "N", "nodes", "compute ms", "comm ms", "exposed ms", "step ms", "efficiency", "samples/s", "label"],
                          [[r["entry"], str(r["world_size"]), str(r["nodes"]), _num(r["compute_ms"]), _num(r["comm_ms"]),

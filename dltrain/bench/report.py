@@ -121,8 +121,10 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     configs = aggregate(records)
     comm = read_comm(out_dir)
     fits = [Fit(**f) for c in comm for f in c["fits"]]
-    gpu_configs = read_gpu_configs(gpu_results or meta.get("gpu_results"))
+    gpu_results = gpu_results or meta.get("gpu_results")
     env = next((r["environment"] for r in records if r.get("environment")), {})
+    # A GPU suite's own world-1 runs are GPU compute; a CPU suite's never are.
+    gpu_configs = read_gpu_configs(gpu_results) if gpu_results else (configs if env.get("device") == "cuda" else None)
     summary = {
         "suite": (meta.get("suite") or {}).get("name") or (records[0]["suite"] if records else None),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -137,7 +139,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "comm": comm,
         "validation": validation(configs, meta.get("flops", {}), fits),
         "projection": projection(meta.get("flops", {}), gpu_configs),
-        "gpu_results": str(gpu_results or meta.get("gpu_results") or "") or None,
+        "gpu_results": str(gpu_results) if gpu_results else None,
         "runs": len(records),
         "failed": sum(r["status"] != "ok" for r in records),
     }
