@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"dltrain: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except ModuleNotFoundError as exc:  # an optional package a lazy import needed (dltrain.extras)
+        from dltrain.extras import missing_module_error
+
+        if (line := missing_module_error(exc)) is None:
+            raise
+        print(f"dltrain: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("dltrain: interrupted", file=sys.stderr)
         return 130
