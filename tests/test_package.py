@@ -78,7 +78,8 @@ def test_a_lazy_import_of_a_missing_extra_is_one_line_not_a_traceback(capsys, mo
 
 
 def test_launch_refuses_a_global_batch_the_world_size_does_not_divide_before_starting(capsys):
-    # The README's old SLURM example: bert_sst2's global batch 16 on 4 nodes x 8 GPUs.
+    # The README's old SLURM example: bert_sst2's global batch 16 on 4 nodes x 8 GPUs (the new one
+    # runs through the script in test_launch.py).
     assert main(["launch", "--nproc", "8", "--nnodes", "4", "--master", "node1:29500", "--dry-run", "bert_sst2"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
@@ -91,49 +92,6 @@ def test_launch_refuses_a_global_batch_the_world_size_does_not_divide_before_sta
 def test_launch_refuses_fp16_on_a_cpu_before_starting(capsys):
     assert main(["launch", "--cpu", "--nproc", "2", "--dry-run", "cnn_mnist", "--set", "train.precision=fp16"]) == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
-
-
-def _readme_slurm_example() -> list[str]:
-    (line,) = [s for s in (REPO / "README.md").read_text().splitlines() if s.strip().startswith("sbatch launch/slurm.sbatch")]
-    return line.split("#")[0].split()[2:]  # the arguments after the script
-
-
-# Stand-ins for srun (the step once per node, as SLURM runs it, each with its SLURM_NODEID; the
-# four nodes at once, each node's output collected in rank order) and scontrol.
-FAKE_SRUN = """#!/bin/bash
-while [[ $1 == --* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" > "node$i.out" & pids+=($!); done
-rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-for ((i = 0; i < SLURM_NNODES; i++)); do cat "node$i.out"; done
-exit $rc
-"""
-FAKE_SCONTROL = """#!/bin/bash
-[ "$1 $2" = "show hostnames" ] && printf 'gpu-node007\\ngpu-node008\\ngpu-node009\\ngpu-node010\\n'
-"""
-
-
-@pytest.mark.slow  # four interpreter starts at once: 6-12 s depending on load
-def test_the_readme_slurm_example_launches_at_4_nodes_x_8_gpus(tmp_path):
-    # The line the README gives (its old one, batch 16 over 32 GPUs, is refused in one line before
-    # any process starts: test_launch_refuses_a_global_batch_the_world_size_does_not_divide...).
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (tmp_path / name).write_text(text)
-        (tmp_path / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node[007-010]",
-           "SLURM_NNODES": "4", "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "dltrain", "SLURM_GPUS_ON_NODE": "8",
-           "DLTRAIN": f"{sys.executable} -m dltrain"}
-    example = _readme_slurm_example()
-    assert example[0] == "bert_sst2"
-    done = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), *example, "--dry-run"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 4
-    for rank, line in enumerate(lines):
-        assert f"--num_processes 32 --num_machines 4 --machine_rank {rank} --main_process_ip gpu-node007" in line
-        assert line.endswith(" ".join(example) + " --output-dir runs/dltrain-77")
 
 
 def _build_wheel(tmp_path: Path) -> Path:
