@@ -19,7 +19,10 @@ from pathlib import Path
 
 import dltrain
 
+# Each kind of shipped file: its folder inside the package, and where it lives in the repository
+# (the paths suites and the README write).
 KINDS = {"recipes": "recipes", "suites": "suites", "baselines": "baselines", "launch": "launch_configs"}
+_REPO_FOLDERS = {"recipes": "recipes", "suites": "benchmarks/suites", "baselines": "benchmarks/baselines", "launch": "launch"}
 
 
 def folder(kind: str) -> Path:
@@ -42,13 +45,14 @@ def names(kind: str) -> list[str]:
 def resolve(name_or_path: str | Path, kind: str = "recipes") -> Path:
     """A YAML file given as a path or as the name of a shipped one.
 
-    An existing path is taken as it is. Otherwise a bare name (`cnn_mnist`) or a path written
-    relative to the repository (`recipes/cnn_mnist.yaml`, `benchmarks/suites/cpu_quick.yaml`, as
-    suites and the README write them) is the shipped file of that name when there is one. Anything
-    else comes back unchanged, for the caller's "not found" error.
+    An existing file is taken as it is (a folder of that name, e.g. a run directory, is not).
+    Otherwise a bare name (`cnn_mnist`) or a path written relative to the repository
+    (`recipes/cnn_mnist.yaml`, `benchmarks/suites/cpu_quick.yaml`, as suites and the README write
+    them) is the shipped file of that name when there is one. Anything else comes back unchanged,
+    for the caller's "not found" error.
     """
     path = Path(name_or_path)
-    if path.exists() or path.is_absolute():
+    if path.is_file() or path.is_absolute():
         return path
     if len(path.parts) == 1 and not path.suffix:
         candidate = folder(kind) / f"{path.name}.yaml"
@@ -57,10 +61,6 @@ def resolve(name_or_path: str | Path, kind: str = "recipes") -> Path:
     else:
         return path
     return candidate if candidate.is_file() else path
-
-
-# Where each kind lives in the repository (the paths suites and the README use).
-_REPO_FOLDERS = {"recipes": "recipes", "suites": "benchmarks/suites", "baselines": "benchmarks/baselines", "launch": "launch"}
 
 
 def import_root() -> Path:

@@ -30,7 +30,9 @@ def test_shipped_files_resolve_by_name_and_as_repository_paths(tmp_path, monkeyp
     assert shipped.resolve("cpu_quick", "suites").is_file()
     assert shipped.resolve("benchmarks/suites/ttt.yaml", "suites").is_file()
     assert shipped.resolve("no_such_recipe") == Path("no_such_recipe")  # left for the caller's "not found"
-    (tmp_path / "cnn_mnist").write_text("workload: rnn\n")  # an existing path wins over a shipped name
+    (tmp_path / "rnn_sine").mkdir()  # a folder of that name (a run directory) is not a recipe
+    assert shipped.resolve("rnn_sine") == shipped.folder("recipes") / "rnn_sine.yaml"
+    (tmp_path / "cnn_mnist").write_text("workload: rnn\n")  # an existing file wins over a shipped name
     assert shipped.resolve("cnn_mnist") == Path("cnn_mnist")
     assert (shipped.folder("baselines") / "cnn_bare.py").is_file()
     assert (shipped.folder("launch") / "slurm.sbatch").is_file()
