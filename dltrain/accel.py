@@ -132,6 +132,32 @@ def check_deepspeed(accelerator, requested: bool) -> None:
         )
 
 
+def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under Accelerate's wrappers. Accelerate's own unwrap_model imports DeepSpeed
+    whenever it is installed (accelerate 1.15, utils/other.py), which costs seconds and logs
+    "Setting accelerator to CPU" in runs that never asked for it; so it is called only under
+    DeepSpeed, and otherwise DDP's wrapper is taken off here (dltrain compiles the step function,
+    never the module, so there is no torch.compile wrapper to remove)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model)
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict:
+    """The whole model's weights: Accelerate's get_state_dict under DeepSpeed (it gathers ZeRO-3
+    shards), the unwrapped module's otherwise (what get_state_dict does then, without importing
+    DeepSpeed: see unwrap)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)
+    return unwrap(accelerator, model).state_dict()
+
+
 def check_ranks_in_sync(accelerator, model) -> None:
     """After training every rank must hold bit-identical replicated parameters; a difference means
     the processes did not all-reduce (unconnected copies) or diverged."""
@@ -143,7 +169,7 @@ def check_ranks_in_sync(accelerator, model) -> None:
     if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3):
         return  # ZeRO-3 partitions the parameters: there is no replica to compare
     digest = hashlib.sha256()
-    for name, param in accelerator.unwrap_model(model).state_dict().items():
+    for name, param in unwrap(accelerator, model).state_dict().items():
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digests = gather_object([digest.hexdigest()])

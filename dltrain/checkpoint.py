@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from dltrain import rundir, testhooks
+from dltrain.accel import full_state_dict, unwrap
 from dltrain.data import sha256_of
 from dltrain.recipe import RecipeError, dump_recipe
 
@@ -301,7 +302,7 @@ def _check_model(acc, model, path: Path) -> None:
         return  # DeepSpeed writes its own layout and checks it itself
     from safetensors import safe_open
 
-    here = {k: tuple(v.shape) for k, v in acc.unwrap_model(model).state_dict().items()}
+    here = {k: tuple(v.shape) for k, v in unwrap(acc, model).state_dict().items()}
     with safe_open(str(weights), framework="pt") as f:
         there = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key in sorted(here.keys() | there.keys()):
@@ -383,12 +384,12 @@ def export_model(loop, out_dir: Path) -> None:
     format. The model is never wrapped by torch.compile (the loop compiles the forward function),
     so the keys are the plain module's and load into an uncompiled model."""
     acc = loop.accelerator
-    state_dict = acc.get_state_dict(loop.model)
+    state_dict = full_state_dict(acc, loop.model)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_fn = getattr(loop.workload, "save_model", None)
         if save_fn is not None:
-            save_fn(acc.unwrap_model(loop.model), state_dict, out_dir, loop.recipe)
+            save_fn(unwrap(acc, loop.model), state_dict, out_dir, loop.recipe)
         else:
             from safetensors.torch import save_file
 

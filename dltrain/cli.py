@@ -8,21 +8,15 @@ Exit codes: 0 done; 2 bad input (recipe, override, data, environment); 3 trainin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3
 EXIT_PREEMPTED = 4
 
 
-def recipes_dir() -> Path:
-    return Path(os.environ.get("DLTRAIN_RECIPES_DIR", Path(__file__).resolve().parent.parent / "recipes"))
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file (see `dltrain list`)")
+    p.add_argument("recipe", help="a shipped recipe's name (see `dltrain list`) or a recipe YAML file")
     p.add_argument("--profile", help="named profile inside the recipe, e.g. cpu_test")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
@@ -35,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m dltrain train ...`)")
     _add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path")
-    sub.add_parser("list", help="list the shipped recipes")
+    p = sub.add_parser("list", help="list the shipped recipes")
+    p.add_argument("--where", choices=["recipes", "suites", "baselines", "launch"],
+                   help="print the folder of the shipped files of this kind instead (e.g. launch: slurm.sbatch)")
     from dltrain import launch
 
     launch.add_parser(sub, _add_train_args)
@@ -68,7 +64,11 @@ def cmd_train(args) -> int:
 
 def cmd_list(args) -> int:
     from dltrain.recipe import RecipeError, clip, read_yaml
+    from dltrain.shipped import folder, recipes_dir
 
+    if args.where:
+        print(folder(args.where))
+        return 0
     where = recipes_dir()
     if not where.is_dir():
         raise RecipeError(f"recipes directory {where} not found (DLTRAIN_RECIPES_DIR)")
@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"dltrain: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except ModuleNotFoundError as exc:  # an optional package a lazy import needed (dltrain.extras)
+        from dltrain.extras import missing_module_error
+
+        if (line := missing_module_error(exc)) is None:
+            raise
+        print(f"dltrain: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("dltrain: interrupted", file=sys.stderr)
         return 130

@@ -175,6 +175,25 @@ def check_nproc(nproc: int, cpu: bool) -> None:
         raise LaunchError(f"--nproc {nproc}: this node has {torch.cuda.device_count()} visible GPU(s), one per process")
 
 
+def preflight(recipe, world: int, cpu: bool, deepspeed: int | None) -> None:
+    """What would fail in every rank, said once before any process starts (RecipeError, one line):
+    the batch arithmetic at this world size, fp16 on a CPU, a missing extra (workload, W&B,
+    DeepSpeed)."""
+    from dltrain import extras
+    from dltrain.accel import check_precision, plan_batches
+    from dltrain.recipe import RecipeError
+    from dltrain.workloads import WORKLOADS
+
+    try:
+        plan_batches(recipe.train, world)
+    except RecipeError as exc:
+        raise RecipeError(f"{exc} (this launch starts {world} processes)") from None
+    check_precision(recipe.train.precision, "cpu" if cpu else "cuda")
+    extras.check_recipe(recipe, WORKLOADS[recipe.workload])
+    if deepspeed is not None:
+        extras.require({"deepspeed": "deepspeed"}, f"--deepspeed {deepspeed}")
+
+
 def cmd_launch(args) -> int:
     from dltrain.recipe import load_recipe
 
@@ -204,6 +223,9 @@ def cmd_launch(args) -> int:
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return 2
+    # After the options themselves (build_command), before anything starts: what every rank would
+    # trip over, said once (the batch arithmetic at this world size, fp16 on a CPU, a missing extra).
+    preflight(recipe, (1 if nproc is None else nproc) * args.nnodes, cpu, deepspeed)
     print(format_command(argv, env), file=sys.stdout if args.dry_run else sys.stderr, flush=True)
     if args.dry_run:
         return 0

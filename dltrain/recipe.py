@@ -258,7 +258,10 @@ def _check_target(recipe: RecipeBase, metrics: tuple, workload: str, source: str
 
 
 def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = ()) -> RecipeBase:
-    path = Path(path)
+    """A recipe file (a path, or the name of a shipped recipe: dltrain.shipped.resolve)."""
+    from dltrain.shipped import resolve
+
+    path = resolve(path)
     raw = read_yaml(path)
     profiles = raw.get("profiles") or {}
     if profile:

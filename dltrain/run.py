@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import allocator, rundir, tracking
+from dltrain import allocator, extras, rundir, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
@@ -106,6 +106,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     """Train `recipe` into `output_dir` (or a new directory under runs/); the run directory is
     locked for the whole run (dltrain.rundir)."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
+    extras.check_recipe(recipe, WORKLOADS[recipe.workload])  # a missing extra: one line, before any work
     allocator.tune()  # before the data and the model allocate anything
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
@@ -175,8 +176,10 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {"resumed_with_changes": changes}
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
-        if recipe.tracking.plots:
+        if recipe.tracking.plots and extras.installed("matplotlib"):
             tracking.plot_curves(log.records(), run_dir)
+        elif recipe.tracking.plots:
+            print(f"dltrain: note: no loss/accuracy plots: matplotlib is not installed ({extras.install_hint('matplotlib')})")
         _print_summary(summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dltrain import allocator
+import dltrain
+from dltrain import allocator, shipped
 
 
 def wandb_mode() -> str:
@@ -73,16 +74,31 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _git(*args: str) -> str | None:
+    """git's answer about the checkout dltrain runs from; None for an installed dltrain (whose
+    site-packages may sit inside some other repository, e.g. a project's .venv)."""
+    root = shipped.import_root()
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5, cwd=root)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=root)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _version(package: str) -> str | None:
+    """An optional package's version (transformers is the [nlp] extra), None when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def environment(accelerator, recipe) -> dict:
     import accelerate
-    import transformers
 
     device = accelerator.device
     env = {
@@ -91,7 +107,8 @@ def environment(accelerator, recipe) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
-        "transformers": transformers.__version__,
+        "transformers": _version("transformers"),
+        "dltrain": dltrain.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),

@@ -18,7 +18,6 @@ the percentiles come from per-step CUDA events (host times on a CPU).
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import torch
 from bare_common import Timing, WindowClock, load, parse_args, report
@@ -28,7 +27,7 @@ from dltrain.data import epoch_order
 from dltrain.trainer import use_fused
 from dltrain.workloads import bert
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "bert_sst2_minilm.yaml"
+RECIPE = "bert_sst2_minilm"  # a shipped recipe, found by name (dltrain.shipped)
 
 
 class StepClock(TrainerCallback):
@@ -51,7 +50,7 @@ class StepClock(TrainerCallback):
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], str(RECIPE))
+    args = parse_args(__doc__.splitlines()[0], RECIPE)
     recipe, device = load(args)
     batch = recipe.train.global_batch_size
     tokenizer = bert.tokenizer_for(recipe)

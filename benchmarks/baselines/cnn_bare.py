@@ -11,7 +11,6 @@ steps (warm-up excluded).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from dltrain.recipe import load_recipe
 from dltrain.trainer import use_fused
 from dltrain.workloads import cnn
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "cnn_mnist.yaml"
+RECIPE = "cnn_mnist"  # a shipped recipe, found by name (dltrain.shipped)
 
 
 def main() -> None:

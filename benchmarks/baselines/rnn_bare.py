@@ -8,7 +8,6 @@ and precision; no Accelerate, no metrics, no logging.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +16,11 @@ from bare_common import load, parse_args, report, timed
 from dltrain.trainer import use_fused
 from dltrain.workloads import rnn
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "rnn_sine.yaml"
+RECIPE = "rnn_sine"  # a shipped recipe, found by name (dltrain.shipped)
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], str(RECIPE))
+    args = parse_args(__doc__.splitlines()[0], RECIPE)
     recipe, device = load(args)
     batch, bf16 = recipe.train.global_batch_size, recipe.train.precision == "bf16"
     torch.manual_seed(args.seed)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from dltrain import allocator
+from dltrain import allocator, shipped
 from dltrain.bench import inprocess
 from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import measure_step, measure_workload
@@ -31,8 +31,7 @@ from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.peaks import cpu_peak, gpu_peak
 from dltrain.recipe import RecipeError, load_recipe
 
-REPO = Path(__file__).resolve().parent.parent.parent
-BASELINES = REPO / "benchmarks" / "baselines"
+BASELINES = shipped.folder("baselines")
 BASELINE_SCRIPTS = {"bare": "{workload}_bare.py", "hf_trainer": "{workload}_hf_trainer.py"}
 
 
@@ -79,7 +78,7 @@ def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[
                                   master=master, cpu=suite.device == "cpu", deepspeed=job.deepspeed, train_args=args)
     if suite.device == "cpu":
         env["OMP_NUM_THREADS"] = str(cpu_threads(job, suite))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
     return argv, env
 
 
@@ -120,7 +119,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
     with log.open("w") as out:
         try:
             rc = subprocess.run(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                timeout=suite.timeout_s, cwd=REPO).returncode
+                                timeout=suite.timeout_s).returncode
         except subprocess.TimeoutExpired:
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0

@@ -28,12 +28,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from dltrain import shipped
 from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, load_recipe, read_yaml
 
 Mode = Literal["throughput", "time_to_target", "both"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Baseline = Literal["bare", "hf_trainer", "notebook"]
-SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "suites"
 
 
 class _Closed(BaseModel):
@@ -42,7 +42,7 @@ class _Closed(BaseModel):
 
 class Entry(_Closed):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="short id used in run names")
-    recipe: str  # path, relative to the repository root or absolute
+    recipe: str  # a shipped recipe (`cnn_mnist`, or `recipes/cnn_mnist.yaml` as in the repository) or a path
     profile: str | None = None
     overrides: list[str] = []  # `--set` assignments, e.g. "train.global_batch_size=128"
     # Each of these, when given, replaces the suite-wide value for this entry only.
@@ -151,17 +151,14 @@ class Job:
 
 
 def resolve_path(name_or_path: str) -> Path:
-    """A suite name (`cpu_quick`) or a path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    return SUITES_DIR / f"{name_or_path}.yaml"
+    """A shipped suite's name (`cpu_quick`) or a path to a YAML file."""
+    return shipped.resolve(name_or_path, "suites")
 
 
-def load_suite(name_or_path: str, repo: Path | None = None) -> Suite:
+def load_suite(name_or_path: str) -> Suite:
     path = resolve_path(name_or_path)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))) or "none"
+        known = ", ".join(shipped.names("suites")) or "none"
         raise RecipeError(f"{path}: suite not found (shipped suites: {known})")
     raw = read_yaml(path, what="suite")  # UTF-8, size and alias bounds as a recipe's
     try:
@@ -169,9 +166,8 @@ def load_suite(name_or_path: str, repo: Path | None = None) -> Suite:
     except ValidationError as exc:
         raise RecipeError(f"{path}: {_first_error(exc)}") from None
     suite.name = suite.name or path.stem
-    repo = repo or SUITES_DIR.parent.parent
     for entry in suite.entries:
-        entry.recipe = str(_recipe_path(entry.recipe, repo))
+        entry.recipe = str(_recipe_path(entry.recipe, path.parent))
         # Load each recipe now: a typo in a suite fails before the first job, not an hour later.
         try:
             load_recipe(entry.recipe, entry.profile, entry.overrides)
@@ -199,9 +195,13 @@ def check_host(suite: Suite, jobs: list[Job]) -> None:
                           f"this host ({cores} cores): lower world_sizes or spread them over `nodes`")
 
 
-def _recipe_path(recipe: str, repo: Path) -> Path:
-    path = Path(recipe)
-    return path if path.is_absolute() or path.exists() else repo / path
+def _recipe_path(recipe: str, suite_dir: Path) -> Path:
+    """A path as given (absolute, or from the current directory), else beside the suite file, else
+    a shipped recipe (dltrain.shipped.resolve), absolute so that jobs find it from any directory."""
+    path = shipped.resolve(recipe)
+    if not path.exists() and (suite_dir / recipe).is_file():
+        path = suite_dir / recipe
+    return path.resolve() if path.exists() else path
 
 
 def _global_batch(entry: Entry) -> int:

@@ -26,11 +26,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from dltrain import shipped
 from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.records import aggregate, table, verdict
 from dltrain.recipe import RecipeError, _first_error, check_name, load_recipe, read_yaml
-
-REPO = Path(__file__).resolve().parent.parent.parent
 
 
 class _Closed(BaseModel):
@@ -89,12 +88,13 @@ def load_record_suite(path: Path, raw: dict | None = None) -> RecordSuite:
 
 
 def _path(recipe: str) -> Path:
-    p = Path(recipe)
-    return p if p.is_absolute() else REPO / p
+    """A shipped recipe (`recipes/x.yaml` as the repository writes it, or a name) or a path."""
+    return shipped.resolve(recipe).absolute()
 
 
 def _env(suite: RecordSuite) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    root = str(shipped.import_root())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     if suite.cpu_threads:
         env["OMP_NUM_THREADS"] = str(suite.cpu_threads)
     return env
@@ -106,8 +106,8 @@ def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None,
     t0 = time.perf_counter()
     with log.open("w") as out:
         try:
-            rc = subprocess.run(argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT, timeout=suite.timeout_s,
-                                cwd=REPO).returncode
+            rc = subprocess.run(argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT,
+                                timeout=suite.timeout_s).returncode
         except subprocess.TimeoutExpired:
             rc = None
     return rc, time.perf_counter() - t0
@@ -136,7 +136,7 @@ def reference_run(suite: RecordSuite, rec: Record, out_dir: Path) -> dict:
     if ref.baseline is None:
         out = train_run(suite, rec.recipe, ref.profile, ref.overrides, out_dir / "runs" / f"{rec.name}-reference", log)
         return out | {"what": ref.what}
-    script = REPO / "benchmarks" / "baselines" / f"{ref.baseline}.py"
+    script = shipped.folder("baselines") / f"{ref.baseline}.py"
     rc, wall = _launch([sys.executable, str(script), *ref.baseline_args], suite, log)
     summary = baseline_summary(log, rec.name) if rc == 0 else None
     if summary is None:

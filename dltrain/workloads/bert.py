@@ -28,6 +28,7 @@ from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F40
 from dltrain.workloads.common import Output, classification_output
 
 METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example"))  # test/: with data.test_file
+REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra that installs it (dltrain.extras)
 
 # ----------------------------------------------------------------------------------------------
 # Config

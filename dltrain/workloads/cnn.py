@@ -17,6 +17,7 @@ from dltrain.recipe import RecipeBase, Section
 from dltrain.workloads.common import Output, classification_output, classification_summary
 
 METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
+REQUIRES = {"torchvision": "vision"}  # module -> the pip extra that installs it (dltrain.extras)
 
 # ----------------------------------------------------------------------------------------------
 # Config
