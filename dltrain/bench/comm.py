@@ -263,7 +263,10 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "dltrain.bench.comm", "--out", str(rows_path), "--ops", ",".join(ops),
             "--min-bytes", str(min_bytes), "--max-bytes", str(max_bytes), "--target-s", str(target_s)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    from dltrain import shipped
+
+    path = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path}
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
     print(f"dltrain bench comm: {nproc} processes, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
