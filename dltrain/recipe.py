@@ -285,7 +285,10 @@ def _first_error(exc: ValidationError) -> str:
         return f"missing required key '{where}'"
     value = err.get("input")
     echoed = "" if isinstance(value, dict) else f" (got {shown(value)})"
-    return f"bad value at '{where}': {clip(err['msg'].removeprefix('Value error, '), 200)}{echoed}"
+    message = clip(err["msg"].removeprefix("Value error, "), 200)
+    if not err["loc"]:  # a check across sections (e.g. the strategy): its message names the keys
+        return message
+    return f"bad value at '{where}': {message}{echoed}"
 
 
 def validate(raw: dict, source: str = "recipe") -> RecipeBase:
