@@ -119,6 +119,9 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     )
     check_world(accelerator, world)
     check_deepspeed(accelerator, "deepspeed_plugin" in kwargs)
+    if "fsdp_plugin" in kwargs and accelerator.distributed_type.name != "FSDP":
+        raise RecipeError(f"the recipe asks for FSDP but Accelerate set up {accelerator.distributed_type.value}: "
+                          "start it with `dltrain launch --fsdp --nproc N`")
     return accelerator, plan
 
 
