@@ -106,3 +106,19 @@ def test_the_gpu_path_builds_accelerates_fsdp2_plugin_from_the_recipe():
                                    "distributed.fsdp.sharding=shard_grad_op"))
     assert sized.reshard_after_forward is False and sized.min_num_params == 100_000
     assert sized.state_dict_type.name == "SHARDED_STATE_DICT"
+
+
+def test_the_ddp_settings_suite_parses_and_runs_each_setting_on_two_processes():
+    from dltrain.bench.runner import validate_jobs
+    from dltrain.bench.suite import expand, load_suite
+
+    suite = load_suite("ddp_settings")
+    jobs = expand(suite)
+    validate_jobs(suite, jobs)  # every job's full set of overrides, as run_suite checks first
+    assert [j.config for j in jobs if j.world == 1] == ["cnn_ddp-w1-fp32-tput", "rnn_ddp-w1-fp32-tput",
+                                                          "minilm_ddp-w1-fp32-tput"]
+    by_entry = {j.entry.name: j for j in jobs if j.world == 2}
+    for workload in ("cnn", "rnn", "minilm"):
+        for setting in ("ddp", "bucket1", "bucket100", "bucketview", "static", "unused", "hook_bf16", "hook_fp16", "fsdp"):
+            assert f"{workload}_{setting}" in by_entry
+    assert by_entry["minilm_fsdp_units"].entry.overrides == ["distributed.strategy=fsdp", "distributed.fsdp.auto_wrap=[BertLayer]"]
