@@ -1,4 +1,5 @@
-"""Build the Accelerator: devices, precision, gradient accumulation, DeepSpeed, trackers.
+"""Build the Accelerator: devices, precision, gradient accumulation, DDP settings, FSDP and
+DeepSpeed plugins, trackers.
 
 Also the batch arithmetic: a recipe gives the global batch; the per-device micro-batch and the
 accumulation steps are derived here, in one place, from the world size.
@@ -91,10 +92,19 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     world = launched_world_size()
     plan = plan_batches(recipe.train, world)
     kwargs = {}
+    strategy = recipe.distributed.strategy
     if world > 1:
         # gloo is the CPU backend; DeepSpeed on CPU needs it named explicitly (see ENV-NOTES).
         backend = {"backend": "gloo"} if device_type == "cpu" else {}
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=dist_timeout(), **backend)]
+        if strategy == "ddp" and not _use_deepspeed(recipe):
+            kwargs["kwargs_handlers"].append(ddp_kwargs(recipe.distributed))
+    if strategy == "fsdp":
+        from dltrain import fsdp
+
+        fsdp.check_usable(recipe, world, _use_deepspeed(recipe))
+        if device_type == "cuda":  # on a CPU Accelerate's plugin does not run: dltrain.fsdp.shard applies FSDP2
+            kwargs["fsdp_plugin"] = fsdp.build_plugin(recipe)
     if _use_deepspeed(recipe):
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(recipe, plan)
         # DeepSpeed calls these deprecated collectives on every step; the warning is not ours to fix.
@@ -109,7 +119,35 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     )
     check_world(accelerator, world)
     check_deepspeed(accelerator, "deepspeed_plugin" in kwargs)
+    if "fsdp_plugin" in kwargs and accelerator.distributed_type.name != "FSDP":
+        raise RecipeError(f"the recipe asks for FSDP but Accelerate set up {accelerator.distributed_type.value}: "
+                          "start it with `dltrain launch --fsdp --nproc N`")
     return accelerator, plan
+
+
+def ddp_kwargs(dist):
+    """torch DDP's settings from the recipe's `distributed` section; Accelerate passes them to
+    DistributedDataParallel and registers the compression hook on the wrapped model."""
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    hook = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
+            "fp16": DDPCommunicationHookType.FP16}[dist.comm_hook]
+    return DistributedDataParallelKwargs(bucket_cap_mb=dist.bucket_cap_mb, gradient_as_bucket_view=dist.gradient_as_bucket_view,
+                                         static_graph=dist.static_graph, find_unused_parameters=dist.find_unused_parameters,
+                                         comm_hook=hook)
+
+
+def describe_parallel(model) -> str | None:
+    """One line on how the prepared model is parallelised, read from the wrapper itself (so it shows
+    what reached torch, not what the recipe asked for); None for a model that is not wrapped."""
+    from dltrain import fsdp
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        hooks = [getattr(h, "__name__", type(h).__name__) for h, _ in getattr(model, "_comm_hooks", [])] or ["none"]
+        return (f"DDP: bucket_cap {model.bucket_bytes_cap / 2**20:g} MB, gradient_as_bucket_view "
+                f"{model.gradient_as_bucket_view}, static_graph {model.static_graph}, find_unused_parameters "
+                f"{model.find_unused_parameters}, comm hook {', '.join(hooks)}")
+    return fsdp.describe(model)
 
 
 def check_world(accelerator, launched: int) -> None:
@@ -165,9 +203,11 @@ def check_ranks_in_sync(accelerator, model) -> None:
 
     from accelerate.utils import gather_object
 
+    from dltrain import fsdp
+
     plugin = accelerator.state.deepspeed_plugin
-    if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3):
-        return  # ZeRO-3 partitions the parameters: there is no replica to compare
+    if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3) or fsdp.is_sharded(model):
+        return  # ZeRO-3 and FSDP partition the parameters: there is no replica to compare
     digest = hashlib.sha256()
     for name, param in unwrap(accelerator, model).state_dict().items():
         digest.update(name.encode())

@@ -4,6 +4,8 @@ A checkpoint is a folder CKPT_ROOT/step_<N>/ (CKPT_ROOT is `checkpoint.dir`, def
 RUN_DIR/checkpoints, confined to the run directory: dltrain.rundir) holding:
 
   model.safetensors, optimizer.bin, random_states_<rank>.pkl, [scaler.pt]   Accelerate's save_state
+  fsdp_sharded/ or model.safetensors + fsdp_optimizer.pt    FSDP on a CPU (dltrain.fsdp), as
+                      distributed.fsdp.state_dict_type says; on a GPU Accelerate's save_state writes them
   scheduler.pt        the LR scheduler (ours: Accelerate reloads registered objects with
                       weights_only=False, so the scheduler is not registered with it)
   trainer_state.json  TrainState counters incl. the position inside the epoch, run id, W&B run id,
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import rundir, testhooks
+from dltrain import fsdp, rundir, testhooks
 from dltrain.accel import full_state_dict, unwrap
 from dltrain.data import sha256_of
 from dltrain.recipe import RecipeError, dump_recipe
@@ -187,6 +189,7 @@ def save(loop, state) -> Path:
     caught = (OSError, RuntimeError) if acc.distributed_type.name != "DEEPSPEED" else ()
     phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
               (True, lambda: acc.save_state(str(tmp), safe_serialization=True)),
+              (fsdp.is_direct(acc, loop.model), lambda: fsdp.save(loop, tmp)),  # FSDP on a CPU: not Accelerate's
               (main, lambda: _write_own_files(loop, state, tmp)),
               (main, lambda: _seal(loop, state, root, tmp, final))]
     for here, phase in phases:
@@ -338,7 +341,11 @@ def load(loop, path: Path) -> dict:
     _check_model(acc, loop.model, path)
     try:
         acc.load_state(str(path), load_kwargs={"weights_only": True})
+        if fsdp.is_direct(acc, loop.model):
+            fsdp.load(loop, path)
         loop.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    except RecipeError:
+        raise
     except Exception as exc:  # unpickling refusals, truncated files: all mean "do not use this one"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"cannot load checkpoint {path} ({type(exc).__name__}: {first[:200]}); pick another") from None
@@ -384,7 +391,8 @@ def export_model(loop, out_dir: Path) -> None:
     format. The model is never wrapped by torch.compile (the loop compiles the forward function),
     so the keys are the plain module's and load into an uncompiled model."""
     acc = loop.accelerator
-    state_dict = full_state_dict(acc, loop.model)
+    # FSDP on a CPU: gathered from the shards by torch's helper (Accelerate's would return the shards).
+    state_dict = fsdp.full_model_state(loop.model) if fsdp.is_direct(acc, loop.model) else full_state_dict(acc, loop.model)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_fn = getattr(loop.workload, "save_model", None)

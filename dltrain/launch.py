@@ -9,6 +9,8 @@ need them by heart:
 * one process, no DeepSpeed: plain `python -m dltrain train ...`;
 * several processes (or nodes): `accelerate launch --multi_gpu --num_processes TOTAL
   --num_machines M ...`, plus ACCELERATE_USE_CPU=true on a CPU (gloo);
+* FSDP (`--fsdp`, or distributed.strategy: fsdp): the several-process form above; the recipe's
+  strategy makes dltrain pass Accelerate an FSDP plugin (GPU) or shard the model itself (CPU);
 * DeepSpeed: `accelerate launch --use_deepspeed --zero_stage Z ...`, plus DS_ACCELERATOR=cpu on a
   CPU and never ACCELERATE_USE_CPU; several nodes use the `standard` multi-node launcher (one
   torchrun per node, as srun starts them) instead of DeepSpeed's pdsh/ssh launcher.
@@ -59,6 +61,7 @@ def build_command(
     master: str | None = None,
     cpu: bool = False,
     deepspeed: int | None = None,
+    fsdp: bool = False,
     train_args: list[str],
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) that start `dltrain train TRAIN_ARGS` on this node.
@@ -78,6 +81,10 @@ def build_command(
         raise LaunchError(f"--master {master}: port 0 (any free port) cannot be found by the other nodes: give a port")
     if deepspeed is not None and deepspeed not in (0, 1, 2, 3):
         raise LaunchError(f"--deepspeed {deepspeed}: the ZeRO stage is 0, 1, 2 or 3")
+    if fsdp and deepspeed is not None:
+        raise LaunchError("--fsdp and --deepspeed are two strategies: pick one")
+    if fsdp and nproc * nnodes == 1:
+        raise LaunchError("--fsdp shards over several processes: give --nproc 2 or more (or --nnodes)")
     train = ["-m", "dltrain", "train", *train_args]
     env: dict[str, str] = {}
     if deepspeed is None and nproc * nnodes == 1:
@@ -139,6 +146,7 @@ def add_parser(sub, add_train_args) -> None:
     p.add_argument("--master", metavar="ADDR:PORT", help="node 0's address and rendezvous port (several nodes)")
     p.add_argument("--cpu", action="store_true", help="CPU processes talking over gloo (added by itself when no GPU is present)")
     p.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO stage 0-3 (default: the recipe's deepspeed.zero_stage)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (sets distributed.strategy=fsdp; see README)")
     p.add_argument("--dry-run", action="store_true", help="print the command for these options and exit")
     add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="passed on to `dltrain train --resume`")
@@ -152,6 +160,8 @@ def _train_args(args, deepspeed: int | None) -> list[str]:
         out += ["--set", assignment]
     if deepspeed is not None:
         out += ["--set", f"deepspeed.zero_stage={deepspeed}"]  # the recipe and the launcher agree
+    if getattr(args, "fsdp", False):
+        out += ["--set", "distributed.strategy=fsdp"]
     if args.output_dir:
         out += ["--output-dir", args.output_dir]
     if args.resume:
@@ -200,6 +210,7 @@ def cmd_launch(args) -> int:
     # Check the recipe here, once, before any process starts: a typo fails in one line, not N times.
     # With the stage the processes will get (_train_args), e.g. for an offload that needs it.
     stage = [f"deepspeed.zero_stage={args.deepspeed}"] if args.deepspeed in (0, 1, 2, 3) else []
+    stage += ["distributed.strategy=fsdp"] if args.fsdp and args.deepspeed is None else []
     recipe = load_recipe(args.recipe, args.profile, [*args.overrides, *stage])
     deepspeed = args.deepspeed
     if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
@@ -218,7 +229,7 @@ def cmd_launch(args) -> int:
             check_nproc(nproc, cpu)
         argv, env = build_command(
             nproc=1 if nproc is None else nproc, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, cpu=cpu,
-            deepspeed=deepspeed, train_args=_train_args(args, args.deepspeed),
+            deepspeed=deepspeed, fsdp=args.fsdp or recipe.distributed.strategy == "fsdp", train_args=_train_args(args, args.deepspeed),
         )
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)

@@ -157,6 +157,45 @@ class DeepSpeedConfig(Section):
         return self
 
 
+class FSDPConfig(Section):
+    """FSDP2 (torch's `fully_shard`): parameters, gradients and optimizer state sharded over the
+    processes. On a GPU through Accelerate's FSDP plugin (fsdp_version 2); on a CPU (gloo), where
+    Accelerate's plugin does not run, dltrain applies `fully_shard` itself (dltrain.fsdp)."""
+
+    # full_shard: free the gathered parameters after forward, gather again for backward (least
+    # memory); shard_grad_op: keep them until backward ends (one all-gather per step, more memory).
+    # FSDP2 has no no_shard: that is DDP (distributed.strategy: ddp).
+    sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    # Units sharded (and gathered) one at a time, besides the root: module class names (e.g.
+    # [BertLayer]), or a number: every module holding at least that many parameters of its own
+    # subtree not already in a unit. []: the whole model is one unit.
+    auto_wrap: list[Annotated[str, Field(min_length=1, max_length=100)]] | Count = []
+    # With train.precision bf16/fp16: parameters are gathered in that dtype; gradients are
+    # reduced in fp32 (default) or in the training dtype (half the bytes, less exact).
+    reduce_dtype: Literal["fp32", "same"] = "fp32"
+    # Checkpoints: sharded = each process writes its shard (torch.distributed.checkpoint); full =
+    # one model.safetensors and one optimizer file gathered on rank 0.
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+
+
+class DistributedConfig(Section):
+    """How several processes train together. ddp: replicas, gradients all-reduced in buckets
+    (the keys below are torch DistributedDataParallel's, passed through Accelerate's
+    DistributedDataParallelKwargs); fsdp: sharded (the `fsdp` keys); deepspeed: the `deepspeed`
+    section's ZeRO stage. null: deepspeed when deepspeed.zero_stage > 0, else ddp. One process
+    uses none of them."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] | None = None
+    bucket_cap_mb: float = Field(25.0, gt=0, le=1e6, description="DDP gradient bucket size (torch's default 25 MB)")
+    gradient_as_bucket_view: bool = False  # gradients are views into the buckets: one copy less, less memory
+    static_graph: bool = False  # the same parameters are used every step: DDP may skip per-step checks
+    find_unused_parameters: bool = False  # walk the graph each step for parameters without gradient
+    # Compress gradients for the all-reduce (torch's default_hooks fp16/bf16_compress_hook): half
+    # the bytes, rounding of the averaged gradient to 8 (bf16) or 11 (fp16) significant bits.
+    comm_hook: Literal["none", "bf16", "fp16"] = "none"
+    fsdp: FSDPConfig = FSDPConfig()
+
+
 class TargetConfig(Section):
     """What 'trained' means for time-to-target: a metric and the value to reach."""
 
@@ -176,6 +215,7 @@ class RecipeBase(Section):
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     deepspeed: DeepSpeedConfig | None = None
+    distributed: DistributedConfig = DistributedConfig()
     target: TargetConfig | None = None
     # Profiles are merged before validation; kept here only so a resolved recipe still parses.
     profiles: dict[str, dict[str, Any]] = {}
@@ -184,6 +224,33 @@ class RecipeBase(Section):
     @classmethod
     def _a_name_not_a_path(cls, name: str) -> str:
         return check_name(name)
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> RecipeBase:
+        self.distributed.strategy = resolve_strategy(self.distributed, self.deepspeed)
+        return self
+
+
+def resolve_strategy(dist: DistributedConfig, ds: DeepSpeedConfig | None) -> str:
+    """The strategy a recipe asks for; keys of another strategy than the one in use are refused,
+    since they would be dropped without a word."""
+    zero = ds.zero_stage if ds is not None else 0
+    strategy = dist.strategy or ("deepspeed" if zero > 0 else "ddp")
+    if strategy == "deepspeed" and zero == 0:
+        raise ValueError("distributed.strategy=deepspeed needs deepspeed.zero_stage 1, 2 or 3 (stage 0 is plain DDP)")
+    if strategy != "deepspeed" and zero > 0:
+        raise ValueError(f"distributed.strategy={strategy} but deepspeed.zero_stage={zero}: pick one "
+                         f"(set deepspeed.zero_stage=0, or distributed.strategy=deepspeed)")
+    if strategy != "ddp":
+        defaults = DistributedConfig()
+        changed = [k for k in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "find_unused_parameters",
+                               "comm_hook") if getattr(dist, k) != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"distributed.{changed[0]} is a DDP setting, and distributed.strategy is {strategy}: "
+                             "drop it, or use strategy ddp")
+    if strategy != "fsdp" and dist.fsdp != FSDPConfig():
+        raise ValueError(f"distributed.fsdp is set but distributed.strategy is {strategy}: drop it, or use strategy fsdp")
+    return strategy
 
 
 def check_name(name: str) -> str:
@@ -218,7 +285,10 @@ def _first_error(exc: ValidationError) -> str:
         return f"missing required key '{where}'"
     value = err.get("input")
     echoed = "" if isinstance(value, dict) else f" (got {shown(value)})"
-    return f"bad value at '{where}': {clip(err['msg'].removeprefix('Value error, '), 200)}{echoed}"
+    message = clip(err["msg"].removeprefix("Value error, "), 200)
+    if not err["loc"]:  # a check across sections (e.g. the strategy): its message names the keys
+        return message
+    return f"bad value at '{where}': {message}{echoed}"
 
 
 def validate(raw: dict, source: str = "recipe") -> RecipeBase:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dltrain import allocator, extras, rundir, tracking
-from dltrain.accel import build_accelerator, check_ranks_in_sync
+from dltrain import allocator, extras, fsdp, rundir, tracking
+from dltrain.accel import build_accelerator, check_ranks_in_sync, describe_parallel
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError
@@ -130,7 +130,7 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
-    model = workload.build_model(recipe)
+    model = fsdp.shard(accelerator, recipe, workload.build_model(recipe))  # FSDP on a CPU; else as built
     data = workload.build_data(recipe, accelerator.device)
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
     from accelerate.utils import DistributedType
@@ -140,7 +140,10 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     scheduler = build_scheduler(recipe.schedule, optimizer, total_steps)
     # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
     # it once per process instead.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = fsdp.prepare(accelerator, model, optimizer)
+    parallel = describe_parallel(model)
+    if parallel:
+        print0(accelerator, f"  {parallel}")
     # The scheduler is not registered with Accelerate: it would reload it with weights_only=False;
     # dltrain.checkpoint saves and loads it itself.
     from dltrain import checkpoint

@@ -18,7 +18,8 @@ resumes), and pruning deletes only checkpoints that carry it.
 
 Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
 what defines the model, the data or their order (workload, model.*, data.*, train.seed,
-train.global_batch_size, train.precision, optim.name, deepspeed.*) is refused with one line listing
+train.global_batch_size, train.precision, optim.name, deepspeed.*, distributed.strategy,
+distributed.comm_hook, distributed.fsdp.auto_wrap / reduce_dtype) is refused with one line listing
 the changed keys. Changes to what users change when continuing a run (RESUMABLE below: length,
 cadences, learning rate and optimizer hyperparameters, schedule, tracking, target) are applied,
 printed, and listed in summary.json under `resumed_with_changes`.
@@ -52,6 +53,11 @@ RESUMABLE = (
     "schedule", "tracking", "checkpoint", "target",
     # Workload keys that change neither the examples nor their order.
     "data.padding", "data.bucket_multiple", "data.loader", "data.num_workers",
+    # How DDP buckets and schedules the same all-reduce, and when FSDP frees gathered parameters
+    # or in which layout the next checkpoints are written: the sums are the same. Not so the
+    # strategy, a gradient compression hook, FSDP's units or reduce dtype.
+    "distributed.bucket_cap_mb", "distributed.gradient_as_bucket_view", "distributed.static_graph",
+    "distributed.find_unused_parameters", "distributed.fsdp.sharding", "distributed.fsdp.state_dict_type",
 )
 # Changes after which the optimizer's hyperparameters and the LR schedule are set anew.
 RESCHEDULE = ("optim.", "schedule", "train.epochs", "train.max_steps")

@@ -143,16 +143,17 @@ class Loop:
 
         opt, train = self.optimizer, self.recipe.train
         self.scaler = getattr(opt, "scaler", None)
-        direct = (isinstance(opt, AcceleratedOptimizer) and self.scaler is None
-                  and self.accelerator.distributed_type not in (DistributedType.XLA, DistributedType.DEEPSPEED))
-        self._inner = opt.optimizer if direct else opt
+        wrapped = isinstance(opt, AcceleratedOptimizer)  # not when dltrain shards the model itself (dltrain.fsdp)
+        direct = not wrapped or (self.scaler is None and self.accelerator.distributed_type
+                                 not in (DistributedType.XLA, DistributedType.DEEPSPEED))
+        self._inner = opt.optimizer if wrapped and direct else opt
         # Likewise Accelerator.backward divides the loss by the accumulation steps, a graph node
         # even when that is 1; without accumulation, a scaler or DeepSpeed it is loss.backward().
         self._plain_backward = direct and self.plan.grad_accum == 1
         # torch's fused optimizers skip their update on the device when `found_inf` is non-zero
         # (GradScaler's mechanism): a non-finite loss then needs no host read before the step.
         # Elsewhere (unfused, DeepSpeed, fp16's own scaler) the loss is read back every step.
-        self.guard_on_device = direct and bool(opt.optimizer.defaults.get("fused"))
+        self.guard_on_device = direct and bool(self._inner.defaults.get("fused"))
         self.sync_every = train.sync_every or (1 if self.accelerator.device.type == "cpu"
                                                and self.accelerator.num_processes == 1 else 50)
         self.forward = self.workload.forward

@@ -1,0 +1,100 @@
+"""The `distributed` recipe section on 2 CPU processes (gloo): DDP's settings reach the wrapped
+module, compressed gradients stay near the fp32 run, and FSDP2 trains like DDP and resumes exactly
+from its sharded and full checkpoints. The same short CNN run as tests/test_distributed.py (6 Adam
+steps with warm-up and clipping), compared with a plain DDP run of it.
+
+Measured on 2026-11-30 (torch 2.14.1, gloo, 2 processes, this 6-step run against plain DDP): the
+DDP settings moved nothing; the bf16 hook moved the per-step loss by up to 3.4e-5 and a parameter
+by up to 2.5e-3, the fp16 hook by 2.1e-6 and 1.5e-3; FSDP2 differed from DDP by 1.2e-7 (loss) and
+4.1e-7 (parameters), and resumed bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from test_distributed import DLTRAIN, LOSS_ATOL, PARAM_ATOL, SMALL, Runs, _sets, max_diff, max_param_diff
+
+pytestmark = pytest.mark.distributed
+
+# Compressed gradients: the averaged gradient is rounded to 8 (bf16) or 11 (fp16) significant bits
+# each step. The loss bounds are ~6-10x the measured and under the 1e-3 a missing all-reduce
+# causes. Parameters: Adam moves each weight by about lr per step whatever the gradient's size, so
+# where a gradient is near zero a rounding that flips its sign moves the weight by up to 2 x lr;
+# over 6 steps at lr 1e-3 that is 1.2e-2 (measured 2.5e-3 bf16, 1.5e-3 fp16).
+HOOK_LOSS_ATOL = {"bf16": 2e-4, "fp16": 2e-5}
+HOOK_PARAM_ATOL = 2 * 1e-3 * 6
+
+LAUNCH2 = [*DLTRAIN, "launch", "--cpu", "--nproc", "2"]
+CNN = SMALL["cnn"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir) -> Runs:
+    return Runs(tmp_path_factory.mktemp("strategies"), data_dir)
+
+
+def _ddp(runs: Runs):
+    return runs.ok("cnn-ddp", [*LAUNCH2, *CNN])
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP settings
+
+
+def test_ddp_settings_reach_the_wrapped_module_and_change_nothing(runs):
+    run = runs.ok("cnn-ddp-settings", [*LAUNCH2, *CNN, *_sets(
+        "distributed.bucket_cap_mb=0.25", "distributed.gradient_as_bucket_view=true", "distributed.static_graph=true",
+        "distributed.find_unused_parameters=true")])
+    # Read from the DistributedDataParallel module of rank 0 after accelerator.prepare.
+    assert ("DDP: bucket_cap 0.25 MB, gradient_as_bucket_view True, static_graph True, find_unused_parameters True, "
+            "comm hook none") in run.stdout
+    ddp = _ddp(runs)
+    assert "DDP: bucket_cap 25 MB, gradient_as_bucket_view False, static_graph False" in ddp.stdout
+    # Same sums, other buckets: for two processes the all-reduce adds the same two numbers.
+    assert max_diff(run.losses(), ddp.losses()) <= LOSS_ATOL
+    assert max_param_diff(run.final_model(), ddp.final_model()) <= PARAM_ATOL
+    assert "parameters identical on all 2 ranks" in run.stdout
+
+
+@pytest.mark.parametrize("hook", ["bf16", "fp16"])
+def test_compressed_gradients_stay_near_the_fp32_run(runs, hook):
+    run = runs.ok(f"cnn-ddp-{hook}", [*LAUNCH2, *CNN, *_sets(f"distributed.comm_hook={hook}")])
+    assert f"comm hook {hook}_compress_hook" in run.stdout
+    ddp = _ddp(runs)
+    loss_diff = max_diff(run.losses(), ddp.losses())
+    param_diff = max_param_diff(run.final_model(), ddp.final_model())
+    assert loss_diff <= HOOK_LOSS_ATOL[hook] and param_diff <= HOOK_PARAM_ATOL, (loss_diff, param_diff)
+    assert param_diff > 0  # the hook did compress: an uncompressed run matches DDP to the bit
+    assert "parameters identical on all 2 ranks" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 (fully_shard applied by dltrain on the CPU)
+
+FSDP = [*LAUNCH2, "--fsdp", *CNN]
+
+
+def test_fsdp_trains_like_ddp(runs):
+    fsdp = runs.ok("cnn-fsdp", [*FSDP, *_sets("distributed.fsdp.auto_wrap=[Linear]", "checkpoint.every_steps=3")])
+    assert "FSDP2: 2 unit(s) (Linear) + root; this rank holds 210,821 of 421,642 parameters" in fsdp.stdout
+    ddp = _ddp(runs)
+    assert max_diff(fsdp.losses(), ddp.losses()) <= LOSS_ATOL
+    assert max_param_diff(fsdp.final_model(), ddp.final_model()) <= PARAM_ATOL  # gathered from the shards
+    assert (fsdp.out / "checkpoints" / "step_3" / "fsdp_sharded" / ".metadata").is_file()
+
+
+def test_fsdp_resumes_exactly_from_sharded_and_full_checkpoints(runs):
+    """A (sharded checkpoints) -> B resumes A's step 3 and writes full checkpoints -> C resumes B's
+    step 4: every segment continues A's losses bit for bit, so both formats restore model,
+    optimizer and RNG states."""
+    wrap = _sets("distributed.fsdp.auto_wrap=[Linear]")
+    a = runs.ok("cnn-fsdp", [*FSDP, *wrap, *_sets("checkpoint.every_steps=3")])
+    b = runs.ok("cnn-fsdp-full", [*FSDP, *wrap, *_sets("checkpoint.every_steps=2", "distributed.fsdp.state_dict_type=full"),
+                                  "--resume", str(a.out / "checkpoints" / "step_3")])
+    step4 = b.out / "checkpoints" / "step_4"
+    assert (step4 / "model.safetensors").is_file() and (step4 / "fsdp_optimizer.pt").is_file()
+    c = runs.ok("cnn-fsdp-from-full", [*FSDP, *wrap, "--resume", str(step4)])
+    assert "resuming at step 4" in c.stdout
+    assert b.losses() == a.losses()[3:] and c.losses() == a.losses()[4:]
+    assert max_param_diff(c.final_model(), a.final_model()) == 0.0
