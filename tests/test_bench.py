@@ -46,6 +46,7 @@ def suite_with(**changes) -> dict:
     ({"name": "../elsewhere"}, "bad value at 'name'"),  # it names the default output directory
     ({"timeout_s": 10**10}, "timeout_s"),  # past what the in-process timer (setitimer) takes
     ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["target.metric=val/acc"]}]}, "target.metric"),
+    ({"entries": [{"name": "a", "recipe": CNN, "reference": "b"}]}, "reference b: no entry of that name"),
     ({"comm": {"world_sizes": [1]}}, "comm.world_sizes.0"),  # a collective needs two processes
     ({"comm": {"max_bytes": "lots"}}, "give bytes or a number with K, M or G"),
     ({"comm": {"ops": ["all_to_all"]}}, "comm.ops.0"),
@@ -488,6 +489,21 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     data = Path(wandb_file).read_bytes()
     w1 = summary["configs"]["cnn-w1-fp32-tput"]["figures"]["samples_per_s"]["mean"]
     assert b"cnn-w1-fp32-tput/samples_per_s" in data and json.dumps(w1).encode() in data
+
+
+def test_a_setting_is_compared_with_its_reference_entry_repeat_by_repeat():
+    from dltrain.bench.report import aggregate, variants
+
+    def rec(entry, repeat, sps, world=2, reference=None):
+        return {"config": f"{entry}-w{world}", "entry": entry, "kind": "dltrain", "mode": "throughput", "repeat": repeat,
+                "world_size": world, "nnodes": 1, "precision": "fp32", "deepspeed_stage": None, "compile": False,
+                "status": "ok", "samples_per_s": sps, "reference": reference}
+
+    records = [rec("ddp", 0, 100.0), rec("ddp", 1, 200.0), rec("ddp", 0, 60.0, world=1),
+               rec("hook", 0, 110.0, reference="ddp"), rec("hook", 1, 180.0, reference="ddp")]
+    (row,) = variants(records, aggregate(records))
+    assert row["config"] == "hook-w2" and row["reference_config"] == "ddp-w2"  # the same world size only
+    assert row["ratio"]["mean"] == pytest.approx((1.1 + 0.9) / 2) and row["ratio"]["n"] == 2
 
 
 def test_peak_memory_is_the_runs_own_not_its_parents():

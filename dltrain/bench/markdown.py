@@ -90,6 +90,11 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += _table(["config", "world", "nodes", "samples/s", "speedup", "efficiency"],
                     [[s["config"], str(s["world_size"]), str(s["nnodes"]), _num(s["samples_per_s"]), f"{s['speedup']:.2f}",
                       f"{s['efficiency']:.2f}"] for s in summary["scaling"]])
+    if summary.get("variants"):
+        lines += ["## Settings against their reference (same world size, precision, mode; per repeat, then averaged)", "",
+                  *_table(["config", "reference", "samples/s", "reference samples/s", "ratio"],
+                          [[v["config"], v["reference_config"], _num(v["samples_per_s"]), _num(v["reference_samples_per_s"]),
+                            _ratio(v["ratio"])] for v in summary["variants"]])]
     lines += comm_section(summary.get("comm", []))
     lines += _validation_section(summary.get("validation", []))
     lines += _projection_section(summary["projection"])

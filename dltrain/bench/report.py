@@ -39,7 +39,7 @@ def _figures(rec: dict) -> dict[str, float]:
     return out
 
 
-DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "world_size", "nnodes", "precision", "deepspeed_stage", "compile"]
+DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage", "compile"]
 
 
 def aggregate(records: list[dict]) -> dict[str, dict]:
@@ -68,6 +68,25 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
 def _mean(cfg: dict | None, key: str) -> float | None:
     fig = (cfg or {}).get("figures", {}).get(key)
     return fig["mean"] if fig else None
+
+
+def variants(records: list[dict], configs: dict[str, dict]) -> list[dict]:
+    """Each config of an entry with a `reference` against the reference entry's config of the same
+    world size, precision and mode: samples/s over the reference's, per repeat, then averaged."""
+    ok = {(r["config"], r["repeat"]): r for r in records if r["status"] == "ok" and r.get("samples_per_s")}
+    axes = ("world_size", "nnodes", "precision", "mode", "kind")
+    rows = []
+    for name, cfg in configs.items():
+        ref = next((n for n, c in configs.items() if cfg.get("reference") and c["entry"] == cfg["reference"]
+                    and all(c[a] == cfg[a] for a in axes)), None)
+        if ref is None:
+            continue
+        ratios = [rec["samples_per_s"] / ok[(ref, rep)]["samples_per_s"] for (c, rep), rec in ok.items()
+                  if c == name and (ref, rep) in ok]
+        rows.append({"config": name, "reference_config": ref, "samples_per_s": _mean(cfg, "samples_per_s"),
+                     "reference_samples_per_s": _mean(configs[ref], "samples_per_s"),
+                     "ratio": stats(ratios) if ratios else None})
+    return rows
 
 
 def baseline_ratios(records: list[dict], configs: dict[str, dict]) -> list[dict]:
@@ -135,6 +154,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "flops": meta.get("flops", {}),
         "configs": configs,
         "baselines": baseline_ratios(records, configs),
+        "variants": variants(records, configs),
         "scaling": scaling(configs),
         "comm": comm,
         "validation": validation(configs, meta.get("flops", {}), fits),

@@ -166,7 +166,7 @@ def _mean_tokens(run_dir: Path, warmup: int) -> tuple[float | None, float | None
 def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None, meta: dict) -> dict:
     rec = {
         "suite": suite.name, "config": job.config, "kind": job.kind, "entry": job.entry.name, "mode": job.mode,
-        "pair": job.pair, "world_size": job.world, "nnodes": job.nnodes, "precision": job.precision,
+        "pair": job.pair, "reference": job.entry.reference, "world_size": job.world, "nnodes": job.nnodes, "precision": job.precision,
         "deepspeed_stage": job.deepspeed, "compile": job.compile, "status": "failed" if error else "ok", "error": error,
         **meta,
     }

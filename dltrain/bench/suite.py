@@ -54,6 +54,9 @@ class Entry(_Closed):
     throughput_steps: PositiveInt | None = Field(None, le=MAX_COUNT)
     baselines: list[Baseline] = []
     baseline_precisions: list[Precision] | None = None  # default: every precision of the entry
+    # Another entry this one is a variant of (e.g. a DDP setting against DDP's defaults): the report
+    # gives this entry's throughput over the reference's at the same world size, precision and mode.
+    reference: str | None = None
 
 
 class CommSection(_Closed):
@@ -129,6 +132,9 @@ class Suite(_Closed):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"entry names must be unique (repeated: {', '.join(dupes)})")
+        unknown = sorted({e.reference for e in entries if e.reference and e.reference not in names})
+        if unknown:
+            raise ValueError(f"reference {', '.join(unknown)}: no entry of that name")
         return entries
 
 
