@@ -222,18 +222,18 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def validate(raw: dict, source: str = "recipe") -> RecipeBase:
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload  # the registry: workloads are imported only when named
 
     workload = raw.get("workload")
-    if not isinstance(workload, str) or workload not in WORKLOADS:
-        known = ", ".join(sorted(WORKLOADS))
-        raise RecipeError(f"{source}: unknown workload {shown(workload)} at 'workload' (known: {known})")
-    module = WORKLOADS[workload]
     try:
-        recipe = module.Recipe.model_validate(raw)
+        module = get_workload(workload)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    try:
+        recipe = module.recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_first_error(exc)}") from None
-    _check_target(recipe, getattr(module, "METRICS", ()), workload, source)
+    _check_target(recipe, module.metrics, workload, source)
     if recipe.checkpoint.save_best and recipe.target is None:  # "best" is by target.metric: nothing would be saved
         raise RecipeError(f"{source}: bad value at 'checkpoint.save_best': the best model is the best target.metric, "
                           "and this recipe has no target: give one (target.metric, target.value) or set save_best false")

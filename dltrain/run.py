@@ -16,7 +16,7 @@ from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
-from dltrain.workloads import WORKLOADS
+from dltrain.workload import get_workload
 
 
 def print0(accelerator, *args) -> None:
@@ -118,7 +118,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
 
 
 def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | None, t_start: float) -> dict:
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     accelerator.project_configuration.set_directories(str(run_dir))
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from dltrain.data import DataError, DataSplits, sized_by
 from dltrain.recipe import RecipeBase, RecipeError, Section
+from dltrain.workload import Workload
 from dltrain.workloads import bert_data
 from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
 from dltrain.workloads.common import Output, classification_output
@@ -273,3 +274,27 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
     path = out_dir / "samples.md"
     path.write_text("\n".join(lines) + "\n")
     return [path]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the registry hands the trainer, `inspect` and the bench harness (dltrain.workload)
+
+
+def flops_batch(recipe: Recipe, device, n: int) -> dict:
+    """The first n training texts padded to data.max_length: the shape flops_per_sample assumes."""
+    fixed = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "fixed"})})
+    train = build_data(fixed, device).train
+    return train.fetch_one(torch.arange(min(n, len(train))))
+
+
+def tokens_of(batch: dict) -> int:
+    """Tokens the batch computes on, padding included."""
+    return batch["attention_mask"].numel()
+
+
+WORKLOAD = Workload(
+    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
+    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, flops_of=flops_of,
+    save_model=save_model, write_samples=write_samples, flops_batch=flops_batch, tokens_of=tokens_of,
+    baselines={"bare": "bert_bare.py", "hf_trainer": "bert_hf_trainer.py"},
+)
