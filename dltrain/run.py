@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import allocator, rundir, tracking
+from dltrain import rundir, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
@@ -104,9 +104,9 @@ def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tupl
 
 def train(recipe, output_dir: str | None = None, resume: str | None = None) -> dict:
     """Train `recipe` into `output_dir` (or a new directory under runs/); the run directory is
-    locked for the whole run (dltrain.rundir)."""
+    locked for the whole run (dltrain.rundir). Process-wide settings (signal handlers, the host
+    allocator) are the caller's: `dltrain train` installs them, the library (dltrain.train) does not."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
-    allocator.tune()  # before the data and the model allocate anything
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
     lock, start = open_run_dir(accelerator, recipe, run_dir, resume)
