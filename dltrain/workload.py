@@ -38,7 +38,7 @@ Optional hooks (None: the default behaviour named):
 
 The registry: built-in workloads (dltrain.workloads.BUILTIN), then those added in this process by
 `register_workload(name, workload)`, then those other packages declare in the entry-point group
-`dltrain.workloads` (`name = "package.module:WORKLOAD"`, a Workload or a function returning one).
+`dltrain.workloads` (`name = "package.module:WORKLOAD"`, a Workload).
 Nothing is imported until a recipe asks for its workload by name.
 """
 
@@ -160,8 +160,6 @@ def _load(name: str, target: str, what: str) -> Workload:
         raise RecipeError(f"workload {name!r} ({what} {target}) cannot be imported: {exc}: install what it needs") from None
     except AttributeError as exc:
         raise RecipeError(f"workload {name!r} ({what} {target}) is broken: {exc}") from None
-    if not isinstance(obj, Workload) and callable(obj):
-        obj = obj()
     if not isinstance(obj, Workload):
         raise RecipeError(f"workload {name!r} ({what} {target}) is a {type(obj).__name__}, not a dltrain.Workload")
     return obj
