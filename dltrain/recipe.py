@@ -283,7 +283,7 @@ def resolve_raw(raw: dict, source: str, profile: str | None = None, overrides: l
         raw = deep_merge(raw, merge)
     for assignment in overrides:
         apply_override(raw, assignment, source=f"{source}: --set")
-    check_size(raw, f"{source} with its overrides")
+    check_size(raw, f"{source} with its --set overrides")
     return raw
 
 

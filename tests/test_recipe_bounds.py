@@ -8,7 +8,9 @@ import tracemalloc
 
 import pytest
 
-import dltrain.workloads  # noqa: F401 - imported now (torch): the timings below are the loader's alone
+import dltrain.workloads.bert  # noqa: F401 - the built-in workloads (torch) imported now: the timings below are the loader's alone
+import dltrain.workloads.cnn  # noqa: F401
+import dltrain.workloads.rnn  # noqa: F401
 from conftest import RECIPES
 from dltrain.cli import main
 from dltrain.recipe import MAX_COUNT, RecipeError, load_recipe
