@@ -5,11 +5,11 @@
     b = dltrain.train("recipes/cnn_mnist.yaml", profile="cpu_test", train__max_steps=3, train__precision="bf16")
     a.metrics["val/accuracy"], b.run_dir
 
-Each call starts as a fresh interpreter would: what an earlier run left in the process (Accelerate's
-singleton states, which otherwise refuse a second run with another precision; an unfinished W&B
-run; torch.compile's caches; the peak-memory counters) is reset first. Unlike `dltrain train`, the
-library installs no signal handlers (the program keeps its own) and leaves the host allocator as
-the program has it (dltrain.allocator: the command line tunes it).
+Each call starts as a fresh interpreter would, and leaves the process so: what a run leaves in
+it (Accelerate's singleton states, which otherwise refuse a second run with another precision; an
+unfinished W&B run; torch.compile's caches; the peak-memory counters) is reset before and after.
+Unlike `dltrain train`, the library installs no signal handlers (the program keeps its own) and
+leaves the host allocator as the program has it (dltrain.allocator: the command line tunes it).
 """
 
 from __future__ import annotations
@@ -94,5 +94,8 @@ def train(recipe, *, profile: str | None = None, output_dir: str | Path | None =
 
     resolved = load(recipe, profile, sets, **overrides)
     reset_state()
-    summary = run.train(resolved, output_dir=None if output_dir is None else str(output_dir), resume=resume)
+    try:
+        summary = run.train(resolved, output_dir=None if output_dir is None else str(output_dir), resume=resume)
+    finally:
+        reset_state()  # and after: whatever the program does next with Accelerate starts afresh too
     return RunResult(run_dir=Path(summary["run_dir"]), metrics=dict(summary["metrics"]), summary=summary, recipe=resolved)
