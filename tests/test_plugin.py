@@ -120,3 +120,18 @@ def test_the_core_names_no_workload():
             elif isinstance(node, ast.Constant) and node.value in BUILTIN:
                 offenders.append(f"{rel}:{node.lineno} names {node.value!r}")
     assert not offenders, offenders
+
+
+def test_the_recipe_schema_and_the_package_import_no_workload():
+    """recipe.py asks the registry for a workload's schema when a recipe names it: importing
+    dltrain or dltrain.recipe imports no workload module (nor torch), and validating a CNN recipe
+    imports the CNN's module alone."""
+    code = ("import sys, dltrain, dltrain.recipe\n"
+            "loaded = lambda: sorted(m for m in sys.modules if m.startswith('dltrain.workloads.') or m == 'torch')\n"
+            "before = loaded()\n"
+            f"dltrain.recipe.load_recipe({str(REPO / 'recipes' / 'cnn_mnist.yaml')!r})\n"
+            "print(before, loaded())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "['dltrain.workloads.cnn',", "'dltrain.workloads.common',", "'torch']"], done.stdout
