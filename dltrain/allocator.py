@@ -4,7 +4,8 @@ glibc's malloc serves blocks above a threshold (128 KiB at start, raised dynamic
 large block is freed) straight from mmap and returns them to the kernel on free, so every step
 page-faults its activations and gradients back in (a fresh, zeroed page per 4 KiB). For the MNIST
 CNN on a CPU that is millions of minor faults a run. Keeping blocks up to 32 MiB on the heap and
-not trimming it after each step removes most of them. Set once per process, before training;
+not trimming it after each step removes most of them. Set once per process, before training, by
+the command line (`dltrain train`, the bench harness), not by the library (dltrain.train);
 `DLTRAIN_MALLOC_TUNING=0` leaves the allocator alone, and a user's own MALLOC_*_ variables or
 glibc.malloc tunables (or a preloaded jemalloc/tcmalloc) win.
 """
@@ -44,6 +45,12 @@ def tune() -> str:
     if _applied is None:
         _applied = _tune()
     return _applied
+
+
+def current() -> str:
+    """What the process runs with, changing nothing: the command line tunes the allocator, the
+    library (dltrain.train) leaves it to the program that calls it."""
+    return _applied or describe_env() or "system default (not tuned: called as a library)"
 
 
 def _tune() -> str:

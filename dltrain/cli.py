@@ -55,9 +55,10 @@ def cmd_train(args) -> int:
 
         locate(None, None, args.resume)  # a missing or damaged checkpoint fails now, before any data loads
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
-    from dltrain import signals
+    from dltrain import allocator, signals
 
     signals.install()  # SIGTERM/SIGUSR1: checkpoint at the next sync point and exit 4
+    allocator.tune()  # before the data and the model allocate anything
     train(recipe, output_dir=args.output_dir, resume=args.resume)
     return 0
 

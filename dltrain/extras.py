@@ -2,7 +2,7 @@
 
 The core install (`pip install dltrain`) trains with Accelerate; each reference workload and each
 optional feature needs an extra (pyproject.toml). A workload module names the modules it needs in
-`REQUIRES = {"torchvision": "vision"}`; features are checked here. What is missing fails before
+`Workload(requires={"torchvision": "vision"})`; features are checked here. What is missing fails before
 any process or data is started, with the install line:
 
     dltrain: error: the cnn workload needs torchvision, which is not installed: pip install 'dltrain[vision]'
@@ -50,9 +50,9 @@ def require(modules: dict[str, str], what: str, alternative: str = "") -> None:
 
 
 def check_recipe(recipe, workload) -> None:
-    """What this recipe needs installed: its workload's modules (its REQUIRES), W&B when
+    """What this recipe needs installed: its workload's modules (Workload.requires), W&B when
     tracking.wandb is on, DeepSpeed when a ZeRO stage is asked for."""
-    require(getattr(workload, "REQUIRES", {}), f"the {recipe.workload} workload")
+    require(workload.requires, f"the {recipe.workload} workload")
     if getattr(recipe.tracking, "wandb", False):
         require({"wandb": "wandb"}, "tracking.wandb: true", "--set tracking.wandb=false")
     if recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:

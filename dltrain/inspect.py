@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dltrain.workloads import WORKLOADS
+from dltrain.workload import get_workload
 
 EXAMPLE_BATCH = 2  # examples pushed through the model to record output shapes
 
@@ -89,7 +89,7 @@ def _graph(model: nn.Module, loss: torch.Tensor, out_dir: Path) -> tuple[Path | 
 
 def inspect(recipe, out_dir: Path, max_depth: int = 4) -> dict:
     """Write the sample view, the model summary and (maybe) the graph; return what was written."""
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_samples = getattr(workload, "write_samples", None)
     samples = write_samples(recipe, out_dir) if write_samples is not None else []

@@ -192,14 +192,14 @@ def preflight(recipe, world: int, cpu: bool, deepspeed: int | None) -> None:
     from dltrain import extras
     from dltrain.accel import check_precision, plan_batches
     from dltrain.recipe import RecipeError
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     try:
         plan_batches(recipe.train, world)
     except RecipeError as exc:
         raise RecipeError(f"{exc} (this launch starts {world} processes)") from None
     check_precision(recipe.train.precision, "cpu" if cpu else "cuda")
-    extras.check_recipe(recipe, WORKLOADS[recipe.workload])
+    extras.check_recipe(recipe, get_workload(recipe.workload))
     if deepspeed is not None:
         extras.require({"deepspeed": "deepspeed"}, f"--deepspeed {deepspeed}")
 

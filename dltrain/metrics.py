@@ -158,7 +158,7 @@ def window_sums(window: dict) -> dict[str, torch.Tensor]:
 def window_flops(workload, recipe, totals: dict[str, float]) -> dict[str, float]:
     """Training FLOPs of a window: the workload's own count from its statistics where it has one
     (text: a padded and a real-token basis), else its analytic FLOPs per sample."""
-    if hasattr(workload, "flops_of"):
+    if workload.flops_of is not None:
         return workload.flops_of(recipe, totals)
     return {"flops": workload.flops_per_sample(recipe) * totals["count"]}
 

@@ -292,18 +292,18 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def validate(raw: dict, source: str = "recipe") -> RecipeBase:
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload  # the registry: workloads are imported only when named
 
     workload = raw.get("workload")
-    if not isinstance(workload, str) or workload not in WORKLOADS:
-        known = ", ".join(sorted(WORKLOADS))
-        raise RecipeError(f"{source}: unknown workload {shown(workload)} at 'workload' (known: {known})")
-    module = WORKLOADS[workload]
     try:
-        recipe = module.Recipe.model_validate(raw)
+        module = get_workload(workload)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    try:
+        recipe = module.recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_first_error(exc)}") from None
-    _check_target(recipe, getattr(module, "METRICS", ()), workload, source)
+    _check_target(recipe, module.metrics, workload, source)
     if recipe.checkpoint.save_best and recipe.target is None:  # "best" is by target.metric: nothing would be saved
         raise RecipeError(f"{source}: bad value at 'checkpoint.save_best': the best model is the best target.metric, "
                           "and this recipe has no target: give one (target.metric, target.value) or set save_best false")
@@ -327,26 +327,37 @@ def _check_target(recipe: RecipeBase, metrics: tuple, workload: str, source: str
                           f"not decide when to stop or which model to keep; set {key}=false, or target a val/ metric")
 
 
-def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = ()) -> RecipeBase:
-    """A recipe file (a path, or the name of a shipped recipe: dltrain.shipped.resolve)."""
+def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = (),
+                merge: dict | None = None) -> RecipeBase:
+    """The recipe in `path` (a path, or the name of a shipped recipe: dltrain.shipped.resolve), with
+    `profile` merged in, then `merge` (a nested dict of recipe keys, what dltrain.train's keyword
+    overrides become), then the `--set` assignments."""
     from dltrain.shipped import resolve
 
     path = resolve(path)
-    raw = read_yaml(path)
+    raw = resolve_raw(read_yaml(path), str(path), profile, overrides, merge)
+    raw.setdefault("name", path.stem + (f"-{profile}" if profile else ""))
+    return validate(raw, source=str(path))
+
+
+def resolve_raw(raw: dict, source: str, profile: str | None = None, overrides: list[str] = (),
+                merge: dict | None = None) -> dict:
+    """A raw recipe with its profile, `merge` and `--set` assignments applied, not yet validated."""
     profiles = raw.get("profiles") or {}
     if profile:
         if not isinstance(profiles, dict) or profile not in profiles:
             known = ", ".join(map(str, profiles)) if isinstance(profiles, dict) and profiles else "none"
-            raise RecipeError(f"{path}: unknown profile '{clip(profile)}' (profiles in this recipe: {clip(known, 200)})")
+            raise RecipeError(f"{source}: unknown profile '{clip(profile)}' (profiles in this recipe: {clip(known, 200)})")
         if not isinstance(profiles[profile] or {}, dict):
-            raise RecipeError(f"{path}: bad value at 'profiles.{clip(profile)}': a profile is a mapping of recipe "
+            raise RecipeError(f"{source}: bad value at 'profiles.{clip(profile)}': a profile is a mapping of recipe "
                               f"keys, got {type(profiles[profile]).__name__}")
         raw = deep_merge(raw, profiles[profile] or {})
+    if merge:
+        raw = deep_merge(raw, merge)
     for assignment in overrides:
-        apply_override(raw, assignment, source=f"{path}: --set")
-    check_size(raw, f"{path} with its --set overrides")
-    raw.setdefault("name", path.stem + (f"-{profile}" if profile else ""))
-    return validate(raw, source=str(path))
+        apply_override(raw, assignment, source=f"{source}: --set")
+    check_size(raw, f"{source} with its --set overrides")
+    return raw
 
 
 def dump_recipe(recipe: RecipeBase) -> str:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from dltrain import allocator, extras, fsdp, rundir, tracking
+from dltrain import extras, fsdp, rundir, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync, describe_parallel
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError
 from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
-from dltrain.workloads import WORKLOADS
+from dltrain.workload import get_workload
 
 
 def print0(accelerator, *args) -> None:
@@ -104,10 +104,10 @@ def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tupl
 
 def train(recipe, output_dir: str | None = None, resume: str | None = None) -> dict:
     """Train `recipe` into `output_dir` (or a new directory under runs/); the run directory is
-    locked for the whole run (dltrain.rundir)."""
+    locked for the whole run (dltrain.rundir). Process-wide settings (signal handlers, the host
+    allocator) are the caller's: `dltrain train` installs them, the library (dltrain.train) does not."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
-    extras.check_recipe(recipe, WORKLOADS[recipe.workload])  # a missing extra: one line, before any work
-    allocator.tune()  # before the data and the model allocate anything
+    extras.check_recipe(recipe, get_workload(recipe.workload))  # a missing extra: one line, before any work
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
     lock, start = open_run_dir(accelerator, recipe, run_dir, resume)
@@ -119,7 +119,7 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
 
 
 def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | None, t_start: float) -> dict:
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     accelerator.project_configuration.set_directories(str(run_dir))
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")

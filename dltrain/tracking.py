@@ -112,7 +112,7 @@ def environment(accelerator, recipe) -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
-        "host_allocator": allocator.tune(),
+        "host_allocator": allocator.current(),
         "device": device.type,
         "world_size": accelerator.num_processes,
         "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", "1"))),

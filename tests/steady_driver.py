@@ -106,14 +106,14 @@ def main() -> None:
     from dltrain import testhooks
     from dltrain.recipe import load_recipe
     from dltrain.run import train
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     sets = [f"train.max_steps={args.steps}", "tracking.wandb=false", "tracking.plots=false",
             "checkpoint.save_final_model=false", "checkpoint.save_best=false", *args.overrides]
     if args.workload == "bert":
         sets.append("data.eval_subset=64")  # the final evaluation is not what is measured here
     recipe = load_recipe(HERE.parent / "recipes" / RECIPES[args.workload], "cpu_test", sets)
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     warmup = recipe.train.warmup_steps_excluded
 
     losses: list = []

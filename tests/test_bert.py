@@ -195,6 +195,7 @@ def test_minilm_cpu_test_reaches_80_percent_and_saves_the_best_model(tmp_path, s
     best = out / "best_model"
     model = AutoModelForSequenceClassification.from_pretrained(best)
     assert model.config.num_labels == 2 and AutoTokenizer.from_pretrained(best)("good")["input_ids"][0] == 101
+    assert model.config.id2label == {0: "negative", 1: "positive"}  # the recipe's data.label_names
 
 
 @pytest.mark.slow

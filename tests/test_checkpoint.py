@@ -130,9 +130,9 @@ RNN_TINY = ["--profile", "cpu_test", "--set", "data.num_sequences=1000", "--set"
 def test_rnn_stopped_mid_epoch_resumes_bit_identical(tmp_path):
     from conftest import RECIPES, run_cli
 
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import workload_names
 
-    if "rnn" not in WORKLOADS:
+    if "rnn" not in workload_names():
         pytest.skip("the RNN workload is not in this tree")
     rnn = [str(RECIPES / "rnn_sine.yaml"), *RNN_TINY]
     ref, run = tmp_path / "ref", tmp_path / "run"

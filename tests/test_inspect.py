@@ -48,8 +48,8 @@ def test_inspect_bert_writes_sentences_with_labels(tmp_path, minilm_dir, monkeyp
                          [f"model.name_or_path={minilm_dir}", f"data.train_file={tsv}", f"data.eval_file={tsv}"])
     result = inspect(recipe, tmp_path / "out", max_depth=2)
     text = result["samples"][0].read_text()
-    assert "| 0 | 1 | 7 | a gripping, funny film |" in text  # 5 words + [CLS] [SEP]; decoded by the tokenizer
-    assert "| 1 | 0 |" in text and "pipes \\| and tabs" in text
+    assert "| 0 | 1 (positive) | 7 | a gripping, funny film |" in text  # 5 words + [CLS] [SEP]; decoded by the tokenizer
+    assert "| 1 | 0 (negative) |" in text and "pipes \\| and tabs" in text
     table = _table_rows(result["summary"].read_text())
     assert table["bert.encoder"][:2] == ["BertEncoder", "2x7x384"]  # batch of 2, padded to the longer row
     assert result["parameters"] == 22_713_986

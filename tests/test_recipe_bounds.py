@@ -8,7 +8,9 @@ import tracemalloc
 
 import pytest
 
-import dltrain.workloads  # noqa: F401 - imported now (torch): the timings below are the loader's alone
+import dltrain.workloads.bert  # noqa: F401 - the built-in workloads (torch) imported now: the timings below are the loader's alone
+import dltrain.workloads.cnn  # noqa: F401
+import dltrain.workloads.rnn  # noqa: F401
 from conftest import RECIPES
 from dltrain.cli import main
 from dltrain.recipe import MAX_COUNT, RecipeError, load_recipe
@@ -209,18 +211,18 @@ def test_each_workloads_metrics_are_what_its_evaluation_reports():
     workload's summarize() of the statistics its forward() returns on a real batch."""
     import torch
 
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     batches = {"cnn": (torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])),
                "rnn": (torch.randn(4, 10, 1), torch.randn(4))}
     for name, batch in batches.items():
-        module = WORKLOADS[name]
+        module = get_workload(name)
         model = module.build_model(load_recipe(RECIPES / f"{ {'cnn': 'cnn_mnist', 'rnn': 'rnn_sine'}[name]}.yaml", "cpu_test"))
         with torch.no_grad():
             stats = module.forward(model.eval(), batch).stats  # as evaluate() calls it
         sums = {k: v.sum().item() for k, v in stats.items()} | {"count": 4.0}
         reported = {f"{split}/{k}" for split in ("val", "test") for k in module.summarize(sums)}
-        assert set(module.METRICS) == reported, name
-    bert = WORKLOADS["bert"]  # its forward's statistics, without loading a model
+        assert set(module.metrics) == reported, name
+    bert = get_workload("bert")  # its forward's statistics, without loading a model
     sums = {"loss": 1.0, "correct": 1.0, "tokens": 30.0, "padded_tokens": 40.0, "count": 4.0}
-    assert set(bert.METRICS) == {f"{split}/{k}" for split in ("val", "test") for k in bert.summarize(sums)}
+    assert set(bert.metrics) == {f"{split}/{k}" for split in ("val", "test") for k in bert.summarize(sums)}

@@ -16,7 +16,6 @@ launched processes.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -25,6 +24,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from dltrain.api import reset_state  # noqa: F401 - between jobs, as dltrain.train resets before a run
 
 
 class JobTimeout(BaseException):
@@ -35,26 +36,6 @@ class JobTimeout(BaseException):
 def eligible(job, suite) -> bool:
     return (suite.in_process and job.kind in ("dltrain", "notebook") and job.world == 1 and job.nnodes == 1
             and job.deepspeed is None)
-
-
-def reset_state() -> None:
-    """Forget what a run leaves in the process: the next one starts as in a fresh interpreter."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()  # a run that failed before end_training
-    AcceleratorState._reset_state(reset_partial_state=True)  # and PartialState: device, cpu flag
-    GradientState._reset_state()
-    torch._dynamo.reset()  # compiled graphs and guards; the next compiled run compiles afresh
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:  # Linux: "5" resets the peak RSS (VmHWM) that dltrain.metrics reports as the run's own
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -119,9 +100,11 @@ def _time_limit(seconds: int):
 def run(recipe_path: str, profile: str | None, sets: list[str], run_dir: Path, log: Path, *,
         env: dict[str, str], threads: int | None, timeout_s: int) -> str | None:
     """Train one job in this process: None when it finished, else its error in one line."""
+    from dltrain import allocator
     from dltrain.recipe import load_recipe
     from dltrain.run import train
 
+    allocator.tune()  # as `dltrain train` does for a launched job
     reset_state()
     error = None
     with _output_to(log), _environment(env, threads):

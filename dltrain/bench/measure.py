@@ -5,10 +5,10 @@ FLOPs: `torch.utils.flop_counter.FlopCounterMode` counts the matmuls and convolu
 forward + backward on a real micro-batch dispatches (element-wise ops are not counted, as in
 every MFU convention). It runs in the harness process, on the CPU (on the GPU for a GPU suite,
 where a large BERT batch would take tens of seconds on the host): counts do not depend on the
-device or the precision. Where a workload pads text (BERT), the count is taken twice: padded to
-`data.max_length`, to cross-check the analytic formula (which assumes that length), and on a real
-dynamically padded batch, whose FLOPs per padded token turn the run's padded tokens/s into
-achieved FLOP/s.
+device or the precision. The batch is the workload's `flops_batch` (text: padded to
+`data.max_length`, the length the analytic formula assumes), and where a workload counts tokens
+(`tokens_of`) a second count on a real, dynamically padded batch, whose FLOPs per padded token
+turn the run's padded tokens/s into achieved FLOP/s.
 
 Peaks (the GPU table, the CPU matmul microbenchmark) live in dltrain.peaks, shared with the
 training loop; they are imported here under their old names.
@@ -37,9 +37,11 @@ def first_batch(recipe, data, batch_size: int):
 
 def _quiet() -> None:
     """The harness prints one line per job; the libraries' progress bars would bury them."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
+    try:  # the text libraries, where installed
+        import datasets
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
 
@@ -47,10 +49,10 @@ def _quiet() -> None:
 def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
     """FLOPs per training sample counted on a real micro-batch, the analytic figure beside it,
     and the gradient bytes a data-parallel step all-reduces."""
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     _quiet()
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     torch.manual_seed(recipe.train.seed)
     model = workload.build_model(recipe).to(device)
     model.train()
@@ -60,19 +62,20 @@ def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
         # DDP all-reduces gradients in the parameters' dtype (fp32 master weights under autocast).
         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
     }
-    padding = getattr(getattr(recipe, "data", None), "padding", None)
-    if padding is not None:
-        # The analytic count assumes every text padded to data.max_length: count that case for the
-        # cross-check, and a real batch for the work actually done.
-        fixed = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "fixed"})})
-        batch = first_batch(fixed, workload.build_data(fixed, device), micro_batch)
-        out["flops_per_sample_measured"] = _count(model, workload, batch) / workload.batch_size_of(batch)
-        real = first_batch(recipe, workload.build_data(recipe, device), micro_batch)
-        padded_tokens = real["attention_mask"].numel()
-        out["flops_per_padded_token_measured"] = _count(model, workload, real) / padded_tokens
+    # The batch flops_per_sample describes (text: padded to data.max_length), to cross-check the
+    # analytic count; by default the first training examples.
+    data = None
+    if workload.flops_batch is not None:
+        batch = workload.flops_batch(recipe, device, micro_batch)
     else:
-        batch = first_batch(recipe, workload.build_data(recipe, device), micro_batch)
-        out["flops_per_sample_measured"] = _count(model, workload, batch) / workload.batch_size_of(batch)
+        data = workload.build_data(recipe, device)
+        batch = first_batch(recipe, data, micro_batch)
+    out["flops_per_sample_measured"] = _count(model, workload, batch) / workload.batch_size_of(batch)
+    if workload.tokens_of is not None:
+        # A real batch as training pads it: its FLOPs per padded token turn the run's padded
+        # tokens/s into achieved FLOP/s.
+        real = first_batch(recipe, data or workload.build_data(recipe, device), micro_batch)
+        out["flops_per_padded_token_measured"] = _count(model, workload, real) / workload.tokens_of(real)
     out["flops_measured_over_analytic"] = out["flops_per_sample_measured"] / out["flops_per_sample_analytic"]
     return out
 
@@ -87,10 +90,10 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
     from contextlib import nullcontext
 
     from dltrain.trainer import build_optimizer
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     _quiet()
-    workload = WORKLOADS[recipe.workload]
+    workload = get_workload(recipe.workload)
     torch.manual_seed(recipe.train.seed)
     model = workload.build_model(recipe).to(device).train()
     batch = first_batch(recipe, workload.build_data(recipe, device), micro_batch)

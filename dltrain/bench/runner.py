@@ -32,7 +32,7 @@ from dltrain.peaks import cpu_peak, gpu_peak
 from dltrain.recipe import RecipeError, load_recipe
 
 BASELINES = shipped.folder("baselines")
-BASELINE_SCRIPTS = {"bare": "{workload}_bare.py", "hf_trainer": "{workload}_hf_trainer.py"}
+BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.baselines
 
 
 def node_info() -> tuple[int, str | None]:
@@ -67,7 +67,7 @@ def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
 
 
 def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    if job.kind in BASELINE_SCRIPTS:
+    if job.kind in BASELINE_KINDS:
         # The allocator settings dltrain applies to itself (dltrain.allocator), so that the ratio
         # to a baseline measures the training loop and not malloc.
         argv, env = baseline_command(job, suite), ({} if allocator.describe_env() else dict(allocator.ENV))
@@ -90,14 +90,19 @@ def cpu_threads(job: Job, suite: Suite) -> int:
 
 def baseline_command(job: Job, suite: Suite) -> list[str]:
     """Baseline scripts take cnn_bare.py's flags: --steps timed after --warmup untimed, --batch,
-    --precision, --seed; they print one JSON line with train_samples_per_s. Those for workloads
-    other than the CNN (whose script builds the default MNIST recipe) also take the recipe."""
+    --precision, --seed; they print one JSON line with train_samples_per_s. The workload names its
+    scripts (Workload.baselines) and whether they also take the recipe (baseline_takes_recipe)."""
+    from dltrain.workload import get_workload
+
     e = job.entry
     recipe = load_recipe(e.recipe, e.profile, [*e.overrides, *job.overrides])
-    script = BASELINES / BASELINE_SCRIPTS[job.kind].format(workload=recipe.workload)
+    workload = get_workload(recipe.workload)
+    if job.kind not in workload.baselines:
+        raise LaunchError(f"the {recipe.workload} workload has no '{job.kind}' baseline script")
+    script = BASELINES / workload.baselines[job.kind]  # an absolute path stays as it is
     argv = [sys.executable, str(script), "--steps", str(job.steps - suite.warmup_steps), "--warmup", str(suite.warmup_steps),
             "--batch", str(recipe.train.global_batch_size), "--precision", job.precision, "--seed", str(recipe.train.seed)]
-    if recipe.workload != "cnn":
+    if workload.baseline_takes_recipe:
         argv += ["--recipe", e.recipe, *(["--profile", e.profile] if e.profile else [])]
         argv += [arg for s in e.overrides for arg in ("--set", s)]
     return argv
@@ -112,7 +117,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
     except LaunchError as exc:
         return None, f"cannot launch: {exc}", 0.0, ""
     cmd = format_command(argv, env)
-    if job.kind in BASELINE_SCRIPTS and not Path(argv[1]).is_file():
+    if job.kind in BASELINE_KINDS and not Path(argv[1]).is_file():
         return None, f"baseline script {argv[1]} not found", 0.0, cmd
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -123,7 +128,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
         except subprocess.TimeoutExpired:
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0
-    if job.kind in BASELINE_SCRIPTS:
+    if job.kind in BASELINE_KINDS:
         summary = baseline_summary(log, load_recipe(job.entry.recipe, job.entry.profile, job.entry.overrides).workload) if rc == 0 else None
         return summary, None if summary else error_line(log, rc), wall, cmd
     summary_path = run_dir / "summary.json"

@@ -1,8 +1,13 @@
-"""BERT-family sequence classification on SST-2 (or any text/label TSV/CSV), via transformers.
+"""Sequence classification with any AutoModelForSequenceClassification checkpoint, via transformers:
+SST-2 by default (the original report's BERT), or any text data `datasets` reads.
 
-Data path: reading, tokenizing, the tokenized cache and the padded device tensors live in
-dltrain.workloads.bert_data; `load_splits` and `build_data` here give it the recipe's data
-section, tokenizer and seed.
+Data: SST-2 from the data root (or the hub), a `datasets.load_dataset` spec (`data.dataset` hub id
+or local dataset folder, `data.config`, split names), or local csv/tsv/json/jsonl/parquet files
+(`data.train_file`, `data.eval_file`, `data.test_file`). One text column, or two for sentence pairs
+(`data.text_pair_column`); labels are integer ids below `model.num_labels`, or strings mapped to
+ids by `data.label_names`, whose names are saved with the model (`id2label`). Reading, tokenizing,
+the tokenized cache and the padded device tensors live in dltrain.workloads.bert_data;
+`load_splits` and `build_data` here give it the recipe's data section, tokenizer and seed.
 
 Model path: `model.name_or_path` is a local directory or a hub id. A hub id also resolves to
 `$DLTRAIN_MODELS_DIR/<id>` or `$DLTRAIN_MODELS_DIR/<last part of the id>` when such a folder
@@ -15,14 +20,15 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from dltrain.data import DataError, DataSplits, sized_by
 from dltrain.recipe import RecipeBase, RecipeError, Section
+from dltrain.workload import Workload
 from dltrain.workloads import bert_data
 from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
 from dltrain.workloads.common import Output, classification_output
@@ -38,17 +44,32 @@ class ModelConfig(Section):
     name_or_path: str = Field("bert-base-uncased", min_length=1)  # hub id or local directory (see module docstring)
     tokenizer: str | None = Field(None, min_length=1, description="hub id or directory; default: name_or_path")
     init: Literal["pretrained", "random"] = "pretrained"  # random: architecture from the config alone
-    num_labels: int = Field(2, ge=2, description="classifier outputs; the labels are 0 and 1, so at least 2")
+    # Always an int once the recipe is validated (Recipe._labels_agree fills in the default).
+    num_labels: int | None = Field(None, ge=2, description="classifier outputs (label ids 0 .. num_labels-1); "
+                                                           "null: the number of data.label_names, else 2")
 
 
 class DataConfig(Section):
     root: str | None = Field(None, min_length=1,
                              description="folder holding sst2/{train,dev}.tsv; default $DLTRAIN_DATA_DIR")
-    train_file: str | None = Field(None, min_length=1, description="own TSV/CSV file instead of SST-2 (needs eval_file)")
+    train_file: str | None = Field(None, min_length=1, description="own csv/tsv/json/jsonl/parquet file instead of "
+                                                                     "SST-2 (needs eval_file)")
     eval_file: str | None = Field(None, min_length=1)
     test_file: str | None = Field(None, min_length=1)
+    dataset: str | None = Field(None, min_length=1, description="datasets.load_dataset path instead of SST-2: a hub id "
+                                                                "(e.g. nyu-mll/glue) or a local dataset folder")
+    config: str | None = Field(None, min_length=1, description="the dataset's configuration (e.g. mnli); data.dataset only")
+    train_split: str = Field("train", min_length=1, description="split names in data.dataset")
+    eval_split: str = Field("validation", min_length=1)
+    test_split: str | None = Field(None, min_length=1, description="evaluated once after training; needs labels")
     text_column: str = Field("sentence", min_length=1)
+    text_pair_column: str | None = Field(None, min_length=1, description="second text of a sentence pair (e.g. NLI's "
+                                                                         "hypothesis); tokenized as [CLS] a [SEP] b [SEP]")
     label_column: str = Field("label", min_length=1)
+    label_names: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=2, max_length=100_000,
+        description="names of the label ids 0, 1, ... in order: string labels are mapped by them, and they are saved "
+                    "with the model as id2label")
     max_length: PositiveInt = 128  # tokens, truncating longer texts, as the original
     # dynamic: each micro-batch padded to its longest text (least work in eager mode); fixed: always
     # to max_length (one shape); bucket: the longest text rounded up to a multiple of
@@ -64,11 +85,31 @@ class DataConfig(Section):
     train_subset: PositiveInt | None = Field(None, description="use this many train rows, drawn by train.seed")
     eval_subset: PositiveInt | None = Field(None, description="use this many eval rows, drawn by train.seed")
 
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.dataset and (self.train_file or self.eval_file or self.test_file):
+            raise ValueError("data.dataset and data.train_file/eval_file/test_file are two sources: give one")
+        if self.config and not self.dataset:
+            raise ValueError("data.config names a configuration of data.dataset: give data.dataset too")
+        if self.label_names and len(set(self.label_names)) != len(self.label_names):
+            raise ValueError("data.label_names lists a name twice: each label id needs its own name")
+        return self
+
 
 class Recipe(RecipeBase):
     workload: Literal["bert"]
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _labels_agree(self) -> Recipe:
+        names = self.data.label_names
+        if self.model.num_labels is None:
+            self.model = self.model.model_copy(update={"num_labels": len(names) if names else 2})
+        elif names and self.model.num_labels != len(names):
+            raise ValueError(f"data.label_names lists {len(names)} labels but model.num_labels is {self.model.num_labels}: "
+                             "make them agree (or set model.num_labels to null)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,15 +175,21 @@ def build_model(recipe: Recipe) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     cfg = recipe.model
+    names = recipe.data.label_names  # saved with the model (save_pretrained) as id2label
+    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
     if cfg.init == "random":
+        config = model_config(cfg)
+        for key, value in labels.items():
+            setattr(config, key, value)
         with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
-            return AutoModelForSequenceClassification.from_config(model_config(cfg), attn_implementation="sdpa")
+            return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     try:
         with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
             return AutoModelForSequenceClassification.from_pretrained(resolve(cfg.name_or_path), num_labels=cfg.num_labels,
-                                                                      attn_implementation="sdpa")  # forward() relies on it
+                                                                      attn_implementation="sdpa",  # forward() relies on it
+                                                                      **labels)
     except (OSError, ValueError) as exc:
         raise _load_error("model", cfg.name_or_path, exc) from None
     finally:
@@ -155,7 +202,9 @@ def forward(model: nn.Module, batch: dict) -> Output:
     # is. Given the 2D mask, it first asks whether anything is padded (`padding_mask.all()` in
     # masking_utils._ignore_bidirectional_mask_sdpa), a host read that stalls every step on a GPU.
     # The values are those it would build; a bool mask suits SDPA only, hence build_model's choice.
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask[:, None, None, :].bool()).logits
+    # token_type_ids: sentence pairs only (segment A/B); single texts leave the model's default zeros.
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask[:, None, None, :].bool(),
+                   token_type_ids=batch.get("token_type_ids")).logits
     out = classification_output(logits, batch["labels"])
     # Tokens per example, real and as padded: tokens/s, padded tokens/s and FLOPs (flops_of).
     out.stats["tokens"] = mask.sum(dim=1).float()
@@ -254,11 +303,11 @@ def checked_tokenizer(recipe: Recipe):
 
 def load_splits(recipe: Recipe) -> dict:
     """split name -> tokenized datasets.Dataset (train, val, and test for user files that have one)."""
-    return bert_data.tokenized_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed)
+    return bert_data.tokenized_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, recipe.model.num_labels)
 
 
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
-    return bert_data.device_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device)
+    return bert_data.device_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device, recipe.model.num_labels)
 
 
 def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
@@ -268,9 +317,35 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
     rows = ds.select(range(min(n, len(ds))))
     lines = [f"# {recipe.name}: {len(rows)} of {len(ds)} validation examples", "",
              "| # | label | tokens | text (decoded from the token ids) |", "| ---: | ---: | ---: | --- |"]
+    names = recipe.data.label_names
     for i, (ids, label) in enumerate(zip(rows["input_ids"], rows["labels"])):
         text = tokenizer.decode(ids, skip_special_tokens=True).replace("|", "\\|")
-        lines.append(f"| {i} | {label} | {len(ids)} | {text} |")
+        lines.append(f"| {i} | {f'{label} ({names[label]})' if names else label} | {len(ids)} | {text} |")
     path = out_dir / "samples.md"
     path.write_text("\n".join(lines) + "\n")
     return [path]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the registry hands the trainer, `inspect` and the bench harness (dltrain.workload)
+
+
+def flops_batch(recipe: Recipe, device, n: int) -> dict:
+    """The first n training texts padded to data.max_length: the shape flops_per_sample assumes."""
+    fixed = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "fixed"})})
+    train = build_data(fixed, device).train
+    return train.fetch_one(torch.arange(min(n, len(train))))
+
+
+def tokens_of(batch: dict) -> int:
+    """Tokens the batch computes on, padding included."""
+    return batch["attention_mask"].numel()
+
+
+WORKLOAD = Workload(
+    requires=REQUIRES,
+    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
+    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, flops_of=flops_of,
+    save_model=save_model, write_samples=write_samples, flops_batch=flops_batch, tokens_of=tokens_of,
+    baselines={"bare": "bert_bare.py", "hf_trainer": "bert_hf_trainer.py"},
+)

@@ -1,8 +1,11 @@
-"""The BERT workload's data half: rows from SST-2 or the user's TSV/CSV files, tokenized once into
-a cache, then padded into tensors on the training device.
+"""The text workload's data half: rows from SST-2, a `datasets.load_dataset` spec or the user's
+csv/tsv/json/parquet files, tokenized once into a cache, then padded into tensors on the training
+device.
 
 Rows are read with `datasets` (local GLUE TSV under the data root, the hub's `nyu-mll/glue`/`sst2`
-when online, or the user's own files), tokenized once with the model's tokenizer and saved with
+when online, `data.dataset` (+ `data.config`) from the hub or a local folder, or the user's own
+files), labels checked (integer ids below num_labels, or strings mapped by `data.label_names`),
+tokenized once with the model's tokenizer (one text, or a sentence pair) and saved with
 `save_to_disk` under `dltrain.data.cache_dir()`; later runs load that copy. `device_splits` then
 pads every text to max_length once, into tensors on the training device (`TokenSplit`), and a batch
 is a slice of them: no tokenizer call and no host-to-device copy per step, and the index-based
@@ -39,12 +42,18 @@ _HOW_TO_DATA = (
 )
 
 
+_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: CSV (TSV for .tsv/.tab/.txt)
+
+
 def _offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DLTRAIN_OFFLINE"))
 
 
 def _source_files(cfg: DataConfig) -> dict[str, Path] | None:
-    """split -> file, or None to use the hub. Raises DataError when nothing usable is found."""
+    """split -> file, or None to use the hub (SST-2, or data.dataset). Raises DataError when nothing
+    usable is found."""
+    if cfg.dataset:
+        return None
     if cfg.train_file or cfg.eval_file:
         if not (cfg.train_file and cfg.eval_file):
             raise DataError("data.train_file and data.eval_file go together: give both (eval_file is the validation set)")
@@ -65,6 +74,12 @@ def _source_files(cfg: DataConfig) -> dict[str, Path] | None:
 def _read_file(path: Path):
     from datasets import load_dataset
 
+    if path.suffix.lower() in _FORMATS:  # json, jsonl, parquet: datasets' own readers
+        try:
+            return load_dataset(_FORMATS[path.suffix.lower()], data_files=str(path), split="train",
+                                cache_dir=str(cache_dir() / "hf_datasets"))
+        except Exception as exc:  # pyarrow raises many types for malformed files
+            raise DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})") from None
     tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
     # QUOTE_NONE for TSV: GLUE text holds bare quote characters; keep_default_na=False keeps a
     # text such as "null" or "nan" a string.
@@ -96,30 +111,50 @@ def _check_rows(path: Path, separator: str, **dialect) -> None:
             raise DataError(f"{path}, line {reader.line_num}: {exc}: fix that row") from None
 
 
-def _read_hub(split: str):
+def _read_hub(split: str, dataset: str | None = None, config: str | None = None):
+    """A split of `dataset` (a hub id or a local dataset folder), by default SST-2 from the hub."""
     from datasets import load_dataset
 
     try:
-        return load_dataset("nyu-mll/glue", "sst2", split=split, cache_dir=str(cache_dir() / "hf_datasets"))
+        return load_dataset(dataset or "nyu-mll/glue", config if dataset else "sst2", split=split,
+                            cache_dir=str(cache_dir() / "hf_datasets"))
     except Exception as exc:
-        raise DataError(f"SST-2 download from the hub failed ({str(exc).splitlines()[0][:200]}): {_HOW_TO_DATA}") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if dataset is None:
+            raise DataError(f"SST-2 download from the hub failed ({reason}): {_HOW_TO_DATA}") from None
+        raise DataError(f"cannot load split {split!r} of data.dataset {dataset!r}"
+                        + (f" (config {config!r})" if config else "") + f" ({reason}): check data.dataset, data.config "
+                        "and the split names (data.train_split, eval_split, test_split), or load it once while online") from None
 
 
-def _check(ds, cfg: DataConfig, where: str):
-    """Rows with a text and a 0/1 label, or a DataError that says what to change."""
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in ds.column_names]
+def _check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
+    """Rows with the text column(s) and a label the model has an output for, or a DataError that
+    says what to change. Returns label name -> id for string labels, None for integer ids."""
+    columns = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else []), cfg.label_column]
+    missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(
             f"{where}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_column and data.label_column"
+            "set data.text_column" + (", data.text_pair_column" if cfg.text_pair_column else "") + " and data.label_column"
         )
     if len(ds) == 0:
         raise DataError(f"{where}: no rows")
     labels = set(ds.unique(cfg.label_column))
-    if not labels <= {0, 1}:
-        shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
-        raise DataError(f"{where}: labels must be 0 or 1 (binary classification), found {shown}")
-    return ds
+    shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
+    if any(isinstance(v, str) for v in labels):
+        if not cfg.label_names:
+            raise DataError(f"{where}: the labels are strings ({shown}): name them in id order in data.label_names, "
+                            f"e.g. --set 'data.label_names=[{', '.join(sorted(map(str, labels))[:5])}]'")
+        unknown = sorted(map(str, labels - set(cfg.label_names)))
+        if unknown:
+            raise DataError(f"{where}: label {unknown[0]!r} is not in data.label_names ({', '.join(cfg.label_names)}): "
+                            "add it, or fix that row")
+        return {name: i for i, name in enumerate(cfg.label_names)}
+    if not labels <= set(range(num_labels)):
+        allowed = "0 or 1 (binary classification)" if num_labels == 2 else f"integers 0 to {num_labels - 1}"
+        raise DataError(f"{where}: labels must be {allowed}, found {shown}: set model.num_labels (or data.label_names) "
+                        "to the number of classes")
+    return None
 
 
 def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
@@ -127,6 +162,11 @@ def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
         "source": source, "text": cfg.text_column, "label": cfg.label_column, "max_length": cfg.max_length,
         "tokenizer": [tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer)], "v": _CACHE_VERSION,
     }
+    # Only when set, so that the keys of single-text, integer-label caches stay as they were.
+    if cfg.text_pair_column:
+        ident["pair"] = cfg.text_pair_column
+    if cfg.label_names:
+        ident["label_names"] = cfg.label_names
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -135,7 +175,7 @@ def _file_ident(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str):
+def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, num_labels: int = 2):
     """A datasets.Dataset with input_ids and labels, from the cache or tokenized now and cached.
 
     Several processes may start together: the main process goes first and writes the cache
@@ -155,13 +195,17 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str):
                 return load_from_disk(str(target))
             say("warning", f"tokenized cache {target} is damaged ({damage}): rebuilding it from {where}")
             _discard(target)
-        ds = _check(read(), cfg, where)
+        ds = read()
+        label_ids = _check(ds, cfg, where, num_labels)
         TOKENIZE_CALLS += 1
-        ds = ds.map(
-            lambda rows: tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
-            | {"labels": rows[cfg.label_column]},
-            batched=True, remove_columns=ds.column_names, desc=f"tokenizing {where}",
-        )
+
+        def encode(rows):
+            texts = [rows[cfg.text_column]] + ([rows[cfg.text_pair_column]] if cfg.text_pair_column else [])
+            labels = rows[cfg.label_column]
+            return (tokenizer(*texts, truncation=True, max_length=cfg.max_length)
+                    | {"labels": [label_ids[v] for v in labels] if label_ids else labels})
+
+        ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {where}")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         ds.save_to_disk(str(tmp))
         (tmp / _DONE).write_text(json.dumps(_fingerprint(tmp)))
@@ -220,13 +264,13 @@ class TokenSplit(Split):
     """
 
     def __init__(self, table, pad_id: int, cfg: DataConfig, device):
-        # Through Arrow, not Python lists: 15 ms for SST-2's 67k texts, against 0.8 s.
-        column = table.column("input_ids").combine_chunks()
-        lengths, flat = _long(column.value_lengths()), _long(column.flatten())
-        ids = torch.full((len(lengths), cfg.max_length), pad_id, dtype=torch.long)
-        ids[torch.arange(cfg.max_length) < lengths[:, None]] = flat  # row by row, left-aligned
+        lengths, ids = _padded(table.column("input_ids"), cfg.max_length, pad_id)
         super().__init__(len(lengths), self.fetch_one)
         self.ids, self.lengths = ids.to(device), lengths.to(device)
+        # Sentence pairs: segment ids (0 for the first text, 1 for the second), padded with 0 as
+        # tokenizer.pad does; single texts leave them to the model (all 0).
+        pairs = cfg.text_pair_column and "token_type_ids" in table.column_names
+        self.types = _padded(table.column("token_type_ids"), cfg.max_length, 0)[1].to(device) if pairs else None
         self.labels = _long(table.column("labels")).to(device)
         self.positions = torch.arange(cfg.max_length, device=device)
         self.padding, self.max_length, self.multiple = cfg.padding, cfg.max_length, cfg.bucket_multiple
@@ -238,8 +282,11 @@ class TokenSplit(Split):
         sizes = [len(idx) for idx in index_batches]  # the last evaluation batch may be shorter
         rows = torch.cat(index_batches).to(self.ids.device)  # one copy per call if they come from the host
         for idx, T in zip(rows.split(sizes), self.padded_lengths(rows, sizes)):
-            yield {"input_ids": self.ids[idx, :T], "attention_mask": (self.positions[:T] < self.lengths[idx, None]).long(),
-                   "labels": self.labels[idx]}
+            batch = {"input_ids": self.ids[idx, :T], "attention_mask": (self.positions[:T] < self.lengths[idx, None]).long(),
+                     "labels": self.labels[idx]}
+            if self.types is not None:
+                batch["token_type_ids"] = self.types[idx, :T]
+            yield batch
 
     def padded_lengths(self, rows: torch.Tensor, sizes: list[int]) -> list[int]:
         """T of each micro-batch (`sizes` consecutive rows each), from a single host read."""
@@ -257,6 +304,16 @@ class TokenSplit(Split):
         return next(self.batches([idx]))
 
 
+def _padded(column, max_length: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths [N], values [N, max_length]) of an Arrow list column, each row left-aligned and
+    filled with `fill`. Through Arrow, not Python lists: 15 ms for SST-2's 67k texts, against 0.8 s."""
+    column = column.combine_chunks()
+    lengths, flat = _long(column.value_lengths()), _long(column.flatten())
+    values = torch.full((len(lengths), max_length), fill, dtype=torch.long)
+    values[torch.arange(max_length) < lengths[:, None]] = flat  # row by row, left-aligned
+    return lengths, values
+
+
 def _long(arrow_array) -> torch.Tensor:
     # A copy: Arrow's memory is read-only.
     return torch.tensor(arrow_array.to_numpy(zero_copy_only=False), dtype=torch.long)
@@ -269,26 +326,39 @@ def _subset(ds, n: int | None, seed: int):
     return ds.select(sorted(order.tolist()))
 
 
-def tokenized_splits(cfg: DataConfig, tokenizer, seed: int) -> dict:
-    """split name -> tokenized datasets.Dataset (train, val, and test for user files that have one);
+def _hub_sources(cfg: DataConfig) -> dict[str, tuple]:
+    """split -> (reader, cache identity, name in messages) for SST-2 from the hub or data.dataset."""
+    if not cfg.dataset:  # SST-2's test split has no labels: train and validation only
+        return {split: (functools.partial(_read_hub, hub_split), f"hub:nyu-mll/glue/sst2/{hub_split}", f"SST-2 {hub_split}")
+                for split, hub_split in (("train", "train"), ("val", "validation"))}
+    names = {"train": cfg.train_split, "val": cfg.eval_split} | ({"test": cfg.test_split} if cfg.test_split else {})
+    folder = Path(cfg.dataset).expanduser()
+    # A local folder's identity includes its files' sizes and times: an edited file is a new cache entry.
+    ident = (f"dir:{_file_ident(folder)}:" + ",".join(_file_ident(p) for p in sorted(folder.rglob("*")) if p.is_file())
+             if folder.is_dir() else f"hub:{cfg.dataset}")
+    shown = cfg.dataset + (f"/{cfg.config}" if cfg.config else "")
+    return {split: (functools.partial(_read_hub, name, cfg.dataset, cfg.config), f"{ident}/{cfg.config}/{name}", f"{shown} {name}")
+            for split, name in names.items()}
+
+
+def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2) -> dict:
+    """split name -> tokenized datasets.Dataset (train, val, and test where the source has one);
     the subsets are drawn by `seed`."""
     files = _source_files(cfg)
-    out = {}
     if files is None:
-        for split, hub_split in (("train", "train"), ("val", "validation")):
-            out[split] = tokenized_split(functools.partial(_read_hub, hub_split), f"hub:nyu-mll/glue/sst2/{hub_split}",
-                                         cfg, tokenizer, f"SST-2 {hub_split}")
+        sources = _hub_sources(cfg)
     else:
-        for split, path in files.items():
-            out[split] = tokenized_split(functools.partial(_read_file, path), _file_ident(path), cfg, tokenizer, str(path))
+        sources = {split: (functools.partial(_read_file, path), _file_ident(path), str(path)) for split, path in files.items()}
+    out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
+           for split, (read, ident, where) in sources.items()}
     out["train"] = _subset(out["train"], cfg.train_subset, seed)
     out["val"] = _subset(out["val"], cfg.eval_subset, seed)
     return out
 
 
-def device_splits(cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu") -> DataSplits:
+def device_splits(cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu", num_labels: int = 2) -> DataSplits:
     splits = {k: TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device)  # the rows a subset selects
-              for k, ds in tokenized_splits(cfg, tokenizer, seed).items()}
+              for k, ds in tokenized_splits(cfg, tokenizer, seed, num_labels).items()}
     if cfg.order == "length_grouped":  # read by the training loop's index stream
         splits["train"].order_lengths, splits["train"].group = splits["train"].lengths, cfg.group_batches
     return DataSplits(train=splits["train"], val=splits["val"], test=splits.get("test"))

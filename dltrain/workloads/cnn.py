@@ -14,6 +14,7 @@ from torch import nn
 
 from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sized_by
 from dltrain.recipe import RecipeBase, Section
+from dltrain.workload import Workload
 from dltrain.workloads.common import Output, classification_output, classification_summary
 
 METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
@@ -285,3 +286,15 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 16) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the registry hands the trainer, `inspect` and the bench harness (dltrain.workload)
+
+WORKLOAD = Workload(
+    requires=REQUIRES,
+    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
+    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples,
+    # The bare loop builds the default MNIST recipe itself: it takes no --recipe.
+    baselines={"bare": "cnn_bare.py"}, baseline_takes_recipe=False,
+)

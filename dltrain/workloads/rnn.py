@@ -19,6 +19,7 @@ from torch import nn
 
 from dltrain.data import DataSplits, Split, sized_by
 from dltrain.recipe import RecipeBase, Section
+from dltrain.workload import Workload
 from dltrain.workloads.common import Output
 
 METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "mse", "naive_mse", "mse_ratio"))  # what evaluation reports
@@ -200,3 +201,13 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the registry hands the trainer, `inspect` and the bench harness (dltrain.workload)
+
+WORKLOAD = Workload(
+    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
+    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples,
+    baselines={"bare": "rnn_bare.py"},
+)
