@@ -205,7 +205,7 @@ def apply_to_optimizer(changes: list[dict], recipe, optimizer, scheduler) -> Non
         return
     cfg = recipe.optim
     for group in optimizer.param_groups:
-        group["weight_decay"] = cfg.weight_decay
+        group["weight_decay"] = 0.0 if group.get("no_decay") else cfg.weight_decay  # dltrain.optim's groups
         group["initial_lr"] = cfg.lr
         if "betas" in group:
             group["betas"] = tuple(cfg.betas)
