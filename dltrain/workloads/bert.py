@@ -218,6 +218,13 @@ def flops_of(recipe: Recipe, sums: dict[str, float]) -> dict[str, float]:
             "flops_real": real * flops_per_token(config, real / count)}
 
 
+def label_names(recipe: Recipe) -> list[str] | None:
+    """Class names by index, for the exported config (id2label): SST-2's; own files give none."""
+    if recipe.data.train_file is None and recipe.model.num_labels == 2:
+        return ["negative", "positive"]
+    return None
+
+
 def save_model(model: nn.Module, state_dict: dict, out_dir: Path, recipe: Recipe) -> None:
     """Hugging Face format: `from_pretrained(out_dir)` loads model and tokenizer back."""
     model.save_pretrained(out_dir, state_dict=state_dict)

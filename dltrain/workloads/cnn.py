@@ -79,6 +79,11 @@ def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Outpu
 summarize = classification_summary
 
 
+def label_names(recipe: Recipe) -> list[str]:
+    """Class names by index, for exported configs (id2label): the digits."""
+    return [str(i) for i in range(recipe.model.num_classes)]
+
+
 def batch_size_of(batch) -> int:
     return len(batch[1])
 
