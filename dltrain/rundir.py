@@ -18,7 +18,7 @@ resumes), and pruning deletes only checkpoints that carry it.
 
 Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
 what defines the model, the data or their order (workload, model.*, data.*, train.seed,
-train.global_batch_size, train.precision, optim.name, deepspeed.*) is refused with one line listing
+train.global_batch_size, train.precision, optim.name, optim.no_decay_bias_norm, deepspeed.*) is refused with one line listing
 the changed keys. Changes to what users change when continuing a run (RESUMABLE below: length,
 cadences, learning rate and optimizer hyperparameters, schedule, tracking, target) are applied,
 printed, and listed in summary.json under `resumed_with_changes`.
