@@ -153,7 +153,8 @@ def environment(accelerator, recipe) -> dict:
         "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", "1"))),
         "precision": recipe.train.precision,
         "seed": recipe.train.seed,
-        "deepspeed_stage": recipe.deepspeed.zero_stage if recipe.deepspeed else None,
+        # The engine's own (a deepspeed.config_file or a launcher's config may set it, not the recipe's key).
+        "deepspeed_stage": getattr(accelerator.state.deepspeed_plugin, "zero_stage", None),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
