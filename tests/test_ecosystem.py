@@ -4,6 +4,7 @@ files, and the torchviz architecture graph."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -119,7 +120,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_package():
 
     pytest.importorskip("tensorboard")
     check_trackers(["tensorboard"])
-    if shutil.which("mlflow") is None:
+    if importlib.util.find_spec("mlflow") is None:
         with pytest.raises(RecipeError, match="pip install mlflow"):
             check_trackers(["mlflow"])
     with pytest.raises(RecipeError, match="tracking.trackers"):
