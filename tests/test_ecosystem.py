@@ -64,7 +64,7 @@ def test_eval_reports_the_same_metrics_as_training_as_json(tiny_run, tmp_path):
     result = run_cli("eval", str(run), "--split", "test", "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(out.read_text())
-    assert got == json.loads(result.stdout[result.stdout.index("{"):])
+    assert got == json.loads(result.stdout)  # stdout is the JSON alone: pipe it to jq
     assert got["split"] == "test" and got["metrics"]["test/examples"] > 0
     assert got["metrics"]["test/mse"] == pytest.approx(summary["metrics"]["test/mse"], rel=1e-6)
     ckpt = run_cli("eval", str(run / "checkpoints" / "step_5"))  # the step-5 checkpoint is the final model
