@@ -7,7 +7,9 @@ accumulation steps are derived here, in one place, from the world size.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,7 +70,7 @@ def dist_timeout() -> timedelta:
 
 
 def _use_deepspeed(recipe: RecipeBase) -> bool:
-    if recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
+    if recipe.deepspeed is not None and (recipe.deepspeed.zero_stage > 0 or recipe.deepspeed.config_file):
         return True
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -91,6 +93,12 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     check_precision(recipe.train.precision, device_type)
     world = launched_world_size()
     plan = plan_batches(recipe.train, world)
+    trackers = list(recipe.tracking.trackers) if with_trackers else []
+    if trackers:
+        from dltrain.tracking import check_trackers
+
+        check_trackers(trackers)
+    warn_launcher_overrides(recipe, precision)
     kwargs = {}
     strategy = recipe.distributed.strategy
     if world > 1:
@@ -112,7 +120,7 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=plan.grad_accum,
-        log_with="wandb" if (with_trackers and recipe.tracking.wandb) else None,
+        log_with=trackers or None,
         project_dir=str(run_dir),
         cpu=device_type == "cpu" and "deepspeed_plugin" not in kwargs,
         **kwargs,
@@ -148,6 +156,16 @@ def describe_parallel(model) -> str | None:
                 f"{model.gradient_as_bucket_view}, static_graph {model.static_graph}, find_unused_parameters "
                 f"{model.find_unused_parameters}, comm hook {', '.join(hooks)}")
     return fsdp.describe(model)
+
+
+def warn_launcher_overrides(recipe: RecipeBase, precision: str) -> None:
+    """One line (rank 0) when the launcher asked for another precision than the recipe's: the recipe
+    wins (Accelerator() is given it), e.g. over an Accelerate config's mixed_precision."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", precision) and os.environ.get("RANK", "0") == "0":
+        # "no" is what `dltrain launch` passes itself (and Accelerate's default): not a user's choice.
+        print(f"dltrain: warning: the recipe's train.precision={recipe.train.precision} overrides the launcher's "
+              f"mixed_precision={launcher} (set train.precision to change it)", file=sys.stderr, flush=True)
 
 
 def check_world(accelerator, launched: int) -> None:
@@ -233,8 +251,8 @@ def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
     if "LOCAL_RANK" not in os.environ:  # plain `python -m dltrain`: DeepSpeed finds no process group
         raise RecipeError("DeepSpeed runs under a launcher: use `dltrain launch RECIPE --deepspeed STAGE ...`")
     ds = recipe.deepspeed
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config_file != "none":  # a DeepSpeed JSON, e.g. from launch/deepspeed_zero3.yaml
+    config_file = deepspeed_config_file(recipe)
+    if config_file != "none":  # a DeepSpeed JSON: the recipe's deepspeed.config_file, or the launcher's
         plugin = DeepSpeedPlugin(hf_ds_config=config_file, gradient_accumulation_steps=plan.grad_accum,
                                  gradient_clipping=recipe.train.clip_grad_norm or 0.0, zero3_save_16bit_model=True)
         if ds is not None and ds.zero_stage > 0 and ds.zero_stage != plugin.zero_stage:
@@ -266,6 +284,27 @@ def build_deepspeed_plugin(recipe: RecipeBase, plan: BatchPlan):
         plugin.deepspeed_config[key] = value
     plugin.gradient_accumulation_steps = plan.grad_accum
     return plugin
+
+
+def deepspeed_config_file(recipe: RecipeBase) -> str:
+    """The DeepSpeed JSON to use ("none": build the config from deepspeed.zero_stage): the recipe's
+    deepspeed.config_file, else the one an Accelerate config names (ACCELERATE_DEEPSPEED_CONFIG_FILE)."""
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    ours = recipe.deepspeed.config_file if recipe.deepspeed is not None else None
+    if not ours:
+        return launcher
+    path = os.path.abspath(os.path.expanduser(ours))
+    try:
+        with open(path) as f:
+            json.load(f)
+    except OSError as exc:
+        raise RecipeError(f"deepspeed.config_file={ours}: cannot read it ({exc.strerror}): give the path of a DeepSpeed JSON") from None
+    except ValueError as exc:
+        raise RecipeError(f"deepspeed.config_file={ours} is not JSON ({exc}): give a DeepSpeed JSON config") from None
+    if launcher != "none" and os.path.abspath(launcher) != path and os.environ.get("RANK", "0") == "0":
+        print(f"dltrain: warning: the recipe's deepspeed.config_file={ours} overrides the launcher's {launcher}",
+              file=sys.stderr, flush=True)
+    return path
 
 
 def rendezvous_error(exc: Exception) -> str:

@@ -394,14 +394,9 @@ def export_model(loop, out_dir: Path) -> None:
     # FSDP on a CPU: gathered from the shards by torch's helper (Accelerate's would return the shards).
     state_dict = fsdp.full_model_state(loop.model) if fsdp.is_direct(acc, loop.model) else full_state_dict(acc, loop.model)
     if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_fn = getattr(loop.workload, "save_model", None)
-        if save_fn is not None:
-            save_fn(unwrap(acc, loop.model), state_dict, out_dir, loop.recipe)
-        else:
-            from safetensors.torch import save_file
+        from dltrain import export  # the Hugging Face layout: config.json (id2label), safetensors, recipe.yaml
 
-            save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / "model.safetensors"))
+        export.save(unwrap(acc, loop.model), state_dict, out_dir, loop.recipe)
     acc.wait_for_everyone()
 
 

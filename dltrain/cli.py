@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m dltrain train ...`)")
     _add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe (profile and --set applied) and exit")
     p = sub.add_parser("list", help="list the shipped recipes")
     p.add_argument("--where", choices=["recipes", "suites", "baselines", "launch"],
                    help="print the folder of the shipped files of this kind instead (e.g. launch: slurm.sbatch)")
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dltrain import inspect
 
     inspect.add_parser(sub, _add_train_args)
+    from dltrain import evaluate, export, schema
+
+    evaluate.add_parser(sub)
+    export.add_parser(sub)
+    schema.add_parser(sub)
     return parser
 
 
@@ -48,6 +54,11 @@ def cmd_train(args) -> int:
     from dltrain.recipe import RecipeError, load_recipe
     from dltrain.run import train
 
+    if args.print_config:
+        from dltrain.recipe import dump_recipe
+
+        print(dump_recipe(load_recipe(args.recipe, args.profile, args.overrides)), end="")
+        return 0
     if args.resume == "auto" and not args.output_dir:
         raise RecipeError("--resume auto continues the run in --output-dir RUN_DIR: give that directory")
     if args.resume and args.resume != "auto":
@@ -104,7 +115,20 @@ def cmd_inspect(args) -> int:
     return inspect(args)
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench, "inspect": cmd_inspect}
+def _command(module: str, name: str):
+    """`dltrain NAME` runs dltrain.MODULE.cmd_NAME, imported only when used."""
+
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"dltrain.{module}"), f"cmd_{name}")(args)
+
+    return run
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench, "inspect": cmd_inspect,
+            "eval": _command("evaluate", "eval"), "export": _command("export", "export"),
+            "schema": _command("schema", "schema")}
 
 
 def main(argv: list[str] | None = None) -> int:

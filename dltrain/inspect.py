@@ -104,7 +104,9 @@ def inspect(recipe, out_dir: Path, max_depth: int = 4) -> dict:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = out_dir / "model_summary.md"
     summary.write_text(_markdown(rows, recipe, workload, n_params, n_trainable))
+    model.train()  # the training forward: an evaluation forward may detach what it only measures (the RNN's)
     graph, graph_note = _graph(model, workload.forward(model, batch).loss, out_dir)
+    model.eval()
     return {"samples": samples, "summary": summary, "graph": graph, "graph_note": graph_note,
             "parameters": n_params, "flops_per_sample": workload.flops_per_sample(recipe)}
 

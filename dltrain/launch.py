@@ -18,6 +18,7 @@ need them by heart:
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -148,6 +149,8 @@ def add_parser(sub, add_train_args) -> None:
     p.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO stage 0-3 (default: the recipe's deepspeed.zero_stage)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (sets distributed.strategy=fsdp; see README)")
     p.add_argument("--dry-run", action="store_true", help="print the command for these options and exit")
+    p.add_argument("--config_file", metavar="YAML", help="an Accelerate config (from `accelerate config`): it decides "
+                   "the processes and backend; the recipe still sets precision and batch (a warning says when it overrides)")
     add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="passed on to `dltrain train --resume`")
 
@@ -204,6 +207,23 @@ def preflight(recipe, world: int, cpu: bool, deepspeed: int | None) -> None:
         extras.require({"deepspeed": "deepspeed"}, f"--deepspeed {deepspeed}")
 
 
+def config_file_command(args, deepspeed: int | None) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch --config_file FILE ...`: the config decides the distribution; only what
+    was given here (--nproc, --nnodes, --master, --deepspeed) is added, and overrides it."""
+    if not Path(args.config_file).is_file():
+        raise LaunchError(f"--config_file {args.config_file}: no such file (write one with `accelerate config`)")
+    argv = [accelerate_executable(), "launch", "--config_file", args.config_file]
+    if args.nproc is not None:
+        argv += ["--num_processes", str(args.nproc * args.nnodes)]
+    if args.nnodes > 1:
+        host, port = parse_master(args.master)
+        argv += ["--num_machines", str(args.nnodes), "--machine_rank", str(args.node_rank),
+                 "--main_process_ip", host, "--main_process_port", str(port)]
+    if deepspeed is not None:
+        argv += ["--use_deepspeed", "--zero_stage", str(deepspeed)]
+    return [*argv, "-m", "dltrain", "train", *_train_args(args, args.deepspeed)], {}
+
+
 def cmd_launch(args) -> int:
     from dltrain.recipe import load_recipe
 
@@ -215,7 +235,20 @@ def cmd_launch(args) -> int:
     deepspeed = args.deepspeed
     if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
         deepspeed = recipe.deepspeed.zero_stage
+    if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.config_file:
+        from dltrain.accel import deepspeed_config_file  # checks the file: a bad one fails here, once
+
+        with open(deepspeed_config_file(recipe)) as f:  # the stage the recipe's DeepSpeed JSON sets
+            stage = (json.load(f).get("zero_optimization") or {}).get("stage", 0)
+        deepspeed = stage if stage in (0, 1, 2, 3) else 0
     cpu, nproc = args.cpu, args.nproc
+    if args.config_file:
+        try:
+            argv, env = config_file_command(args, deepspeed)
+        except LaunchError as exc:
+            print(f"dltrain: error: {exc}", file=sys.stderr)
+            return 2
+        return _run_or_print(argv, env, args.dry_run)
     if not args.dry_run:
         import torch
 
@@ -237,8 +270,12 @@ def cmd_launch(args) -> int:
     # After the options themselves (build_command), before anything starts: what every rank would
     # trip over, said once (the batch arithmetic at this world size, fp16 on a CPU, a missing extra).
     preflight(recipe, (1 if nproc is None else nproc) * args.nnodes, cpu, deepspeed)
-    print(format_command(argv, env), file=sys.stdout if args.dry_run else sys.stderr, flush=True)
-    if args.dry_run:
+    return _run_or_print(argv, env, args.dry_run)
+
+
+def _run_or_print(argv: list[str], env: dict[str, str], dry_run: bool) -> int:
+    print(format_command(argv, env), file=sys.stdout if dry_run else sys.stderr, flush=True)
+    if dry_run:
         return 0
     try:
         rc = run_command(argv, env)

@@ -47,6 +47,9 @@ class OptimConfig(Section):
     momentum: float = Field(0.0, ge=0, description="SGD only")
     fused: bool | None = Field(None, description="torch's fused optimizer step (one kernel for all parameters); "
                                                  "default: on, except under DeepSpeed, which steps its own partitions")
+    no_decay_bias_norm: bool | None = Field(None, description="no weight decay for biases and normalization-layer "
+                                                          "weights (their own parameter group, as the HF Trainer); "
+                                                          "default: on for adamw, off otherwise")
 
     @field_validator("betas")
     @classmethod
@@ -57,11 +60,13 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["none", "linear_warmup"] = "none"
-    # linear_warmup: lr rises linearly over warmup_steps (or warmup_fraction of all steps), then
-    # decays linearly to zero at the last optimizer step.
-    warmup_steps: Steps | None = None
-    warmup_fraction: float = Field(0.0, ge=0, le=1)
+    # none: constant. linear_warmup (dltrain's): lr rises as (step + 1) / (warmup + 1) over the
+    # warm-up, then decays linearly to zero at the last optimizer step. The others are
+    # transformers.get_scheduler's (dltrain.optim).
+    name: Literal["none", "linear_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                  "constant_with_warmup", "inverse_sqrt"] = Field("none", description="learning-rate schedule")
+    warmup_steps: Steps | None = Field(None, description="optimizer steps of warm-up; default: warmup_fraction of all steps")
+    warmup_fraction: float = Field(0.0, ge=0, le=1, description="warm-up as a share of all optimizer steps")
 
 
 class CompileConfig(Section):
@@ -113,11 +118,32 @@ class TrainConfig(Section):
         return self
 
 
+# The trackers Accelerate drives (accelerate.utils.LoggerType), each its own pip package.
+TRACKERS = ("wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+WandbName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class TrackingConfig(Section):
-    wandb: bool = True
-    project: str = "dltrain"  # W&B's rules: 1-128 characters, none of / \ # ? % :
+    trackers: list[Literal[TRACKERS]] = Field(["wandb"], description="Accelerate trackers to log to (each must be "
+                                                                      "installed); W&B is offline unless you are logged in")
+    wandb: bool | None = Field(None, description="shorthand kept from older recipes: false drops wandb from "
+                                                 "trackers, true adds it")
+    project: str = Field("dltrain", description="project name in every tracker")  # W&B's rules: 1-128 characters, none of / \ # ? % :
+    entity: WandbName | None = Field(None, description="W&B entity (user or team); default: your W&B default")
+    group: WandbName | None = Field(None, description="W&B group, e.g. one per sweep")
+    run_name: WandbName | None = Field(None, description="W&B run name; default: the run directory's name")
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []  # W&B takes tags of 1-64 characters
     plots: bool = True
+
+    @model_validator(mode="after")
+    def _wandb_shorthand(self) -> TrackingConfig:
+        # The old switch, folded into the list (`wandb` stays as given, so a resolved recipe reads back the same).
+        if self.wandb is False:
+            self.trackers = [t for t in self.trackers if t != "wandb"]
+        elif self.wandb and "wandb" not in self.trackers:
+            self.trackers = [*self.trackers, "wandb"]
+        self.trackers = list(dict.fromkeys(self.trackers))  # each once
+        return self
 
     @field_validator("project")
     @classmethod
@@ -143,6 +169,9 @@ class CheckpointConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
+    config_file: str | None = Field(None, min_length=1, description="a DeepSpeed JSON config (relative: from the "
+                                                                    "working directory); its batch sizes, accumulation "
+                                                                    "and clipping may be \"auto\" (the recipe's)")
     offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO stages 1-3
     offload_params: Literal["none", "cpu"] = "none"  # ZeRO stage 3 only (DeepSpeed ignores it below)
 

@@ -76,7 +76,8 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     if stale:
         print(f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier run: "
               + ", ".join(p.name for p in stale), file=sys.stderr, flush=True)
-    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "wandb_run_id": meta.get("wandb_run_id")}
+    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "wandb_run_id": meta.get("wandb_run_id"),
+            "one_param_group": "recipe" in meta and "no_decay_bias_norm" not in meta["recipe"]}
 
 
 def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
@@ -136,7 +137,9 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     from accelerate.utils import DistributedType
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    optimizer = build_optimizer(recipe.optim, model.parameters(), deepspeed=deepspeed)
+    if start.get("one_param_group") and recipe.optim.no_decay_bias_norm is None:
+        recipe.optim.no_decay_bias_norm = False  # a checkpoint from before the rule holds one group's state
+    optimizer = build_optimizer(recipe.optim, model, deepspeed=deepspeed)
     scheduler = build_scheduler(recipe.schedule, optimizer, total_steps)
     # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
     # it once per process instead.

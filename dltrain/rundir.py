@@ -18,7 +18,7 @@ resumes), and pruning deletes only checkpoints that carry it.
 
 Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
 what defines the model, the data or their order (workload, model.*, data.*, train.seed,
-train.global_batch_size, train.precision, optim.name, deepspeed.*, distributed.strategy,
+train.global_batch_size, train.precision, optim.name, optim.no_decay_bias_norm, deepspeed.*, distributed.strategy,
 distributed.comm_hook, distributed.fsdp.auto_wrap / reduce_dtype) is refused with one line listing
 the changed keys. Changes to what users change when continuing a run (RESUMABLE below: length,
 cadences, learning rate and optimizer hyperparameters, schedule, tracking, target) are applied,
@@ -211,7 +211,7 @@ def apply_to_optimizer(changes: list[dict], recipe, optimizer, scheduler) -> Non
         return
     cfg = recipe.optim
     for group in optimizer.param_groups:
-        group["weight_decay"] = cfg.weight_decay
+        group["weight_decay"] = 0.0 if group.get("no_decay") else cfg.weight_decay  # dltrain.optim's groups
         group["initial_lr"] = cfg.lr
         if "betas" in group:
             group["betas"] = tuple(cfg.betas)

@@ -1,4 +1,5 @@
-"""Where numbers go: metrics.jsonl (always), Weights & Biases (offline unless a key is set),
+"""Where numbers go: metrics.jsonl (always), the recipe's Accelerate trackers (`tracking.trackers`:
+W&B, offline unless you are logged in; TensorBoard under RUN_DIR/tensorboard; MLflow, ...),
 summary.json with the run's environment, and PNG plots of the curves."""
 
 from __future__ import annotations
@@ -16,15 +17,50 @@ from dltrain import allocator, shipped
 
 
 def wandb_mode() -> str:
-    """Offline unless the user configured a key: never a login prompt, never a network wait."""
+    """WANDB_MODE when set; else online when W&B finds credentials the way it does itself
+    (WANDB_API_KEY, its settings files, a .netrc entry for WANDB_BASE_URL's host, so a self-hosted
+    server counts), else offline: never a login prompt, never a network wait to check a key."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+    try:
+        import wandb
+    except ImportError:
+        return "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")  # no "API key is configured" note on every run
+    try:
+        return "online" if wandb.login(prompt=False, verify=False) else "offline"
+    except Exception:  # noqa: BLE001  an unreadable settings file or netrc: W&B would fail the same way online
+        return "offline"
+
+
+# The pip package of each tracker Accelerate drives (all named as their tracker today).
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker the recipe names must be installed: Accelerate drops a missing one silently."""
+    from accelerate.tracking import get_available_trackers
+
+    from dltrain.recipe import RecipeError
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise RecipeError(f"tracking.trackers names {name}, which is not installed: pip install "
+                              f"{TRACKER_PACKAGES.get(name, name)}, or drop it from tracking.trackers")
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict:
+    """{'optim.lr': 0.001, ...}: the hyperparameter form TensorBoard, MLflow and the like take
+    (scalars only: a list or None becomes its text)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flat_config(value, name + ".")
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 class RunLog:
@@ -35,18 +71,34 @@ class RunLog:
         self.main = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run_id = run_id
-        if recipe.tracking.wandb:
+        if recipe.tracking.trackers:
+            self._start_trackers(recipe, run_dir, run_id)
+
+    def _start_trackers(self, recipe, run_dir: Path, run_id: str | None) -> None:
+        acc, cfg = self.accelerator, recipe.tracking
+        init_kwargs = {}
+        if "wandb" in cfg.trackers:
             os.environ.setdefault("WANDB_SILENT", "true")
-            wandb_kwargs = {"dir": str(run_dir), "mode": wandb_mode(), "tags": recipe.tracking.tags, "name": run_dir.name}
+            wandb_kwargs = {"dir": str(run_dir), "mode": wandb_mode(), "tags": cfg.tags, "name": cfg.run_name or run_dir.name,
+                            "entity": cfg.entity, "group": cfg.group}
             if run_id:
                 wandb_kwargs.update(id=run_id, resume="allow")
-            accelerator.init_trackers(
-                recipe.tracking.project,
-                config=recipe.model_dump(mode="json", exclude={"profiles"}),
-                init_kwargs={"wandb": wandb_kwargs},
-            )
-            if self.main:
-                self.wandb_run_id = accelerator.get_tracker("wandb").run.id
+            init_kwargs["wandb"] = wandb_kwargs
+        # TensorBoard writes under logging_dir/<project>: RUN_DIR/tensorboard/<project>.
+        acc.project_configuration.logging_dir = str(run_dir / "tensorboard")
+        acc.init_trackers(cfg.project, config=None, init_kwargs=init_kwargs)
+        config = recipe.model_dump(mode="json", exclude={"profiles"})
+        for tracker in acc.trackers:  # W&B keeps the nested recipe; the others take flat scalars
+            tracker.store_init_configuration(config if tracker.name == "wandb" else _flat_config(config))
+        if not self.main:
+            return
+        if "wandb" in cfg.trackers:
+            run = acc.get_tracker("wandb", unwrap=True)
+            self.wandb_run_id = run.id
+            if not run.offline and getattr(run, "url", None):
+                print(f"  W&B run: {run.url}", flush=True)
+        if "tensorboard" in cfg.trackers:
+            print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
 
     def log(self, record: dict, step: int) -> None:
         if not self.main:
@@ -118,7 +170,8 @@ def environment(accelerator, recipe) -> dict:
         "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", "1"))),
         "precision": recipe.train.precision,
         "seed": recipe.train.seed,
-        "deepspeed_stage": recipe.deepspeed.zero_stage if recipe.deepspeed else None,
+        # The engine's own (a deepspeed.config_file or a launcher's config may set it, not the recipe's key).
+        "deepspeed_stage": getattr(accelerator.state.deepspeed_plugin, "zero_stage", None),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -15,6 +15,7 @@ import torch
 from bare_common import load, parse_args, report, timed
 
 from dltrain.data import epoch_order
+from dltrain.optim import param_groups
 from dltrain.trainer import use_fused
 from dltrain.workloads import bert
 
@@ -28,7 +29,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = bert.build_data(recipe, device)
     model = bert.build_model(recipe).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+    # dltrain's parameter groups (no decay for biases and norms when the recipe says so), so the same update.
+    opt = torch.optim.AdamW(param_groups(recipe.optim, model), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
                             fused=use_fused(recipe.optim, deepspeed=False))
     order = epoch_order(len(data.train), recipe.train.seed, epoch=0)
     per_epoch = len(order) // batch

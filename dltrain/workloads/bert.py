@@ -268,6 +268,12 @@ def flops_of(recipe: Recipe, sums: dict[str, float]) -> dict[str, float]:
             "flops_real": real * flops_per_token(config, real / count)}
 
 
+def label_names(recipe: Recipe) -> list[str] | None:
+    """Class names by index, for the exported config (id2label): data.label_names (SST-2's recipes
+    name theirs), none for integer labels without names."""
+    return recipe.data.label_names
+
+
 def save_model(model: nn.Module, state_dict: dict, out_dir: Path, recipe: Recipe) -> None:
     """Hugging Face format: `from_pretrained(out_dir)` loads model and tokenizer back."""
     model.save_pretrained(out_dir, state_dict=state_dict)
@@ -346,6 +352,6 @@ WORKLOAD = Workload(
     requires=REQUIRES,
     recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
     batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, flops_of=flops_of,
-    save_model=save_model, write_samples=write_samples, flops_batch=flops_batch, tokens_of=tokens_of,
+    save_model=save_model, write_samples=write_samples, label_names=label_names, flops_batch=flops_batch, tokens_of=tokens_of,
     baselines={"bare": "bert_bare.py", "hf_trainer": "bert_hf_trainer.py"},
 )

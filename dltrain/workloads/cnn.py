@@ -81,6 +81,11 @@ def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Outpu
 summarize = classification_summary
 
 
+def label_names(recipe: Recipe) -> list[str]:
+    """Class names by index, for exported configs (id2label): the digits."""
+    return [str(i) for i in range(recipe.model.num_classes)]
+
+
 def batch_size_of(batch) -> int:
     return len(batch[1])
 
@@ -294,7 +299,7 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 16) -> list[Path]:
 WORKLOAD = Workload(
     requires=REQUIRES,
     recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
-    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples,
+    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples, label_names=label_names,
     # The bare loop builds the default MNIST recipe itself: it takes no --recipe.
     baselines={"bare": "cnn_bare.py"}, baseline_takes_recipe=False,
 )

@@ -1,0 +1,152 @@
+"""`dltrain export RUN_DIR|CHECKPOINT --format hf`: a trained model as a folder others can load.
+
+The Hugging Face layout: `config.json` (with `id2label` where the workload has class names) and
+`model.safetensors`, plus the resolved `recipe.yaml`. BERT is a transformers model and is saved with
+`save_pretrained` (and its tokenizer), so `AutoModelForSequenceClassification.from_pretrained(DIR)`
+loads it; the CNN and RNN are dltrain's own modules, and `dltrain.export.load_model(DIR)` (or
+`dltrain eval DIR`) builds them back from the config. final_model/ and best_model/ of a run are
+written in this layout already.
+
+What can be read back (`load_model`): a run directory (its final_model/, or best_model/ with
+`which="best"`), a checkpoint folder (checkpoints/step_N, not DeepSpeed's sharded layout), or an
+exported folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dltrain.recipe import RecipeError, dump_recipe, validate
+
+CONFIG_FILE = "config.json"
+RECIPE_FILE = "recipe.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def id2label(workload, recipe) -> dict[int, str] | None:
+    """Class names by index, where the workload has classes (`label_names(recipe)`, optional)."""
+    names = getattr(workload, "label_names", None)
+    names = names(recipe) if names is not None else None
+    return dict(enumerate(names)) if names else None
+
+
+def save(model, state_dict: dict, out_dir: Path, recipe) -> None:
+    """The model in the Hugging Face layout, with its recipe: the workload's own saver where it has
+    one (BERT: save_pretrained, id2label set in its config), else safetensors + config.json."""
+    from safetensors.torch import save_file
+
+    from dltrain.workload import get_workload
+
+    workload = get_workload(recipe.workload)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_fn = getattr(workload, "save_model", None)
+    if save_fn is not None:
+        labels = id2label(workload, recipe)
+        if labels and hasattr(getattr(model, "config", None), "id2label"):
+            model.config.id2label, model.config.label2id = labels, {name: i for i, name in labels.items()}
+        save_fn(model, state_dict, out_dir, recipe)
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE))
+        write_config(out_dir, model, recipe)
+    (out_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
+
+
+def write_config(out_dir: Path, model, recipe) -> Path:
+    """config.json for a dltrain module (CNN, RNN): what `load_model` needs to build it again."""
+    from dltrain.workload import get_workload
+
+    labels = id2label(get_workload(recipe.workload), recipe)
+    config = {"model_type": f"dltrain-{recipe.workload}", "architectures": [type(model).__name__],
+              "dltrain_workload": recipe.workload, "model": recipe.model.model_dump(mode="json")}
+    if labels:
+        config |= {"id2label": {str(i): name for i, name in labels.items()},
+                   "label2id": {name: i for i, name in labels.items()}}
+    path = out_dir / CONFIG_FILE
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _latest_segment_recipe(run_dir: Path) -> Path:
+    """recipe.yaml, or the recipe of the last resumed segment (recipe.resume-<N>.yaml)."""
+    resumed = sorted(run_dir.glob("recipe.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return resumed[-1] if resumed else run_dir / RECIPE_FILE
+
+
+def locate(path: Path, which: str = "final") -> tuple[str, Path]:
+    """(resolved recipe YAML, folder holding the weights) of a run, checkpoint or exported folder."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():  # a checkpoint
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not (path / WEIGHTS_FILE).is_file():
+            raise RecipeError(f"{path} holds no {WEIGHTS_FILE} (a DeepSpeed checkpoint?): evaluate or export the run's "
+                              "final_model instead")
+        return state["recipe"], path
+    if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():  # exported, or final_model/
+        return (path / RECIPE_FILE).read_text(), path
+    if (path / RECIPE_FILE).is_file():  # a run directory
+        model_dir = path / f"{which}_model"
+        if not (model_dir / WEIGHTS_FILE).is_file():
+            raise RecipeError(f"{path} has no {which}_model/{WEIGHTS_FILE}: the run did not finish or saved none "
+                              "(checkpoint.save_final_model); give one of its checkpoints, e.g. "
+                              f"{path}/checkpoints/step_N")
+        return _latest_segment_recipe(path).read_text(), model_dir
+    raise RecipeError(f"{path} is not a run directory, a checkpoint or an exported model (no recipe.yaml, "
+                      "trainer_state.json or model.safetensors there)")
+
+
+def load_model(path: Path, which: str = "final"):
+    """(recipe, model on the CPU in eval mode) from a run, checkpoint or exported folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dltrain.workload import get_workload
+
+    text, weights_dir = locate(path, which)
+    raw = yaml.safe_load(text) or {}
+    recipe = validate(raw, source=f"{path} (its recipe)")
+    if getattr(recipe.model, "init", None) == "pretrained":
+        recipe.model.init = "random"  # the architecture only: the weights come from the file
+    workload = get_workload(recipe.workload)
+    torch.manual_seed(recipe.train.seed)
+    model = workload.build_model(recipe)
+    state = load_file(str(weights_dir / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # save_pretrained leaves tied copies out
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise RecipeError(f"{weights_dir / WEIGHTS_FILE} does not fit the model its recipe builds ('{key}' is "
+                          f"{'missing' if missing else 'unexpected'}): it was written by another recipe")
+    if raw.get("model", {}).get("init") == "pretrained":
+        recipe.model.init = "pretrained"  # as trained, for the exported recipe
+    return recipe, model.eval()
+
+
+def export_hf(path: Path, out_dir: Path, which: str = "final") -> Path:
+    """Write the model at `path` into `out_dir` in the Hugging Face layout; return out_dir."""
+    recipe, model = load_model(path, which)
+    save(model, model.state_dict(), out_dir, recipe)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained model in the Hugging Face layout (config.json + safetensors)")
+    p.add_argument("path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + model.safetensors (default)")
+    p.add_argument("--which", choices=["final", "best"], default="final", help="of a run directory: final_model or best_model")
+    p.add_argument("--output-dir", help="where to write (default: RUN_DIR/export-hf)")
+
+
+def cmd_export(args) -> int:
+    source = Path(args.path)
+    out = Path(args.output_dir) if args.output_dir else source / f"export-{args.format}"
+    export_hf(source, out, args.which)
+    print(f"dltrain: exported {source} -> {out}")
+    return 0
