@@ -98,10 +98,10 @@ def test_export_hf_of_the_rnn_loads_back_identical(tiny_run, tmp_path):
 
 def test_cnn_export_has_id2label_and_round_trips(tmp_path):
     from dltrain.export import load_model, save
-    from dltrain.workloads import WORKLOADS
+    from dltrain.workload import get_workload
 
     recipe = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["model.hidden=16"])
-    model = WORKLOADS["cnn"].build_model(recipe)
+    model = get_workload("cnn").build_model(recipe)
     save(model, model.state_dict(), tmp_path, recipe)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["id2label"] == {str(i): str(i) for i in range(10)} and config["label2id"]["7"] == 7

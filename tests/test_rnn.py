@@ -96,3 +96,25 @@ def test_cpu_test_profile_beats_the_naive_predictor(tmp_path):
     assert metrics["test/examples"] == 600 and metrics["val/examples"] == 600
     assert metrics["test/naive_mse"] == pytest.approx(0.30, abs=0.05)  # fixed by the data seed
     assert metrics["test/mse_ratio"] < 0.1, metrics  # at least 10 times better than repeating the last value
+
+
+def test_evaluation_statistics_follow_the_wrapped_modules_mode():
+    """A DeepSpeed engine's eval() switches the module inside it only; its own `training` stays
+    True. Evaluation must still report per-example errors (it crashed in the trainer without)."""
+    recipe = load_recipe(RECIPES / "rnn_sine.yaml", "cpu_test")
+    inner = rnn.build_model(recipe).eval()
+
+    class Engine(torch.nn.Module):  # the DeepSpeed engine's train(mode) reaches only its module
+        def __init__(self):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x):
+            return self.module(x)
+
+    engine = Engine()
+    assert engine.training and not engine.module.training
+    x, y = torch.randn(4, recipe.data.seq_len, 1), torch.randn(4)
+    assert set(rnn.forward(engine, (x, y)).stats) == {"loss", "naive_loss"}
+    inner.train()
+    assert rnn.forward(engine, (x, y)).stats == {}
