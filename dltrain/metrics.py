@@ -131,6 +131,8 @@ class StepClock:
             "train_samples_per_s": self.samples_per_step * self.steady_steps / self.steady_s,
             "step_time_ms_p50": 1e3 * statistics.median(times),
             "step_time_ms_p90": 1e3 * q[8],
+            # p1..p99: the step model takes the 0.5^(1/N) quantile as the median of N ranks' slowest
+            "step_time_ms_percentiles": [1e3 * t for t in statistics.quantiles(times, n=100)] if len(times) >= 2 else None,
             "data_wait_share": self.data_wait_s / self.steady_s,
         }
         if "overall_samples_per_s" in out:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dltrain.bench.comm import CommModel, Fit, bus_factor, fit_alpha_beta, parse_size, sizes_between
-from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs
+from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs, slowest_of
 from dltrain.bench.stepmodel import LOSS_REDUCE_BYTES, Bucket, ddp_buckets, overlap, predict_step
 from dltrain.recipe import RecipeError
 
@@ -140,3 +140,12 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"environment": {"device": "cpu"}, "configs": {}}))
     with pytest.raises(RecipeError, match="projecting CPU compute onto GPU links is refused"):
         read_gpu_configs(tmp_path)
+
+
+def test_the_slowest_of_n_ranks_is_the_half_to_the_one_over_n_quantile():
+    cfg = {"step_time_ms_percentiles": [float(k) for k in range(1, 100)],  # the k-th percentile is k ms
+           "figures": {"step_time_ms_p50": {"mean": 50.0}}}
+    assert slowest_of(cfg, 1) == pytest.approx(0.050)
+    assert slowest_of(cfg, 2) == pytest.approx(100 * 0.5 ** 0.5 / 1e3)  # p70.7: P(both below) = 0.5
+    assert slowest_of(cfg, 1024) == pytest.approx(0.099)  # beyond the recorded p99: clamped
+    assert slowest_of({"figures": {"step_time_ms_p50": {"mean": 20.0}}}, 8) == pytest.approx(0.020)  # no distribution

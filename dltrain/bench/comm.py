@@ -1,9 +1,9 @@
 """`dltrain bench comm`: time the collectives data-parallel training uses, and fit the alpha-beta model.
 
 Each of N processes (torchrun, gloo on CPUs, NCCL on GPUs) runs all-reduce, all-gather,
-reduce-scatter and broadcast over float32 buffers from 4 KiB to 512 MiB. A size's time is that of
-the slowest rank over a block of back-to-back calls (at least 3, and at least `target_s` long),
-after two untimed calls. Bandwidths use the nccl-tests definitions (its doc/PERFORMANCE.md):
+reduce-scatter and broadcast over float32 buffers from 4 KiB to 512 MiB. A size's time is the slowest
+rank's median over calls timed one by one (at least 5, and about `target_s` in all), after two
+untimed calls; their mean is kept beside it. Bandwidths use the nccl-tests definitions (its doc/PERFORMANCE.md):
 `size` is the whole buffer (all-gather: the gathered output; reduce-scatter: the input), algorithm
 bandwidth algbw = size / time, bus bandwidth busbw = algbw x 2(N-1)/N for all-reduce,
 x (N-1)/N for all-gather and reduce-scatter, x 1 for broadcast: busbw is what each link carries,
@@ -95,29 +95,39 @@ def _slowest(seconds: float, device) -> float:
     return float(t.item())
 
 
-def time_op(call, device, target_s: float, blocks: int = 5) -> tuple[float, int]:
-    """Seconds per call and the calls timed: the median over `blocks` blocks of back-to-back calls
-    of the slowest rank's mean per call (a burst of another process on a shared host spoils one
-    block, not the figure)."""
+def time_op(call, device, target_s: float) -> tuple[float, float, int]:
+    """(median, mean) seconds per call and the calls timed. Each call is timed on its own (CUDA
+    events on a GPU, read after the last call) and the slowest rank's statistic is kept. The median
+    is what a training step meets typically, and what the step model uses: on a shared or
+    virtualized host a few calls take milliseconds (a descheduled peer), which a mean over
+    back-to-back calls would spread over all of them; the mean is kept beside it."""
     import torch
     import torch.distributed as dist
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(2):  # untimed: first-use allocations and connection set-up
         call()
     sync()
     estimate = _slowest((time.perf_counter() - t0) / 2, device)  # every rank must choose the same count
-    per_block = int(min(200, max(1, target_s / blocks / max(estimate, 1e-7))))
-    times = []
-    for _ in range(blocks):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(per_block):
+    calls = int(min(1000, max(5, target_s / max(estimate, 1e-7))))
+    dist.barrier()
+    if cuda:
+        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+        for start, end in marks:
+            start.record()
             call()
+            end.record()
         sync()
-        times.append(_slowest((time.perf_counter() - t0) / per_block, device))
-    return statistics.median(times), per_block * blocks
+        times = [start.elapsed_time(end) / 1e3 for start, end in marks]
+    else:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    return _slowest(statistics.median(times), device), _slowest(statistics.fmean(times), device), calls
 
 
 def worker(argv: list[str] | None = None) -> int:
@@ -141,10 +151,11 @@ def worker(argv: list[str] | None = None) -> int:
     try:
         for op in args.ops.split(","):
             for size in sizes_between(args.min_bytes, args.max_bytes):
-                seconds, calls = time_op(_call(op, size, world, device), device, args.target_s)
+                seconds, mean, calls = time_op(_call(op, size, world, device), device, args.target_s)
                 algbw = size / seconds
                 rows.append({"op": op, "bytes": size, "world_size": world, "backend": dist.get_backend(),
                              "device": device.type, "dtype": "float32", "calls": calls, "time_us": seconds * 1e6,
+                             "mean_us": mean * 1e6,
                              "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * bus_factor(op, world) / 1e9})
                 if rank == 0:
                     print(f"  {op:15s} {size / KiB:>10,.0f} KiB {seconds * 1e6:>12,.1f} us "

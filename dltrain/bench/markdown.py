@@ -152,7 +152,7 @@ def comm_section(comm: list[dict]) -> list[str]:
     if not comm:
         return []
     out = ["## Communication (measured: `dltrain bench comm`)", "",
-           "time: the slowest rank's, median of 5 blocks of back-to-back calls; algbw = bytes / time; busbw = algbw x "
+           "time: the slowest rank's median over calls timed one by one (the mean beside it in comm.jsonl); algbw = bytes / time; busbw = algbw x "
            "2(N-1)/N (all-reduce), x (N-1)/N (all-gather, reduce-scatter), x 1 (broadcast), as nccl-tests defines them. "
            "Fit: time = alpha + factor x bytes / busbw per size range, least squares on relative error.", ""]
     for c in comm:
@@ -177,15 +177,19 @@ def _bytes(n: int) -> str:
 
 def _validation_section(rows: list[dict]) -> list[str]:
     head = ["## The step model against measured runs", "",
-            "predicted = the world-1 step (measured p50) + exposed communication: DDP's buckets (torch's assignment, "
-            "in the order gradients became ready in the harness's step profile) all-reduced one after another from "
-            "when each is ready, alpha + 2(N-1)/N x bytes / busbw from the fits above, past the end of backward; plus "
-            "dltrain's per-step loss all-reduce and DDP's buffer broadcast. no overlap: all communication after "
-            "backward. error = predicted / measured - 1.", ""]
-    return head + _table(["config", "N", "world-1 ms", "backward ms", "buckets", "comm ms", "exposed ms", "other coll. ms",
-                          "predicted ms", "no-overlap ms", "measured ms", "error"],
-                         [[r["config"], str(r["world_size"]), _num(r["step1_ms"]), _num(r["backward_ms"]), str(r["buckets"]),
-                           _num(r["comm_ms"]), _num(r["exposed_ms"]), _num(r["other_collectives_ms"]), _num(r["predicted_ms"]),
+            "predicted = step(1) + exposed communication. step(1): the world-1 run's step-time distribution at its "
+            "0.5^(1/N) quantile (the median step of N ranks waits for the slowest of N independent batches), times the "
+            "co-located factor (the harness's step profile with N processes at once over alone: N ranks share this host's "
+            "cores, caches and memory bandwidth; 1 where each rank has its own device). Exposed: DDP's buckets (torch's "
+            "assignment, in the order gradients became ready in the profile) all-reduced one after another from when each "
+            "is ready, alpha + 2(N-1)/N x bytes / busbw from the fits above, past the end of backward; plus dltrain's "
+            "per-step loss all-reduce and DDP's buffer broadcast. no overlap: all of it after backward. "
+            "error = predicted / measured - 1 (median steps).", ""]
+    return head + _table(["config", "N", "world-1 p50 ms", "slowest of N ms", "co-located x", "step(1) ms", "buckets",
+                          "comm ms", "exposed ms", "other coll. ms", "predicted ms", "no-overlap ms", "measured ms", "error"],
+                         [[r["config"], str(r["world_size"]), _num(r.get("world1_p50_ms")), _num(r.get("slowest_of_n_ms")),
+                           f"{r.get('colocated_factor', 1.0):.3f}", _num(r["step1_ms"]), str(r["buckets"]), _num(r["comm_ms"]),
+                           _num(r["exposed_ms"]), _num(r["other_collectives_ms"]), _num(r["predicted_ms"]),
                            _num(r["no_overlap_ms"]), _num(r["measured_ms"]), f"{r['error']:+.1%}"] for r in rows])
 
 

@@ -16,6 +16,8 @@ training loop; they are imported here under their old names.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from dltrain.peaks import GPU_PEAKS, cpu_matmul_peak, gpu_peak  # noqa: F401  (the names this module had)
@@ -80,12 +82,12 @@ def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
     return out
 
 
-def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3) -> dict:
+def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3,
+                 before_first_step=None) -> dict:
     """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
     over `steps` after `warmup`), and when each gradient became ready, relative to the start of
     backward (a post-accumulate-grad hook per parameter): what dltrain.bench.stepmodel needs to
     place DDP's buckets in time. Runs in the harness process, at its thread count."""
-    import statistics
     import time
     from contextlib import nullcontext
 
@@ -107,6 +109,8 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else nullcontext
     phases, ready = [], {n: [] for n in params}
+    if before_first_step is not None:
+        before_first_step()
     for i in range(warmup + steps):
         marks.clear()
         t0 = _record(stamp)
@@ -142,16 +146,84 @@ def _record(stamp):
     return mark
 
 
-def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | None = None) -> dict:
+def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | None = None,
+                 colocate: tuple[str, str | None, list[str], int] | None = None) -> dict:
     """profile_step at `threads` CPU threads (the suite's per-process count), with what the step
-    model needs beside it: the per-device batch and DDP's bucket cap."""
+    model needs beside it: the per-device batch and DDP's bucket cap. With `colocate` (recipe
+    path, profile, overrides, N) on a CPU, also the same profile in N processes at once: the
+    compute of one rank when N ranks share this host's cores, caches and memory bandwidth."""
     before = torch.get_num_threads()
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     try:
-        profile = profile_step(recipe, micro_batch, device)
+        profile = profile_step(recipe, micro_batch, device, steps=PROFILE_STEPS)
     finally:
         torch.set_num_threads(before)
     dist = getattr(recipe, "distributed", None)
     profile["bucket_cap_mb"] = getattr(dist, "bucket_cap_mb", None)  # None: DDP's default
+    if colocate and device == "cpu" and colocate[3] > 1:
+        alone = profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]
+        together = [p["forward_s"] + p["backward_s"] + p["optimizer_s"]
+                    for p in colocated_profiles(*colocate, micro_batch, threads or 1)]
+        profile["colocated"] = {str(colocate[3]): statistics.fmean(together) / alone}
     return {"micro_batch": micro_batch, "step_profile": profile}
+
+
+PROFILE_STEPS = 20
+
+
+def colocated_profiles(path: str, profile: str | None, overrides: list[str], n: int, micro_batch: int,
+                       threads: int) -> list[dict]:
+    """profile_step in n processes that wait for each other before their first step (a file
+    barrier), so that their steps overlap."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from dltrain import shipped
+
+    with tempfile.TemporaryDirectory() as barrier:
+        argv = [sys.executable, "-m", "dltrain.bench.measure", path, "--micro", str(micro_batch), "--barrier", barrier,
+                "--parties", str(n), *(["--profile", profile] if profile else []), *(a for s in overrides for a in ("--set", s))]
+        root = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": root}
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True) for _ in range(n)]
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a co-located step profile failed (exit codes {[p.returncode for p in procs]})")
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]
+
+
+def _profile_main() -> None:
+    """`python -m dltrain.bench.measure RECIPE ...`: one co-located profile, as JSON on stdout."""
+    import argparse
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from dltrain.recipe import load_recipe
+
+    p = argparse.ArgumentParser()
+    p.add_argument("recipe")
+    p.add_argument("--profile")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--micro", type=int, required=True)
+    p.add_argument("--barrier", required=True)
+    p.add_argument("--parties", type=int, required=True)
+    args = p.parse_args()
+    recipe = load_recipe(args.recipe, args.profile, args.set)
+
+    def wait_for_all() -> None:  # called when this process's model and data are built
+        (Path(args.barrier) / str(os.getpid())).touch()
+        while len(list(Path(args.barrier).iterdir())) < args.parties:
+            time.sleep(0.005)
+
+    out = profile_step(recipe, args.micro, "cpu", steps=PROFILE_STEPS, before_first_step=wait_for_all)
+    print(json.dumps({k: out[k] for k in ("forward_s", "backward_s", "optimizer_s")}))
+
+
+if __name__ == "__main__":
+    _profile_main()

@@ -54,6 +54,8 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             continue
         for k, v in _figures(rec).items():
             cfg["_values"].setdefault(k, []).append(v)
+        if rec.get("step_time_ms_percentiles"):
+            cfg.setdefault("_percentiles", []).append(rec["step_time_ms_percentiles"])
         if rec.get("target"):
             cfg["target"] = rec["target"]
         if rec.get("mode") == "time_to_target":
@@ -62,6 +64,9 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             cfg["peak_source"], cfg["peak_flops_per_s"] = rec["peak_source"], rec.get("peak_flops_per_s")
     for cfg in configs.values():
         cfg["figures"] = {k: stats(v) for k, v in cfg.pop("_values").items()}
+        runs = cfg.pop("_percentiles", None)
+        if runs:  # p1..p99 of the step time, averaged over the repeats percentile by percentile
+            cfg["step_time_ms_percentiles"] = [statistics.fmean(p) for p in zip(*runs)]
     return configs
 
 

@@ -183,6 +183,7 @@ def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None,
         "samples_per_s": tput.get("train_samples_per_s"),
         "step_time_ms_p50": tput.get("step_time_ms_p50"),
         "step_time_ms_p90": tput.get("step_time_ms_p90"),
+        "step_time_ms_percentiles": tput.get("step_time_ms_percentiles"),
         "data_wait_share": tput.get("data_wait_share"),
         "steady_steps": tput.get("steady_steps"),
         # Outside the steady clock: evaluation and checkpoint writes, timed on their own, and the
@@ -266,7 +267,10 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
             try:
                 counted[key] = measure_workload(recipe, micro, device)
                 # forward/backward/optimizer and gradient readiness, for the step model (dltrain.bench.scaling)
-                counted[key] |= measure_step(recipe, micro, device, suite.cpu_threads if device == "cpu" else None)
+                # and, on a CPU, the same with as many processes at once as the entry's jobs put on one node
+                per_node = max(j.world // j.nnodes for j in jobs if j.entry is entry)
+                counted[key] |= measure_step(recipe, micro, device, suite.cpu_threads if device == "cpu" else None,
+                                             colocate=(entry.recipe, entry.profile, list(entry.overrides), per_node))
             except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
                 print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
                 counted[key] = None

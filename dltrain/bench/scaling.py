@@ -61,21 +61,38 @@ def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]
         base = next((c for c in cfgs if c["world_size"] == 1), None)
         if stage is not None or profile is None or base is None:
             continue
-        step1 = _mean(base, "step_time_ms_p50") / 1e3
         for c in cfgs:
             n = c["world_size"]
             if n == 1 or c["nnodes"] != 1 or not any(f.world_size == n for f in fits):
                 continue
-            model = CommModel(fits, n)
-            pred = predict_step(step1, profile, model, profile.get("bucket_cap_mb"))
+            slowest = slowest_of(base, n)  # the median step of n ranks waits for the slowest
+            shared = (profile.get("colocated") or {}).get(str(n), 1.0)  # n ranks on this host's cores
+            step1 = slowest * shared
+            pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
             measured = _mean(c, "step_time_ms_p50") / 1e3
             rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": c["config"], "world_size": n,
-                         "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
+                         "world1_p50_ms": _mean(base, "step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
+                         "colocated_factor": shared, "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
                          "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
                          "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
                          "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
                          "measured_ms": measured * 1e3, "error": pred["step_s"] / measured - 1})
     return rows
+
+
+def slowest_of(cfg: dict, n: int) -> float:
+    """Seconds: the median over steps of the slowest of n ranks' step times, each rank drawing its
+    batch independently from the world-1 step-time distribution: its 0.5^(1/n) quantile (p50 for
+    n = 1, p70.7 for n = 2, p99 and beyond for n >= 69, clamped to the p99 recorded). Text with
+    dynamic padding varies step to step; a synchronous step waits for the longest batch."""
+    pct = cfg.get("step_time_ms_percentiles")
+    if not pct:
+        return _mean(cfg, "step_time_ms_p50") / 1e3
+    q = min(99.0, max(1.0, 100 * 0.5 ** (1 / n)))
+    lo = int(q)
+    frac = q - lo
+    at = lambda k: pct[min(max(k, 1), 99) - 1]  # noqa: E731  pct[k-1] is the k-th percentile
+    return (at(lo) + frac * (at(lo + 1) - at(lo))) / 1e3
 
 
 class NcclModel:
@@ -126,19 +143,21 @@ class NcclModel:
         return min(options)
 
 
-def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None) -> tuple[float, int, str] | None:
-    """(seconds per step, per-device batch, source) on one GPU: measured, or from the datasheet."""
+def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
+    """(seconds per step at N ranks as a function of N, per-device batch, source) on one GPU:
+    measured (the slowest of N ranks' steps, from the run's step-time distribution), or from the
+    datasheet (no distribution: every step alike)."""
     for name, cfg in (gpu_configs or {}).items():
         if (cfg["entry"], cfg["kind"], cfg["mode"], cfg["world_size"]) == (entry, "dltrain", "throughput", 1) \
                 and _mean(cfg, "step_time_ms_p50") and _mean(cfg, "samples_per_s"):
-            step = _mean(cfg, "step_time_ms_p50") / 1e3
-            return step, round(_mean(cfg, "samples_per_s") * step), f"measured on a GPU ({name})"
+            p50 = _mean(cfg, "step_time_ms_p50") / 1e3
+            return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
     per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
     batch = flops.get("micro_batch")
     if not per_sample or not batch:
         return None
     step = per_sample * batch / (GPU_PEAK_BF16 * ASSUMED_MFU)
-    return step, batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
+    return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
 
 
 def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None) -> list[dict]:
@@ -150,18 +169,19 @@ def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = Non
         profile, compute = meas.get("step_profile"), gpu_compute(entry, meas, gpu_configs)
         if not profile or not compute:
             continue
-        step1, batch, source = compute
+        step_at, batch, source = compute
         total = profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]
         share = profile["backward_s"] / total
-        scaled = {"backward_s": step1 * share, "buffer_bytes": profile["buffer_bytes"],
-                  "grads": [(b, r / profile["backward_s"] * step1 * share) for b, r in profile["grads"]]}
         for n in PROJECTED_WORLDS:
+            step1 = step_at(n)
+            scaled = {"backward_s": step1 * share, "buffer_bytes": profile["buffer_bytes"],
+                      "grads": [(b, r / profile["backward_s"] * step1 * share) for b, r in profile["grads"]]}
             links = NcclModel(n)
             pred = predict_step(step1, scaled, links, profile.get("bucket_cap_mb"))
             rows.append({"entry": entry, "world_size": n, "nodes": links.nodes, "link": links.link, "compute_source": source,
                          "compute_ms": step1 * 1e3, "backward_share": share, "comm_ms": pred["comm_s"] * 1e3,
                          "exposed_ms": (pred["step_s"] - step1) * 1e3, "step_ms": pred["step_s"] * 1e3,
-                         "efficiency": step1 / pred["step_s"], "samples_per_s": n * batch / pred["step_s"],
+                         "efficiency": step_at(1) / pred["step_s"], "samples_per_s": n * batch / pred["step_s"],
                          "grad_mb": sum(b for b, _ in profile["grads"]) / 2**20, "label": "PROJECTED"})
     return rows
 
