@@ -179,13 +179,14 @@ def _validation_section(rows: list[dict]) -> list[str]:
     head = ["## The step model against measured runs", "",
             "predicted = step(1) + exposed communication. step(1): the world-1 run's step-time distribution at its "
             "0.5^(1/N) quantile (the median step of N ranks waits for the slowest of N independent batches), times the "
-            "co-located factor (the harness's step profile with N processes at once over alone: N ranks share this host's "
-            "cores, caches and memory bandwidth; 1 where each rank has its own device). Exposed: DDP's buckets (torch's "
+            "rank factor (the harness's step profile in N processes at once, each model inside DDP on a group of its own, "
+            "over the profile alone: N ranks share this host's cores, caches and memory bandwidth, and DDP copies gradients "
+            "into buckets; on GPUs each rank has its own device). Exposed: DDP's buckets (torch's "
             "assignment, in the order gradients became ready in the profile) all-reduced one after another from when each "
             "is ready, alpha + 2(N-1)/N x bytes / busbw from the fits above, past the end of backward; plus dltrain's "
             "per-step loss all-reduce and DDP's buffer broadcast. no overlap: all of it after backward. "
             "error = predicted / measured - 1 (median steps).", ""]
-    return head + _table(["config", "N", "world-1 p50 ms", "slowest of N ms", "co-located x", "step(1) ms", "buckets",
+    return head + _table(["config", "N", "world-1 p50 ms", "slowest of N ms", "rank x", "step(1) ms", "buckets",
                           "comm ms", "exposed ms", "other coll. ms", "predicted ms", "no-overlap ms", "measured ms", "error"],
                          [[r["config"], str(r["world_size"]), _num(r.get("world1_p50_ms")), _num(r.get("slowest_of_n_ms")),
                            f"{r.get('colocated_factor', 1.0):.3f}", _num(r["step1_ms"]), str(r["buckets"]), _num(r["comm_ms"]),

@@ -83,7 +83,7 @@ def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
 
 
 def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3,
-                 before_first_step=None) -> dict:
+                 before_first_step=None, wrap=None) -> dict:
     """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
     over `steps` after `warmup`), and when each gradient became ready, relative to the start of
     backward (a post-accumulate-grad hook per parameter): what dltrain.bench.stepmodel needs to
@@ -106,6 +106,7 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
     marks: dict[str, object] = {}
     for name, p in params.items():
         p.register_post_accumulate_grad_hook(lambda _, name=name: marks.__setitem__(name, _record(stamp)))
+    run = wrap(model) if wrap is not None else model  # e.g. DDP: its hooks and bucket copies in the timings
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else nullcontext
     phases, ready = [], {n: [] for n in params}
@@ -115,7 +116,7 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
         marks.clear()
         t0 = _record(stamp)
         with autocast():
-            loss = workload.forward(model, batch).loss
+            loss = workload.forward(run, batch).loss
         t1 = _record(stamp)
         loss.backward()
         t2 = _record(stamp)
@@ -151,7 +152,8 @@ def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | N
     """profile_step at `threads` CPU threads (the suite's per-process count), with what the step
     model needs beside it: the per-device batch and DDP's bucket cap. With `colocate` (recipe
     path, profile, overrides, N) on a CPU, also the same profile in N processes at once: the
-    compute of one rank when N ranks share this host's cores, caches and memory bandwidth."""
+    compute of one rank when N ranks share this host's cores, caches and memory bandwidth, with
+    the model inside DDP (a 1-process group: DDP's hooks and bucket copies, no peer to wait for)."""
     before = torch.get_num_threads()
     if threads and device == "cpu":
         torch.set_num_threads(threads)
@@ -174,8 +176,8 @@ PROFILE_STEPS = 20
 
 def colocated_profiles(path: str, profile: str | None, overrides: list[str], n: int, micro_batch: int,
                        threads: int) -> list[dict]:
-    """profile_step in n processes that wait for each other before their first step (a file
-    barrier), so that their steps overlap."""
+    """profile_step in n processes, each with its model in DDP on a group of its own, that wait
+    for each other before their first step (a file barrier), so that their steps overlap."""
     import json
     import os
     import subprocess
@@ -217,11 +219,21 @@ def _profile_main() -> None:
     recipe = load_recipe(args.recipe, args.profile, args.set)
 
     def wait_for_all() -> None:  # called when this process's model and data are built
-        (Path(args.barrier) / str(os.getpid())).touch()
-        while len(list(Path(args.barrier).iterdir())) < args.parties:
+        (Path(args.barrier) / f"ready.{os.getpid()}").touch()
+        while len(list(Path(args.barrier).glob("ready.*"))) < args.parties:
             time.sleep(0.005)
 
-    out = profile_step(recipe, args.micro, "cpu", steps=PROFILE_STEPS, before_first_step=wait_for_all)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cap = getattr(getattr(recipe, "distributed", None), "bucket_cap_mb", None)
+    kwargs = {"bucket_cap_mb": cap} if cap not in (None, 25) else {}  # as Accelerate passes it
+    dist.init_process_group("gloo", init_method=f"file://{Path(args.barrier) / 'store'}.{os.getpid()}", rank=0, world_size=1)
+    try:
+        out = profile_step(recipe, args.micro, "cpu", steps=PROFILE_STEPS, before_first_step=wait_for_all,
+                           wrap=lambda model: DistributedDataParallel(model, **kwargs))
+    finally:
+        dist.destroy_process_group()
     print(json.dumps({k: out[k] for k in ("forward_s", "backward_s", "optimizer_s")}))
 
 
