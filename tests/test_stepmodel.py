@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dltrain.bench.comm import CommModel, Fit, bus_factor, fit_alpha_beta, parse_size, sizes_between
-from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs, slowest_of
+from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs, refused_projections, slowest_of
 from dltrain.bench.stepmodel import LOSS_REDUCE_BYTES, Bucket, ddp_buckets, overlap, predict_step
 from dltrain.recipe import RecipeError
 
@@ -137,6 +137,10 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
     assert all(r["label"] == "PROJECTED" and "assumed MFU" in r["compute_source"] for r in rows)
     assert rows[0]["compute_ms"] == pytest.approx(3e9 * 32 / (989e12 * 0.4) * 1e3)
     assert all(0 < r["efficiency"] <= 1 for r in rows)
+    # A workload whose step-model check missed on this host is not projected at all.
+    refused = refused_projections([{"entry": "bert", "world_size": 2, "error": -0.25}, {"entry": "cnn", "world_size": 2, "error": 0.02}])
+    assert list(refused) == ["bert"] and "missed its measured 2-process step by -25%" in refused["bert"]
+    assert projection(flops, refused=refused) == []
     (tmp_path / "summary.json").write_text(json.dumps({"environment": {"device": "cpu"}, "configs": {}}))
     with pytest.raises(RecipeError, match="projecting CPU compute onto GPU links is refused"):
         read_gpu_configs(tmp_path)

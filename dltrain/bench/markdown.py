@@ -98,6 +98,7 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += comm_section(summary.get("comm", []))
     lines += _validation_section(summary.get("validation", []))
     lines += _projection_section(summary["projection"])
+    lines += [f"Not projected: {entry}: {why}." for entry, why in (summary.get("projection_refused") or {}).items()] + [""]
     lines += _failures(configs)
     lines += ["## Where the numbers are", "",
               "results.jsonl (one record per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
@@ -201,7 +202,8 @@ def _projection_section(rows: list[dict]) -> list[str]:
             "(dltrain.bench.scaling.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
             "busbw 450 GB/s in a node, 8 NDR NICs x 50 GB/s x 0.9 across nodes). Assumptions: gradients become ready "
             "at the same fractions of backward as in the harness's step profile (on this suite's device), and backward "
-            "takes the same share of the step; "
+            "takes the same share of the step; the datasheet path leaves out kernel-launch and framework overheads, "
+            "which dominate small models' GPU steps (give a gpu_single directory for those); "
             "compute: " + ("; ".join(sources) if sources else "none (no GPU results and no FLOP count)") + ".", ""]
     return head + _table(["entry", "N", "nodes", "compute ms", "comm ms", "exposed ms", "step ms", "efficiency", "samples/s", "label"],
                          [[r["entry"], str(r["world_size"]), str(r["nodes"]), _num(r["compute_ms"]), _num(r["comm_ms"]),

@@ -136,7 +136,7 @@ def read_comm(out_dir: Path) -> list[dict]:
 
 def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     from dltrain.bench.comm import Fit
-    from dltrain.bench.scaling import projection, read_gpu_configs, scaling, validation
+    from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections, scaling, validation
 
     records = read_results(out_dir)
     meta_path = out_dir / "bench_meta.json"
@@ -162,8 +162,9 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "variants": variants(records, configs),
         "scaling": scaling(configs),
         "comm": comm,
-        "validation": validation(configs, meta.get("flops", {}), fits),
-        "projection": projection(meta.get("flops", {}), gpu_configs),
+        "validation": (checks := validation(configs, meta.get("flops", {}), fits)),
+        "projection_refused": (refused := refused_projections(checks)),
+        "projection": projection(meta.get("flops", {}), gpu_configs, refused),
         "gpu_results": str(gpu_results) if gpu_results else None,
         "runs": len(records),
         "failed": sum(r["status"] != "ok" for r in records),

@@ -160,12 +160,27 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
 
 
-def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None) -> list[dict]:
+CHECK_TOLERANCE = 0.15  # a workload whose predicted step missed its measured one by more is not projected
+
+
+def refused_projections(checks: list[dict]) -> dict[str, str]:
+    """Entries whose step-model check on this host missed by more than CHECK_TOLERANCE: the model
+    is wrong for them, and projecting them would extrapolate the error."""
+    return {r["entry"]: f"the step model missed its measured {r['world_size']}-process step by {r['error']:+.0%} "
+                        f"(tolerance {CHECK_TOLERANCE:.0%}): not projected"
+            for r in checks if abs(r["error"]) > CHECK_TOLERANCE}
+
+
+def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None,
+               refused: dict[str, str] | None = None) -> list[dict]:
     """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
     Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
-    share of the GPU step the profile's share too (both stated with every row)."""
+    share of the GPU step the profile's share too (both stated with every row). Entries in
+    `refused` (refused_projections) get none."""
     rows = []
     for entry, meas in flops.items():
+        if entry in (refused or {}):
+            continue
         profile, compute = meas.get("step_profile"), gpu_compute(entry, meas, gpu_configs)
         if not profile or not compute:
             continue
