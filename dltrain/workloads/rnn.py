@@ -106,8 +106,8 @@ def build_model(recipe: Recipe) -> nn.Module:
 def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
     x, y = batch
     pred = model(x).float()
-    # The wrapped module's mode: a DeepSpeed engine's own `training` stays True under eval(), which
-    # only reaches the module inside it. Training: the trainer logs the mean loss itself.
+    # The wrapped module's mode: a DeepSpeed engine put in evaluation mode switches only the module
+    # inside it; its own `training` flag stays True. Training: the trainer logs the mean loss itself.
     if getattr(model, "module", model).training:
         return Output(F.mse_loss(pred, y), {})
     # Evaluation: per-example errors, and those of "repeat the last value", a property of the
