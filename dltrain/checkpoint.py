@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from dltrain import fsdp, rundir, testhooks
-from dltrain.accel import full_state_dict, unwrap
+from dltrain.accel import unwrap
 from dltrain.data import sha256_of
 from dltrain.recipe import RecipeError, dump_recipe
 
@@ -384,20 +384,6 @@ def due(cfg, state, steps_per_epoch: int) -> bool:
         return True
     epoch_done = state.step_in_epoch == steps_per_epoch
     return bool(cfg.every_epochs and epoch_done and (state.epoch + 1) % cfg.every_epochs == 0)
-
-
-def export_model(loop, out_dir: Path) -> None:
-    """Save the trained weights (ZeRO-3 shards are gathered by get_state_dict) in the workload's
-    format. The model is never wrapped by torch.compile (the loop compiles the forward function),
-    so the keys are the plain module's and load into an uncompiled model."""
-    acc = loop.accelerator
-    # FSDP on a CPU: gathered from the shards by torch's helper (Accelerate's would return the shards).
-    state_dict = fsdp.full_model_state(loop.model) if fsdp.is_direct(acc, loop.model) else full_state_dict(acc, loop.model)
-    if acc.is_main_process:
-        from dltrain import export  # the Hugging Face layout: config.json (id2label), safetensors, recipe.yaml
-
-        export.save(unwrap(acc, loop.model), state_dict, out_dir, loop.recipe)
-    acc.wait_for_everyone()
 
 
 def write_preempted(run_dir: Path, step: int, path: Path, why: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import extras, fsdp, rundir, tracking
+from dltrain import export, extras, fsdp, rundir, tracking
 from dltrain.accel import build_accelerator, check_ranks_in_sync, describe_parallel
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.peaks import peak_flops
@@ -178,7 +178,7 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         final |= evaluate(model, data.test, workload, accelerator, plan.micro_batch, "test")
         log.log({k: v for k, v in final.items() if k.startswith("test/")}, state.step)
     if recipe.checkpoint.save_final_model:
-        checkpoint.export_model(loop, run_dir / "final_model")
+        export.from_loop(loop, run_dir / "final_model")
     summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {"resumed_with_changes": changes}
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)

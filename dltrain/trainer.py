@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import checkpoint, signals, testhooks
+from dltrain import checkpoint, export, signals, testhooks
 from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
 from dltrain.metrics import StepClock, add_train_stats, throughput_record, window_sums
 from dltrain.optim import build_optimizer, build_scheduler, use_fused  # noqa: F401  (the loop's builders, by their old names)
@@ -337,7 +337,7 @@ def run_eval(loop: Loop, state: TrainState) -> dict:
         if state.best is None or sign * value > sign * state.best:
             state.best = value
             if r.checkpoint.save_best:
-                checkpoint.export_model(loop, loop.run_dir / "best_model")
+                export.from_loop(loop, loop.run_dir / "best_model")
         if state.time_to_target_s is None and sign * value >= sign * r.target.value:
             # MLPerf-style: from before the data was touched to the first evaluation at the target.
             state.time_to_target_s = time.perf_counter() - loop.t_start

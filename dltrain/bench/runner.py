@@ -266,11 +266,13 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
             micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
             try:
                 counted[key] = measure_workload(recipe, micro, device)
-                # forward/backward/optimizer and gradient readiness, for the step model (dltrain.bench.scaling)
-                # and, on a CPU, the same with as many processes at once as the entry's jobs put on one node
+                # forward/backward/optimizer and gradient readiness, for the step model (dltrain.bench.scaling);
+                # with a comm section (the model's check), on a CPU also with as many processes at once as
+                # the entry's jobs put on one node: only that check uses it
                 per_node = max(j.world // j.nnodes for j in jobs if j.entry is entry)
+                colocate = (entry.recipe, entry.profile, list(entry.overrides), per_node) if suite.comm else None
                 counted[key] |= measure_step(recipe, micro, device, suite.cpu_threads if device == "cpu" else None,
-                                             colocate=(entry.recipe, entry.profile, list(entry.overrides), per_node))
+                                             colocate=colocate)
             except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
                 print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
                 counted[key] = None
