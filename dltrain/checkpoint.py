@@ -3,9 +3,10 @@
 A checkpoint is a folder CKPT_ROOT/step_<N>/ (CKPT_ROOT is `checkpoint.dir`, default
 RUN_DIR/checkpoints, confined to the run directory: dltrain.rundir) holding:
 
-  model.safetensors, optimizer.bin, random_states_<rank>.pkl, [scaler.pt]   Accelerate's save_state
-  fsdp_sharded/ or model.safetensors + fsdp_optimizer.pt    FSDP on a CPU (dltrain.fsdp), as
-                      distributed.fsdp.state_dict_type says; on a GPU Accelerate's save_state writes them
+  what the run's backend writes (dltrain.strategy): Accelerate's save_state (model.safetensors,
+                      optimizer.bin, random_states_<rank>.pkl, [scaler.pt]; DeepSpeed's own folders),
+                      and for FSDP2 fsdp_sharded/ or model.safetensors + fsdp_optimizer.pt, as
+                      distributed.fsdp.state_dict_type says
   scheduler.pt        the LR scheduler (ours: Accelerate reloads registered objects with
                       weights_only=False, so the scheduler is not registered with it)
   trainer_state.json  TrainState counters incl. the position inside the epoch, run id, W&B run id,
@@ -22,7 +23,7 @@ safetensors. The data position needs no replay: the loop restarts the epoch's in
 `step_in_epoch` (dltrain.data.train_index_batches).
 
 The training loop (dltrain.trainer) decides when to save and when to stop; this module only stores:
-save, locate, load, prune, and the model exports (final_model/, best_model/).
+save, locate, load, prune. Model exports (final_model/, best_model/) are dltrain.export's.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from dltrain import fsdp, rundir, testhooks
-from dltrain.accel import unwrap
+from dltrain import rundir, testhooks
 from dltrain.data import sha256_of
-from dltrain.recipe import RecipeError, dump_recipe
+from dltrain.errors import RecipeError, StorageError
+from dltrain.recipe import dump_recipe
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -181,15 +182,15 @@ def _trainer_state(loop, state) -> dict:
 def save(loop, state) -> Path:
     """Write step_<N> atomically (every rank takes part); return its path. A write that fails
     (a full disk, a quota) on any rank is removed, and every rank raises the same RecipeError
-    naming the checkpoint that is intact and the space needed: the run exits 2, nothing lost."""
+    naming the checkpoint that is intact and the space needed (StorageError): the run exits 2,
+    nothing lost."""
     acc, main = loop.accelerator, loop.accelerator.is_main_process
     root = ckpt_root(loop.recipe, Path(acc.project_dir))
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
-    caught = (OSError, RuntimeError) if acc.distributed_type.name != "DEEPSPEED" else ()
+    caught = (OSError, RuntimeError) if not loop.strategy.save_is_collective else ()
     phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
-              (True, lambda: acc.save_state(str(tmp), safe_serialization=True)),
-              (fsdp.is_direct(acc, loop.model), lambda: fsdp.save(loop, tmp)),  # FSDP on a CPU: not Accelerate's
+              (True, lambda: loop.strategy.save(tmp)),
               (main, lambda: _write_own_files(loop, state, tmp)),
               (main, lambda: _seal(loop, state, root, tmp, final))]
     for here, phase in phases:
@@ -255,7 +256,7 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
         free_bytes = shutil.disk_usage(root).free
     except OSError:
         free_bytes = None
-    raise RecipeError(rundir.write_failure(failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need,
+    raise StorageError(rundir.write_failure(failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need,
                                            free_bytes, acc.project_dir))
 
 
@@ -266,7 +267,7 @@ def _size(path: Path) -> int:
 def _state_bytes(loop) -> int:
     """Model weights plus optimizer state, as a checkpoint of them would hold."""
     tensors = list(loop.model.state_dict().values())
-    for per_param in loop.optimizer.state_dict().get("state", {}).values():
+    for per_param in loop.strategy.optimizer.state_dict().get("state", {}).values():
         tensors += [t for t in per_param.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -298,14 +299,15 @@ def clean_stale_writes(root: Path, run_id: str | None, *, inside_run: bool) -> l
 # Loading
 
 
-def _check_model(acc, model, path: Path) -> None:
+def _check_model(strategy, path: Path) -> None:
     """Refuse a checkpoint of another model with a readable line, not a tensor-shape dump."""
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        return  # DeepSpeed writes its own layout and checks it itself
+    weights = strategy.saved_weights(path)
+    if weights is None:
+        return  # a layout of the backend's own (DeepSpeed's, FSDP's shards), which it checks itself
     from safetensors import safe_open
 
-    here = {k: tuple(v.shape) for k, v in unwrap(acc, model).state_dict().items()}
+    # A sharded (DTensor) entry reports its whole shape, as a full checkpoint holds it.
+    here = {k: tuple(v.shape) for k, v in strategy.module().state_dict().items()}
     with safe_open(str(weights), framework="pt") as f:
         there = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key in sorted(here.keys() | there.keys()):
@@ -329,7 +331,7 @@ def load(loop, path: Path) -> dict:
         )
     saved_world = meta.get("world_size")
     if saved_world != acc.num_processes:
-        if loop.recipe.deepspeed is not None and loop.recipe.deepspeed.zero_stage > 0:
+        if loop.strategy.shards_per_rank:
             raise RecipeError(
                 f"checkpoint {path} holds ZeRO shards of {saved_world} processes, this run has {acc.num_processes}: "
                 f"resume with {saved_world} processes"
@@ -338,11 +340,9 @@ def load(loop, path: Path) -> dict:
             print(f"dltrain: note: checkpoint written by {saved_world} processes, resuming with {acc.num_processes}: "
                   "weights, optimizer and data position carry over; per-rank random states of new ranks start fresh",
                   file=sys.stderr, flush=True)
-    _check_model(acc, loop.model, path)
+    _check_model(loop.strategy, path)
     try:
-        acc.load_state(str(path), load_kwargs={"weights_only": True})
-        if fsdp.is_direct(acc, loop.model):
-            fsdp.load(loop, path)
+        loop.strategy.load(path)
         loop.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     except RecipeError:
         raise

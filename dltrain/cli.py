@@ -134,14 +134,12 @@ COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench":
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import DistNetworkError
 
-    from dltrain.data import DataError
-    from dltrain.recipe import RecipeError
-    from dltrain.trainer import Preempted, TrainingError
+    from dltrain.errors import Preempted, TrainingError, UserError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (RecipeError, DataError) as exc:
+    except UserError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as exc:

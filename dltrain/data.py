@@ -29,9 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-
-class DataError(Exception):
-    """Data the user must provide or fix. The message says where we looked and what to do."""
+from dltrain.errors import DataError  # noqa: F401 - raised here, and imported from here elsewhere
 
 
 def data_root(configured: str | None) -> Path:

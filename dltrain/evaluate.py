@@ -22,7 +22,8 @@ def evaluate_path(path: Path, split: str = "val", which: str = "final") -> dict:
     from dltrain.workload import get_workload
 
     recipe, model = load_model(path, which)
-    recipe.deepspeed = None  # evaluation needs no engine: one process, the plain model
+    recipe.deepspeed = None  # evaluation needs no engine and no shards: one process, the plain model
+    recipe.distributed.strategy = "ddp"
     workload = get_workload(recipe.workload)
     accelerator, plan = build_accelerator(recipe, run_dir=None, with_trackers=False)
     data = workload.build_data(recipe, accelerator.device)

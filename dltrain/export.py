@@ -34,18 +34,14 @@ def id2label(workload, recipe) -> dict[int, str] | None:
 
 
 def from_loop(loop, out_dir: Path) -> None:
-    """The trained model of a run (final_model/, best_model/): ZeRO-3 shards gathered by
-    Accelerate, FSDP on a CPU by torch's helper (Accelerate's would return the shards), then
-    `save` on the main process. The model is never wrapped by torch.compile (the loop compiles
-    the forward function), so the keys are the plain module's and load into an uncompiled model."""
-    from dltrain import fsdp
-    from dltrain.accel import full_state_dict, unwrap
-
-    acc = loop.accelerator
-    state_dict = fsdp.full_model_state(loop.model) if fsdp.is_direct(acc, loop.model) else full_state_dict(acc, loop.model)
-    if acc.is_main_process:
-        save(unwrap(acc, loop.model), state_dict, out_dir, loop.recipe)
-    acc.wait_for_everyone()
+    """The trained model of a run (final_model/, best_model/): the backend gathers the whole state
+    dict on every rank (ZeRO-3 and FSDP shards included), then the main process saves it. Compile
+    never wraps the module (dltrain.strategy compiles its forward), so the keys are the plain
+    module's and load into an uncompiled model."""
+    state_dict = loop.strategy.full_state_dict()
+    if loop.accelerator.is_main_process:
+        save(loop.strategy.module(), state_dict, out_dir, loop.recipe)
+    loop.accelerator.wait_for_everyone()
 
 
 def save(model, state_dict: dict, out_dir: Path, recipe) -> None:

@@ -26,11 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dltrain.errors import LaunchError  # noqa: F401 - raised here, and imported from here elsewhere
+
 DEFAULT_PORT = 29500
-
-
-class LaunchError(ValueError):
-    """Launch options that cannot work together; the message says which and what to do."""
 
 
 def accelerate_executable() -> str:
@@ -190,10 +188,10 @@ def check_nproc(nproc: int, cpu: bool) -> None:
 
 def preflight(recipe, world: int, cpu: bool, deepspeed: int | None) -> None:
     """What would fail in every rank, said once before any process starts (RecipeError, one line):
-    the batch arithmetic at this world size, fp16 on a CPU, a missing extra (workload, W&B,
-    DeepSpeed)."""
-    from dltrain import extras
-    from dltrain.accel import check_precision, plan_batches
+    the batch arithmetic at this world size, a combination of strategy, compile and precision that
+    cannot run here (dltrain.strategy.check), a missing extra (workload, W&B, DeepSpeed)."""
+    from dltrain import extras, strategy
+    from dltrain.accel import plan_batches
     from dltrain.recipe import RecipeError
     from dltrain.workload import get_workload
 
@@ -201,7 +199,7 @@ def preflight(recipe, world: int, cpu: bool, deepspeed: int | None) -> None:
         plan_batches(recipe.train, world)
     except RecipeError as exc:
         raise RecipeError(f"{exc} (this launch starts {world} processes)") from None
-    check_precision(recipe.train.precision, "cpu" if cpu else "cuda")
+    strategy.check(recipe, world, "cpu" if cpu else "cuda")
     extras.check_recipe(recipe, get_workload(recipe.workload))
     if deepspeed is not None:
         extras.require({"deepspeed": "deepspeed"}, f"--deepspeed {deepspeed}")
@@ -236,9 +234,9 @@ def cmd_launch(args) -> int:
     if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
         deepspeed = recipe.deepspeed.zero_stage
     if deepspeed is None and recipe.deepspeed is not None and recipe.deepspeed.config_file:
-        from dltrain.accel import deepspeed_config_file  # checks the file: a bad one fails here, once
+        from dltrain.strategy.deepspeed import config_file_of  # checks the file: a bad one fails here, once
 
-        with open(deepspeed_config_file(recipe)) as f:  # the stage the recipe's DeepSpeed JSON sets
+        with open(config_file_of(recipe)) as f:  # the stage the recipe's DeepSpeed JSON sets
             stage = (json.load(f).get("zero_optimization") or {}).get("stage", 0)
         deepspeed = stage if stage in (0, 1, 2, 3) else 0
     cpu, nproc = args.cpu, args.nproc

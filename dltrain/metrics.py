@@ -141,9 +141,11 @@ class StepClock:
 
 
 def add_train_stats(window: dict, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
-    """Per micro-batch: its mean loss (the one backpropagated, kept as is) and one float64 sum
-    per other statistic, as device tensors; reduced only when a record is logged."""
-    window.setdefault("loss", []).append(loss)
+    """Per micro-batch: its mean loss (the one backpropagated) and one float64 sum per other
+    statistic, as device tensors; reduced only when a record is logged. Each is a copy of its own,
+    never a view of the step's output: under CUDA graphs (compile mode reduce-overhead) the next
+    replay overwrites that memory, and a kept alias would crash or log later steps' values."""
+    window.setdefault("loss", []).append(loss.detach().to(torch.float64, copy=True))
     window.setdefault("n", []).append(n)
     for key, per_example in stats.items():
         if key != "loss":

@@ -188,8 +188,7 @@ class DeepSpeedConfig(Section):
 
 class FSDPConfig(Section):
     """FSDP2 (torch's `fully_shard`): parameters, gradients and optimizer state sharded over the
-    processes. On a GPU through Accelerate's FSDP plugin (fsdp_version 2); on a CPU (gloo), where
-    Accelerate's plugin does not run, dltrain applies `fully_shard` itself (dltrain.fsdp)."""
+    processes; dltrain applies `fully_shard` itself, on a CPU and a GPU alike (dltrain.strategy.fsdp)."""
 
     # full_shard: free the gathered parameters after forward, gather again for backward (least
     # memory); shard_grad_op: keep them until backward ends (one all-gather per step, more memory).

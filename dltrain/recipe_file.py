@@ -13,13 +13,11 @@ from typing import Any
 
 import yaml
 
+from dltrain.errors import RecipeError  # noqa: F401 - raised here, and imported from here elsewhere
+
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a megabyte of YAML is not one
 MAX_EXPANDED_SIZE = 1 << 20  # characters of text plus 8 per value, aliases expanded
 MAX_DEPTH = 32  # nesting of mappings and lists (a recipe has 3 levels; PyYAML recurses per level)
-
-
-class RecipeError(Exception):
-    """A recipe, profile or override the user can fix. The message is one line."""
 
 
 _SHOWN = reprlib.Repr()  # Python 3.11's takes no keyword arguments

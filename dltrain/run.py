@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from dltrain import export, extras, fsdp, rundir, tracking
-from dltrain.accel import build_accelerator, check_ranks_in_sync, describe_parallel
+from dltrain import checkpoint, export, extras, rundir, strategy, tracking
+from dltrain.accel import build_accelerator
 from dltrain.metrics import peak_memory_bytes, rates
+from dltrain.optim import build_optimizer, build_scheduler
 from dltrain.peaks import peak_flops
 from dltrain.recipe import RecipeError
-from dltrain.trainer import Loop, TrainState, build_optimizer, build_scheduler, evaluate, fit, total_steps_for
+from dltrain.state import Loop, TrainState
+from dltrain.trainer import evaluate, fit, sync_debug_mode, total_steps_for
 from dltrain.workload import get_workload
 
 
@@ -65,8 +67,6 @@ def lock_run_dir(path: Path, resume: str | None) -> rundir.RunLock:
 def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     """What this segment starts from, decided before anything is loaded or written: the
     checkpoint (none for a fresh start), the recipe changes it allows, the run's ids."""
-    from dltrain import checkpoint
-
     root = checkpoint.ckpt_root(recipe, run_dir)  # refuses a checkpoint.dir leading out of the run
     path = checkpoint.locate(run_dir, recipe, resume)
     meta = checkpoint.saved_state(path)
@@ -125,42 +125,31 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
     print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")
 
-    if accelerator.device.type == "cuda" and os.environ.get("DLTRAIN_SYNC_DEBUG"):
-        # "warn" or "error" on every host sync (the device check counts them); "default" is off.
-        torch.cuda.set_sync_debug_mode(os.environ["DLTRAIN_SYNC_DEBUG"])
+    sync_debug_mode(accelerator.device)  # a bad DLTRAIN_SYNC_DEBUG fails here, before any work
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
-    model = fsdp.shard(accelerator, recipe, workload.build_model(recipe))  # FSDP on a CPU; else as built
+    model = workload.build_model(recipe)
     data = workload.build_data(recipe, accelerator.device)
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
-    from accelerate.utils import DistributedType
-
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if start.get("one_param_group") and recipe.optim.no_decay_bias_norm is None:
         recipe.optim.no_decay_bias_norm = False  # a checkpoint from before the rule holds one group's state
-    optimizer = build_optimizer(recipe.optim, model, deepspeed=deepspeed)
-    scheduler = build_scheduler(recipe.schedule, optimizer, total_steps)
-    # The scheduler is stepped by the loop once per optimizer step; Accelerate's wrapper would step
-    # it once per process instead.
-    model, optimizer = fsdp.prepare(accelerator, model, optimizer)
-    parallel = describe_parallel(model)
+    backend = strategy.create(accelerator, recipe, plan)
+    backend.setup(model, lambda m: build_optimizer(recipe.optim, m, fused_default=backend.fused_optimizer))
+    scheduler = build_scheduler(recipe.schedule, backend.optimizer, total_steps)
+    parallel = backend.describe()
     if parallel:
         print0(accelerator, f"  {parallel}")
-    # The scheduler is not registered with Accelerate: it would reload it with weights_only=False;
-    # dltrain.checkpoint saves and loads it itself.
-    from dltrain import checkpoint
 
     log = tracking.RunLog(accelerator, run_dir, recipe, run_id=start["wandb_run_id"] if accelerator.is_main_process else None)
     peak, peak_source = peak_flops(accelerator.device, recipe.train.precision, recipe.train.tf32)
-    loop = Loop(recipe, workload, accelerator, plan, model, optimizer, scheduler, data, log,
-                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, run_dir=run_dir, peak_flops=peak, peak_source=peak_source)
-    loop.run_id = start["run_id"]
+    loop = Loop(recipe, workload, backend, plan, scheduler, data, log, run_dir=run_dir, run_id=start["run_id"],
+                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, peak_flops=peak, peak_source=peak_source)
     saved = checkpoint.resume(loop, run_dir, Path(start["path"]) if start["path"] else None, resume)
     state = TrainState(**saved) if saved else TrainState()
     changes = start["changes"] if saved else []
     if changes:
-        rundir.apply_to_optimizer(changes, recipe, optimizer, scheduler)
+        rundir.apply_to_optimizer(changes, recipe, backend.optimizer, scheduler)
         print0(accelerator, f"dltrain: resuming with changes: {rundir.describe(changes)}")
     if state.step > total_steps:
         raise RecipeError(f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
@@ -172,10 +161,10 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
                         + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""))
 
     state = fit(loop, state)
-    check_ranks_in_sync(accelerator, model)
+    backend.check_replicas()
     final = dict(state.last_eval)
     if data.test is not None:
-        final |= evaluate(model, data.test, workload, accelerator, plan.micro_batch, "test")
+        final |= evaluate(backend.model, data.test, workload, accelerator, plan.micro_batch, "test")
         log.log({k: v for k, v in final.items() if k.startswith("test/")}, state.step)
     if recipe.checkpoint.save_final_model:
         export.from_loop(loop, run_dir / "final_model")

@@ -6,6 +6,7 @@ at a chosen point. Unset in normal use; each costs a dictionary lookup where it 
   DLTRAIN_TEST_PAUSE_IN_SAVE=N          sleep half-way through writing the N-th checkpoint
   DLTRAIN_TEST_ENOSPC_IN_SAVE=N         fail half-way through writing the N-th checkpoint as a full disk does
   DLTRAIN_TEST_FAIL_AT_STEP=N           raise after step N on rank DLTRAIN_TEST_FAIL_RANK (default 0)
+  DLTRAIN_TEST_NONFINITE_AT_STEP=N      make step N's loss NaN on every rank (its gradients follow)
 """
 
 from __future__ import annotations
@@ -55,3 +56,9 @@ def fail_at_step(rank: int) -> int | None:
     if at and rank == int(os.environ.get("DLTRAIN_TEST_FAIL_RANK", "0")):
         return int(at)
     return None
+
+
+def nonfinite_at_step() -> int | None:
+    """The step whose loss the loop turns into NaN, to test the non-finite rule of each backend."""
+    at = os.environ.get("DLTRAIN_TEST_NONFINITE_AT_STEP")
+    return int(at) if at else None

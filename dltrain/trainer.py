@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from dltrain import checkpoint, export, signals, testhooks
 from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
+from dltrain.errors import Preempted, RecipeError, TrainingError
 from dltrain.metrics import StepClock, add_train_stats, throughput_record, window_sums
-from dltrain.optim import build_optimizer, build_scheduler, use_fused  # noqa: F401  (the loop's builders, by their old names)
 from dltrain.progress import print_eval, progress_bar
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. non-finite loss); the message says where and what to do."""
-
-
-class Preempted(Exception):
-    """A signal asked the run to stop; a checkpoint was written. The CLI exits with code 4."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps completed
-    epoch: int = 0  # current epoch (0-based)
-    step_in_epoch: int = 0  # optimizer steps completed inside the current epoch
-    nonfinite_steps: int = 0
-    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
-    best: float | None = None  # best value of the target metric so far
-    time_to_target_s: float | None = None
-    last_eval: dict = field(default_factory=dict)
+from dltrain.state import Loop, TrainState
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,75 +54,6 @@ def evaluate(model, split, workload, accelerator, batch: int, prefix: str) -> di
 # Training
 
 
-@dataclass
-class Loop:
-    """What the loop needs, built once by dltrain.run.train()."""
-
-    recipe: object
-    workload: object
-    accelerator: object
-    plan: object
-    model: object
-    optimizer: object
-    scheduler: object
-    data: object
-    log: object
-    total_steps: int
-    steps_per_epoch: int
-    t_start: float
-    run_dir: Path
-    peak_flops: float | None = None  # per process, for MFU; None where unknown (e.g. a MIG slice)
-    peak_source: str = ""
-    clock: StepClock | None = None
-    throughput: dict = field(default_factory=dict)  # the clock's summary at the end of fit()
-    last_checkpoint: str | None = None
-    run_id: str = ""  # carried by every checkpoint of the run (dltrain.rundir); pruning deletes only those
-    steady: dict = field(default_factory=dict)  # FLOPs and tokens summed over the steady log windows
-
-    def __post_init__(self) -> None:
-        # Accelerate's optimizer wrapper does work of its own only with a GradScaler (fp16) or on
-        # XLA; otherwise its step() and zero_grad() call the wrapped optimizer's, after package
-        # lookups on the file system (is_lomo_available, inspect.signature) that cost ~70 us per
-        # step, 7% of an RNN step on a CPU. Call the wrapped optimizer directly then.
-        from accelerate.optimizer import AcceleratedOptimizer
-        from accelerate.utils import DistributedType
-
-        opt, train = self.optimizer, self.recipe.train
-        self.scaler = getattr(opt, "scaler", None)
-        wrapped = isinstance(opt, AcceleratedOptimizer)  # not when dltrain shards the model itself (dltrain.fsdp)
-        direct = not wrapped or (self.scaler is None and self.accelerator.distributed_type
-                                 not in (DistributedType.XLA, DistributedType.DEEPSPEED))
-        self._inner = opt.optimizer if wrapped and direct else opt
-        # Likewise Accelerator.backward divides the loss by the accumulation steps, a graph node
-        # even when that is 1; without accumulation, a scaler or DeepSpeed it is loss.backward().
-        self._plain_backward = direct and self.plan.grad_accum == 1
-        # torch's fused optimizers skip their update on the device when `found_inf` is non-zero
-        # (GradScaler's mechanism): a non-finite loss then needs no host read before the step.
-        # Elsewhere (unfused, DeepSpeed, fp16's own scaler) the loss is read back every step.
-        self.guard_on_device = direct and bool(self._inner.defaults.get("fused"))
-        self.sync_every = train.sync_every or (1 if self.accelerator.device.type == "cpu"
-                                               and self.accelerator.num_processes == 1 else 50)
-        self.forward = self.workload.forward
-        if train.compile.enabled:
-            # The function is compiled, not the module: state_dict keys stay the module's own, so
-            # checkpoints and exports of a compiled run load into an uncompiled model.
-            c = train.compile
-            # nn.RNN/GRU/LSTM are refused by dynamo (a graph break, an error under fullgraph) unless
-            # this lets it trace them as their decomposition (torch calls it experimental).
-            torch._dynamo.config.allow_rnn = True
-            self.forward = torch.compile(self.workload.forward, mode=c.mode, fullgraph=c.fullgraph, dynamic=c.dynamic)
-        self.pending: list[tuple[str, int, torch.Tensor]] = []  # device flags since the last sync
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self._plain_backward:
-            loss.backward()
-        else:
-            self.accelerator.backward(loss)
-
-    def zero_grad(self) -> None:
-        self._inner.zero_grad(set_to_none=True)
-
-
 def fit(loop: Loop, state: TrainState) -> TrainState:
     """The training loop: each step, then its end in the order things happen: host-side sync
     point, log record, evaluation, checkpoint, preemption. One clock (dltrain.metrics.StepClock)
@@ -153,6 +63,9 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     bar = progress_bar(loop.total_steps, state.step, acc.is_main_process)  # plain lines when not on a terminal
     window: dict = {}  # per-step statistics since the last log record, as device tensors
     fail_at = testhooks.fail_at_step(acc.process_index)
+    nan_at = testhooks.nonfinite_at_step()
+    sync_every = loop.sync_every
+    debug = sync_debug_mode(acc.device)  # on a GPU, torch warns or raises at a host read inside the step
     loop.model.train()
     reached = False  # the target, when target.stop ends training there
     while state.step < loop.total_steps and not reached:
@@ -166,7 +79,11 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             )
         )
         while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps and not reached:
-            _train_step(loop, batches, window, state)
+            if debug:
+                torch.cuda.set_sync_debug_mode(debug)
+            _train_step(loop, batches, window, state, poison=state.step + 1 == nan_at)
+            if debug:  # the step's end holds the sync points: host reads there are by design
+                torch.cuda.set_sync_debug_mode(0)
             state.step += 1
             state.step_in_epoch += 1
             clock.step_done(state.step)
@@ -181,7 +98,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             save_due = checkpoint.due(r.checkpoint, state, loop.steps_per_epoch)
             alone_stopping = acc.num_processes == 1 and signals.received() is not None  # no one to agree with
             stop = False
-            if state.step % loop.sync_every == 0 or last or eval_due or save_due or alone_stopping:
+            if state.step % sync_every == 0 or last or eval_due or save_due or alone_stopping:
                 stop = _sync(loop, state)
             if log_due:
                 _log_train(loop, state, window, bar)
@@ -203,22 +120,34 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     return state
 
 
-def _train_step(loop: Loop, batches, window: dict, state: TrainState) -> None:
-    """One optimizer step: grad_accum micro-batches, and no host read where the optimizer can skip
-    a non-finite update itself (see Loop). Every statement runs once per step, so each costs: on a
-    1 ms step (the RNN on a CPU) a few tensor ops are several percent."""
-    acc, model = loop.accelerator, loop.model
+def sync_debug_mode(device) -> str | None:
+    """DLTRAIN_SYNC_DEBUG=warn (or 1) | error: what torch.cuda.set_sync_debug_mode is given inside
+    each training step of a CUDA run (None: off, and always off elsewhere)."""
+    value = os.environ.get("DLTRAIN_SYNC_DEBUG", "")
+    modes = {"": None, "0": None, "default": None, "1": "warn", "warn": "warn", "error": "error"}
+    if value.lower() not in modes:
+        raise RecipeError(f"DLTRAIN_SYNC_DEBUG={value[:40]}: not a mode: use warn (or 1) or error, or unset it")
+    return modes[value.lower()] if device.type == "cuda" else None
+
+
+def _train_step(loop: Loop, batches, window: dict, state: TrainState, poison: bool = False) -> None:
+    """One optimizer step: grad_accum micro-batches, then the backend's step, which waits for the
+    device nowhere it can avoid it (dltrain.strategy). Every statement runs once per step, so each
+    costs: on a 1 ms step (the RNN on a CPU) a few tensor ops are several percent."""
+    acc, model, strategy = loop.accelerator, loop.model, loop.strategy
     loss_sum = None  # of the micro-batch losses: non-finite iff one of them is
     for _ in range(loop.plan.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         loop.clock.add_data_wait(time.perf_counter() - t0)
         with acc.accumulate(model) if loop.plan.grad_accum > 1 else nullcontext():
-            out = loop.forward(model, batch)
+            out = loop.workload.forward(model, batch)
+            if poison:  # a test hook (dltrain.testhooks): a NaN loss and NaN gradients
+                out = type(out)(out.loss * float("nan"), out.stats)
             loss = out.loss.detach()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             add_train_stats(window, loss, out.stats, loop.workload.batch_size_of(batch))
-            loop.backward(out.loss)
+            strategy.backward(out.loss)
             if acc.sync_gradients:
                 if acc.num_processes > 1:  # every rank must take the same decision
                     loss_sum = acc.reduce(loss_sum, reduction="sum")
@@ -227,32 +156,10 @@ def _train_step(loop: Loop, batches, window: dict, state: TrainState) -> None:
 
 def _optimizer_step(loop: Loop, loss_sum: torch.Tensor, state: TrainState) -> None:
     step = state.step + 1  # the step being taken
-    if loop.guard_on_device:
-        bad = (~torch.isfinite(loss_sum)).float()
-        loop._inner.found_inf = bad  # the fused step leaves weights, moments and its count alone
-        loop.pending.append(("nonfinite", step, bad))
-    elif not math.isfinite(loss_sum.item()):
-        loop.zero_grad()
-        _count_nonfinite(loop, state, step)
-        return
-    if loop.recipe.train.clip_grad_norm:
-        loop.accelerator.clip_grad_norm_(loop.model.parameters(), loop.recipe.train.clip_grad_norm)
-    # The scale as a device tensor (`get_scale()` would read it back to the host).
-    scale_before = loop.scaler._get_scale_async().clone() if loop.scaler is not None else None
-    loop._inner.step()
-    if scale_before is not None:
-        # GradScaler always calls a fused optimizer's step (which skips on the device), so
-        # Accelerate's `step_was_skipped` never fires; a skipped step is one that lowered the scale.
-        loop.pending.append(("skipped", step, scale_dropped(loop.scaler, scale_before)))
+    loop.pending += [(kind, step, flag) for kind, flag in loop.strategy.step(loss_sum)]
     if loop.recipe.schedule.name != "none":  # a constant schedule has nothing to step
         loop.scheduler.step()
-    loop.zero_grad()
-
-
-def scale_dropped(scaler, scale_before: torch.Tensor) -> torch.Tensor:
-    """1.0 (on the device) when the GradScaler's update lowered the scale: it found inf/NaN
-    gradients and the step was skipped."""
-    return (scaler._get_scale_async() < scale_before).float()
+    loop.strategy.zero_grad()
 
 
 def _sync(loop: Loop, state: TrainState) -> bool:

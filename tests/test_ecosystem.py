@@ -266,7 +266,7 @@ def test_schema_lists_every_key_with_type_default_and_meaning():
 
 
 def test_deepspeed_config_file_from_the_recipe_wins_over_the_launchers_with_a_warning(tmp_path, monkeypatch, capsys):
-    from dltrain.accel import deepspeed_config_file
+    from dltrain.strategy.deepspeed import config_file_of as deepspeed_config_file
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}))

@@ -1,13 +1,14 @@
 """The `distributed` recipe section without training: strategy resolution and contradictions, what
-a resume may change, the launcher's --fsdp, FSDP's units and the GPU path's Accelerate plugin
-(built here on the CPU, where it cannot run; tests/test_strategies.py trains the CPU path)."""
+a resume may change, the launcher's --fsdp, FSDP's units and precision policy (the same on a CPU
+and a GPU: tests/test_strategies.py trains it)."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import RECIPES, run_cli
-from dltrain import fsdp, rundir
+from dltrain import rundir
+from dltrain.strategy import fsdp
 from dltrain.recipe import RecipeError, dump_recipe, load_recipe
 
 CNN = RECIPES / "cnn_mnist.yaml"
@@ -91,21 +92,25 @@ def test_fsdp_units_by_class_and_by_size():
         fsdp.units(model, ["BertLayer"])
 
 
-def test_the_gpu_path_builds_accelerates_fsdp2_plugin_from_the_recipe():
+def test_fsdp_asks_accelerate_for_nothing_and_takes_its_precision_from_the_recipe():
+    """One FSDP path on every device: no Accelerate plugin (it does not run on a CPU, so a GPU-only
+    path through it would be untested); the gather and reduce dtypes come from the recipe."""
     import torch
 
+    from dltrain.accel import plan_batches
+    from dltrain.strategy import FSDP, strategy_class
+
     recipe = load_recipe(MINILM, "cpu_test", ["distributed.strategy=fsdp", "distributed.fsdp.auto_wrap=[BertLayer]",
-                                              "train.precision=bf16", "distributed.fsdp.state_dict_type=full"])
-    plugin = fsdp.build_plugin(recipe)
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
-    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
-    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
-    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
-    sized = fsdp.build_plugin(_cnn("distributed.strategy=fsdp", "distributed.fsdp.auto_wrap=100000",
-                                   "distributed.fsdp.sharding=shard_grad_op"))
-    assert sized.reshard_after_forward is False and sized.min_num_params == 100_000
-    assert sized.state_dict_type.name == "SHARDED_STATE_DICT"
+                                              "train.precision=bf16"])
+    assert strategy_class(recipe) is FSDP
+    for device in ("cpu", "cuda"):
+        assert FSDP.accelerator_kwargs(recipe, plan_batches(recipe.train, 2), 2, device) == {}
+    policy = fsdp.mp_policy(recipe)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    same = fsdp.mp_policy(load_recipe(MINILM, "cpu_test", ["distributed.strategy=fsdp", "train.precision=bf16",
+                                                           "distributed.fsdp.reduce_dtype=same"]))
+    assert same.reduce_dtype == torch.bfloat16
+    assert fsdp.mp_policy(_cnn("distributed.strategy=fsdp")).param_dtype is None  # fp32: nothing cast
 
 
 def test_the_ddp_settings_suite_parses_and_runs_each_setting_on_two_processes():

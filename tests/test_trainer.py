@@ -6,14 +6,17 @@ import torch
 
 from conftest import RECIPES
 from dltrain.recipe import load_recipe
-from dltrain.trainer import build_optimizer
+from dltrain.optim import build_optimizer
 
 
 def test_fused_optimizer_by_default_not_under_deepspeed_and_overridable():
     params = [torch.nn.Parameter(torch.zeros(3))]
     adam = load_recipe(RECIPES / "cnn_mnist.yaml").optim
     assert build_optimizer(adam, params).defaults["fused"] is True
-    assert not build_optimizer(adam, params, deepspeed=True).defaults["fused"]
+    assert not build_optimizer(adam, params, fused_default=False).defaults["fused"]
+    from dltrain.strategy import DDP, FSDP, DeepSpeed
+
+    assert DDP.fused_optimizer and FSDP.fused_optimizer and not DeepSpeed.fused_optimizer
     off = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["optim.fused=false"]).optim
     assert not build_optimizer(off, params).defaults["fused"]
     sgd = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["optim.name=sgd"]).optim
@@ -39,7 +42,7 @@ def test_fused_and_unfused_adamw_take_the_same_steps():
 def test_a_skipped_fp16_step_is_seen_from_the_scale_with_a_fused_optimizer():
     """GradScaler always calls a fused optimizer's step (the kernel skips the update itself), so
     a wrapper that waits for step() not to be called never sees the skip; the scale's decrease does."""
-    from dltrain.trainer import scale_dropped
+    from dltrain.strategy.ddp import scale_dropped
 
     p = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.Adam([p], lr=0.1, fused=True)

@@ -16,7 +16,7 @@ from bare_common import load, parse_args, report, timed
 
 from dltrain.data import epoch_order
 from dltrain.optim import param_groups
-from dltrain.trainer import use_fused
+from dltrain.optim import use_fused
 from dltrain.workloads import bert
 
 RECIPE = "bert_sst2_minilm"  # a shipped recipe, found by name (dltrain.shipped)
@@ -31,7 +31,7 @@ def main() -> None:
     model = bert.build_model(recipe).to(device).train()
     # dltrain's parameter groups (no decay for biases and norms when the recipe says so), so the same update.
     opt = torch.optim.AdamW(param_groups(recipe.optim, model), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
-                            fused=use_fused(recipe.optim, deepspeed=False))
+                            fused=use_fused(recipe.optim))
     order = epoch_order(len(data.train), recipe.train.seed, epoch=0)
     per_epoch = len(order) // batch
 

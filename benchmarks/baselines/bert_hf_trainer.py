@@ -24,7 +24,7 @@ from bare_common import Timing, WindowClock, load, parse_args, report
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from dltrain.data import epoch_order
-from dltrain.trainer import use_fused
+from dltrain.optim import use_fused
 from dltrain.workloads import bert
 
 RECIPE = "bert_sst2_minilm"  # a shipped recipe, found by name (dltrain.shipped)
@@ -71,7 +71,7 @@ def main() -> None:
             bf16=recipe.train.precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
             dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
-            optim="adamw_torch_fused" if use_fused(recipe.optim, deepspeed=False) else "adamw_torch",  # as dltrain
+            optim="adamw_torch_fused" if use_fused(recipe.optim) else "adamw_torch",  # as dltrain
         )
         torch.manual_seed(args.seed)
         trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,

@@ -18,7 +18,7 @@ from bare_common import report, timed
 
 from dltrain.data import data_root
 from dltrain.recipe import load_recipe
-from dltrain.trainer import use_fused
+from dltrain.optim import use_fused
 from dltrain.workloads import cnn
 
 RECIPE = "cnn_mnist"  # a shipped recipe, found by name (dltrain.shipped)
@@ -40,7 +40,7 @@ def main() -> None:
     x_all = images.unsqueeze(1).float().div(255).sub(recipe.data.mean).div(recipe.data.std).to(device)
     y_all = labels.to(device)
     model = cnn.Net(recipe.model).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, fused=use_fused(recipe.optim, deepspeed=False))
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, fused=use_fused(recipe.optim))
     order = torch.randperm(len(x_all), device=device)
 
     def step(i: int) -> None:

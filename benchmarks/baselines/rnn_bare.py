@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from bare_common import load, parse_args, report, timed
 
-from dltrain.trainer import use_fused
+from dltrain.optim import use_fused
 from dltrain.workloads import rnn
 
 RECIPE = "rnn_sine"  # a shipped recipe, found by name (dltrain.shipped)
@@ -28,7 +28,7 @@ def main() -> None:
     n_train = rnn.split_sizes(recipe.data)[0]
     x_all, y_all = x_all[:n_train].to(device), y_all[:n_train].to(device)
     model = rnn.build_model(recipe).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, fused=use_fused(recipe.optim, deepspeed=False))
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, fused=use_fused(recipe.optim))
     order = torch.randperm(n_train, device=device)
 
     def step(i: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 # The last line of a Python traceback: `pkg.module.SomeError: message` (or the name alone).
 _RAISED = re.compile(r"^(?P<name>(?:[A-Za-z_]\w*\.)*(?P<cls>[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)))(?::\s*(?P<msg>.*))?$")
 # dltrain's errors a user can fix: the message names the problem and the fix, the class adds nothing.
-USER_ERRORS = {"RecipeError", "DataError", "LaunchError", "TrainingError"}
+USER_ERRORS = {"RecipeError", "DataError", "LaunchError", "StorageError", "TrainingError"}
 
 
 def baseline_summary(log: Path, workload: str) -> dict | None:

@@ -91,7 +91,7 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
     import time
     from contextlib import nullcontext
 
-    from dltrain.trainer import build_optimizer
+    from dltrain.optim import build_optimizer
     from dltrain.workload import get_workload
 
     _quiet()

@@ -111,6 +111,14 @@ class Recipe(RecipeBase):
                              "make them agree (or set model.num_labels to null)")
         return self
 
+    @model_validator(mode="after")
+    def _compile_needs_few_lengths(self) -> Recipe:
+        if self.train.compile.enabled and self.train.compile.dynamic is False and self.data.padding == "dynamic":
+            raise ValueError("train.compile with data.padding=dynamic compiles again for every new batch length and "
+                             "torch stops after 8 (FailOnRecompileLimitHit): set data.padding=bucket (or fixed), "
+                             "or train.compile.dynamic=true")
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # Model

@@ -94,8 +94,28 @@ class SeqRegressor(nn.Module):
         self.head = nn.Linear(cfg.hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 1] -> [B]
-        out, _ = self.rnn(x)
+        if recurrent_in_fp32(x.device.type):
+            with torch.autocast("cuda", enabled=False):
+                out, _ = self.rnn(x.float())
+        else:
+            out, _ = self.rnn(x)
         return self.head(out[:, -1]).squeeze(-1)
+
+
+def recurrent_in_fp32(device_type: str) -> bool:
+    """cuDNN's RNN under CUDA autocast computes in fp16 whatever dtype autocast was given (torch
+    casts its inputs and weights to half): a "bf16" run would be fp16 without a loss scaler. Under
+    bf16 autocast the recurrent layers therefore run outside it, in fp32, and the summary says so
+    (`compute_dtypes`); fp16 autocast keeps cuDNN's fp16, which is what it asked for."""
+    return (device_type == "cuda" and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") != torch.float16)
+
+
+def compute_dtypes(recipe: Recipe, device_type: str) -> dict[str, str]:
+    """What each part of the model computes in, where it differs from train.precision."""
+    if device_type == "cuda" and recipe.train.precision == "bf16":
+        return {"recurrent layers": "fp32 (cuDNN's RNN would run fp16 under bf16 autocast)", "head": "bf16"}
+    return {}
 
 
 def build_model(recipe: Recipe) -> nn.Module:
