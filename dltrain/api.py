@@ -71,6 +71,7 @@ def load(recipe, profile: str | None = None, sets: list[str] = (), **overrides):
     overrides and the `--set`-style assignments `sets` applied (in that order)."""
     from dltrain.recipe import RecipeBase, load_recipe, resolve_raw, validate
 
+    sets = [sets] if isinstance(sets, str) else sets  # one assignment, not its characters
     merge = _nested(overrides)
     if isinstance(recipe, (str, Path)):
         return load_recipe(recipe, profile, list(sets), merge=merge)

@@ -28,6 +28,7 @@ save, locate, load, prune. Model exports (final_model/, best_model/) are dltrain
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -37,12 +38,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dltrain import rundir, testhooks
 from dltrain.data import sha256_of
 from dltrain.errors import RecipeError, StorageError
 from dltrain.recipe import dump_recipe
+from dltrain.state import TrainState
 
+# What a failed write raises: OSError, torch's zip writer's RuntimeError (a full disk without an
+# errno), safetensors' own SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -53,8 +59,8 @@ FORMAT = 1
 # Finding checkpoints
 
 
-def ckpt_root(recipe, run_dir: Path) -> Path:
-    return rundir.checkpoint_root(recipe, run_dir)
+def ckpt_root(recipe, run_dir: Path, run_id: str) -> Path:
+    return rundir.checkpoint_root(recipe, run_dir, run_id)
 
 
 def _step_of(path: Path) -> int:
@@ -68,9 +74,8 @@ def problem_with(path: Path, *, checksums: bool = True) -> str | None:
         return "not a directory"
     if not manifest.is_file():
         return "incomplete (no manifest: the run stopped while writing it)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+    files = _manifest_files(manifest)
+    if files is None:
         return "corrupt manifest.json"
     for name, meta in files.items():
         f = path / name
@@ -80,7 +85,35 @@ def problem_with(path: Path, *, checksums: bool = True) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
         if checksums and sha256_of(f) != meta["sha256"]:
             return f"{name} does not match its checksum"
+    if _state_of(path) is None:
+        return f"{STATE_FILE} is not a trainer state"
     return None
+
+
+def _manifest_files(manifest: Path) -> dict | None:
+    """{file: {"size", "sha256"}} of a manifest, None for one that is not JSON of that shape."""
+    try:
+        files = json.loads(manifest.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(files, dict) and all(
+        isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)
+        and isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
+        for name, meta in files.items())
+    return files if ok else None
+
+
+def _state_of(path: Path) -> dict | None:
+    """trainer_state.json of a checkpoint when it has the shape dltrain writes, else None."""
+    try:
+        meta = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and isinstance(meta.get("recipe"), str)
+            and isinstance(meta.get("run_id"), str) and isinstance(meta["state"].get("step"), int)):
+        return None
+    fields = set(meta["state"])
+    return meta if fields <= {f.name for f in dataclasses.fields(TrainState)} else None
 
 
 def scan(root: Path, *, checksums: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -98,9 +131,10 @@ def scan(root: Path, *, checksums: bool = False) -> tuple[list[Path], list[tuple
     return sorted(good, key=_step_of), sorted(bad)
 
 
-def locate(run_dir: Path, recipe, resume: str | None, *, verbose: bool = True) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest complete one in the run dir (None if there is
-    none: a fresh start, so a restarted job can always pass --resume auto), else the given path."""
+def locate(run_dir: Path, recipe, resume: str | None, run_id: str | None = None, *, verbose: bool = True) -> Path | None:
+    """The checkpoint to resume from: `auto` = the newest complete one of run `run_id` (None if
+    there is none: a fresh start, so a restarted job can always pass --resume auto), else the
+    given path."""
     if not resume:
         return None
     if resume != "auto":
@@ -114,7 +148,11 @@ def locate(run_dir: Path, recipe, resume: str | None, *, verbose: bool = True) -
         if why:
             raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
         return path
-    good, bad = scan(ckpt_root(recipe, run_dir))
+    if run_id is None:
+        return None  # a directory that holds no run yet has no checkpoint of its own
+    good, bad = scan(ckpt_root(recipe, run_dir, run_id))
+    good = [p for p in good if rundir.owned_by(p, run_id)]
+    bad = [(p, why) for p, why in bad if rundir.owned_by(p, run_id)]
     chosen = None
     for path in reversed(good):  # newest first; checksums are read only until one is intact
         why = problem_with(path)
@@ -137,8 +175,9 @@ def _step_of_safe(path: Path) -> int:
 
 
 def saved_state(path: Path | None) -> dict:
-    """trainer_state.json of a checkpoint ({} for none): counters, run ids, the recipe."""
-    return json.loads((path / STATE_FILE).read_text()) if path is not None else {}
+    """trainer_state.json of a checkpoint ({} for none): counters, run ids, the recipe. `locate`
+    has checked its shape (problem_with)."""
+    return _state_of(path) if path is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +224,10 @@ def save(loop, state) -> Path:
     naming the checkpoint that is intact and the space needed (StorageError): the run exits 2,
     nothing lost."""
     acc, main = loop.accelerator, loop.accelerator.is_main_process
-    root = ckpt_root(loop.recipe, Path(acc.project_dir))
+    root = ckpt_root(loop.recipe, loop.run_dir, loop.run_id)
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
-    caught = (OSError, RuntimeError) if not loop.strategy.save_is_collective else ()
+    caught = WRITE_ERRORS if not loop.strategy.save_is_collective else ()
     phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
               (True, lambda: loop.strategy.save(tmp)),
               (main, lambda: _write_own_files(loop, state, tmp)),
@@ -198,9 +237,9 @@ def save(loop, state) -> Path:
         try:
             if here:
                 phase()
-        except caught as exc:  # torch's zip writer reports a full disk as a RuntimeError, not an OSError
+        except caught as exc:
             failed = exc
-        if not _agree_ok(acc, failed):
+        if not agree_ok(acc, failed):
             _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
@@ -237,7 +276,7 @@ def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     _prune(root, loop.recipe.checkpoint.keep_last, loop.run_id)
 
 
-def _agree_ok(acc, failed: Exception | None) -> bool:
+def agree_ok(acc, failed: Exception | None) -> bool:
     """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
     if acc.num_processes == 1:
         return failed is None
@@ -249,7 +288,7 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     acc = loop.accelerator
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    good, _ = scan(root)
+    good = [p for p in scan(root)[0] if rundir.owned_by(p, loop.run_id)]
     intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
     need = _size(good[-1]) if good else _state_bytes(loop)
     try:
@@ -284,15 +323,6 @@ def _prune(root: Path, keep_last: int, run_id: str) -> None:
     for path, _ in bad:
         if _step_of_safe(path) < newest and rundir.owned_by(path, run_id):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def clean_stale_writes(root: Path, run_id: str | None, *, inside_run: bool) -> list[Path]:
-    """Temporaries of writes a crash interrupted. Inside a locked run directory every one is this
-    run's; in a shared `checkpoint.dir` only those carrying `run_id`."""
-    stale = [p for p in root.glob(".tmp-step_*") if inside_run or rundir.owned_by(p, run_id)] if root.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,22 +388,16 @@ def load(loop, path: Path) -> dict:
 # Resuming and exporting
 
 
-def resume(loop, run_dir: Path, path: Path | None, resume_from: str | None) -> dict | None:
+def resume(loop, path: Path | None) -> dict | None:
     """Load `path`, the checkpoint rank 0 picked for `--resume` (every rank the same one); return
-    the saved TrainState fields, or None for a fresh start."""
+    the saved TrainState fields, or None for a fresh start. Reads only: the run directory is
+    changed once every check has passed (dltrain.rundir.start_segment)."""
     acc = loop.accelerator
     t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
-    load_s = time.perf_counter() - t0
-    if acc.is_main_process and resume_from:
-        (run_dir / "preempted.json").unlink(missing_ok=True)
-        rundir.truncate_log(run_dir, state["step"] if state else 0)
-        if state:
-            print(f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
-                  f"in it) from {path} (loaded in {load_s:.2f} s)", flush=True)
-        else:
-            print(f"dltrain: starting from scratch: no complete checkpoint in {ckpt_root(loop.recipe, run_dir)} yet",
-                  flush=True)
+    if acc.is_main_process and state:
+        print(f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+              f"in it) from {path} (loaded in {time.perf_counter() - t0:.2f} s)", flush=True)
     acc.wait_for_everyone()
     return state
 

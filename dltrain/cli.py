@@ -59,8 +59,6 @@ def cmd_train(args) -> int:
 
         print(dump_recipe(load_recipe(args.recipe, args.profile, args.overrides)), end="")
         return 0
-    if args.resume == "auto" and not args.output_dir:
-        raise RecipeError("--resume auto continues the run in --output-dir RUN_DIR: give that directory")
     if args.resume and args.resume != "auto":
         from dltrain.checkpoint import locate
 

@@ -15,10 +15,12 @@ exported folder.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
 
+from dltrain.errors import StorageError
 from dltrain.recipe import RecipeError, dump_recipe, validate
 
 CONFIG_FILE = "config.json"
@@ -37,11 +39,40 @@ def from_loop(loop, out_dir: Path) -> None:
     """The trained model of a run (final_model/, best_model/): the backend gathers the whole state
     dict on every rank (ZeRO-3 and FSDP shards included), then the main process saves it. Compile
     never wraps the module (dltrain.strategy compiles its forward), so the keys are the plain
-    module's and load into an uncompiled model."""
+    module's and load into an uncompiled model.
+    A failed write (a full disk) leaves the previous folder as it was, removes what it wrote, and
+    raises the same StorageError on every rank."""
+    import shutil
+
+    from dltrain import checkpoint, rundir
+
+    acc = loop.accelerator
     state_dict = loop.strategy.full_state_dict()
-    if loop.accelerator.is_main_process:
-        save(loop.strategy.module(), state_dict, out_dir, loop.recipe)
-    loop.accelerator.wait_for_everyone()
+    tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
+    failed = None
+    if acc.is_main_process:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(loop.strategy.module(), state_dict, tmp, loop.recipe)
+            if out_dir.exists():  # best_model/ again: the new one in place before the old one goes
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        except checkpoint.WRITE_ERRORS as exc:
+            failed = exc
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not checkpoint.agree_ok(acc, failed):
+        need = sum(t.numel() * t.element_size() for t in state_dict.values())
+        try:
+            free = shutil.disk_usage(out_dir.parent).free
+        except OSError:
+            free = None
+        intact = (f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)" if loop.last_checkpoint
+                  else "no checkpoint was written")
+        raise StorageError(rundir.write_failure(failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need,
+                                                free, loop.run_dir))
+    acc.wait_for_everyone()
 
 
 def save(model, state_dict: dict, out_dir: Path, recipe) -> None:

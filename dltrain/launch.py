@@ -42,9 +42,18 @@ def parse_master(master: str | None) -> tuple[str, int]:
     which only a single node can use)."""
     if not master:
         return "127.0.0.1", DEFAULT_PORT
-    host, colon, port = master.rpartition(":")
-    if not colon:  # an address alone
-        host, port = master, str(DEFAULT_PORT)
+    if master.startswith("["):  # an IPv6 address: [ADDR]:PORT or [ADDR]
+        host, bracket, rest = master[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else ("" if rest else str(DEFAULT_PORT))
+        if not bracket or not host:
+            raise LaunchError(f"--master {master!r}: expected [IPv6 ADDRESS]:PORT, e.g. [::1]:29500")
+    elif master.count(":") > 1:
+        raise LaunchError(f"--master {master!r}: an IPv6 address goes in brackets, e.g. [{master}]:29500 or "
+                          f"[{master}] for port {DEFAULT_PORT}")
+    else:
+        host, colon, port = master.rpartition(":")
+        if not colon:  # an address alone
+            host, port = master, str(DEFAULT_PORT)
     if not host or not host.isprintable() or any(c.isspace() for c in host):
         raise LaunchError(f"--master {master!r}: expected ADDR:PORT with a host name or IP address, e.g. 10.0.0.1:29500")
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
@@ -119,18 +128,51 @@ def format_command(argv: list[str], env: dict[str, str]) -> str:
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
-def run_command(argv: list[str], env: dict[str, str]) -> int:
-    """Run the launcher in the foreground; its exit code is the job's (non-zero if any rank failed)."""
-    # SLURM's advance warning (--signal=USR1@120) reaches every process of the job step, and USR1's
-    # default action kills. The launchers (this one, accelerate's, torchrun's agent) inherit SIG_IGN;
-    # the training processes install their own handler (dltrain.checkpoint): they checkpoint and stop.
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """Run the launcher in the foreground; (its exit code, the stop signal this process forwarded
+    or None). The exit code is the job's (non-zero if any rank failed).
+
+    torchrun starts each worker in a session of its own, so a signal sent to this process alone
+    (`kill PID`, a container's stop) would leave the workers training on, holding the run
+    directory's lock. SIGTERM, SIGINT and SIGUSR1 are therefore forwarded to every worker, which
+    checkpoints and stops (dltrain.signals); the launchers between (accelerate's, torchrun's agent)
+    are left to see their workers end. SLURM's advance warning (--signal=USR1@T) reaches every
+    process of the step: a worker that gets it twice stops once."""
+    forwarded: list[str] = []
     try:
-        return subprocess.run(argv, env={**os.environ, **env}).returncode
+        child = subprocess.Popen(argv, env={**os.environ, **env})
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]} not found: install accelerate in this environment (pip install accelerate)") from None
+
+    def forward(signum, frame) -> None:
+        forwarded.append(signal.Signals(signum).name)
+        for pid in _workers(child.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {name: signal.signal(getattr(signal, name), forward) for name in FORWARDED}
+    try:
+        return child.wait(), (forwarded[0] if forwarded else None)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _workers(pid: int) -> list[int]:
+    """The training processes under the launcher `pid`: its children when it is accelerate's or
+    torchrun's agent, or itself when it is the one training process."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    return [c.pid for c in children] or [pid]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +265,10 @@ def config_file_command(args, deepspeed: int | None) -> tuple[list[str], dict[st
 
 
 def cmd_launch(args) -> int:
-    from dltrain.recipe import load_recipe
+    from dltrain.recipe import RecipeError, load_recipe
 
+    if args.resume == "auto" and not args.output_dir:
+        raise RecipeError("--resume auto continues the run in --output-dir RUN_DIR: give that directory")
     # Check the recipe here, once, before any process starts: a typo fails in one line, not N times.
     # With the stage the processes will get (_train_args), e.g. for an offload that needs it.
     stage = [f"deepspeed.zero_stage={args.deepspeed}"] if args.deepspeed in (0, 1, 2, 3) else []
@@ -246,7 +290,7 @@ def cmd_launch(args) -> int:
         except LaunchError as exc:
             print(f"dltrain: error: {exc}", file=sys.stderr)
             return 2
-        return _run_or_print(argv, env, args.dry_run)
+        return _run_or_print(argv, env, args.dry_run, args.output_dir)
     if not args.dry_run:
         import torch
 
@@ -268,18 +312,27 @@ def cmd_launch(args) -> int:
     # After the options themselves (build_command), before anything starts: what every rank would
     # trip over, said once (the batch arithmetic at this world size, fp16 on a CPU, a missing extra).
     preflight(recipe, (1 if nproc is None else nproc) * args.nnodes, cpu, deepspeed)
-    return _run_or_print(argv, env, args.dry_run)
+    return _run_or_print(argv, env, args.dry_run, args.output_dir)
 
 
-def _run_or_print(argv: list[str], env: dict[str, str], dry_run: bool) -> int:
+def _run_or_print(argv: list[str], env: dict[str, str], dry_run: bool, output_dir: str | None) -> int:
     print(format_command(argv, env), file=sys.stdout if dry_run else sys.stderr, flush=True)
     if dry_run:
         return 0
     try:
-        rc = run_command(argv, env)
+        rc, stopped = run_command(argv, env)
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return 2
+    note = Path(output_dir) / "preempted.json" if output_dir else None
+    if rc != 0 and stopped and note is not None and note.is_file():
+        try:
+            step = json.loads(note.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            step = "?"
+        print(f"dltrain launch: stopped by {stopped} at step {step}, checkpoint written; continue with "
+              f"--resume auto --output-dir {output_dir}", file=sys.stderr)
+        return 4  # as `dltrain train` exits when preempted
     if rc != 0:
         print(f"dltrain launch: the job failed (exit {rc}); the failing rank's error is above, under [rankN]", file=sys.stderr)
     return rc

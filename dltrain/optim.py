@@ -87,6 +87,9 @@ def build_scheduler(cfg, optimizer, total_steps: int):
     if cfg.name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = warmup_steps(cfg, total_steps)
+    if cfg.name == "polynomial" and warmup >= total_steps:  # transformers' decay divides by the steps after warm-up
+        raise RecipeError(f"schedule.name=polynomial decays over the steps after the warm-up, and the warm-up "
+                          f"({warmup} steps) covers all {total_steps}: lower schedule.warmup_fraction or warmup_steps")
     if cfg.name == "linear_warmup":
 
         def factor(step: int) -> float:

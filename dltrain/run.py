@@ -15,7 +15,7 @@ from dltrain.accel import build_accelerator
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.optim import build_optimizer, build_scheduler
 from dltrain.peaks import peak_flops
-from dltrain.recipe import RecipeError
+from dltrain.errors import RecipeError, StorageError
 from dltrain.state import Loop, TrainState
 from dltrain.trainer import evaluate, fit, sync_debug_mode, total_steps_for
 from dltrain.workload import get_workload
@@ -66,18 +66,33 @@ def lock_run_dir(path: Path, resume: str | None) -> rundir.RunLock:
 
 def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     """What this segment starts from, decided before anything is loaded or written: the
-    checkpoint (none for a fresh start), the recipe changes it allows, the run's ids."""
-    root = checkpoint.ckpt_root(recipe, run_dir)  # refuses a checkpoint.dir leading out of the run
-    path = checkpoint.locate(run_dir, recipe, resume)
+    checkpoint (none for a fresh start), the recipe changes it allows, the run's identity. A
+    checkpoint of another run, into a new directory, starts a new run (a fork) that records where
+    it came from; every refusal is raised here or before the first write (dltrain.rundir)."""
+    identity = rundir.read_identity(run_dir)
+    own = identity["run_id"] if identity else None
+    path = checkpoint.locate(run_dir, recipe, resume, own)
     meta = checkpoint.saved_state(path)
-    changes = rundir.recipe_changes(meta["recipe"], recipe, path) if "recipe" in meta else []
-    run_id = meta.get("run_id") or rundir.new_run_id()
-    stale = checkpoint.clean_stale_writes(root, run_id, inside_run=root.is_relative_to(run_dir))
-    if stale:
-        print(f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier run: "
-              + ", ".join(p.name for p in stale), file=sys.stderr, flush=True)
-    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "wandb_run_id": meta.get("wandb_run_id"),
-            "one_param_group": "recipe" in meta and "no_decay_bias_norm" not in meta["recipe"]}
+    theirs = meta.get("run_id")
+    if path is not None and own is not None and theirs != own:
+        raise RecipeError(f"{run_dir} holds run {own} and {path} is a checkpoint of run {theirs}: to start from it, "
+                          "give a new --output-dir (a fork)")
+    if path is None and resume and (run_dir / "metrics.jsonl").exists():
+        if (run_dir / "summary.json").exists():
+            raise RecipeError(f"{run_dir} holds a finished run and no checkpoint of it to continue from: nothing to "
+                              "resume; start a new run with another --output-dir")
+        # Stopped before its first checkpoint: it starts over, as the recipe it began with says.
+        first = run_dir / "recipe.yaml"
+        if first.is_file():
+            rundir.recipe_changes(first.read_text(), recipe, first)
+    changes = rundir.recipe_changes(meta["recipe"], recipe, path) if path is not None else []
+    run_id = own or rundir.new_run_id()
+    checkpoint.ckpt_root(recipe, run_dir, run_id)  # refuses a checkpoint.dir leading out of the run
+    fork = path is not None and own is None
+    forked_from = {"checkpoint": str(path), "run_id": theirs, "step": meta["state"]["step"]} if fork else None
+    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "new_run": own is None,
+            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id"),
+            "one_param_group": path is not None and "no_decay_bias_norm" not in meta["recipe"]}
 
 
 def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
@@ -108,6 +123,9 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     locked for the whole run (dltrain.rundir). Process-wide settings (signal handlers, the host
     allocator) are the caller's: `dltrain train` installs them, the library (dltrain.train) does not."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
+    if resume == "auto" and not output_dir:
+        raise RecipeError("resume='auto' (--resume auto) continues the run in its output directory: give it "
+                          "(output_dir, --output-dir RUN_DIR)")
     extras.check_recipe(recipe, get_workload(recipe.workload))  # a missing extra: one line, before any work
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
@@ -141,11 +159,10 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     if parallel:
         print0(accelerator, f"  {parallel}")
 
-    log = tracking.RunLog(accelerator, run_dir, recipe, run_id=start["wandb_run_id"] if accelerator.is_main_process else None)
     peak, peak_source = peak_flops(accelerator.device, recipe.train.precision, recipe.train.tf32)
-    loop = Loop(recipe, workload, backend, plan, scheduler, data, log, run_dir=run_dir, run_id=start["run_id"],
+    loop = Loop(recipe, workload, backend, plan, scheduler, data, run_dir=run_dir, run_id=start["run_id"],
                 total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, peak_flops=peak, peak_source=peak_source)
-    saved = checkpoint.resume(loop, run_dir, Path(start["path"]) if start["path"] else None, resume)
+    saved = checkpoint.resume(loop, Path(start["path"]) if start["path"] else None)
     state = TrainState(**saved) if saved else TrainState()
     changes = start["changes"] if saved else []
     if changes:
@@ -154,8 +171,13 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     if state.step > total_steps:
         raise RecipeError(f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
                           "raise train.epochs or train.max_steps to continue training")
-    if accelerator.is_main_process:
-        rundir.write_segment_recipe(run_dir, recipe, state.step)
+    log = loop.log = tracking.RunLog(accelerator, run_dir, recipe,
+                                     run_id=start["wandb_run_id"] if accelerator.is_main_process else None)
+    identity = {}
+    if accelerator.is_main_process:  # every check has passed: now the directory may change
+        identity = rundir.start_segment(run_dir, recipe, start, state.step, checkpoint.ckpt_root(recipe, run_dir, start["run_id"]))
+        if resume and not saved:
+            print(f"dltrain: starting from scratch: no complete checkpoint of this run in {run_dir} yet", flush=True)
     print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, "
                         f"{total_steps} steps, host sync every {loop.sync_every} steps"
                         + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""))
@@ -166,9 +188,15 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     if data.test is not None:
         final |= evaluate(backend.model, data.test, workload, accelerator, plan.micro_batch, "test")
         log.log({k: v for k, v in final.items() if k.startswith("test/")}, state.step)
+    unsaved = None  # a final model that could not be written: the summary is written first, then the run exits 2
     if recipe.checkpoint.save_final_model:
-        export.from_loop(loop, run_dir / "final_model")
-    summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {"resumed_with_changes": changes}
+        try:
+            export.from_loop(loop, run_dir / "final_model")
+        except StorageError as exc:
+            unsaved = exc
+    summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {
+        "resumed_with_changes": rundir.changes_so_far(identity), "forked_from": start["forked_from"],
+        "final_model": None if unsaved or not recipe.checkpoint.save_final_model else str(run_dir / "final_model")}
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
         if recipe.tracking.plots and extras.installed("matplotlib"):
@@ -178,6 +206,8 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         _print_summary(summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if unsaved is not None:
+        raise unsaved
     return summary
 
 

@@ -11,10 +11,15 @@ Files a run writes there:
   recipe.resume-<N>.yaml    the recipe of each later segment, resumed from step N
   metrics.jsonl, summary.json, checkpoints/, final_model/, ...   (see dltrain.run)
 
+  run.json                  the run's identity: its id (kept across resumes, carried by every
+                            checkpoint), and where it was forked from when it started from another
+                            run's checkpoint
+
 Checkpoints go to RUN_DIR/checkpoints, or to `checkpoint.dir`: a relative one must stay inside
 the run directory; one outside (absolute, or climbing out with ..) only with
-`checkpoint.outside_run_dir: true`. Every checkpoint carries the run's id (`run_id`, kept across
-resumes), and pruning deletes only checkpoints that carry it.
+`checkpoint.outside_run_dir: true`, and then into a folder of the run's own, DIR/run-<run_id>, so
+runs sharing a folder never meet. Every checkpoint carries the run's id; `--resume auto` picks and
+pruning deletes only checkpoints that carry it.
 
 Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
 what defines the model, the data or their order (workload, model.*, data.*, train.seed,
@@ -30,6 +35,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -74,13 +80,16 @@ class RunLock:
         import fcntl
 
         self.path = run_dir / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # The lock is on the directory itself, which a user cannot delete under a live run as they
+        # can the .lock file (a second job then took a lock of its own on a new file); .lock only
+        # says who holds it.
+        self._dir_fd = os.open(run_dir, os.O_RDONLY)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = self._holder()
-            os.close(self._fd)
-            self._fd = None
+            os.close(self._dir_fd)
+            self._dir_fd = self._fd = None
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise RecipeError(
                     f"{run_dir} is in use by another run ({holder}): wait for it to end, or choose another --output-dir"
@@ -88,6 +97,7 @@ class RunLock:
             raise RecipeError(f"cannot lock run directory {run_dir} ({exc.strerror}): choose another --output-dir") from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "command": " ".join(sys.argv)[:500]}
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
 
@@ -100,17 +110,20 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            os.close(self._fd)
             self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # closing the descriptor drops the flock
+            self._dir_fd = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Paths
 
 
-def checkpoint_root(recipe, run_dir: Path) -> Path:
+def checkpoint_root(recipe, run_dir: Path, run_id: str) -> Path:
     """Where this run's checkpoints live; a `checkpoint.dir` leading out of the run directory is
-    refused unless `checkpoint.outside_run_dir` says so."""
+    refused unless `checkpoint.outside_run_dir` says so, and holds the run's own folder."""
     configured = recipe.checkpoint.dir
     if not configured:
         return run_dir / "checkpoints"
@@ -121,7 +134,31 @@ def checkpoint_root(recipe, run_dir: Path) -> Path:
             f"checkpoint.dir={configured} leads outside the run directory {run_dir}: use a path inside it, "
             "or set checkpoint.outside_run_dir=true to write checkpoints there"
         )
-    return root
+    return root if inside else root / f"run-{run_id}"
+
+
+RUN_FILE = "run.json"
+
+
+def read_identity(run_dir: Path) -> dict | None:
+    """run.json of a run directory ({"run_id", ...}), None where the directory holds no run yet."""
+    path = run_dir / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        identity = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{path} is unreadable ({exc}): it names the run that owns this directory; "
+                          "restore it, or start a new run in another --output-dir") from None
+    if not isinstance(identity, dict) or not isinstance(identity.get("run_id"), str) or not identity["run_id"]:
+        raise RecipeError(f"{path} does not hold a run id: restore it, or start a new run in another --output-dir")
+    return identity
+
+
+def write_identity(run_dir: Path, identity: dict) -> None:
+    tmp = run_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    os.replace(tmp, run_dir / RUN_FILE)
 
 
 def new_run_id() -> str:
@@ -222,6 +259,38 @@ def apply_to_optimizer(changes: list[dict], recipe, optimizer, scheduler) -> Non
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+def start_segment(run_dir: Path, recipe, start: dict, step: int, ckpt_root: Path) -> dict:
+    """What a segment changes in the run directory, once every check has passed (a refused start
+    leaves the directory as it was): the run's identity and its segments, the preemption note,
+    the log records past the checkpoint, interrupted checkpoint writes of this run, the
+    segment's recipe. Returns the identity (run.json)."""
+    identity = read_identity(run_dir) or {"run_id": start["run_id"], "forked_from": start["forked_from"], "segments": []}
+    identity.setdefault("segments", []).append({"from_step": step, "changes": start["changes"] if step else []})
+    write_identity(run_dir, identity)
+    (run_dir / "preempted.json").unlink(missing_ok=True)
+    truncate_log(run_dir, step)
+    stale = clean_stale_writes(ckpt_root)
+    if stale:
+        print(f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier segment: "
+              + ", ".join(p.name for p in stale), file=sys.stderr, flush=True)
+    write_segment_recipe(run_dir, recipe, step)
+    return identity
+
+
+def changes_so_far(identity: dict) -> list[dict]:
+    """Every resumed segment's recipe changes, each with the step it was applied at."""
+    return [change | {"at_step": seg["from_step"]} for seg in identity.get("segments", []) for change in seg["changes"]]
+
+
+def clean_stale_writes(root: Path) -> list[Path]:
+    """Temporaries of checkpoint writes that a crash interrupted. The root is this run's own
+    (inside its locked directory, or its run-<id> folder in a shared one): every one is its own."""
+    stale = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def write_segment_recipe(run_dir: Path, recipe, resumed_step: int) -> Path:

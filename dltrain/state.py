@@ -43,7 +43,6 @@ class Loop:
     plan: BatchPlan
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: DataSplits
-    log: RunLog
     run_dir: Path
     run_id: str  # carried by every checkpoint of the run (dltrain.rundir); pruning deletes only those
     total_steps: int
@@ -51,6 +50,7 @@ class Loop:
     t_start: float  # perf_counter before the data was touched: time-to-target counts from here
     peak_flops: float | None = None  # per process, for MFU; None where unknown (e.g. a MIG slice)
     peak_source: str = ""
+    log: RunLog | None = None  # metrics.jsonl and the trackers, opened once the start has passed every check
     # Filled while it runs
     clock: StepClock | None = None
     throughput: dict[str, float] = field(default_factory=dict)  # the clock's summary at the end of fit()

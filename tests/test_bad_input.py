@@ -181,6 +181,17 @@ CASES = [
          "past the end of this recipe", needs=("ckpt",)),
     Case("disk-full-in-checkpoint", [*TINY, "--output-dir", "{tmp}/run"], "no space left on device",
          env={"DLTRAIN_TEST_ENOSPC_IN_SAVE": "2"}, needs=("mnist",)),
+    # --- combinations refused at start (issue 19) and what the second probe found (issue 22)
+    Case("compile-with-dynamic-padding", [BERT, "--profile", "cpu_test", *_set("train.compile.enabled=true")],
+         "set data.padding=bucket", inproc=True),
+    Case("fsdp-on-one-process", [*CPU_TEST, *_set("distributed.strategy=fsdp"), "--output-dir", "{tmp}/run"],
+         "shards over several processes and this run has one", needs=("mnist",)),
+    Case("sync-debug-not-a-mode", [*TINY, "--output-dir", "{tmp}/run"], "DLTRAIN_SYNC_DEBUG=yes: not a mode",
+         env={"DLTRAIN_SYNC_DEBUG": "yes"}, needs=("mnist",)),
+    Case("polynomial-warmup-covers-all-steps", [*TINY, *_set("schedule.name=polynomial", "schedule.warmup_fraction=1.0"),
+                                               "--output-dir", "{tmp}/run"],
+         "the warm-up (20 steps) covers all 20", needs=("mnist",)),
+    Case("resume-auto-without-output-dir", [*CPU_TEST, "--resume", "auto"], "give it (output_dir, --output-dir", inproc=True),
 ]
 
 

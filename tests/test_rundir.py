@@ -160,12 +160,13 @@ def test_checkpoint_dir_is_confined_and_pruning_spares_other_runs(data_dir, tmp_
     done = train(run, "--set", f"checkpoint.dir={shared}", "--set", "checkpoint.outside_run_dir=true",
                  "--set", "checkpoint.every_steps=6")
     assert done.returncode == 0, done.stderr[-2000:]
-    names = sorted(p.name for p in shared.iterdir())
-    # ours: steps 6, 12, 18, keep_last=2 pruned step_6; the other run's step_4 and step_8 and the
-    # stray folder are still there
-    assert names == ["step_12", "step_18", "step_2", "step_4", "step_8"], names
-    ids = {json.loads((shared / n / "manifest.json").read_text())["run_id"] for n in ("step_4", "step_12")}
-    assert len(ids) == 2
+    # Each run writes into its own folder of the shared one, run-<run_id>: ours holds steps 12 and
+    # 18 (keep_last=2 pruned step_6), the other run's steps 4 and 8 and the stray folder are untouched.
+    ours, theirs = (json.loads((r / "run.json").read_text())["run_id"] for r in (run, other))
+    names = {str(p.relative_to(shared)) for p in shared.glob("*/step_*")} | {p.name for p in shared.glob("step_*")}
+    assert names == {f"run-{ours}/step_12", f"run-{ours}/step_18", f"run-{theirs}/step_4", f"run-{theirs}/step_8",
+                     "step_2"}, names
+    assert json.loads((shared / f"run-{ours}" / "step_12" / "manifest.json").read_text())["run_id"] == ours
 
 
 # ----------------------------------------------------------------------------------------------

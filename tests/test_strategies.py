@@ -143,3 +143,33 @@ def test_a_nan_step_under_zero_is_skipped_by_the_engine_and_counted_once(runs, s
     assert len(losses) == 6 and math.isnan(losses[2]) and all(math.isfinite(x) for x in losses[3:])
     assert all(torch.isfinite(t).all() for t in run.final_model().values())
     assert json.loads((run.out / "summary.json").read_text())["nonfinite_steps"] == 1
+
+
+def test_a_planted_pickle_in_a_sharded_checkpoint_is_refused_not_run(runs, tmp_path):
+    """torch.distributed.checkpoint reads `.metadata` with plain pickle: a crafted file, its
+    manifest checksum fixed to match, ran code at `--resume` (issue 22, item 7). dltrain's reader
+    takes only the checkpoint's own classes."""
+    import hashlib
+    import os
+    import pickle
+    import shutil
+
+    a = runs.ok("cnn-fsdp", [*FSDP, *_sets("distributed.fsdp.auto_wrap=[Linear]", "checkpoint.every_steps=3")])
+    run = tmp_path / "run"
+    shutil.copytree(a.out, run)
+    step = run / "checkpoints" / "step_3"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (step / "fsdp_sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((step / "manifest.json").read_text())
+    data = (step / "fsdp_sharded" / ".metadata").read_bytes()
+    manifest["files"]["fsdp_sharded/.metadata"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    done = runs.get("cnn-fsdp-planted", [*FSDP, *_sets("distributed.fsdp.auto_wrap=[Linear]"), "--resume", str(step)])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert not marker.exists()
+    assert "asks to load posix.system, which a dltrain checkpoint never holds" in done.stderr

@@ -125,7 +125,9 @@ class FSDP(Strategy):
             import torch.distributed.checkpoint as dcp
 
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-            dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))  # each rank reads its own shards, in place
+            # Each rank reads its own shards, in place, through readers that unpickle nothing but
+            # the checkpoint's own metadata classes (torch's would run any pickle found there).
+            dcp.load(state, storage_reader=_SafeReader(path / SHARDED_DIR), planner=_SafePlanner())
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, optimizer, state["optim"])
         else:
@@ -198,3 +200,82 @@ def _options(full: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=full, cpu_offload=full)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a sharded checkpoint without running what a file says
+#
+# torch.distributed.checkpoint reads `.metadata` with plain pickle.load and non-tensor entries
+# (an optimizer's hyperparameters) with torch.load(weights_only=False): a crafted file would run
+# code on every rank at `--resume`. dltrain's readers take only what its own checkpoints hold.
+
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+
+
+def _allowed(module: str, name: str):
+    """What a checkpoint's metadata may name: DCP's own classes (never a function), torch.Size,
+    torch's dtypes, layouts and memory formats, OrderedDict. None for anything else."""
+    import collections
+    import importlib
+
+    if module in _METADATA_MODULES:
+        obj = getattr(importlib.import_module(module), name, None)
+        return obj if isinstance(obj, type) else None
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        return obj if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)) else None
+    return collections.OrderedDict if (module, name) == ("collections", "OrderedDict") else None
+
+
+def _safe_unpickler():
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            obj = _allowed(module, name)
+            if obj is None:
+                raise RecipeError(f"{SHARDED_DIR}/.metadata asks to load {module}.{name}, which a dltrain checkpoint "
+                                  "never holds: the file was not written by dltrain; refusing to read it")
+            return obj
+
+    return Unpickler
+
+
+def _SafeReader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _safe_unpickler()(f).load()
+            if not isinstance(metadata, Metadata):
+                raise RecipeError(f"{SHARDED_DIR}/.metadata is not a checkpoint's metadata: refusing to read it")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))
+
+
+def _SafePlanner():
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - an unpickling refusal: one line, never run it
+                raise RecipeError(f"{SHARDED_DIR}: entry {read_item.dest_index.fqn} is not plain data "
+                                  f"({type(exc).__name__}): refusing to read it") from None
+            value = io.BytesIO()
+            torch.save(loaded, value)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return Planner()
