@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from dltrain.recipe import RecipeError, load_recipe
+    from dltrain.recipe import load_recipe
     from dltrain.run import train
 
     if args.print_config:
