@@ -518,3 +518,23 @@ def test_peak_memory_is_the_runs_own_not_its_parents():
     assert own < 1024 * 2**20, own
     if sys.platform == "linux":
         assert inherited >= 1536 * 2**20  # what ru_maxrss says on Linux: why it is not used
+
+
+def test_the_mfu_column_names_its_flops_basis():
+    """A text workload's MFU counts its padded tokens (the work done, not what a padding-free run
+    would do); the column must say so, and say samples for the others."""
+    from dltrain.bench.markdown import throughput_rows
+    from dltrain.bench.report import aggregate
+    from dltrain.bench.runner import add_flops
+
+    base = {"suite": "t", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": "fp32",
+            "deepspeed_stage": None, "compile": False, "status": "ok", "repeat": 0, "cpu_threads": 1,
+            "environment": {"device": "cpu"}, "samples_per_s": 100.0}
+    text = base | {"config": "bert", "entry": "bert", "tokens_per_s": 2_000.0, "padded_tokens_per_s": 3_000.0}
+    image = base | {"config": "cnn", "entry": "cnn", "padded_tokens_per_s": None, "run_dir": "/nonexistent"}
+    add_flops(text, {"flops_measured_over_analytic": 1.0, "flops_per_padded_token_measured": 1e6}, {"fp32": 1e11})
+    add_flops(image, {"flops_measured_over_analytic": 1.0, "flops_per_sample_measured": 1e6}, {"fp32": 1e11})
+    rows = {r[0]: r for r in throughput_rows(aggregate([text, image]))}
+    mfu_column = 10
+    assert rows["bert"][mfu_column] == "3 (padded tokens)"  # 1e6 FLOPs x 3,000 padded tokens/s over 1e11
+    assert rows["cnn"][mfu_column] == "0.1 (samples)"

@@ -60,6 +60,8 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             cfg["target"] = rec["target"]
         if rec.get("mode") == "time_to_target":
             cfg["reached"] = cfg.get("reached", 0) + (rec.get("time_to_target_s") is not None)
+        if rec.get("flops_basis"):  # what the FLOP/s and MFU count: samples, or text's padded tokens
+            cfg["flops_basis"] = rec["flops_basis"]
         if rec.get("peak_source"):
             cfg["peak_source"], cfg["peak_flops_per_s"] = rec["peak_source"], rec.get("peak_flops_per_s")
     for cfg in configs.values():

@@ -224,12 +224,16 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         # analytic count then, and say so.
         rec["flops_source"] = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
         rec["achieved_flops_per_s"] = measured["flops_per_sample_analytic"] * sps
+        rec["flops_basis"] = "samples, analytic FLOPs"
     elif "flops_per_padded_token_measured" in measured:
         if not rec.get("padded_tokens_per_s"):
             return  # text without token counts (the baseline scripts): FLOPs per sample unknown
         rec["achieved_flops_per_s"] = measured["flops_per_padded_token_measured"] * rec["padded_tokens_per_s"]
+        # The work done, padding included: higher than a padding-free run's MFU, and the report says so.
+        rec["flops_basis"] = "padded tokens"
     else:
         rec["achieved_flops_per_s"] = measured["flops_per_sample_measured"] * sps
+        rec["flops_basis"] = "samples"
     env = rec.get("environment") or {}
     if env.get("device") == "cuda":
         tf32 = bool(rec.get("tf32")) and rec["precision"] == "fp32"
