@@ -302,6 +302,33 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
     assert error == "timed out after 1 s (suite timeout_s)" and time.perf_counter() - t0 < 10
 
 
+def test_each_in_process_job_logs_its_own_host_sync_warnings(tmp_path, monkeypatch):
+    """device_check.sh counts torch's sync-debug warnings in each job's log; Python shows a warning
+    once per site per process, so the second in-process job used to log none of them."""
+    import warnings
+
+    import dltrain.run
+    from dltrain.bench import inprocess
+
+    def sync_site():  # one host-sync site, as torch.cuda.set_sync_debug_mode("warn") reports one
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    def train(recipe, output_dir):
+        for _ in range(3):
+            sync_site()
+
+    monkeypatch.setattr(dltrain.run, "train", train)
+    with warnings.catch_warnings():  # as in a plain `python -m dltrain bench` process, not pytest's recorder
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        for job in ("a", "b"):
+            assert inprocess.run(CNN, "cpu_test", [], tmp_path / job, tmp_path / f"{job}.log", env={}, threads=None,
+                                 timeout_s=60) is None
+    counts = [(tmp_path / f"{job}.log").read_text().count("UserWarning: called a synchronizing") for job in ("a", "b")]
+    assert counts == [1, 1]  # once per site, in every job
+
+
 def test_a_gpu_suite_never_runs_on_the_cpu(tmp_path):
     import torch
 
