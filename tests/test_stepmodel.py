@@ -146,6 +146,47 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
         read_gpu_configs(tmp_path)
 
 
+PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_bytes": 0,
+           "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
+
+
+def _gpu_row(shape: dict, precision: str = "bf16") -> dict:
+    fig = lambda v: {"mean": v, "std": 0.0, "min": v, "max": v, "n": 1}  # noqa: E731
+    return {"entry": "cnn", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": precision,
+            "compile": shape["compile"]["enabled"], "shape": shape,
+            "figures": {"step_time_ms_p50": fig(2.0), "samples_per_s": fig(128_000.0)}}
+
+
+def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configuration():
+    from dltrain.bench.scaling import compute_refusals
+
+    shape = {"workload": "cnn", "micro_batch": 256, "compile": {"enabled": False}, "model": {"width": 32}}
+    flops = {"cnn": {"flops_per_sample_measured": 1e9, "micro_batch": 256, "step_profile": PROFILE, "shape": shape}}
+    # gpu_single's cnn: the same entry name, but compiled and at batch 64: another step
+    other = shape | {"micro_batch": 64, "compile": {"enabled": True}}
+    gpu = {"cnn-w1-bf16-tput": _gpu_row(other)}
+    assert projection(flops, gpu) == []
+    why = compute_refusals(flops, gpu)["cnn"]
+    assert "micro_batch 64 vs 256" in why and "compile" in why and why.endswith("not projected")
+    # a run of the same configuration, whatever its entry name, is used
+    gpu["cnn_eager-w1-bf16-tput"] = _gpu_row(shape) | {"entry": "cnn_eager"}
+    rows = projection(flops, gpu)
+    assert rows and all(r["compute_source"] == "measured on a GPU (cnn_eager-w1-bf16-tput)" for r in rows)
+    assert compute_refusals(flops, gpu) == {}
+
+
+def test_a_datasheet_step_below_the_launch_floor_is_refused_with_its_reason():
+    from dltrain.bench.scaling import LAUNCH_FLOOR_S, compute_refusals
+
+    batch = 64
+    tiny = LAUNCH_FLOOR_S / 2 * 989e12 * 0.4 / batch  # FLOPs per sample of a step at half the floor
+    flops = {"mlp": {"flops_per_sample_measured": tiny, "micro_batch": batch, "step_profile": PROFILE}}
+    assert projection(flops) == []
+    assert "below the 100 µs launch floor" in compute_refusals(flops, None)["mlp"]
+    flops["mlp"]["flops_per_sample_measured"] = tiny * 4  # twice the floor: projected from the datasheet
+    assert projection(flops) and compute_refusals(flops, None) == {}
+
+
 def test_the_slowest_of_n_ranks_is_the_half_to_the_one_over_n_quantile():
     cfg = {"step_time_ms_percentiles": [float(k) for k in range(1, 100)],  # the k-th percentile is k ms
            "figures": {"step_time_ms_p50": {"mean": 50.0}}}

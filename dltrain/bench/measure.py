@@ -23,6 +23,19 @@ import torch
 from dltrain.peaks import GPU_PEAKS, cpu_matmul_peak, gpu_peak  # noqa: F401  (the names this module had)
 
 
+# The data keys that set a sample's length (text: tokens; RNN: time steps); with the workload, the
+# model section, the micro-batch and compile they decide what one step computes.
+SHAPE_DATA_KEYS = ("max_length", "padding", "bucket_multiple", "seq_len")
+
+
+def compute_shape(recipe, micro_batch: int | None) -> dict:
+    """What one step computes, as a comparable dict: two runs with equal shapes do the same work per
+    step whatever their entry names (the projection borrows a GPU run's step time only then)."""
+    data = recipe.data.model_dump(mode="json")
+    return {"workload": recipe.workload, "micro_batch": micro_batch, "compile": recipe.train.compile.model_dump(mode="json"),
+            "model": recipe.model.model_dump(mode="json"), **{k: data[k] for k in SHAPE_DATA_KEYS if k in data}}
+
+
 def _count(model, workload, batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -39,7 +39,8 @@ def _figures(rec: dict) -> dict[str, float]:
     return out
 
 
-DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage", "compile"]
+DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage", "compile",
+               "shape"]  # shape: what one step computes (dltrain.bench.measure.compute_shape)
 
 
 def aggregate(records: list[dict]) -> dict[str, dict]:
@@ -138,7 +139,7 @@ def read_comm(out_dir: Path) -> list[dict]:
 
 def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     from dltrain.bench.comm import Fit
-    from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections, scaling, validation
+    from dltrain.bench.scaling import compute_refusals, projection, read_gpu_configs, refused_projections, scaling, validation
 
     records = read_results(out_dir)
     meta_path = out_dir / "bench_meta.json"
@@ -165,7 +166,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "scaling": scaling(configs),
         "comm": comm,
         "validation": (checks := validation(configs, meta.get("flops", {}), fits)),
-        "projection_refused": (refused := refused_projections(checks)),
+        "projection_refused": (refused := refused_projections(checks) | compute_refusals(meta.get("flops", {}), gpu_configs)),
         "projection": projection(meta.get("flops", {}), gpu_configs, refused),
         "gpu_results": str(gpu_results) if gpu_results else None,
         "runs": len(records),
