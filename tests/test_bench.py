@@ -73,12 +73,39 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     (["--ops", "all_reduce,gossip"], "--ops all_reduce,gossip: choose from"),
     (["--min-bytes", "1M", "--max-bytes", "4K"], "give 0 < --min-bytes <= --max-bytes"),
     (["--max-bytes", "huge"], "message size 'huge'"),
+    # more processes than this node has devices (a CPU: its cores) time-slice them: refused
+    (["--nproc", str((os.cpu_count() or 1) + 1), "--ops", "all_reduce", "--max-bytes", "4K"],
+     f"--nproc {(os.cpu_count() or 1) + 1}: this node has"),
+    (["--nnodes", "2", "--nproc", "1"], "several nodes need --master ADDR:PORT"),
+    (["--nnodes", "2", "--node-rank", "2", "--nproc", "1", "--master", "127.0.0.1:29511"], "--node-rank 2 is outside 0..1"),
 ])
 def test_bench_comm_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", "comm", *argv, "--output-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+@pytest.mark.distributed
+def test_bench_comm_runs_across_two_nodes_as_dltrain_launch_starts_them(tmp_path):
+    """Two "nodes" on this host, one process each, meeting at node 0's address: node 0 writes the
+    world-2 results, node 1 nothing."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dltrain", "bench", "comm", "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--master", f"127.0.0.1:{port}", "--ops", "all_reduce",
+                               "--min-bytes", "4K", "--max-bytes", "64K", "--output-dir", str(tmp_path / f"node{rank}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    result = json.loads((tmp_path / "node0" / "comm.json").read_text())
+    assert result["world_size"] == 2 and result["nnodes"] == 2
+    assert {r["world_size"] for r in result["rows"]} == {2} and len(result["rows"]) == 5  # 4K .. 64K
+    assert not (tmp_path / "node1" / "comm.json").exists() and "node 1 done" in outs[1]
 
 
 def test_a_suite_file_that_is_not_utf8_or_is_an_alias_bomb_is_one_line(tmp_path):

@@ -146,6 +146,35 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
         read_gpu_configs(tmp_path)
 
 
+def test_small_collectives_are_timed_back_to_back_between_marks(tmp_path, monkeypatch):
+    """On a GPU, an event before each single call puts that call's host overhead into a small
+    message's time; calls run in groups between two marks instead (nccl-tests' way), each sample a
+    group's time over its calls. (A CPU's synchronous gloo calls are bracketed one by one.)"""
+    import torch
+    import torch.distributed as dist
+
+    from dltrain.bench import comm
+
+    timeline: list[str] = []
+    clock = iter(range(0, 10**6, 10))  # each mark 10 s after the previous: a group's samples are 10 s / group
+
+    def mark(cuda):
+        timeline.append("mark")
+        return float(next(clock))
+
+    monkeypatch.setattr(comm, "_mark", mark)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        median, mean, calls = comm.time_op(lambda: timeline.append("call"), torch.device("cpu"), target_s=1.0,
+                                           group=comm.group_for(torch.device("cuda")))
+    finally:
+        dist.destroy_process_group()
+    groups = "".join("|" if t == "mark" else "c" for t in timeline).split("|")[1:-1]  # after the untimed warm-up calls
+    assert len(groups) >= comm.MIN_GROUPS and set(groups) == {"c" * comm.GROUP}  # only calls between marks, GROUP of them
+    assert calls == len(groups) * comm.GROUP and median == mean == pytest.approx(10 / comm.GROUP)
+    assert comm.GROUP >= 10 and comm.group_for(torch.device("cpu")) == 1
+
+
 PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_bytes": 0,
            "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
 
