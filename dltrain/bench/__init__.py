@@ -92,7 +92,11 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
         return 0
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
     check_output_dir(out_dir)
-    rows = ttt.run_records(suite, out_dir, only)
+    try:
+        rows = ttt.run_records(suite, out_dir, only)
+    except ttt.RecordsInterrupted:
+        print(f"dltrain bench: interrupted; report of what finished in {out_dir / 'report.md'}")
+        return EXIT_RUNS_FAILED
     failed = sum(len(r["agg"]["failed_seeds"]) + r["reference_failed"] for r in rows)
     print(f"dltrain bench: {len(rows)} records, {failed} failed runs; report in {out_dir / 'report.md'}")
     return EXIT_RUNS_FAILED if failed else 0
