@@ -140,8 +140,9 @@ export DLTRAIN_DATA_DIR=${DLTRAIN_DATA_DIR:-$CARRY/data} DLTRAIN_MODELS_DIR=${DL
 if [ -d "$CARRY/cache" ]; then DEFAULT_CACHE=$CARRY/cache; else DEFAULT_CACHE=${TMPDIR:-/tmp}/dltrain-cache; fi
 export DLTRAIN_CACHE_DIR=${DLTRAIN_CACHE_DIR:-$DEFAULT_CACHE}
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# torch.cuda.set_sync_debug_mode("warn") in every dltrain run (dltrain/run.py): each place that
-# makes the host wait for the GPU warns once; the count per run is printed after the suite.
+# torch.cuda.set_sync_debug_mode("warn") in every dltrain run (dltrain/run.py) and every bare
+# baseline (bare_common.sync_debug): each place that makes the host wait for the GPU warns once per
+# job (in-process jobs each get their own warning registry); the count per job is printed after the suite.
 export DLTRAIN_SYNC_DEBUG=${DLTRAIN_SYNC_DEBUG:-warn}
 export DEVICE SUITE
 
@@ -233,7 +234,7 @@ set -e
 phase_done suite "exit code $rc"
 
 if [ -d "$OUT/bench/logs" ]; then
-    echo "device_check: host-sync sites warned per run (set_sync_debug_mode; eval, logging and sync points included):"
+    echo "device_check: host-sync sites warned per job, dltrain and bare baselines (set_sync_debug_mode; eval, logging and sync points included):"
     grep -c "synchronizing CUDA operation" "$OUT"/bench/logs/*.log 2>/dev/null | sed 's|.*/||' || true
 fi
 # ---- report: from whatever finished, also when the budget cut the suite

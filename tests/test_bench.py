@@ -532,11 +532,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     assert check["config"] == "cnn-w2-fp32-tput" and check["buckets"] >= 1
     assert check["predicted_ms"] >= check["step1_ms"] and 0 <= check["exposed_ms"] <= check["comm_ms"] + 1e-9
     assert check["measured_ms"] == summary["configs"]["cnn-w2-fp32-tput"]["figures"]["step_time_ms_p50"]["mean"]
-    # Projected from the FLOP count on the datasheet (no GPU results here), never from this CPU's steps.
-    assert summary["projection"] and all(p["label"] == "PROJECTED" and "datasheet" in p["compute_source"]
-                                         for p in summary["projection"])
+    # Never projected from this CPU's steps; from the datasheet (no GPU results here) the CNN's step
+    # is microseconds, below the launch floor: refused, with the reason in the report.
+    assert summary["projection"] == [] and "launch floor" in summary["projection_refused"]["cnn"]
     report = (out / "report.md").read_text()
-    assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "PROJECTED" in report
+    assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "Not projected: cnn: its datasheet compute" in report
     assert "The step model against measured runs" in report and (out / "plots" / "comm_busbw.png").is_file()
     # the suite's W&B run, offline: its record file holds the summary figures
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
