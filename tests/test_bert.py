@@ -52,10 +52,13 @@ def test_a_tokenized_cache_carried_to_another_machine_is_found_there(tmp_path, m
     for f in minilm_dir.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
             shutil.copy(f, here / "model")
-    train = write_tsv(here / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])
-    dev = write_tsv(here / "dev.tsv", [("great", 1), ("awful", 0)])
-    recipe = lambda root: minilm_recipe(minilm_dir, f"model.tokenizer={root / 'model'}",  # noqa: E731
-                                        f"data.train_file={root / 'train.tsv'}", f"data.eval_file={root / 'dev.tsv'}")
+    write_tsv(here / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])
+    write_tsv(here / "dev.tsv", [("great", 1), ("awful", 0)])
+
+    def recipe(root):
+        return minilm_recipe(minilm_dir, f"model.tokenizer={root / 'model'}", f"data.train_file={root / 'train.tsv'}",
+                             f"data.eval_file={root / 'dev.tsv'}")
+
     before = bert.TOKENIZE_CALLS
     bert.load_splits(recipe(here))
     assert bert.TOKENIZE_CALLS == before + 2

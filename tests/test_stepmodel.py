@@ -180,7 +180,9 @@ PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_
 
 
 def _gpu_row(shape: dict, precision: str = "bf16") -> dict:
-    fig = lambda v: {"mean": v, "std": 0.0, "min": v, "max": v, "n": 1}  # noqa: E731
+    def fig(v):
+        return {"mean": v, "std": 0.0, "min": v, "max": v, "n": 1}
+
     return {"entry": "cnn", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": precision,
             "compile": shape["compile"]["enabled"], "shape": shape,
             "figures": {"step_time_ms_p50": fig(2.0), "samples_per_s": fig(128_000.0)}}

@@ -92,9 +92,10 @@ def test_an_in_process_record_suite_starts_no_process_for_its_seeds(data_dir, tm
     from dltrain.bench import ttt
 
     path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
-    text = open(path).read().replace("cpu_threads: 1", "cpu_threads: 1\nin_process: true")
-    open(path, "w").write(text.split("    reference:")[0])  # seeds only: a reference stays a launched process
-    suite = ttt.load_record_suite(ttt.Path(path))
+    path = ttt.Path(path)
+    text = path.read_text().replace("cpu_threads: 1", "cpu_threads: 1\nin_process: true")
+    path.write_text(text.split("    reference:")[0])  # seeds only: a reference stays a launched process
+    suite = ttt.load_record_suite(path)
     launched = []
     monkeypatch.setattr(ttt, "_launch", lambda argv, *a, **k: launched.append(argv) or (1, 0.0))
     (row,) = ttt.run_records(suite, tmp_path / "out")
