@@ -31,9 +31,12 @@ SHAPE_DATA_KEYS = ("max_length", "padding", "bucket_multiple", "seq_len")
 def compute_shape(recipe, micro_batch: int | None) -> dict:
     """What one step computes, as a comparable dict: two runs with equal shapes do the same work per
     step whatever their entry names (the projection borrows a GPU run's step time only then)."""
-    data = recipe.data.model_dump(mode="json")
-    return {"workload": recipe.workload, "micro_batch": micro_batch, "compile": recipe.train.compile.model_dump(mode="json"),
-            "model": recipe.model.model_dump(mode="json"), **{k: data[k] for k in SHAPE_DATA_KEYS if k in data}}
+    def dump(section):  # a plugin workload's recipe need not have every section
+        return section.model_dump(mode="json") if section is not None else None
+
+    data = dump(getattr(recipe, "data", None)) or {}
+    return {"workload": recipe.workload, "micro_batch": micro_batch, "compile": dump(recipe.train.compile),
+            "model": dump(getattr(recipe, "model", None)), **{k: data[k] for k in SHAPE_DATA_KEYS if k in data}}
 
 
 def _count(model, workload, batch) -> int:
