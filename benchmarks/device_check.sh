@@ -5,11 +5,17 @@
 # own time per phase (install, import check, suite, report).
 #
 # The GPU machine has no network and lacks datasets, wandb, pydantic and deepspeed. So, on the
-# CPU machine first:   benchmarks/device_check.sh --prepare
-# which copies the wheels (../shared/wheels/gpu-cp312), MNIST's .gz files, SST-2 and MiniLM's
-# tokenizer (not its weights: bert-base runs from a random init) into the ignored .carry/
-# folder (about 45 MB); carry `.carry` with the run. On the GPU machine:
+# CPU machine first:   PYTHON=.venv/bin/python benchmarks/device_check.sh --prepare
+# which copies the wheels the device installs (../shared/wheels/gpu-cp312, less W&B and DeepSpeed),
+# MNIST's .gz files, SST-2 and MiniLM's tokenizer (not its weights: bert-base runs from a random
+# init) into the ignored .carry/ folder, and tokenizes the suite's SST-2 into .carry/cache (the
+# cache is keyed by contents, not paths, so the device finds it); carry `.carry` with the run.
+# On the GPU machine:
 #     OUT=/some/dir benchmarks/device_check.sh
+# The plan first: each phase's expected seconds (PLAN_* below, the suites' plan_s) against
+# BUDGET_S, printed before anything starts; over budget, the script refuses (exit 2) instead of
+# being cut in the middle of the suite. `benchmarks/device_check.sh --plan` prints the GPU run's
+# plan and stops (no GPU, no OUT needed); a CPU dry run prints it beside its own.
 # A lent GPU is counted in minutes, so nothing slow starts before a check that takes seconds:
 # every package the suite needs imports, CUDA is there, the suite validates; if not, exit 2.
 # A CPU dry run of the whole script (no GPU, no .carry when the imports already work):
@@ -17,8 +23,8 @@
 #
 # Environment: OUT (required), DEVICE (cuda | cpu; default cuda), SUITE (default gpu_single, or
 # device_dryrun with DEVICE=cpu), RECORDS (record suite run first, default ttt_gpu; none with
-# DEVICE=cpu), RECORDS_S (its share, default 120 s), BUDGET_S (whole script, default 450),
-# PYTHON (default python3).
+# DEVICE=cpu), RECORDS_S (its cap, default its plan_s plus the plan's slack), BUDGET_S (whole
+# script, default 450), PYTHON (default python3).
 # Exit codes: 0 done; 2 cannot run (missing packages, no CUDA, bad suite); 3 the suite was cut by
 # the time budget (the report holds what finished); else the suite's or the report's exit code.
 set -euo pipefail
@@ -31,20 +37,80 @@ DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cpu ]; then SUITE=${SUITE:-device_dryrun}; else SUITE=${SUITE:-gpu_single}; fi
 PY=${PYTHON:-python3}
 
+if [ "$DEVICE" = cpu ]; then RECORDS=${RECORDS:-none}; else RECORDS=${RECORDS:-ttt_gpu}; fi
+
+# ---- the plan. Estimates of what each phase takes on the GPU machine, not measurements (no GPU
+# run has timed them yet): correct them from the phase times a run prints.
+PLAN_INSTALL_S=20  # five carried wheels, no resolver, no bytecode compile
+PLAN_IMPORT_S=20   # torch, transformers, accelerate, datasets, and the suite's validation
+PLAN_REPORT_S=20   # summary, report.md and plots from results.jsonl
+suite_file() { case "$1" in */*|*.yaml) echo "$1" ;; *) echo "$REPO/benchmarks/suites/$1.yaml" ;; esac; }
+plan_of() {  # a suite's plan_s (0 for none: RECORDS=none), or nothing when the file states none
+    [ "$1" = none ] && { echo 0; return; }
+    sed -n 's/^plan_s: *\([0-9][0-9]*\).*/\1/p' "$(suite_file "$1")" 2>/dev/null | head -n 1
+}
+print_plan() {  # print_plan LABEL RECORDS SUITE; sets PLAN_TOTAL (empty when a suite states no plan_s)
+    local records suite
+    records=$(plan_of "$2") suite=$(plan_of "$3")
+    if [ -z "$records" ] || [ -z "$suite" ]; then
+        echo "device_check: $1: no plan ($2 or $3 states no plan_s)"
+        PLAN_TOTAL=""
+        return
+    fi
+    PLAN_TOTAL=$((PLAN_INSTALL_S + PLAN_IMPORT_S + records + suite + PLAN_REPORT_S))
+    echo "device_check: $1: install ${PLAN_INSTALL_S} s, import-check ${PLAN_IMPORT_S} s, records ${records} s ($2)," \
+        "suite ${suite} s ($3), report ${PLAN_REPORT_S} s: ${PLAN_TOTAL} s of BUDGET_S=${BUDGET_S}"
+}
+over_budget() { [ -n "$PLAN_TOTAL" ] && [ "$PLAN_TOTAL" -gt "$BUDGET_S" ]; }
+
+if [ "${1:-}" = "--plan" ]; then  # the GPU run's plan (its defaults), nothing else
+    print_plan "GPU plan" "${RECORDS_GPU:-ttt_gpu}" "${SUITE_GPU:-gpu_single}"
+    over_budget && { echo "device_check: the GPU plan exceeds BUDGET_S=${BUDGET_S}: shorten a suite or its plan_s"; exit 2; }
+    exit 0
+fi
+
 if [ "${1:-}" = "--prepare" ]; then
     rm -rf "$CARRY"
     mkdir -p "$CARRY/wheels" "$CARRY/data/MNIST/raw" "$CARRY/data/sst2" "$CARRY/models/all-MiniLM-L6-v2"
-    cp "$SHARED"/wheels/gpu-cp312/*.whl "$CARRY/wheels/"
+    # W&B is off on the device and gpu_single uses no ZeRO: their wheels (22 of the 27 MB) stay here.
+    for w in "$SHARED"/wheels/gpu-cp312/*.whl; do
+        case "$(basename "$w")" in wandb-*|deepspeed-*) ;; *) cp "$w" "$CARRY/wheels/" ;; esac
+    done
     cp "$SHARED"/data/MNIST/raw/*.gz "$CARRY/data/MNIST/raw/"
     cp "$SHARED"/data/sst2/train.tsv "$SHARED"/data/sst2/dev.tsv "$CARRY/data/sst2/"
     for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
         cp "$SHARED/models/all-MiniLM-L6-v2/$f" "$CARRY/models/all-MiniLM-L6-v2/"
     done
+    # The GPU suite's text entries tokenized here, not on the loan's clock.
+    DLTRAIN_DATA_DIR=$CARRY/data DLTRAIN_MODELS_DIR=$CARRY/models DLTRAIN_CACHE_DIR=$CARRY/cache \
+        HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$REPO "$PY" - "${SUITE_GPU:-gpu_single}" <<'PY'
+import sys
+
+from dltrain.bench.suite import load_suite
+from dltrain.recipe import load_recipe
+from dltrain.workloads import bert
+
+for entry in load_suite(sys.argv[1]).entries:
+    recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
+    if recipe.workload == "bert":
+        bert.load_splits(recipe)  # into DLTRAIN_CACHE_DIR; entries with the same data share one entry
+PY
+    rm -rf "$CARRY/cache/hf_datasets"  # datasets' own scratch, if any: the tokenized folders are what the device reads
     du -sh "$CARRY"
     exit 0
 fi
 
 OUT=${OUT:?set OUT to the folder that receives the results}
+print_plan plan "$RECORDS" "$SUITE"
+if over_budget; then
+    echo "device_check: the plan exceeds BUDGET_S=${BUDGET_S}: shorten a suite or its plan_s, or raise BUDGET_S; nothing started"
+    exit 2
+fi
+PLAN_SLACK=$(( ${PLAN_TOTAL:-$BUDGET_S} > BUDGET_S ? 0 : BUDGET_S - ${PLAN_TOTAL:-$BUDGET_S} ))
+if [ "$DEVICE" = cpu ]; then
+    print_plan "GPU plan" ttt_gpu gpu_single  # what a dry run exists to check
+    over_budget && echo "device_check: the GPU plan exceeds BUDGET_S=${BUDGET_S}: a GPU run would refuse to start"
+fi
 mkdir -p "$OUT"
 T_START=$(date +%s%3N)
 T_PHASE=$T_START
@@ -70,10 +136,13 @@ else
 fi
 # The caller's data and model folders win (a CPU dry run uses its own); else the carried ones.
 export DLTRAIN_DATA_DIR=${DLTRAIN_DATA_DIR:-$CARRY/data} DLTRAIN_MODELS_DIR=${DLTRAIN_MODELS_DIR:-$CARRY/models}
-export DLTRAIN_CACHE_DIR=${DLTRAIN_CACHE_DIR:-${TMPDIR:-/tmp}/dltrain-cache}
+# The cache --prepare filled (SST-2 tokenized), else a fresh one.
+if [ -d "$CARRY/cache" ]; then DEFAULT_CACHE=$CARRY/cache; else DEFAULT_CACHE=${TMPDIR:-/tmp}/dltrain-cache; fi
+export DLTRAIN_CACHE_DIR=${DLTRAIN_CACHE_DIR:-$DEFAULT_CACHE}
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# torch.cuda.set_sync_debug_mode("warn") in every dltrain run (dltrain/run.py): each place that
-# makes the host wait for the GPU warns once; the count per run is printed after the suite.
+# torch.cuda.set_sync_debug_mode("warn") in every dltrain run (dltrain/run.py) and every bare
+# baseline (bare_common.sync_debug): each place that makes the host wait for the GPU warns once per
+# job (in-process jobs each get their own warning registry); the count per job is printed after the suite.
 export DLTRAIN_SYNC_DEBUG=${DLTRAIN_SYNC_DEBUG:-warn}
 export DEVICE SUITE
 
@@ -139,14 +208,14 @@ if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
 fi
 phase_done import-check
 
-# ---- records first (issue 11): the fast CNN and RNN over their seeds (seconds each on a GPU), in
-# at most RECORDS_S of the budget; results in $OUT/ttt (report.md). RECORDS=none skips them (the
-# default with DEVICE=cpu: a CPU's records come from `dltrain bench ttt`).
-if [ "$DEVICE" = cpu ]; then RECORDS=${RECORDS:-none}; else RECORDS=${RECORDS:-ttt_gpu}; fi
+# ---- records first (issue 11): the fast CNN and RNN over their seeds (seconds each on a GPU), all
+# in one process (ttt_gpu's in_process: the imports and the CUDA start paid once, not per seed), in at
+# most RECORDS_S: its plan and the plan's slack; results in $OUT/ttt (report.md). RECORDS=none
+# skips them (the default with DEVICE=cpu: a CPU's records come from `dltrain bench ttt`).
 if [ "$RECORDS" != none ]; then
-    LEFT=$((BUDGET_S - (T_PHASE - T_START) / 1000 - 60))
-    RECORDS_S=${RECORDS_S:-120}
-    [ "$RECORDS_S" -gt $((LEFT / 2)) ] && RECORDS_S=$((LEFT / 2))
+    planned=$(plan_of "$RECORDS")
+    RECORDS_S=${RECORDS_S:-$(( ${planned:-120} + PLAN_SLACK ))}  # a suite without plan_s: 120 s
+    [ "$RECORDS_S" -ge 10 ] || RECORDS_S=10
     set +e
     timeout --signal=INT --kill-after=10 "$RECORDS_S" "$PY" -m dltrain bench "$RECORDS" --output-dir "$OUT/ttt"
     rrc=$?
@@ -165,7 +234,7 @@ set -e
 phase_done suite "exit code $rc"
 
 if [ -d "$OUT/bench/logs" ]; then
-    echo "device_check: host-sync sites warned per run (set_sync_debug_mode; eval, logging and sync points included):"
+    echo "device_check: host-sync sites warned per job, dltrain and bare baselines (set_sync_debug_mode; eval, logging and sync points included):"
     grep -c "synchronizing CUDA operation" "$OUT"/bench/logs/*.log 2>/dev/null | sed 's|.*/||' || true
 fi
 # ---- report: from whatever finished, also when the budget cut the suite

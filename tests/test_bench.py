@@ -73,12 +73,39 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     (["--ops", "all_reduce,gossip"], "--ops all_reduce,gossip: choose from"),
     (["--min-bytes", "1M", "--max-bytes", "4K"], "give 0 < --min-bytes <= --max-bytes"),
     (["--max-bytes", "huge"], "message size 'huge'"),
+    # more processes than this node has devices (a CPU: its cores) time-slice them: refused
+    (["--nproc", str((os.cpu_count() or 1) + 1), "--ops", "all_reduce", "--max-bytes", "4K"],
+     f"--nproc {(os.cpu_count() or 1) + 1}: this node has"),
+    (["--nnodes", "2", "--nproc", "1"], "several nodes need --master ADDR:PORT"),
+    (["--nnodes", "2", "--node-rank", "2", "--nproc", "1", "--master", "127.0.0.1:29511"], "--node-rank 2 is outside 0..1"),
 ])
 def test_bench_comm_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", "comm", *argv, "--output-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+@pytest.mark.distributed
+def test_bench_comm_runs_across_two_nodes_as_dltrain_launch_starts_them(tmp_path):
+    """Two "nodes" on this host, one process each, meeting at node 0's address: node 0 writes the
+    world-2 results, node 1 nothing."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dltrain", "bench", "comm", "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--master", f"127.0.0.1:{port}", "--ops", "all_reduce",
+                               "--min-bytes", "4K", "--max-bytes", "64K", "--output-dir", str(tmp_path / f"node{rank}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    result = json.loads((tmp_path / "node0" / "comm.json").read_text())
+    assert result["world_size"] == 2 and result["nnodes"] == 2
+    assert {r["world_size"] for r in result["rows"]} == {2} and len(result["rows"]) == 5  # 4K .. 64K
+    assert not (tmp_path / "node1" / "comm.json").exists() and "node 1 done" in outs[1]
 
 
 def test_a_suite_file_that_is_not_utf8_or_is_an_alias_bomb_is_one_line(tmp_path):
@@ -302,6 +329,33 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
     assert error == "timed out after 1 s (suite timeout_s)" and time.perf_counter() - t0 < 10
 
 
+def test_each_in_process_job_logs_its_own_host_sync_warnings(tmp_path, monkeypatch):
+    """device_check.sh counts torch's sync-debug warnings in each job's log; Python shows a warning
+    once per site per process, so the second in-process job used to log none of them."""
+    import warnings
+
+    import dltrain.run
+    from dltrain.bench import inprocess
+
+    def sync_site():  # one host-sync site, as torch.cuda.set_sync_debug_mode("warn") reports one
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    def train(recipe, output_dir):
+        for _ in range(3):
+            sync_site()
+
+    monkeypatch.setattr(dltrain.run, "train", train)
+    with warnings.catch_warnings():  # as in a plain `python -m dltrain bench` process, not pytest's recorder
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        for job in ("a", "b"):
+            assert inprocess.run(CNN, "cpu_test", [], tmp_path / job, tmp_path / f"{job}.log", env={}, threads=None,
+                                 timeout_s=60) is None
+    counts = [(tmp_path / f"{job}.log").read_text().count("UserWarning: called a synchronizing") for job in ("a", "b")]
+    assert counts == [1, 1]  # once per site, in every job
+
+
 def test_a_gpu_suite_never_runs_on_the_cpu(tmp_path):
     import torch
 
@@ -478,11 +532,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     assert check["config"] == "cnn-w2-fp32-tput" and check["buckets"] >= 1
     assert check["predicted_ms"] >= check["step1_ms"] and 0 <= check["exposed_ms"] <= check["comm_ms"] + 1e-9
     assert check["measured_ms"] == summary["configs"]["cnn-w2-fp32-tput"]["figures"]["step_time_ms_p50"]["mean"]
-    # Projected from the FLOP count on the datasheet (no GPU results here), never from this CPU's steps.
-    assert summary["projection"] and all(p["label"] == "PROJECTED" and "datasheet" in p["compute_source"]
-                                         for p in summary["projection"])
+    # Never projected from this CPU's steps; from the datasheet (no GPU results here) the CNN's step
+    # is microseconds, below the launch floor: refused, with the reason in the report.
+    assert summary["projection"] == [] and "launch floor" in summary["projection_refused"]["cnn"]
     report = (out / "report.md").read_text()
-    assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "PROJECTED" in report
+    assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "Not projected: cnn: its datasheet compute" in report
     assert "The step model against measured runs" in report and (out / "plots" / "comm_busbw.png").is_file()
     # the suite's W&B run, offline: its record file holds the summary figures
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -518,3 +572,23 @@ def test_peak_memory_is_the_runs_own_not_its_parents():
     assert own < 1024 * 2**20, own
     if sys.platform == "linux":
         assert inherited >= 1536 * 2**20  # what ru_maxrss says on Linux: why it is not used
+
+
+def test_the_mfu_column_names_its_flops_basis():
+    """A text workload's MFU counts its padded tokens (the work done, not what a padding-free run
+    would do); the column must say so, and say samples for the others."""
+    from dltrain.bench.markdown import throughput_rows
+    from dltrain.bench.report import aggregate
+    from dltrain.bench.runner import add_flops
+
+    base = {"suite": "t", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": "fp32",
+            "deepspeed_stage": None, "compile": False, "status": "ok", "repeat": 0, "cpu_threads": 1,
+            "environment": {"device": "cpu"}, "samples_per_s": 100.0}
+    text = base | {"config": "bert", "entry": "bert", "tokens_per_s": 2_000.0, "padded_tokens_per_s": 3_000.0}
+    image = base | {"config": "cnn", "entry": "cnn", "padded_tokens_per_s": None, "run_dir": "/nonexistent"}
+    add_flops(text, {"flops_measured_over_analytic": 1.0, "flops_per_padded_token_measured": 1e6}, {"fp32": 1e11})
+    add_flops(image, {"flops_measured_over_analytic": 1.0, "flops_per_sample_measured": 1e6}, {"fp32": 1e11})
+    rows = {r[0]: r for r in throughput_rows(aggregate([text, image]))}
+    mfu_column = 10
+    assert rows["bert"][mfu_column] == "3 (padded tokens)"  # 1e6 FLOPs x 3,000 padded tokens/s over 1e11
+    assert rows["cnn"][mfu_column] == "0.1 (samples)"

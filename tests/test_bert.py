@@ -41,6 +41,34 @@ def test_sst2_local_tsv_counts_and_labels(sst2_dir, minilm_dir):
     assert max(len(ids) for ids in splits["train"]["input_ids"]) <= 128
 
 
+def test_a_tokenized_cache_carried_to_another_machine_is_found_there(tmp_path, minilm_dir, monkeypatch):
+    """device_check.sh --prepare tokenizes on the CPU machine into .carry; the GPU machine sees the
+    same files and tokenizer under another path, with other modification times."""
+    import shutil
+
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    here = tmp_path / "cpu_machine"
+    (here / "model").mkdir(parents=True)
+    for f in minilm_dir.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy(f, here / "model")
+    write_tsv(here / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])
+    write_tsv(here / "dev.tsv", [("great", 1), ("awful", 0)])
+
+    def recipe(root):
+        return minilm_recipe(minilm_dir, f"model.tokenizer={root / 'model'}", f"data.train_file={root / 'train.tsv'}",
+                             f"data.eval_file={root / 'dev.tsv'}")
+
+    before = bert.TOKENIZE_CALLS
+    bert.load_splits(recipe(here))
+    assert bert.TOKENIZE_CALLS == before + 2
+    there = tmp_path / "gpu_machine"
+    shutil.copytree(here, there)  # new paths, new modification times
+    bert.load_tokenizer.cache_clear()
+    assert bert.load_splits(recipe(there))["train"]["labels"] == [1, 0, 1]
+    assert bert.TOKENIZE_CALLS == before + 2  # found, not tokenized again
+
+
 def test_tokenized_cache_is_reused(tmp_path, minilm_dir, monkeypatch):
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     train = write_tsv(tmp_path / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])

@@ -156,3 +156,27 @@ def test_flops_of_agrees_with_flops_per_sample_for_fixed_padding(monkeypatch):
     bert.flops_of(recipe, sums)
     assert len(lookups) == 1  # the config is looked up once, not at every log record
     assert bert.flops_of(recipe, {"count": 0.0, "tokens": 0.0, "padded_tokens": 0.0}) == {"flops": 0.0, "flops_real": 0.0}
+
+
+def test_the_bare_baseline_step_reads_back_once_per_epoch_as_dltrain(minilm_dir, texts_tsv, minilm_model, request):
+    """The BERT bare baseline is dltrain's yardstick: its steps must make no host read dltrain's do
+    not make (dltrain: one `.tolist()` of the padded lengths per epoch, none per step). Reading the
+    lengths per step, or handing transformers a 2-D mask (`padding_mask.all()`), each stall a GPU."""
+    import sys
+
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks" / "baselines"))
+    try:
+        import bert_bare
+    finally:
+        sys.path.pop(0)
+    recipe = recipe_for(minilm_dir, texts_tsv)
+    split = bert.build_data(recipe).train
+    per_epoch = len(split) // recipe.train.global_batch_size
+    model = minilm_model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's host reads, not its update, are counted
+    step = bert_bare.make_step(recipe, model, opt, split, torch.device("cpu"))
+    calls = request.getfixturevalue("host_reads")
+    epochs = 3
+    for i in range(epochs * per_epoch):
+        step(i)
+    assert per_epoch >= 2 and calls == ["tolist"] * epochs

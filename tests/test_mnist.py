@@ -85,6 +85,31 @@ def test_tensor_and_dataloader_paths_give_the_same_batches(data_dir):
         torch.testing.assert_close(xa, xb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_notebook_loader_copies_asynchronously_only_from_pinned_memory(device, monkeypatch):
+    """non_blocking=True from pageable memory is a synchronous copy in disguise: the loader must pin
+    its batches whenever it asks for an asynchronous copy (every batch to a GPU)."""
+    seen = {"loader": {}, "copies": []}
+
+    class Batch:  # stands for a CPU tensor; records how it is copied to the device
+        def to(self, target, non_blocking=False):
+            seen["copies"].append(non_blocking)
+            return self
+
+    def loader(dataset, **kwargs):
+        seen["loader"] = kwargs
+        return [(Batch(), Batch()) for _ in kwargs["batch_sampler"]]
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    split = object.__new__(cnn.TorchLoaderSplit)  # no MNIST files: only the loader's settings matter
+    split.dataset, split.num_workers, split.device = None, 0, torch.device(device)
+    list(split.batches([torch.arange(4), torch.arange(4, 8)]))
+    assert len(seen["copies"]) == 4
+    pinned = seen["loader"].get("pin_memory", False)
+    assert all(pinned for async_copy in seen["copies"] if async_copy)  # never an asynchronous copy from pageable memory
+    assert pinned == (device == "cuda") and all(seen["copies"]) == (device == "cuda")
+
+
 def test_corrupt_gz_is_reported_with_its_path(tmp_path, data_dir, monkeypatch):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -146,6 +146,78 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
         read_gpu_configs(tmp_path)
 
 
+def test_small_collectives_are_timed_back_to_back_between_marks(tmp_path, monkeypatch):
+    """On a GPU, an event before each single call puts that call's host overhead into a small
+    message's time; calls run in groups between two marks instead (nccl-tests' way), each sample a
+    group's time over its calls. (A CPU's synchronous gloo calls are bracketed one by one.)"""
+    import torch
+    import torch.distributed as dist
+
+    from dltrain.bench import comm
+
+    timeline: list[str] = []
+    clock = iter(range(0, 10**6, 10))  # each mark 10 s after the previous: a group's samples are 10 s / group
+
+    def mark(cuda):
+        timeline.append("mark")
+        return float(next(clock))
+
+    monkeypatch.setattr(comm, "_mark", mark)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        median, mean, calls = comm.time_op(lambda: timeline.append("call"), torch.device("cpu"), target_s=1.0,
+                                           group=comm.group_for(torch.device("cuda")))
+    finally:
+        dist.destroy_process_group()
+    groups = "".join("|" if t == "mark" else "c" for t in timeline).split("|")[1:-1]  # after the untimed warm-up calls
+    assert len(groups) >= comm.MIN_GROUPS and set(groups) == {"c" * comm.GROUP}  # only calls between marks, GROUP of them
+    assert calls == len(groups) * comm.GROUP and median == mean == pytest.approx(10 / comm.GROUP)
+    assert comm.GROUP >= 10 and comm.group_for(torch.device("cpu")) == 1
+
+
+PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_bytes": 0,
+           "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
+
+
+def _gpu_row(shape: dict, precision: str = "bf16") -> dict:
+    def fig(v):
+        return {"mean": v, "std": 0.0, "min": v, "max": v, "n": 1}
+
+    return {"entry": "cnn", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": precision,
+            "compile": shape["compile"]["enabled"], "shape": shape,
+            "figures": {"step_time_ms_p50": fig(2.0), "samples_per_s": fig(128_000.0)}}
+
+
+def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configuration():
+    from dltrain.bench.scaling import compute_refusals
+
+    shape = {"workload": "cnn", "micro_batch": 256, "compile": {"enabled": False}, "model": {"width": 32}}
+    flops = {"cnn": {"flops_per_sample_measured": 1e9, "micro_batch": 256, "step_profile": PROFILE, "shape": shape}}
+    # gpu_single's cnn: the same entry name, but compiled and at batch 64: another step
+    other = shape | {"micro_batch": 64, "compile": {"enabled": True}}
+    gpu = {"cnn-w1-bf16-tput": _gpu_row(other)}
+    assert projection(flops, gpu) == []
+    why = compute_refusals(flops, gpu)["cnn"]
+    assert "micro_batch 64 vs 256" in why and "compile" in why and why.endswith("not projected")
+    # a run of the same configuration, whatever its entry name, is used
+    gpu["cnn_eager-w1-bf16-tput"] = _gpu_row(shape) | {"entry": "cnn_eager"}
+    rows = projection(flops, gpu)
+    assert rows and all(r["compute_source"] == "measured on a GPU (cnn_eager-w1-bf16-tput)" for r in rows)
+    assert compute_refusals(flops, gpu) == {}
+
+
+def test_a_datasheet_step_below_the_launch_floor_is_refused_with_its_reason():
+    from dltrain.bench.scaling import LAUNCH_FLOOR_S, compute_refusals
+
+    batch = 64
+    tiny = LAUNCH_FLOOR_S / 2 * 989e12 * 0.4 / batch  # FLOPs per sample of a step at half the floor
+    flops = {"mlp": {"flops_per_sample_measured": tiny, "micro_batch": batch, "step_profile": PROFILE}}
+    assert projection(flops) == []
+    assert "below the 100 µs launch floor" in compute_refusals(flops, None)["mlp"]
+    flops["mlp"]["flops_per_sample_measured"] = tiny * 4  # twice the floor: projected from the datasheet
+    assert projection(flops) and compute_refusals(flops, None) == {}
+
+
 def test_the_slowest_of_n_ranks_is_the_half_to_the_one_over_n_quantile():
     cfg = {"step_time_ms_percentiles": [float(k) for k in range(1, 100)],  # the k-th percentile is k ms
            "figures": {"step_time_ms_p50": {"mean": 50.0}}}

@@ -84,3 +84,48 @@ def test_a_record_suite_with_a_recipe_without_target_is_refused(tmp_path):
 
     with pytest.raises(RecipeError, match="record x: its recipe has no target"):
         load_record_suite(path)
+
+
+def test_an_in_process_record_suite_starts_no_process_for_its_seeds(data_dir, tmp_path, monkeypatch):
+    """device_check.sh's records on a lent GPU: every seed in the harness process, so imports and
+    the CUDA start are paid once, not once per seed."""
+    from dltrain.bench import ttt
+
+    path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
+    path = ttt.Path(path)
+    text = path.read_text().replace("cpu_threads: 1", "cpu_threads: 1\nin_process: true")
+    path.write_text(text.split("    reference:")[0])  # seeds only: a reference stays a launched process
+    suite = ttt.load_record_suite(path)
+    launched = []
+    monkeypatch.setattr(ttt, "_launch", lambda argv, *a, **k: launched.append(argv) or (1, 0.0))
+    (row,) = ttt.run_records(suite, tmp_path / "out")
+    assert launched == []
+    lines = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert [(x["seed"], x["ok"], x["steps"], x["in_process"]) for x in lines] == [(0, True, 4, True), (1, True, 4, True)]
+    assert row["agg"]["train_s"]["n"] == 2
+    assert "in the harness process" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_record_suite_cut_by_the_budget_still_writes_the_table_of_what_finished(tmp_path, monkeypatch):
+    """device_check.sh stops the records phase with SIGINT at its cap: the seeds that finished must
+    still reach records.json and report.md, marked as cut."""
+    import pytest
+
+    from dltrain.bench import ttt
+
+    path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
+    suite = ttt.load_record_suite(ttt.Path(path))
+    finished = {"ok": True, "metric": 0.5, "metric_name": "test/accuracy", "train_s": 1.0, "wall_s": 2.0, "steps": 4,
+                "time_to_target_s": None, "environment": {}, "run_dir": "x"}
+
+    def train_run(suite, recipe, profile, sets, run_dir, log):
+        if "train.seed=1" in sets:
+            raise KeyboardInterrupt  # timeout --signal=INT during the second seed
+        return finished
+
+    monkeypatch.setattr(ttt, "train_run", train_run)
+    with pytest.raises(ttt.RecordsInterrupted) as cut:
+        ttt.run_records(suite, tmp_path / "out")
+    (row,) = json.loads((tmp_path / "out" / "records.json").read_text())
+    assert row["interrupted"] and row["agg"]["seeds"] == [0] and row["reference"] is None and cut.value.rows[0]["name"] == "cnn"
+    assert "Interrupted (the time budget ran out): cnn over the seeds that finished" in (tmp_path / "out" / "report.md").read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import NamedTuple
@@ -46,7 +47,16 @@ def load(args):
     if args.precision:
         sets.append(f"train.precision={args.precision}")
     recipe = load_recipe(args.recipe, args.profile, sets)
-    return recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync_debug(device)
+    return recipe, device
+
+
+def sync_debug(device: torch.device) -> None:
+    """DLTRAIN_SYNC_DEBUG=warn|error: torch reports every host wait for the GPU, as in a dltrain run,
+    so device_check.sh counts the baselines' host syncs beside dltrain's."""
+    if device.type == "cuda" and os.environ.get("DLTRAIN_SYNC_DEBUG"):
+        torch.cuda.set_sync_debug_mode(os.environ["DLTRAIN_SYNC_DEBUG"])
 
 
 class Timing(NamedTuple):

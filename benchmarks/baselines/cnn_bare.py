@@ -14,7 +14,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bare_common import report, timed
+from bare_common import report, sync_debug, timed
 
 from dltrain.data import data_root
 from dltrain.recipe import load_recipe
@@ -36,6 +36,7 @@ def main() -> None:
     recipe = load_recipe(RECIPE)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync_debug(device)
     images, labels = cnn.read_mnist(cnn.prepare_mnist(data_root(None)), train=True)
     x_all = images.unsqueeze(1).float().div(255).sub(recipe.data.mean).div(recipe.data.std).to(device)
     y_all = labels.to(device)

@@ -92,7 +92,11 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
         return 0
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
     check_output_dir(out_dir)
-    rows = ttt.run_records(suite, out_dir, only)
+    try:
+        rows = ttt.run_records(suite, out_dir, only)
+    except ttt.RecordsInterrupted:
+        print(f"dltrain bench: interrupted; report of what finished in {out_dir / 'report.md'}")
+        return EXIT_RUNS_FAILED
     failed = sum(len(r["agg"]["failed_seeds"]) + r["reference_failed"] for r in rows)
     print(f"dltrain bench: {len(rows)} records, {failed} failed runs; report in {out_dir / 'report.md'}")
     return EXIT_RUNS_FAILED if failed else 0
@@ -129,7 +133,10 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)")
     p.add_argument("--gpu-results", metavar="DIR", help="report: a GPU suite's output directory, the compute of the GPU projection")
     c = p.add_argument_group("`dltrain bench comm`: collective timings and the alpha-beta fit")
-    c.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
+    c.add_argument("--nproc", type=int, default=2, help="processes on this node (default 2; at most its GPUs, or its cores)")
+    c.add_argument("--nnodes", type=int, default=1, help="number of nodes, each running this command (as `dltrain launch`)")
+    c.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1; node 0 writes the results")
+    c.add_argument("--master", metavar="ADDR:PORT", help="node 0's address and rendezvous port (several nodes)")
     c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast", help="comma-separated collectives")
     c.add_argument("--min-bytes", default="4K", help="smallest message (default 4K)")
     c.add_argument("--max-bytes", default="512M", help="largest message (default 512M)")
@@ -177,7 +184,11 @@ def cmd_comm(args) -> int:
         raise RecipeError(f"{out_dir} already holds communication results: choose another --output-dir")
     check_output_dir(out_dir)
     result = run_comm(out_dir, args.nproc, tuple(o.strip() for o in args.ops.split(",") if o.strip()),
-                      parse_size(args.min_bytes), parse_size(args.max_bytes))
+                      parse_size(args.min_bytes), parse_size(args.max_bytes),
+                      nnodes=args.nnodes, node_rank=args.node_rank, master=args.master)
+    if result is None:
+        print(f"dltrain bench comm: node {args.node_rank} done; node 0 writes the results")
+        return 0
     plot = plot_comm([result], out_dir)
     lines = ["# dltrain bench comm", "", *comm_section([result])] + ([f"![busbw]({plot.relative_to(out_dir)})", ""] if plot else [])
     (out_dir / "report.md").write_text("\n".join(lines))

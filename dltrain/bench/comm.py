@@ -1,9 +1,15 @@
 """`dltrain bench comm`: time the collectives data-parallel training uses, and fit the alpha-beta model.
 
-Each of N processes (torchrun, gloo on CPUs, NCCL on GPUs) runs all-reduce, all-gather,
-reduce-scatter and broadcast over float32 buffers from 4 KiB to 512 MiB. A size's time is the slowest
-rank's median over calls timed one by one (at least 5, and about `target_s` in all), after two
-untimed calls; their mean is kept beside it. Bandwidths use the nccl-tests definitions (its doc/PERFORMANCE.md):
+Each of N processes (torchrun, gloo on CPUs, NCCL on GPUs; on one node, or on several with
+`--nnodes`, `--node-rank` and `--master` as `dltrain launch` takes them) runs all-reduce, all-gather,
+reduce-scatter and broadcast over float32 buffers from 4 KiB to 512 MiB. On a GPU, calls are
+timed in groups of up to GROUP back to back between two CUDA events, as nccl-tests times its
+iterations: an event recorded before one Python call would put that call's host overhead (the
+Python wrapper, the launch) in a small message's latency; back to back, the device runs call k
+while the host launches call k+1. On a CPU the host clock brackets each (synchronous) gloo call
+alone (group_for says why). A size's time is the slowest rank's median over the groups'
+per-call times (at least 5 groups, about `target_s` in all), after two untimed calls; their mean
+is kept beside it. Bandwidths use the nccl-tests definitions (its doc/PERFORMANCE.md):
 `size` is the whole buffer (all-gather: the gathered output; reduce-scatter: the input), algorithm
 bandwidth algbw = size / time, bus bandwidth busbw = algbw x 2(N-1)/N for all-reduce,
 x (N-1)/N for all-gather and reduce-scatter, x 1 for broadcast: busbw is what each link carries,
@@ -95,12 +101,41 @@ def _slowest(seconds: float, device) -> float:
     return float(t.item())
 
 
-def time_op(call, device, target_s: float) -> tuple[float, float, int]:
-    """(median, mean) seconds per call and the calls timed. Each call is timed on its own (CUDA
-    events on a GPU, read after the last call) and the slowest rank's statistic is kept. The median
-    is what a training step meets typically, and what the step model uses: on a shared or
-    virtualized host a few calls take milliseconds (a descheduled peer), which a mean over
-    back-to-back calls would spread over all of them; the mean is kept beside it."""
+GROUP = 10  # calls back to back between two CUDA events (fewer when a size allows fewer calls)
+MIN_GROUPS = 5  # groups per size at least: the median needs a few
+
+
+def group_for(device) -> int:
+    """Calls per timed group. A GPU collective is asynchronous: back to back, the device runs one
+    call while the host launches the next, so a group's time is the collectives' own. On a CPU
+    (gloo) each call returns when it is done and the host clock brackets it alone; grouping would
+    only let a descheduled peer's stall land in most groups on a shared host, where the median
+    over single calls steps around it."""
+    return GROUP if device.type == "cuda" else 1
+
+
+def _mark(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream, or the host clock."""
+    import torch
+
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start, end, cuda: bool) -> float:
+    return start.elapsed_time(end) / 1e3 if cuda else end - start
+
+
+def time_op(call, device, target_s: float, group: int | None = None) -> tuple[float, float, int]:
+    """(median, mean) seconds per call and the calls timed. Groups of `group` calls run back to
+    back between two marks (events read after the last group); a group's time over `group` is one
+    sample, and the slowest rank's statistic over the samples is kept. The median is what a
+    training step meets typically, and what the step model uses: on a shared or virtualized host a
+    few calls take milliseconds (a descheduled peer), which the mean spreads over all of them; the
+    mean is kept beside it."""
     import torch
     import torch.distributed as dist
 
@@ -111,23 +146,17 @@ def time_op(call, device, target_s: float) -> tuple[float, float, int]:
         call()
     sync()
     estimate = _slowest((time.perf_counter() - t0) / 2, device)  # every rank must choose the same count
-    calls = int(min(1000, max(5, target_s / max(estimate, 1e-7))))
+    calls = int(min(1000, max(MIN_GROUPS, target_s / max(estimate, 1e-7))))
+    group = max(1, min(group or group_for(device), calls // MIN_GROUPS))
     dist.barrier()
-    if cuda:
-        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-        for start, end in marks:
-            start.record()
+    marks = [_mark(cuda)]
+    for _ in range(calls // group):
+        for _ in range(group):
             call()
-            end.record()
-        sync()
-        times = [start.elapsed_time(end) / 1e3 for start, end in marks]
-    else:
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-    return _slowest(statistics.median(times), device), _slowest(statistics.fmean(times), device), calls
+        marks.append(_mark(cuda))
+    sync()
+    times = [_seconds(a, b, cuda) / group for a, b in zip(marks, marks[1:])]
+    return _slowest(statistics.median(times), device), _slowest(statistics.fmean(times), device), len(times) * group
 
 
 def worker(argv: list[str] | None = None) -> int:
@@ -254,9 +283,41 @@ def load_fits(path: Path) -> list[Fit]:
 # The driver: `dltrain bench comm`
 
 
+def check_options(nproc: int, nnodes: int, node_rank: int, master: str | None, cpu: bool) -> None:
+    """The process layout, refused in one line (RecipeError) before anything starts: at least two
+    processes in all, no more on this node than it has devices (its GPUs; on a CPU, its cores: more
+    processes time-slice the cores and time the scheduler, not the links), and the node options
+    `dltrain launch` checks."""
+    import torch
+
+    from dltrain.launch import LaunchError, parse_master
+    from dltrain.recipe import RecipeError
+
+    if nproc < 1 or nproc * nnodes < 2:
+        raise RecipeError(f"--nproc {nproc}: a collective needs at least 2 processes")
+    devices = (os.cpu_count() or 1) if cpu else torch.cuda.device_count()
+    if nproc > devices:
+        what = f"{devices} CPU cores" if cpu else f"{devices} visible GPU(s)"
+        raise RecipeError(f"--nproc {nproc}: this node has {what}, one process each: give --nproc {devices} or fewer "
+                          "(and --nnodes for more)")
+    if not 0 <= node_rank < nnodes:
+        raise RecipeError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
+    if nnodes > 1:
+        if not master:
+            raise RecipeError("several nodes need --master ADDR:PORT (the address of node 0, the same on every node)")
+        try:
+            if parse_master(master)[1] == 0:
+                raise LaunchError(f"--master {master}: port 0 cannot be found by the other nodes: give a port")
+        except LaunchError as exc:
+            raise RecipeError(str(exc)) from None
+
+
 def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_bytes: int = 4 * KiB,
-             max_bytes: int = 512 * MiB, cpu: bool | None = None, target_s: float = 0.2) -> dict:
-    """Launch the workers, fit, write comm.jsonl (one row per op and size) and comm.json (fits)."""
+             max_bytes: int = 512 * MiB, cpu: bool | None = None, target_s: float = 0.2,
+             nnodes: int = 1, node_rank: int = 0, master: str | None = None) -> dict | None:
+    """Launch this node's workers, fit, write comm.jsonl (one row per op and size) and comm.json
+    (fits). On several nodes every node runs this with its own node_rank; node 0 writes the
+    results and returns them, the others return None."""
     import torch
 
     from dltrain.recipe import RecipeError
@@ -264,14 +325,20 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
     unknown = sorted(set(ops) - set(OPS))
     if unknown or not ops:
         raise RecipeError(f"--ops {','.join(ops)}: choose from {', '.join(OPS)}")
-    if nproc < 2:
-        raise RecipeError(f"--nproc {nproc}: a collective needs at least 2 processes")
     if not 0 < min_bytes <= max_bytes:
         raise RecipeError(f"message sizes {min_bytes}..{max_bytes} bytes: give 0 < --min-bytes <= --max-bytes")
     cpu = not torch.cuda.is_available() if cpu is None else cpu
+    check_options(nproc, nnodes, node_rank, master, cpu)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "comm.jsonl"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if nnodes == 1:
+        layout = ["--standalone"]
+    else:  # torchrun's static rendezvous at node 0, as `dltrain launch` starts several nodes
+        from dltrain.launch import parse_master
+
+        host, port = parse_master(master)
+        layout = [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={host}", f"--master_port={port}"]
+    argv = [sys.executable, "-m", "torch.distributed.run", *layout, f"--nproc_per_node={nproc}",
             "-m", "dltrain.bench.comm", "--out", str(rows_path), "--ops", ",".join(ops),
             "--min-bytes", str(min_bytes), "--max-bytes", str(max_bytes), "--target-s", str(target_s)]
     from dltrain import shipped
@@ -280,14 +347,17 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path}
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    print(f"dltrain bench comm: {nproc} processes, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
+    nodes = f" x {nnodes} nodes (this is node {node_rank})" if nnodes > 1 else ""
+    print(f"dltrain bench comm: {nproc} processes{nodes}, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
           f"{min_bytes / KiB:,.0f} KiB .. {max_bytes / MiB:,.0f} MiB", flush=True)
     rc = subprocess.run(argv, env=env).returncode
+    if rc == 0 and node_rank > 0:
+        return None  # global rank 0, on node 0, wrote the rows
     if rc != 0 or not rows_path.is_file():
         raise RecipeError(f"the communication benchmark failed (exit code {rc}); its output is above")
     rows = [json.loads(ln) for ln in rows_path.read_text().splitlines() if ln.strip()]
     fits = fit_alpha_beta(rows)
-    result = {"world_size": nproc, "backend": rows[0]["backend"], "device": rows[0]["device"],
+    result = {"world_size": nproc * nnodes, "nnodes": nnodes, "backend": rows[0]["backend"], "device": rows[0]["device"],
               "fits": [f.__dict__ for f in fits], "rows": rows, "environment": _environment()}
     (out_dir / "comm.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -6,6 +6,8 @@ lent GPU is counted in minutes. In process, `dltrain.run.train` gets the recipe 
 would have built (the same `--set` assignments), the job's output goes to its log file (file
 descriptors 1 and 2 are redirected, so output from C++ and compiler workers lands there too), and
 an exception becomes the job's error. Between jobs, what one run leaves in the process is reset:
+Python's record of the warnings already shown (so each job's log shows each warning site again: the
+sync-debug warnings device_check.sh counts are counted per job, not once per process),
 Accelerate's singleton states, torch.compile's caches, the CUDA peak-memory counter (each run
 reports its own peak), and the process's peak RSS on Linux.
 
@@ -21,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +60,22 @@ def _output_to(log: Path):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+@contextlib.contextmanager
+def _warnings_of_this_job():
+    """Each warning once per site for this job, into its log. Python shows a warning once per site
+    per process (the `default` action's registry), so without this the second in-process job would
+    show none of the host-sync warnings (torch.cuda.set_sync_debug_mode) the first one showed.
+    catch_warnings() invalidates every site's registry on entry; the filter and the printer are
+    set here because a caller (pytest) may record warnings instead of printing them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager
@@ -107,7 +126,7 @@ def run(recipe_path: str, profile: str | None, sets: list[str], run_dir: Path, l
     allocator.tune()  # as `dltrain train` does for a launched job
     reset_state()
     error = None
-    with _output_to(log), _environment(env, threads):
+    with _output_to(log), _environment(env, threads), _warnings_of_this_job():
         try:
             with _time_limit(timeout_s):
                 train(load_recipe(recipe_path, profile, sets), output_dir=str(run_dir))

@@ -23,6 +23,22 @@ import torch
 from dltrain.peaks import GPU_PEAKS, cpu_matmul_peak, gpu_peak  # noqa: F401  (the names this module had)
 
 
+# The data keys that set a sample's length (text: tokens; RNN: time steps); with the workload, the
+# model section, the micro-batch and compile they decide what one step computes.
+SHAPE_DATA_KEYS = ("max_length", "padding", "bucket_multiple", "seq_len")
+
+
+def compute_shape(recipe, micro_batch: int | None) -> dict:
+    """What one step computes, as a comparable dict: two runs with equal shapes do the same work per
+    step whatever their entry names (the projection borrows a GPU run's step time only then)."""
+    def dump(section):  # a plugin workload's recipe need not have every section
+        return section.model_dump(mode="json") if section is not None else None
+
+    data = dump(getattr(recipe, "data", None)) or {}
+    return {"workload": recipe.workload, "micro_batch": micro_batch, "compile": dump(recipe.train.compile),
+            "model": dump(getattr(recipe, "model", None)), **{k: data[k] for k in SHAPE_DATA_KEYS if k in data}}
+
+
 def _count(model, workload, batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 

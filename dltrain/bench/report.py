@@ -39,7 +39,8 @@ def _figures(rec: dict) -> dict[str, float]:
     return out
 
 
-DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage", "compile"]
+DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage", "compile",
+               "shape"]  # shape: what one step computes (dltrain.bench.measure.compute_shape)
 
 
 def aggregate(records: list[dict]) -> dict[str, dict]:
@@ -60,6 +61,8 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             cfg["target"] = rec["target"]
         if rec.get("mode") == "time_to_target":
             cfg["reached"] = cfg.get("reached", 0) + (rec.get("time_to_target_s") is not None)
+        if rec.get("flops_basis"):  # what the FLOP/s and MFU count: samples, or text's padded tokens
+            cfg["flops_basis"] = rec["flops_basis"]
         if rec.get("peak_source"):
             cfg["peak_source"], cfg["peak_flops_per_s"] = rec["peak_source"], rec.get("peak_flops_per_s")
     for cfg in configs.values():
@@ -136,7 +139,7 @@ def read_comm(out_dir: Path) -> list[dict]:
 
 def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     from dltrain.bench.comm import Fit
-    from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections, scaling, validation
+    from dltrain.bench.scaling import compute_refusals, projection, read_gpu_configs, refused_projections, scaling, validation
 
     records = read_results(out_dir)
     meta_path = out_dir / "bench_meta.json"
@@ -163,7 +166,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "scaling": scaling(configs),
         "comm": comm,
         "validation": (checks := validation(configs, meta.get("flops", {}), fits)),
-        "projection_refused": (refused := refused_projections(checks)),
+        "projection_refused": (refused := refused_projections(checks) | compute_refusals(meta.get("flops", {}), gpu_configs)),
         "projection": projection(meta.get("flops", {}), gpu_configs, refused),
         "gpu_results": str(gpu_results) if gpu_results else None,
         "runs": len(records),

@@ -25,7 +25,7 @@ from pathlib import Path
 from dltrain import allocator, shipped
 from dltrain.bench import inprocess
 from dltrain.bench.joblog import baseline_summary, error_line
-from dltrain.bench.measure import measure_step, measure_workload
+from dltrain.bench.measure import compute_shape, measure_step, measure_workload
 from dltrain.bench.suite import Job, Suite, check_host, expand
 from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.peaks import cpu_peak, gpu_peak
@@ -202,6 +202,7 @@ def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None,
         "target": summary.get("target"),
         "metrics": summary.get("metrics", {}),
         "batch": summary.get("batch"),
+        "shape": _shape(job, (summary.get("batch") or {}).get("micro")) if job.kind == "dltrain" else None,
         "memory": summary.get("memory"),
         "environment": summary.get("environment"),
         "wandb_run_id": summary.get("wandb_run_id"),
@@ -224,12 +225,16 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         # analytic count then, and say so.
         rec["flops_source"] = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
         rec["achieved_flops_per_s"] = measured["flops_per_sample_analytic"] * sps
+        rec["flops_basis"] = "samples, analytic FLOPs"
     elif "flops_per_padded_token_measured" in measured:
         if not rec.get("padded_tokens_per_s"):
             return  # text without token counts (the baseline scripts): FLOPs per sample unknown
         rec["achieved_flops_per_s"] = measured["flops_per_padded_token_measured"] * rec["padded_tokens_per_s"]
+        # The work done, padding included: higher than a padding-free run's MFU, and the report says so.
+        rec["flops_basis"] = "padded tokens"
     else:
         rec["achieved_flops_per_s"] = measured["flops_per_sample_measured"] * sps
+        rec["flops_basis"] = "samples"
     env = rec.get("environment") or {}
     if env.get("device") == "cuda":
         tf32 = bool(rec.get("tf32")) and rec["precision"] == "fp32"
@@ -277,10 +282,16 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
                 print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
                 counted[key] = None
         if counted[key] is not None:
-            out[entry.name] = counted[key]
+            # its first dltrain job's shape (compile is a job axis): what a GPU row must match to lend it its step time
+            job = next((j for j in jobs if j.entry is entry and j.kind == "dltrain"), None)
+            out[entry.name] = counted[key] | ({"shape": _shape(job, counted[key]["micro_batch"])} if job else {})
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _shape(job: Job, micro_batch: int | None) -> dict:
+    return compute_shape(load_recipe(job.entry.recipe, job.entry.profile, [*job.entry.overrides, *job.overrides]), micro_batch)
 
 
 def _tf32(job: Job) -> bool:

@@ -5,8 +5,10 @@
   the harness's step profile and the collectives measured on this host (dltrain.bench.comm), beside
   the measured world-N run. This is the check on the model: a projection is only as good as it.
 * `projection`: 8..1024 GPUs, PROJECTED. Compute comes from a GPU: a gpu_single results directory
-  (`--gpu-results`), or, when none is given, FLOPs / (datasheet peak x an assumed MFU), each row
-  saying which. Compute measured on a CPU is never put on GPU links. Links: `NcclModel`.
+  (`--gpu-results`) run of the same configuration, or, when none is given, FLOPs / (datasheet
+  peak x an assumed MFU) above a launch floor, each row saying which; otherwise the entry is
+  refused with its reason (`compute_refusals`). Compute measured on a CPU is never put on GPU
+  links. Links: `NcclModel`.
 """
 
 from __future__ import annotations
@@ -143,21 +145,61 @@ class NcclModel:
         return min(options)
 
 
+# The datasheet path divides FLOPs by a peak, which only holds while the GPU is busy computing. A
+# training step (forward, backward, optimizer) launches at least dozens of kernels, each costing
+# the host a few microseconds to launch; below this the step time is set by those launches, not
+# by FLOPs, and FLOPs / peak would flatter it by orders of magnitude (the seed CNN came out at
+# microseconds per step). Such an entry needs a measured GPU row (--gpu-results) instead.
+LAUNCH_FLOOR_S = 100e-6
+
+
+def _shape_diff(want: dict | None, have: dict | None) -> str:
+    if not want or not have:
+        return "its configuration is not recorded"
+    keys = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    return ", ".join(f"{k} {have.get(k)!r} vs {want.get(k)!r}" for k in keys)
+
+
 def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
-    """(seconds per step at N ranks as a function of N, per-device batch, source) on one GPU:
-    measured (the slowest of N ranks' steps, from the run's step-time distribution), or from the
-    datasheet (no distribution: every step alike)."""
-    for name, cfg in (gpu_configs or {}).items():
-        if (cfg["entry"], cfg["kind"], cfg["mode"], cfg["world_size"]) == (entry, "dltrain", "throughput", 1) \
-                and _mean(cfg, "step_time_ms_p50") and _mean(cfg, "samples_per_s"):
-            p50 = _mean(cfg, "step_time_ms_p50") / 1e3
-            return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
+    """(seconds per step at N ranks as a function of N, per-device batch, source) on one GPU, or a
+    string saying why there is none. Measured: a world-1 GPU run whose shape (workload, model,
+    micro-batch, lengths, compile: dltrain.bench.measure.compute_shape) equals the entry's, bf16
+    first, the slowest of N ranks' steps from its step-time distribution; a GPU run of the same
+    entry name or workload with another shape is refused, not borrowed. Else from the datasheet
+    (no distribution: every step alike), refused below LAUNCH_FLOOR_S."""
+    want = flops.get("shape")
+    rows = [(name, cfg) for name, cfg in (gpu_configs or {}).items()
+            if (cfg["kind"], cfg["mode"], cfg["world_size"]) == ("dltrain", "throughput", 1)
+            and _mean(cfg, "step_time_ms_p50") and _mean(cfg, "samples_per_s")]
+    same = sorted(((n, c) for n, c in rows if want and c.get("shape") == want), key=lambda nc: nc[1]["precision"] != "bf16")
+    if same:
+        name, cfg = same[0]
+        p50 = _mean(cfg, "step_time_ms_p50") / 1e3
+        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
+    kin = [(n, c) for n, c in rows if c["entry"] == entry or (want and (c.get("shape") or {}).get("workload") == want["workload"])]
+    if kin:
+        name, cfg = kin[0]
+        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.get('shape'))}): "
+                "its step time is not this entry's; run the GPU suite with this entry's configuration")
     per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
     batch = flops.get("micro_batch")
     if not per_sample or not batch:
         return None
     step = per_sample * batch / (GPU_PEAK_BF16 * ASSUMED_MFU)
+    if step < LAUNCH_FLOOR_S:
+        return (f"its datasheet compute is {step * 1e6:.1f} µs per step, below the {LAUNCH_FLOOR_S * 1e6:.0f} µs launch floor "
+                "(a step that short is bound by kernel launches, not FLOPs): give a measured GPU run (--gpu-results)")
     return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
+
+
+def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, dict] | None) -> dict[str, str]:
+    """Entries with a step profile whose GPU compute gpu_compute refuses, and why."""
+    out = {}
+    for entry, meas in flops.items():
+        why = gpu_compute(entry, meas, gpu_configs) if meas.get("step_profile") else None
+        if isinstance(why, str):
+            out[entry] = why + ": not projected"
+    return out
 
 
 CHECK_TOLERANCE = 0.15  # a workload whose predicted step missed its measured one by more is not projected
@@ -182,7 +224,7 @@ def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = Non
         if entry in (refused or {}):
             continue
         profile, compute = meas.get("step_profile"), gpu_compute(entry, meas, gpu_configs)
-        if not profile or not compute:
+        if not profile or not compute or isinstance(compute, str):  # a refusal: compute_refusals reports it
             continue
         step_at, batch, source = compute
         total = profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]

@@ -108,6 +108,9 @@ class Suite(_Closed):
     # Per job; a job past it is killed and recorded as failed. At most 30 days: the in-process
     # timer (setitimer) takes no more than ~290 years, and no benchmark job runs a month.
     timeout_s: PositiveInt = Field(1800, le=30 * 86400)
+    # Expected seconds of the whole suite on its device (an estimate): benchmarks/device_check.sh
+    # plans a lent GPU's minutes with it and refuses a plan past its budget.
+    plan_s: PositiveInt | None = None
     entries: list[Entry] = Field(min_length=1)
     comm: CommSection | None = None  # collective timings before the jobs, for the step model's check
     # A `dltrain bench gpu_single` output directory: GPU compute for the projection (else: datasheet FLOPs)

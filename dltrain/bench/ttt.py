@@ -7,7 +7,11 @@ reach (e.g. `test/accuracy` >= 0.99); the schedule is fixed (`target.stop` on a 
 refused by the recipe schema) and the held-out split is evaluated once, at the end. Each seed is
 one `dltrain train` process with `train.seed=S`; `wall_s` is measured around that process (start
 to exit: imports, data decode, compile, everything), `train_s` is the run's own training clock
-(summary.json's throughput.train_s: first batch to last step, evaluation excluded).
+(summary.json's throughput.train_s: first batch to last step, evaluation excluded). With
+`in_process: true` the seeds run one after another inside the harness process instead
+(dltrain.bench.inprocess, as a suite's single-process jobs): interpreter start, imports and the
+CUDA context are paid once, which on a lent GPU counted in minutes is most of a seconds-long
+record's wall time; `wall_s` then runs from the call to its return, and the report says so.
 
 The reference is the same workload's original settings (a dltrain profile or overrides, one run),
 or a baseline script's steady throughput over a window of steps projected to its full schedule
@@ -58,6 +62,8 @@ class RecordSuite(_Closed):
     name: str = ""
     description: str = ""
     cpu_threads: PositiveInt | None = None  # CPU threads per run (OMP_NUM_THREADS); None: all cores
+    in_process: bool = False  # seeds inside the harness process (see the module docstring); references stay launched
+    plan_s: PositiveInt | None = None  # expected seconds of the whole suite, for benchmarks/device_check.sh's plan
     timeout_s: PositiveInt = Field(3600, le=30 * 86400)  # per run
     records: list[Record] = Field(min_length=1)
 
@@ -114,19 +120,29 @@ def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None,
 
 
 def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path) -> dict:
-    """One `dltrain train` process; its summary.json figures, both clocks, or its error."""
-    argv = [sys.executable, "-m", "dltrain", "train", str(_path(recipe)), *(["--profile", profile] if profile else [])]
-    argv += [a for s in [*sets, "tracking.wandb=false", "checkpoint.save_final_model=false"] for a in ("--set", s)]
-    rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
+    """One `dltrain train` run (a process, or a call with in_process); its summary.json figures,
+    both clocks, or its error."""
+    sets = [*sets, "tracking.wandb=false", "checkpoint.save_final_model=false"]
+    if suite.in_process:
+        from dltrain.bench import inprocess
+
+        t0 = time.perf_counter()
+        why = inprocess.run(str(_path(recipe)), profile, sets, run_dir, log, env={}, threads=suite.cpu_threads,
+                            timeout_s=suite.timeout_s)
+        wall = time.perf_counter() - t0
+    else:
+        argv = [sys.executable, "-m", "dltrain", "train", str(_path(recipe)), *(["--profile", profile] if profile else [])]
+        argv += [a for s in sets for a in ("--set", s)]
+        rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
+        why = None if rc == 0 else f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
     summary_path = run_dir / "summary.json"
-    if rc != 0 or not summary_path.is_file():
-        why = f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
-        return {"ok": False, "error": why, "wall_s": wall}
+    if why is not None or not summary_path.is_file():
+        return {"ok": False, "error": why or "no summary.json", "wall_s": wall}
     summary = json.loads(summary_path.read_text())
     target = summary.get("target") or {}
     return {"ok": True, "metric": summary["metrics"].get(target.get("metric")), "metric_name": target.get("metric"),
             "train_s": summary["throughput"].get("train_s"),
-            "wall_s": wall, "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"),
+            "wall_s": wall, "in_process": suite.in_process, "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"),
             "environment": summary.get("environment", {}), "run_dir": str(run_dir)}
 
 
@@ -148,26 +164,37 @@ def reference_run(suite: RecordSuite, rec: Record, out_dir: Path) -> dict:
 
 
 def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list[dict]:
-    """Every record's seeds, then its reference; one line per run in records.jsonl as it ends."""
+    """Every record's seeds, then its reference; one line per run in records.jsonl as it ends.
+    Interrupted (SIGINT: device_check.sh's time budget), it stops and still writes the table of
+    what finished, each row saying it was cut."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     records = [r for r in suite.records if not only or r.name in only]
     total = sum(len(r.seeds) + (r.reference is not None) for r in records)
-    done = 0
+    done, interrupted = 0, False
     for rec in records:
+        if interrupted:
+            break
         target = load_recipe(_path(rec.recipe), rec.profile, rec.overrides).target
         runs = []
         for seed in rec.seeds:
             done += 1
             print(f"[{done}/{total}] {rec.name} seed {seed} ...", end=" ", flush=True)
-            run = train_run(suite, rec.recipe, rec.profile, [*rec.overrides, f"train.seed={seed}"],
-                            out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log")
+            try:
+                run = train_run(suite, rec.recipe, rec.profile, [*rec.overrides, f"train.seed={seed}"],
+                                out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log")
+            except KeyboardInterrupt:
+                print("interrupted: the table holds the runs that finished", flush=True)
+                interrupted = True
+                break
             runs.append(run | {"seed": seed})
             _append(out_dir, {"record": rec.name, "kind": "seed", "seed": seed} | run)
             print(f"{target.metric} {run['metric']:.4g}, train {run['train_s']:.1f} s, wall {run['wall_s']:.1f} s"
                   if run["ok"] else f"failed: {run['error']}", flush=True)
+        if not runs:
+            break
         ref = None
-        if rec.reference is not None:
+        if rec.reference is not None and not interrupted:
             done += 1
             print(f"[{done}/{total}] {rec.name} reference ...", end=" ", flush=True)
             ref = reference_run(suite, rec, out_dir)
@@ -179,10 +206,20 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
         rows.append({"name": rec.name, "recipe": rec.recipe, "profile": rec.profile, "overrides": rec.overrides,
                      "agg": agg, "target": target.value, "mode": target.mode, "met": verdict(agg, target.value, target.mode),
                      "reference": ref if ref and ref["ok"] else None, "reference_failed": bool(ref and not ref["ok"]),
-                     "environment": env})
+                     "interrupted": interrupted, "environment": env})
     (out_dir / "records.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    (out_dir / "report.md").write_text("\n".join(report_lines(suite, rows)) + "\n")
+    (out_dir / "report.md").write_text("\n".join(report_lines(suite, rows, interrupted)) + "\n")
+    if interrupted:
+        raise RecordsInterrupted(rows)
     return rows
+
+
+class RecordsInterrupted(Exception):
+    """The suite was stopped (SIGINT) after writing the table of what finished: `rows`."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__("interrupted")
+        self.rows = rows
 
 
 def _append(out_dir: Path, line: dict) -> None:
@@ -190,16 +227,22 @@ def _append(out_dir: Path, line: dict) -> None:
         f.write(json.dumps({k: v for k, v in line.items() if k != "environment"}, default=str) + "\n")
 
 
-def report_lines(suite: RecordSuite, rows: list[dict]) -> list[str]:
+def report_lines(suite: RecordSuite, rows: list[dict], interrupted: bool = False) -> list[str]:
     env = next((r["environment"] for r in rows if r.get("environment")), {})
     host = ", ".join(f"{k} {env[k]}" for k in ("cpu", "gpu", "torch", "git_commit") if env.get(k))
     host += " (uncommitted changes)" if env.get("git_dirty") else ""
     lines = [f"# Time-to-accuracy records: {suite.name}", "", suite.description, "",
              f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
              f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
-             "train_s: first batch to the end of the last step, evaluation excluded; wall_s: process start to exit. "
-             "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.", ""]
+             "train_s: first batch to the end of the last step, evaluation excluded; wall_s: "
+             + ("the call to its return, in the harness process (imports and interpreter start paid once, outside it). "
+                if suite.in_process else "process start to exit. ")
+             + "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.", ""]
     lines += table(rows)
+    if interrupted:
+        cut = [row["name"] for row in rows if row.get("interrupted")]
+        lines += ["", "Interrupted (the time budget ran out): " + (f"{', '.join(cut)} over the seeds that finished; " if cut else "")
+                  + "records not listed did not run."]
     for row in rows:
         cmd = f"dltrain train {row['recipe']}" + (f" --profile {row['profile']}" if row["profile"] else "")
         cmd += "".join(f" --set {s}" for s in row["overrides"]) + " --set train.seed=S"

@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from dltrain.workloads.bert import DataConfig
 
 TOKENIZE_CALLS = 0  # how many splits were tokenized (not loaded from the cache) in this process
-_CACHE_VERSION = 2  # bump when the tokenized format changes (2: a completion marker in each folder)
+# bump when the tokenized format or the key changes (2: a completion marker in each folder; 3: keys
+# from the contents of the data file and the tokenizer, not their paths, so a cache copied to
+# another machine, e.g. carried to a GPU loan by benchmarks/device_check.sh, is found there)
+_CACHE_VERSION = 3
 _DONE = "dltrain-complete.json"  # written last into a cache folder: {file: [bytes, sha256]} of the others
 _HOW_TO_DATA = (
     "put GLUE's SST-2 train.tsv and dev.tsv in <root>/sst2/ and point data.root or DLTRAIN_DATA_DIR at "
@@ -160,7 +163,7 @@ def _check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
 def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
     ident = {
         "source": source, "text": cfg.text_column, "label": cfg.label_column, "max_length": cfg.max_length,
-        "tokenizer": [tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer)], "v": _CACHE_VERSION,
+        "tokenizer": [_tokenizer_ident(tokenizer), type(tokenizer).__name__, len(tokenizer)], "v": _CACHE_VERSION,
     }
     # Only when set, so that the keys of single-text, integer-label caches stay as they were.
     if cfg.text_pair_column:
@@ -168,6 +171,24 @@ def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
     if cfg.label_names:
         ident["label_names"] = cfg.label_names
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tokenizer_ident(tokenizer) -> str:
+    """A fast tokenizer's definition (vocabulary, normalizer, pre-tokenizer, post-processor)
+    hashed: the same wherever its files lie; a slow one's path. Truncation and padding are left
+    out: each call sets them on the backend (the key would change after the first split), and the
+    cache key holds max_length itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer.name_or_path
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _content_ident(path: Path) -> str:
+    """A data file by its contents: the cache entry survives a copy (another path, another mtime)
+    and an edited file is a new entry. Hashing reads the file once, far less than tokenizing it."""
+    return f"file:{path.stat().st_size}:{sha256_of(path)}"
 
 
 def _file_ident(path: Path) -> str:
@@ -348,7 +369,7 @@ def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2)
     if files is None:
         sources = _hub_sources(cfg)
     else:
-        sources = {split: (functools.partial(_read_file, path), _file_ident(path), str(path)) for split, path in files.items()}
+        sources = {split: (functools.partial(_read_file, path), _content_ident(path), str(path)) for split, path in files.items()}
     out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
            for split, (read, ident, where) in sources.items()}
     out["train"] = _subset(out["train"], cfg.train_subset, seed)

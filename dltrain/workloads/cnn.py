@@ -230,11 +230,15 @@ class TorchLoaderSplit(Split):
         super().__init__(len(ids), fetch=None)
 
     def batches(self, index_batches):
+        # An asynchronous copy needs page-locked memory: from pageable memory `non_blocking=True`
+        # still waits for the copy. So the loader pins its batches when they go to a GPU.
+        pin = torch.device(self.device).type == "cuda"
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in index_batches], num_workers=self.num_workers
+            self.dataset, batch_sampler=[idx.tolist() for idx in index_batches], num_workers=self.num_workers,
+            pin_memory=pin,
         )
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
 
 
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
