@@ -131,28 +131,40 @@ COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench":
             "schema": _command("schema", "schema")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from torch.distributed import DistNetworkError
+class _NeverRaised(Exception):
+    """Stands in for an error class whose module was never imported (so nothing raised it)."""
 
-    from dltrain.data import DataError
+
+def _raised_by(module: str, name: str) -> type[BaseException]:
+    """The exception class `module.name` if that module is loaded, else one nothing raises.
+
+    The handlers in `main` name errors of modules that import torch (dltrain.data, dltrain.trainer,
+    torch.distributed). Importing them up front cost every command torch's import (3-4 s for
+    `dltrain --help`); an except clause's class is looked up only when an exception reaches it, and
+    an error of a module that was never imported cannot have been raised.
+    """
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else _NeverRaised
+
+
+def main(argv: list[str] | None = None) -> int:
     from dltrain.recipe import RecipeError
-    from dltrain.trainer import Preempted, TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (RecipeError, DataError) as exc:
+    except (RecipeError, _raised_by("dltrain.data", "DataError")) as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingError as exc:
+    except _raised_by("dltrain.trainer", "TrainingError") as exc:
         print(f"dltrain: training stopped: {exc}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
-    except DistNetworkError as exc:
+    except _raised_by("torch.distributed", "DistNetworkError") as exc:
         from dltrain.accel import rendezvous_error
 
         print(f"dltrain: error: {rendezvous_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Preempted as exc:
+    except _raised_by("dltrain.trainer", "Preempted") as exc:
         print(f"dltrain: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
     except ModuleNotFoundError as exc:  # an optional package a lazy import needed (dltrain.extras)
