@@ -62,3 +62,95 @@ def test_inspect_names_torchviz_when_only_torchviz_is_missing(monkeypatch):
     monkeypatch.setattr(dl_inspect.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(dl_inspect.shutil, "which", lambda name: "/usr/bin/dot")
     assert dl_inspect.graph_tools_missing() == ["the torchviz package is not installed (pip install 'dltrain[viz]')"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and eval follow the run: what it saved, in a stated order
+
+
+def _cnn_run(tmp_path, saved: tuple[str, ...]):
+    """A CNN run directory by hand (no training): recipe.yaml and the model folders in `saved`
+    ("final", "best", or "step_N" for a checkpoint holding model weights)."""
+    import json
+
+    import torch
+
+    from dltrain import export
+    from dltrain.data import sha256_of
+    from dltrain.recipe import dump_recipe, load_recipe
+    from dltrain.workload import get_workload
+
+    recipe = load_recipe(REPO / "recipes" / "cnn_mnist.yaml", "cpu_test")
+    torch.manual_seed(0)
+    model = get_workload("cnn").build_model(recipe)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    for name in saved:
+        if name.startswith("step_"):
+            ckpt = run / "checkpoints" / name
+            export.save(model, model.state_dict(), ckpt, recipe)
+            (ckpt / "trainer_state.json").write_text(json.dumps({"recipe": dump_recipe(recipe)}))
+            files = {f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)} for f in ckpt.iterdir()}
+            (ckpt / "manifest.json").write_text(json.dumps({"files": files}))
+        else:
+            export.save(model, model.state_dict(), run / f"{name}_model", recipe)
+    return run
+
+
+@pytest.mark.parametrize("saved, taken", [(("final", "best", "step_4"), "final_model"), (("best", "step_4"), "best_model"),
+                                          (("step_2", "step_4"), "checkpoints/step_4")])
+def test_export_takes_what_the_run_saved_in_order_final_best_checkpoint(tmp_path, saved, taken):
+    from dltrain.export import locate
+
+    run = _cnn_run(tmp_path, saved)
+    _, folder = locate(run)
+    assert folder == run / taken
+
+
+def test_the_readme_export_of_a_run_that_saved_only_best_model_works(tmp_path):
+    # bert_sst2_minilm.yaml saved best_model/ alone, and `dltrain export RUN --format hf` said the
+    # run had no final_model.
+    from conftest import run_cli
+
+    run = _cnn_run(tmp_path, ("best",))
+    done = run_cli("export", str(run), "--format", "hf", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"exported {run / 'best_model'} -> {run / 'export-hf'}" in done.stdout
+    assert (run / "export-hf" / "model.safetensors").is_file()
+
+
+def test_asking_for_a_model_the_run_did_not_save_names_what_it_saved(tmp_path):
+    from dltrain.export import locate
+    from dltrain.recipe import RecipeError
+
+    run = _cnn_run(tmp_path, ("best", "step_4"))
+    with pytest.raises(RecipeError) as err:
+        locate(run, "final")
+    assert "the run saved: best_model/, checkpoints/step_4" in str(err.value)
+    assert "leave --which out" in str(err.value)
+
+
+def test_a_run_that_saved_no_model_says_so(tmp_path):
+    from dltrain.export import locate
+    from dltrain.recipe import RecipeError
+
+    run = _cnn_run(tmp_path, ())
+    with pytest.raises(RecipeError, match="holds no model: no final_model/, best_model/ or checkpoint"):
+        locate(run)
+
+
+def test_the_exported_weights_get_the_umask_mode_like_every_other_file(tmp_path):
+    import os
+
+    from conftest import run_cli
+
+    run = _cnn_run(tmp_path, ("final",))
+    old = os.umask(0o022)  # the child inherits it
+    try:
+        done = run_cli("export", str(run), cwd=tmp_path)
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (run / "export-hf").iterdir()}
+    assert modes == {"config.json": "0o644", "model.safetensors": "0o644", "recipe.yaml": "0o644"}
