@@ -14,11 +14,12 @@ echoed value is cut short.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Reading files safely lives in recipe_file; its names are this module's too (RecipeError above all).
 from dltrain.recipe_file import (MAX_DEPTH, MAX_EXPANDED_SIZE, MAX_RECIPE_BYTES, RecipeError,  # noqa: F401
@@ -30,6 +31,23 @@ from dltrain.recipe_file import (MAX_DEPTH, MAX_EXPANDED_SIZE, MAX_RECIPE_BYTES,
 MAX_COUNT = 2**62
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Steps = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_dir(name: str) -> str:
+    return _absolute(name) if os.path.isdir(os.path.expanduser(name)) else name
+
+
+# A file or folder the run reads, stored absolute (from the directory the recipe was loaded in):
+# the run's recipe.yaml is read again by `dltrain eval`/`export` from anywhere, and "train.csv"
+# typed in one directory is another file, or none, in the next. os.path.abspath, not
+# Path.resolve: a symlinked data folder keeps the name the user gave it.
+LocalPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute)]
+# A hub id or a local folder (model.name_or_path, data.dataset): absolute when it is a folder here.
+HubIdOrPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute_if_dir)]
 
 
 class Section(BaseModel):

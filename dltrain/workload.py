@@ -27,6 +27,9 @@ Optional hooks (None: the default behaviour named):
     save_model(model, state_dict, dir, recipe)  export in the workload's native format; default
                                    model.safetensors
     write_samples(recipe, out_dir) -> [paths]: sample inputs with labels for `dltrain inspect`
+    build_split(recipe, device, split) -> the one held-out split ("val", "test") `dltrain eval`
+                                   needs, or None where the data has none; default: build_data's
+                                   (which reads the training data too)
     label_names(recipe)         -> class names by index, saved as id2label with an export
     flops_batch(recipe, device, n) -> the micro-batch of n examples whose FLOPs the bench harness
                                    counts against flops_per_sample (text: padded to max_length);
@@ -90,6 +93,7 @@ class Workload:
     flops_of: Callable[[Any, dict[str, float]], dict[str, float]] | None = None
     save_model: Callable[..., None] | None = None
     write_samples: Callable[..., list] | None = None
+    build_split: Callable[[Any, Any, str], Any] | None = None
     label_names: Callable[[Any], list[str] | None] | None = None
     flops_batch: Callable[[Any, Any, int], Any] | None = None
     tokens_of: Callable[[Any], int] | None = None
@@ -107,7 +111,7 @@ class Workload:
         for name in ("build_model", "build_data", "forward", "flops_per_sample", "summarize", "batch_size_of"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
-        for name in ("flops_of", "save_model", "write_samples", "label_names", "flops_batch", "tokens_of"):
+        for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch", "tokens_of"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable or None, got {getattr(self, name)!r}")
         self.metrics = tuple(self.metrics)

@@ -154,3 +154,56 @@ def test_the_exported_weights_get_the_umask_mode_like_every_other_file(tmp_path)
     assert done.returncode == 0, done.stderr
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (run / "export-hf").iterdir()}
     assert modes == {"config.json": "0o644", "model.safetensors": "0o644", "recipe.yaml": "0o644"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data paths are stored resolved; eval reads only the split it evaluates
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    from dltrain.recipe import dump_recipe, load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", "cpu_test",
+                         ["data.train_file=train.csv", "data.eval_file=data/dev.csv", "data.test_file=../test.csv"])
+    dumped = dump_recipe(recipe)
+    assert f"train_file: {tmp_path / 'train.csv'}" in dumped
+    assert f"eval_file: {tmp_path / 'data' / 'dev.csv'}" in dumped
+    assert f"test_file: {tmp_path.parent / 'test.csv'}" in dumped
+    cnn = load_recipe(REPO / "recipes" / "cnn_mnist.yaml", "cpu_test", ["data.root=mnist"])
+    assert cnn.data.root == str(tmp_path / "mnist")
+
+
+def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path, minilm_dir, monkeypatch):
+    # The CSV run trained in its own folder with data.train_file=train.csv; `dltrain eval RUN` from
+    # elsewhere said "data file not found: train.csv (data.train_file)".
+    import json
+
+    from conftest import run_cli
+    from dltrain import export
+    from dltrain.recipe import dump_recipe, load_recipe
+    from dltrain.workload import get_workload
+
+    where = tmp_path / "project"
+    where.mkdir()
+    rows = "text,topic\n" + "".join(f"{w} {w} {w},{t}\n" for w, t in [("goal", "sports"), ("soup", "food"), ("song", "music")] * 4)
+    (where / "train.csv").write_text(rows)
+    (where / "dev.csv").write_text(rows)
+    monkeypatch.chdir(where)
+    recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", "cpu_test",
+                         [f"model.name_or_path={minilm_dir}", "data.train_file=train.csv", "data.eval_file=dev.csv",
+                          "data.text_column=text", "data.label_column=topic", "data.label_names=[food,music,sports]",
+                          "data.train_subset=null", "data.eval_subset=null"])
+    model = get_workload("bert").build_model(recipe)
+    run = where / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    export.save(model, model.state_dict(), run / "best_model", recipe)
+    (where / "train.csv").unlink()  # evaluation must not need it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_cli("eval", str(run), "--which", "best", cwd=elsewhere,
+                   env={"DLTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["metrics"]["val/examples"] == 12 and result["model"] == str(run / "best_model")
