@@ -182,7 +182,8 @@ class CheckpointConfig(Section):
     # pruning there deletes only this run's checkpoints (dltrain.rundir).
     outside_run_dir: bool = False
     save_final_model: bool = True
-    save_best: bool = False  # export the model at each new best value of `target.metric`
+    save_best: bool = Field(False, description="write RUN_DIR/best_model at each evaluation whose target.metric is "
+                                               "the best so far; a tie keeps the later model")
 
 
 class DeepSpeedConfig(Section):

@@ -207,3 +207,39 @@ def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path,
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["metrics"]["val/examples"] == 12 and result["model"] == str(run / "best_model")
+
+
+# ----------------------------------------------------------------------------------------------
+# The best model on a tie; the text recipes save the final model
+
+
+def test_a_tie_on_the_target_metric_keeps_the_later_model(monkeypatch, tmp_path):
+    # Dev accuracy tied at 1.0 from the first evaluation; best_model/ kept that first model.
+    from types import SimpleNamespace
+
+    from dltrain import trainer
+    from dltrain.recipe import load_recipe
+
+    evals = iter([{"val/accuracy": 0.5, "val/loss": 1.0}, {"val/accuracy": 1.0, "val/loss": 0.78},
+                  {"val/accuracy": 1.0, "val/loss": 0.36}, {"val/accuracy": 0.9, "val/loss": 0.30}])
+    saved_at = []
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: dict(next(evals)))
+    monkeypatch.setattr(trainer, "print_eval", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.export, "from_loop", lambda loop, out: saved_at.append(state.step))
+    recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", overrides=["target.value=2"])
+    loop = SimpleNamespace(recipe=recipe, model=None, data=SimpleNamespace(val=None), workload=None, accelerator=None,
+                           plan=SimpleNamespace(micro_batch=1), steps_per_epoch=10, run_dir=tmp_path,
+                           log=SimpleNamespace(log=lambda *a: None), t_start=0.0)
+    state = trainer.TrainState()
+    for step in (10, 20, 30, 40):
+        state.step = step
+        trainer.run_eval(loop, state)
+    assert saved_at == [10, 20, 30]  # 30 ties 20 at 1.0: the later one is kept; 40 is worse
+    assert state.best == 1.0
+
+
+@pytest.mark.parametrize("name", ["bert_sst2.yaml", "bert_sst2_minilm.yaml"])
+def test_the_text_recipes_save_the_final_model(name):
+    from dltrain.recipe import load_recipe
+
+    assert load_recipe(REPO / "recipes" / name).checkpoint.save_final_model
