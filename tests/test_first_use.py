@@ -243,3 +243,56 @@ def test_the_text_recipes_save_the_final_model(name):
     from dltrain.recipe import load_recipe
 
     assert load_recipe(REPO / "recipes" / name).checkpoint.save_final_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Say what is happening: W&B offline, a suite's W&B switch
+
+
+class _WandbOnlyAccelerator:
+    """What RunLog asks of an Accelerator, with a real offline W&B run behind init_trackers."""
+
+    is_main_process = True
+    trackers: list = []
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.project_configuration = SimpleNamespace(logging_dir=None)
+        self.run = None
+
+    def init_trackers(self, project, config=None, init_kwargs=None):
+        import wandb
+
+        self.run = wandb.init(project=project, **init_kwargs["wandb"])
+
+    def get_tracker(self, name, unwrap=False):
+        return self.run
+
+
+def test_an_offline_wandb_run_says_where_it_went_and_how_to_upload_it(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    from dltrain.recipe import load_recipe
+    from dltrain.tracking import RunLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recipe = load_recipe(REPO / "recipes" / "cnn_mnist.yaml", "cpu_test", ["tracking.trackers=[wandb]"])
+    acc = _WandbOnlyAccelerator()
+    RunLog(acc, tmp_path, recipe)
+    acc.run.finish()
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    folders = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1
+    assert out == [f"  W&B run (offline): {folders[0]}; upload it with `wandb sync {folders[0]}`"]
+
+
+def test_a_suite_leaves_wandb_to_the_recipe_unless_it_says_it_overrides_it():
+    # A suite's default wandb_runs: true turned W&B on for a plugin recipe with `trackers: []`.
+    from dltrain.bench.runner import train_sets
+    from dltrain.bench.suite import Suite, expand
+
+    entry = {"name": "cnn", "recipe": str(REPO / "recipes" / "cnn_mnist.yaml"), "profile": "cpu_test"}
+    for wandb_runs, expected in ((None, []), (True, ["tracking.wandb=true"]), (False, ["tracking.wandb=false"])):
+        suite = Suite.model_validate({"name": "t", "entries": [entry]} | ({} if wandb_runs is None else {"wandb_runs": wandb_runs}))
+        sets = train_sets(expand(suite)[0], suite)
+        assert [s for s in sets if s.startswith("tracking.wandb")] == expected, wandb_runs
