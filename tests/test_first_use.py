@@ -296,3 +296,53 @@ def test_a_suite_leaves_wandb_to_the_recipe_unless_it_says_it_overrides_it():
         suite = Suite.model_validate({"name": "t", "entries": [entry]} | ({} if wandb_runs is None else {"wandb_runs": wandb_runs}))
         sets = train_sets(expand(suite)[0], suite)
         assert [s for s in sets if s.startswith("tracking.wandb")] == expected, wandb_runs
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 on a CPU without bf16 units: warned once
+
+AVX2_CPU = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n\nprocessor\t: 1\n"
+BF16_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+ARM_CPU = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+def test_cpu_bf16_units_are_read_from_the_cpu_flags():
+    from dltrain.peaks import cpu_has_bf16_units
+
+    assert cpu_has_bf16_units(AVX2_CPU) is False
+    assert cpu_has_bf16_units(BF16_CPU) is True
+    assert cpu_has_bf16_units(ARM_CPU) is True
+    assert cpu_has_bf16_units("") is None  # no flags line: nothing claimed, no warning
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once_naming_it(monkeypatch, capsys):
+    import torch
+
+    from dltrain import peaks
+
+    monkeypatch.setattr(peaks, "_BF16_WARNED", False)
+    real = peaks.cpu_has_bf16_units
+    monkeypatch.setattr(peaks, "cpu_has_bf16_units", lambda cpuinfo=None: real(AVX2_CPU))
+    monkeypatch.setattr(peaks, "_CPU_PEAKS", {"bf16": 1e9, "fp32": 1e9})  # no matmul measured
+    monkeypatch.delenv("RANK", raising=False)
+    cpu = torch.device("cpu")
+    for _ in range(3):  # a run asks for its peak once; dltrain.train twice in a process asks again
+        peaks.peak_flops(cpu, "bf16")
+    peaks.peak_flops(cpu, "fp32")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dltrain: warning: train.precision=bf16 on a CPU without bf16 units")
+    assert "train.precision=fp32" in lines[0]
+
+
+def test_bf16_on_a_cpu_with_bf16_units_says_nothing(monkeypatch, capsys):
+    import torch
+
+    from dltrain import peaks
+
+    monkeypatch.setattr(peaks, "_BF16_WARNED", False)
+    real = peaks.cpu_has_bf16_units
+    monkeypatch.setattr(peaks, "cpu_has_bf16_units", lambda cpuinfo=None: real(BF16_CPU))
+    monkeypatch.setattr(peaks, "_CPU_PEAKS", {"bf16": 1e9})
+    peaks.peak_flops(torch.device("cpu"), "bf16")
+    assert capsys.readouterr().err == ""
+
