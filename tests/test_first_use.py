@@ -364,3 +364,29 @@ def test_no_shipped_file_points_to_notes_users_do_not_have():
                 if str(p.relative_to(REPO)) not in BEING_REWRITTEN
                 and any(s in p.read_text(errors="replace") for s in ("ENV-NOTES", "../shared"))]
     assert pointing == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the wheel leaves the checkout as it was
+
+
+def test_make_wheel_builds_the_wheel_and_leaves_the_checkout_clean(tmp_path):
+    import shutil
+    import zipfile
+
+    checkout = tmp_path / "checkout"
+    for rel in ("Makefile", "pyproject.toml", "README.md", "dltrain", "recipes", "launch", "benchmarks/suites",
+                "benchmarks/baselines"):
+        if (REPO / rel).is_dir():
+            shutil.copytree(REPO / rel, checkout / rel, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            checkout.mkdir(exist_ok=True)
+            shutil.copy2(REPO / rel, checkout / rel)
+    before = sorted(p.name for p in checkout.iterdir())
+    done = subprocess.run(["make", "wheel", f"PYTHON={sys.executable}", "WHEEL_FLAGS=--no-build-isolation"],
+                          cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in checkout.iterdir()) == sorted([*before, "dist"])  # no build/, no dltrain.egg-info/
+    (wheel,) = (checkout / "dist").glob("dltrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dltrain/recipes/cnn_mnist.yaml" in names and "dltrain/cli.py" in names
