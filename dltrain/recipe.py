@@ -51,6 +51,10 @@ HubIdOrPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute_if_di
 
 
 class Section(BaseModel):
+    """A recipe section (`model:`, `data:`, ...): a pydantic model whose fields are the section's
+    keys, with their types, defaults and (Field description) meanings, which `dltrain schema` lists.
+    Closed: an unknown key is an error naming its path; floats must be finite."""
+
     # Closed: a misspelt key is an error, not a silently ignored value. Floats are finite: an
     # lr, weight decay or target of .inf/.nan is a typo that would otherwise surface as a
     # non-finite loss (or a target never reached) after the data has loaded.
@@ -254,6 +258,11 @@ class TargetConfig(Section):
 
 
 class RecipeBase(Section):
+    """The sections every recipe has (optim, schedule, train, tracking, checkpoint, deepspeed,
+    distributed, target, profiles). A workload subclasses it with `workload: Literal["<name>"]` and
+    its own sections, typically `model` and `data` (each a Section), and gives the subclass as
+    `Workload.recipe`."""
+
     workload: str
     name: str = Field("", description="names the run directory runs/<name>-<time>; default: the file's stem")
     description: str = ""

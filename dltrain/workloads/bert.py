@@ -27,11 +27,11 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from dltrain.data import DataError, DataSplits, sized_by
+from dltrain.plugin import Output, classification_output
 from dltrain.recipe import HubIdOrPath, LocalPath, RecipeBase, RecipeError, Section
 from dltrain.workload import Workload
 from dltrain.workloads import bert_data
 from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
-from dltrain.workloads.common import Output, classification_output
 
 METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example"))  # test/: with data.test_file
 REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra that installs it (dltrain.extras)

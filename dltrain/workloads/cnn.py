@@ -13,9 +13,9 @@ from pydantic import Field, FiniteFloat, PositiveInt
 from torch import nn
 
 from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sized_by
+from dltrain.plugin import Output, classification_output, classification_summary
 from dltrain.recipe import LocalPath, RecipeBase, Section
 from dltrain.workload import Workload
-from dltrain.workloads.common import Output, classification_output, classification_summary
 
 METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
 REQUIRES = {"torchvision": "vision"}  # module -> the pip extra that installs it (dltrain.extras)
