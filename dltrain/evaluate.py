@@ -36,7 +36,8 @@ def evaluate_path(path: Path, split: str = "val", which: str | None = None) -> d
     model = accelerator.prepare(model)
     t0 = time.perf_counter()
     metrics = evaluate(model, chosen, workload, accelerator, plan.micro_batch, split)
-    return {"path": str(path), "model": str(model_dir), "recipe": recipe.name, "workload": recipe.workload, "split": split,
+    return {"path": str(path), "model": str(model_dir), "recipe": recipe.name, "workload": recipe.workload,
+            "split": split,
             "metrics": metrics, "eval_s": time.perf_counter() - t0, "precision": recipe.train.precision}
 
 

@@ -36,10 +36,10 @@ from dltrain.workload import (SIGNATURES, BatchSizeOf, BuildData, BuildModel, Bu
                               FlopsPerSample, Forward, LabelNames, SaveModel, Summarize, TokensOf, Workload,
                               WriteSamples, register_workload, signature_problem)
 
-__all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "DataError", "DataSplits", "FlopsBatch",
-           "FlopsOf", "FlopsPerSample", "Forward", "LabelNames", "Output", "RecipeBase", "RecipeError", "SaveModel",
-           "Section", "Split", "Summarize", "TokensOf", "Workload", "WriteSamples", "classification_output",
-           "classification_summary", "register_workload", "signature_problem"]
+__all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "DataError", "DataSplits",
+           "FlopsBatch", "FlopsOf", "FlopsPerSample", "Forward", "LabelNames", "Output", "RecipeBase", "RecipeError",
+           "SaveModel", "Section", "Split", "Summarize", "TokensOf", "Workload", "WriteSamples",
+           "classification_output", "classification_summary", "register_workload", "signature_problem"]
 
 # ----------------------------------------------------------------------------------------------
 # The step's helpers (the built-in workloads use them too)

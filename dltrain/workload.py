@@ -170,7 +170,8 @@ def signature_problem(fn: Any, protocol: type) -> str | None:
     takes_rest = any(p.kind is p.VAR_POSITIONAL for p in params)
     shown_sig = f"({', '.join(p.name for p in expected)})"
     if len(required) > len(expected):
-        return f"requires {len(required)} arguments ({', '.join(p.name for p in required)}); it is called with {shown_sig}"
+        names = ", ".join(p.name for p in required)
+        return f"requires {len(required)} arguments ({names}); it is called with {shown_sig}"
     if len(positional) < len(expected) and not takes_rest:
         return f"takes {len(positional)} positional arguments; it is called with {shown_sig}"
     keyword_only = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
@@ -228,13 +229,15 @@ class Workload:
         for name in ("build_model", "build_data", "forward", "flops_per_sample", "summarize", "batch_size_of"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
-        for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch", "tokens_of"):
+        for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch",
+                     "tokens_of"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable or None, got {getattr(self, name)!r}")
         for name, protocol in SIGNATURES.items():
             fn = getattr(self, name)
             if fn is not None and (problem := signature_problem(fn, protocol)) is not None:
-                raise TypeError(f"Workload.{name} ({getattr(fn, '__name__', fn)!s}) {problem}: see dltrain.workload.{protocol.__name__}")
+                raise TypeError(f"Workload.{name} ({getattr(fn, '__name__', fn)!s}) {problem}: "
+                                f"see dltrain.workload.{protocol.__name__}")
         self.metrics = tuple(self.metrics)
 
 

@@ -98,7 +98,8 @@ def _cnn_run(tmp_path, saved: tuple[str, ...]):
     return run
 
 
-@pytest.mark.parametrize("saved, taken", [(("final", "best", "step_4"), "final_model"), (("best", "step_4"), "best_model"),
+@pytest.mark.parametrize("saved, taken", [(("final", "best", "step_4"), "final_model"),
+                                          (("best", "step_4"), "best_model"),
                                           (("step_2", "step_4"), "checkpoints/step_4")])
 def test_export_takes_what_the_run_saved_in_order_final_best_checkpoint(tmp_path, saved, taken):
     from dltrain.export import locate
@@ -186,7 +187,8 @@ def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path,
 
     where = tmp_path / "project"
     where.mkdir()
-    rows = "text,topic\n" + "".join(f"{w} {w} {w},{t}\n" for w, t in [("goal", "sports"), ("soup", "food"), ("song", "music")] * 4)
+    pairs = [("goal", "sports"), ("soup", "food"), ("song", "music")] * 4
+    rows = "text,topic\n" + "".join(f"{w} {w} {w},{t}\n" for w, t in pairs)
     (where / "train.csv").write_text(rows)
     (where / "dev.csv").write_text(rows)
     monkeypatch.chdir(where)
@@ -293,7 +295,8 @@ def test_a_suite_leaves_wandb_to_the_recipe_unless_it_says_it_overrides_it():
 
     entry = {"name": "cnn", "recipe": str(REPO / "recipes" / "cnn_mnist.yaml"), "profile": "cpu_test"}
     for wandb_runs, expected in ((None, []), (True, ["tracking.wandb=true"]), (False, ["tracking.wandb=false"])):
-        suite = Suite.model_validate({"name": "t", "entries": [entry]} | ({} if wandb_runs is None else {"wandb_runs": wandb_runs}))
+        switch = {} if wandb_runs is None else {"wandb_runs": wandb_runs}
+        suite = Suite.model_validate({"name": "t", "entries": [entry]} | switch)
         sets = train_sets(expand(suite)[0], suite)
         assert [s for s in sets if s.startswith("tracking.wandb")] == expected, wandb_runs
 

@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-import dltrain.workloads.bert  # noqa: F401 - the built-in workloads (torch) imported now: the counts below are the loader's alone
+import dltrain.workloads.bert  # noqa: F401 - the built-in workloads (torch) imported now: the counts are the loader's
 import dltrain.workloads.cnn  # noqa: F401
 import dltrain.workloads.rnn  # noqa: F401
 from conftest import RECIPES
@@ -87,7 +87,8 @@ def test_a_recursive_alias_and_deep_nesting_are_refused(tmp_path):
     assert "nested more than" in _refused_cheaply(lambda: load_recipe(tmp_path / "deep.yaml"))
     # deeper than PyYAML's own recursion goes (a RecursionError inside safe_load); ~1 s of parsing
     (tmp_path / "deeper.yaml").write_text("workload: cnn\ndescription: " + "[" * 3000 + "]" * 3000 + "\n")
-    assert "nested too deeply" in _refused_cheaply(lambda: load_recipe(tmp_path / "deeper.yaml"), max_calls=2 * MAX_CALLS, trace=False)
+    deeper = _refused_cheaply(lambda: load_recipe(tmp_path / "deeper.yaml"), max_calls=2 * MAX_CALLS, trace=False)
+    assert "nested too deeply" in deeper
 
 
 @pytest.mark.parametrize("text, expected", [
