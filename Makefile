@@ -9,7 +9,7 @@ MODELS_DIR ?= $(abspath ../shared/models)
 # The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
 RUN_SUITE ?= cpu_quick
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast wheel clean
 
 # The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,15 @@ test: install
 
 test-fast: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
+
+# dist/dltrain-*.whl, built from a copy of the source: setuptools writes build/ and
+# dltrain.egg-info/ beside the source it builds (`pip wheel .` leaves them in the checkout; they are
+# in .gitignore), so the checkout stays as it was. tar keeps dltrain/'s links to recipes/ and the rest.
+WHEEL_SOURCE := pyproject.toml README.md dltrain recipes launch benchmarks/suites benchmarks/baselines
+WHEEL_FLAGS ?=
+wheel:
+	tmp=$$(mktemp -d) && tar -cf - --exclude=__pycache__ $(WHEEL_SOURCE) | tar -xf - -C $$tmp && \
+		$(PYTHON) -m pip wheel -q --no-deps $(WHEEL_FLAGS) -w dist $$tmp; status=$$?; rm -rf $$tmp; exit $$status
 
 clean:
 	rm -rf $(VENV) runs

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from dltrain import rundir, testhooks
 from dltrain.data import sha256_of
@@ -46,9 +45,6 @@ from dltrain.errors import RecipeError, StorageError
 from dltrain.recipe import dump_recipe
 from dltrain.state import TrainState
 
-# What a failed write raises: OSError, torch's zip writer's RuntimeError (a full disk without an
-# errno), safetensors' own SafetensorError.
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -227,7 +223,7 @@ def save(loop, state) -> Path:
     root = ckpt_root(loop.recipe, loop.run_dir, loop.run_id)
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
-    caught = WRITE_ERRORS if not loop.strategy.save_is_collective else ()
+    caught = rundir.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
     phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
               (True, lambda: loop.strategy.save(tmp)),
               (main, lambda: _write_own_files(loop, state, tmp)),
@@ -239,7 +235,7 @@ def save(loop, state) -> Path:
                 phase()
         except caught as exc:
             failed = exc
-        if not agree_ok(acc, failed):
+        if not rundir.agree_ok(acc, failed):
             _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
@@ -263,6 +259,7 @@ def _write_own_files(loop, state, tmp: Path) -> None:
 def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     """Checksums, manifest (written last), rename into place, then prune."""
     testhooks.in_save(tmp)
+    rundir.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
     _fsync_tree(tmp)
     files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -274,14 +271,6 @@ def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     _fsync_dir(root)
     _prune(root, loop.recipe.checkpoint.keep_last, loop.run_id)
-
-
-def agree_ok(acc, failed: Exception | None) -> bool:
-    """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
-    if acc.num_processes == 1:
-        return failed is None
-    flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
-    return acc.reduce(flag, reduction="sum").item() == 0
 
 
 def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:

@@ -7,9 +7,9 @@ loads it; the CNN and RNN are dltrain's own modules, and `dltrain.export.load_mo
 `dltrain eval DIR`) builds them back from the config. final_model/ and best_model/ of a run are
 written in this layout already.
 
-What can be read back (`load_model`): a run directory (its final_model/, or best_model/ with
-`which="best"`), a checkpoint folder (checkpoints/step_N, not DeepSpeed's sharded layout), or an
-exported folder.
+What can be read back (`load_model`): a run directory (what it saved, in the order final_model/,
+best_model/, the newest checkpoint; or the one `which` names), a checkpoint folder
+(checkpoints/step_N, not DeepSpeed's sharded layout), or an exported folder.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from dltrain import rundir
 from dltrain.errors import StorageError
 from dltrain.recipe import RecipeError, dump_recipe, validate
 
@@ -44,8 +45,6 @@ def from_loop(loop, out_dir: Path) -> None:
     raises the same StorageError on every rank."""
     import shutil
 
-    from dltrain import checkpoint, rundir
-
     acc = loop.accelerator
     state_dict = loop.strategy.full_state_dict()
     tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
@@ -59,10 +58,10 @@ def from_loop(loop, out_dir: Path) -> None:
                 os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
-        except checkpoint.WRITE_ERRORS as exc:
+        except rundir.WRITE_ERRORS as exc:
             failed = exc
             shutil.rmtree(tmp, ignore_errors=True)
-    if not checkpoint.agree_ok(acc, failed):
+    if not rundir.agree_ok(acc, failed):
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
         try:
             free = shutil.disk_usage(out_dir.parent).free
@@ -94,6 +93,7 @@ def save(model, state_dict: dict, out_dir: Path, recipe) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE))
         write_config(out_dir, model, recipe)
     (out_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
+    rundir.with_umask_mode(out_dir)
 
 
 def write_config(out_dir: Path, model, recipe) -> Path:
@@ -117,8 +117,58 @@ def _latest_segment_recipe(run_dir: Path) -> Path:
     return resumed[-1] if resumed else run_dir / RECIPE_FILE
 
 
-def locate(path: Path, which: str = "final") -> tuple[str, Path]:
-    """(resolved recipe YAML, folder holding the weights) of a run, checkpoint or exported folder."""
+# What a run directory's model is when no --which is given: what the run saved, in this order.
+# final_model/ is the model the run ended with; a recipe that saves only the best (or only
+# checkpoints) still has a model to export, and a user should not need to know which it saved.
+DEFAULT_ORDER = ("final", "best", "checkpoint")
+
+
+def _newest_checkpoint(run_dir: Path, recipe_text: str) -> Path | None:
+    """The newest complete checkpoint of a run that holds model weights (DeepSpeed's do not)."""
+    from dltrain import checkpoint
+
+    try:
+        recipe = validate(yaml.safe_load(recipe_text) or {}, source=f"{run_dir} (its recipe)")
+        identity = rundir.read_identity(run_dir)
+        root = rundir.checkpoint_root(recipe, run_dir, identity["run_id"] if identity else "")
+    except RecipeError:
+        root = run_dir / "checkpoints"
+    good, _ = checkpoint.scan(root)
+    with_weights = [p for p in good if (p / WEIGHTS_FILE).is_file()]
+    return with_weights[-1] if with_weights else None
+
+
+def _run_model(run_dir: Path, which: str | None) -> Path:
+    """The folder of `which` model of a run (final, best), or by DEFAULT_ORDER when None."""
+    recipe_text = _latest_segment_recipe(run_dir).read_text()
+    found = {name: run_dir / f"{name}_model" for name in ("final", "best")
+             if (run_dir / f"{name}_model" / WEIGHTS_FILE).is_file()}
+    if which in found:
+        return found[which]
+    newest = _newest_checkpoint(run_dir, recipe_text)
+    if which is None:
+        for name in DEFAULT_ORDER:
+            chosen = newest if name == "checkpoint" else found.get(name)
+            if chosen is not None:
+                return chosen
+    saved = [f"{name}_model/" for name in found] + ([_shown_under(newest, run_dir)] if newest else [])
+    if saved:
+        raise RecipeError(f"{run_dir} has no {which}_model/ (the run saved: {', '.join(saved)}): leave --which out to "
+                          f"take what it saved (in the order {', '.join(DEFAULT_ORDER)}), or give --which "
+                          f"{'best' if which == 'final' else 'final'} or a checkpoint folder")
+    raise RecipeError(f"{run_dir} holds no model: no final_model/, best_model/ or checkpoint with {WEIGHTS_FILE} "
+                      "(the run stopped before saving one, or saved none): train it again with "
+                      "checkpoint.save_final_model=true")
+
+
+def _shown_under(path: Path, run_dir: Path) -> str:
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
+    """(resolved recipe YAML, folder holding the weights) of a run, checkpoint or exported folder.
+    Of a run directory: its `which` model (final, best), or with None what it saved, in the order
+    DEFAULT_ORDER (final_model/, best_model/, the newest checkpoint)."""
     path = Path(path)
     if (path / "trainer_state.json").is_file():  # a checkpoint
         state = json.loads((path / "trainer_state.json").read_text())
@@ -129,18 +179,17 @@ def locate(path: Path, which: str = "final") -> tuple[str, Path]:
     if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():  # exported, or final_model/
         return (path / RECIPE_FILE).read_text(), path
     if (path / RECIPE_FILE).is_file():  # a run directory
-        model_dir = path / f"{which}_model"
-        if not (model_dir / WEIGHTS_FILE).is_file():
-            raise RecipeError(f"{path} has no {which}_model/{WEIGHTS_FILE}: the run did not finish or saved none "
-                              "(checkpoint.save_final_model); give one of its checkpoints, e.g. "
-                              f"{path}/checkpoints/step_N")
+        model_dir = _run_model(path, which)
+        if (model_dir / "trainer_state.json").is_file():  # the newest checkpoint: its own recipe
+            return locate(model_dir)
         return _latest_segment_recipe(path).read_text(), model_dir
     raise RecipeError(f"{path} is not a run directory, a checkpoint or an exported model (no recipe.yaml, "
                       "trainer_state.json or model.safetensors there)")
 
 
-def load_model(path: Path, which: str = "final"):
-    """(recipe, model on the CPU in eval mode) from a run, checkpoint or exported folder."""
+def load_model(path: Path, which: str | None = None):
+    """(recipe, model on the CPU in eval mode) from a run, checkpoint or exported folder: a pair,
+    not the model alone. `which`: as for `locate` (None: what the run saved)."""
     import torch
     from safetensors.torch import load_file
 
@@ -167,7 +216,7 @@ def load_model(path: Path, which: str = "final"):
     return recipe, model.eval()
 
 
-def export_hf(path: Path, out_dir: Path, which: str = "final") -> Path:
+def export_hf(path: Path, out_dir: Path, which: str | None = None) -> Path:
     """Write the model at `path` into `out_dir` in the Hugging Face layout; return out_dir."""
     recipe, model = load_model(path, which)
     save(model, model.state_dict(), out_dir, recipe)
@@ -182,13 +231,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained model in the Hugging Face layout (config.json + safetensors)")
     p.add_argument("path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model")
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + model.safetensors (default)")
-    p.add_argument("--which", choices=["final", "best"], default="final", help="of a run directory: final_model or best_model")
+    p.add_argument("--which", choices=["final", "best"], default=None,
+                   help="of a run directory: final_model or best_model (default: what the run saved, in the order "
+                        "final_model, best_model, the newest checkpoint)")
     p.add_argument("--output-dir", help="where to write (default: RUN_DIR/export-hf)")
 
 
 def cmd_export(args) -> int:
     source = Path(args.path)
     out = Path(args.output_dir) if args.output_dir else source / f"export-{args.format}"
+    _, weights_dir = locate(source, args.which)  # to say which model of a run was taken
     export_hf(source, out, args.which)
-    print(f"dltrain: exported {source} -> {out}")
+    rundir.with_umask_mode(out)
+    print(f"dltrain: exported {weights_dir} -> {out}")
     return 0

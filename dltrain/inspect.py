@@ -10,17 +10,21 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dltrain.workload import get_workload
+
+if TYPE_CHECKING:  # torch is imported where a model is built: `dltrain --help` must not wait for it
+    import torch
+    from torch import nn
 
 EXAMPLE_BATCH = 2  # examples pushed through the model to record output shapes
 
 
 def _first_tensor(value):
     """The tensor a module returns, inside tuples and Hugging Face ModelOutputs too."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
@@ -33,6 +37,8 @@ def _first_tensor(value):
 
 def layer_table(model: nn.Module, workload, batch, max_depth: int) -> tuple[list[tuple[str, str, str, int]], object]:
     """(name, type, output shape, parameters) per module down to `max_depth`, and the forward's Output."""
+    import torch
+
     rows: dict[str, tuple[str, str, str, int]] = {}
     hooks = []
     for name, module in model.named_modules():
@@ -74,11 +80,22 @@ def _markdown(rows, recipe, workload, n_params: int, n_trainable: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def graph_tools_missing() -> list[str]:
+    """What the architecture graph lacks, each with how to get it: torchviz draws the graph, and
+    graphviz's `dot` (a system program, not a pip package) renders it, so either can be missing alone."""
+    missing = []
+    if importlib.util.find_spec("torchviz") is None:
+        missing.append("the torchviz package is not installed (pip install 'dltrain[viz]')")
+    if shutil.which("dot") is None:
+        missing.append("graphviz's `dot` is not on PATH (install graphviz, e.g. apt-get install graphviz)")
+    return missing
+
+
 def _graph(model: nn.Module, loss: torch.Tensor, out_dir: Path) -> tuple[Path | None, str]:
     """The autograd graph as the original report drew it, when the tools are there."""
-    if shutil.which("dot") is None or importlib.util.find_spec("torchviz") is None:
-        return None, ("architecture graph skipped: it needs graphviz (`dot` on PATH) and the torchviz package "
-                      "(pip install torchviz); the layer table stands in for it")
+    missing = graph_tools_missing()
+    if missing:
+        return None, f"architecture graph skipped: {' and '.join(missing)}; the layer table stands in for it"
     from torchviz import make_dot
 
     dot = make_dot(loss, params=dict(model.named_parameters()))
@@ -89,6 +106,8 @@ def _graph(model: nn.Module, loss: torch.Tensor, out_dir: Path) -> tuple[Path | 
 
 def inspect(recipe, out_dir: Path, max_depth: int = 4) -> dict:
     """Write the sample view, the model summary and (maybe) the graph; return what was written."""
+    import torch
+
     workload = get_workload(recipe.workload)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_samples = getattr(workload, "write_samples", None)

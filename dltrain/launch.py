@@ -1,7 +1,7 @@
 """`dltrain launch`: build (and run) the right launcher command for N processes on M nodes.
 
-Accelerate has several invocations that look right and silently are not on a CPU (see
-../shared/ENV-NOTES.md): `--cpu --num_processes 2` starts one process, `--multi_gpu` without
+Accelerate has several invocations that look right and silently are not on a CPU (README,
+"Accelerate on a CPU"): `--cpu --num_processes 2` starts one process, `--multi_gpu` without
 ACCELERATE_USE_CPU starts unconnected copies, and ACCELERATE_USE_CPU drops a DeepSpeed plugin. This
 module is the one place that knows the working forms, so users and the benchmark harness never
 need them by heart:

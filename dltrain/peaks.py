@@ -17,7 +17,9 @@ fp32 rate: what the hardware can do for a bf16 run.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 
 import torch
@@ -122,6 +124,43 @@ def cpu_peak(precision: str, seconds: float = 1.5) -> float:
 
 _CPU_PEAKS: dict[str, float] = {}  # precision -> FLOP/s of one thread, measured once per process
 
+# /proc/cpuinfo flags of bf16 units: x86's AVX512-BF16 and AMX-BF16, ARM's BF16 ("Features").
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+_BF16_WARNED = False
+
+
+def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has bf16 units, from the first flags (x86) or Features (ARM) line of
+    /proc/cpuinfo; None where there is no such line (another OS): then nothing is claimed."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)  # the first CPU's block is a few KB; a MB is every core's
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool(BF16_FLAGS & set(value.split()))
+    return None
+
+
+def warn_if_bf16_emulated(device: torch.device, precision: str) -> str | None:
+    """Warn once per process (on rank 0) when a bf16 run is on a CPU without bf16 units: torch
+    emulates bf16 there, some 40x slower than fp32 (3 MNIST steps took 78 s), and nothing said so.
+    Returns the line printed, if any."""
+    global _BF16_WARNED
+    if _BF16_WARNED or device.type != "cpu" or precision != "bf16" or cpu_has_bf16_units() is not False:
+        return None
+    _BF16_WARNED = True
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    line = (f"dltrain: warning: train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16 "
+            f"in /proc/cpuinfo; torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}): torch emulates "
+            "bf16 here, many times slower than fp32; use --set train.precision=fp32 on this machine")
+    print(line, file=sys.stderr, flush=True)
+    return line
+
 
 def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds: float = 0.3) -> tuple[float | None, str]:
     """(peak FLOP/s of the hardware this process drives, where the figure comes from). None where
@@ -139,6 +178,9 @@ def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds
         # its slowest thread, and on a shared machine (the test suite, a helper's job on the other
         # core) the measured "peak" fell 1000-fold, below what the run itself then achieved
         # (MFU 1,300%, seen 2026-11-30). One thread's best trial is what the core can do.
+        # Every run asks for its peak at start-up, before the first step: the place that knows
+        # the device and the precision, and where emulated bf16 first costs time.
+        warn_if_bf16_emulated(device, precision)
         threads = torch.get_num_threads()
         if precision not in _CPU_PEAKS:
             torch.set_num_threads(1)

@@ -14,11 +14,12 @@ echoed value is cut short.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Reading files safely lives in recipe_file; its names are this module's too (RecipeError above all).
 from dltrain.recipe_file import (MAX_DEPTH, MAX_EXPANDED_SIZE, MAX_RECIPE_BYTES, RecipeError,  # noqa: F401
@@ -32,7 +33,28 @@ Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Steps = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_dir(name: str) -> str:
+    return _absolute(name) if os.path.isdir(os.path.expanduser(name)) else name
+
+
+# A file or folder the run reads, stored absolute (from the directory the recipe was loaded in):
+# the run's recipe.yaml is read again by `dltrain eval`/`export` from anywhere, and "train.csv"
+# typed in one directory is another file, or none, in the next. os.path.abspath, not
+# Path.resolve: a symlinked data folder keeps the name the user gave it.
+LocalPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute)]
+# A hub id or a local folder (model.name_or_path, data.dataset): absolute when it is a folder here.
+HubIdOrPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute_if_dir)]
+
+
 class Section(BaseModel):
+    """A recipe section (`model:`, `data:`, ...): a pydantic model whose fields are the section's
+    keys, with their types, defaults and (Field description) meanings, which `dltrain schema` lists.
+    Closed: an unknown key is an error naming its path; floats must be finite."""
+
     # Closed: a misspelt key is an error, not a silently ignored value. Floats are finite: an
     # lr, weight decay or target of .inf/.nan is a typo that would otherwise surface as a
     # non-finite loss (or a target never reached) after the data has loaded.
@@ -164,7 +186,8 @@ class CheckpointConfig(Section):
     # pruning there deletes only this run's checkpoints (dltrain.rundir).
     outside_run_dir: bool = False
     save_final_model: bool = True
-    save_best: bool = False  # export the model at each new best value of `target.metric`
+    save_best: bool = Field(False, description="write RUN_DIR/best_model at each evaluation whose target.metric is "
+                                               "the best so far; a tie keeps the later model")
 
 
 class DeepSpeedConfig(Section):
@@ -234,6 +257,11 @@ class TargetConfig(Section):
 
 
 class RecipeBase(Section):
+    """The sections every recipe has (optim, schedule, train, tracking, checkpoint, deepspeed,
+    distributed, target, profiles). A workload subclasses it with `workload: Literal["<name>"]` and
+    its own sections, typically `model` and `data` (each a Section), and gives the subclass as
+    `Workload.recipe`."""
+
     workload: str
     name: str = Field("", description="names the run directory runs/<name>-<time>; default: the file's stem")
     description: str = ""

@@ -42,7 +42,9 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import SafetensorError
 
 from dltrain.recipe import RecipeError, dump_recipe
 
@@ -174,6 +176,30 @@ def owned_by(path: Path, run_id: str | None) -> bool:
         return (path / "RUN_ID").read_text().strip() == run_id
     except OSError:
         return False
+
+
+# What a failed write raises: OSError, torch's zip writer's RuntimeError (a full disk without an
+# errno), safetensors' own SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def agree_ok(acc, failed: Exception | None) -> bool:
+    """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
+    if acc.num_processes == 1:
+        return failed is None
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
+    return acc.reduce(flag, reduction="sum").item() == 0
+
+def with_umask_mode(folder: Path) -> None:
+    """Give the weights in `folder` the mode a new file gets (0666 less the umask), as every other
+    file dltrain writes has. safetensors (0.8) writes *.safetensors with mode 0600 whatever the umask
+    (transformers' save_pretrained goes through it too): other users of a shared model folder could
+    read its config but not its weights."""
+    mask = os.umask(0)  # reading the umask sets it: put it straight back (no thread writes meanwhile)
+    os.umask(mask)
+    for path in folder.glob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def write_failure(failed: Exception | None, head: str, intact: str, need: int, free: int | None, run_dir) -> str:

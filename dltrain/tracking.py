@@ -33,6 +33,16 @@ def wandb_mode() -> str:
         return "offline"
 
 
+def wandb_line(run) -> str | None:
+    """The one line that says where a W&B run went: its URL online; offline, its folder and the
+    command that uploads it (an offline run is otherwise silent: WANDB_SILENT); None when disabled."""
+    if getattr(run, "offline", False):
+        folder = Path(run.dir).parent  # run.dir is the run's files/ folder inside offline-run-*
+        return f"  W&B run (offline): {folder}; upload it with `wandb sync {folder}`"
+    url = getattr(run, "url", None)
+    return f"  W&B run: {url}" if url else None
+
+
 # The pip package of each tracker Accelerate drives (all named as their tracker today).
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 
@@ -95,8 +105,8 @@ class RunLog:
         if "wandb" in cfg.trackers:
             run = acc.get_tracker("wandb", unwrap=True)
             self.wandb_run_id = run.id
-            if not run.offline and getattr(run, "url", None):
-                print(f"  W&B run: {run.url}", flush=True)
+            if (line := wandb_line(run)) is not None:
+                print(line, flush=True)
         if "tensorboard" in cfg.trackers:
             print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
 

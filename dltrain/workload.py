@@ -9,7 +9,7 @@ workload they run. A workload is a plain dataclass of functions:
                                 workload's own, typically `model` and `data`
     build_model(recipe)         -> torch.nn.Module
     build_data(recipe, device)  -> dltrain.data.DataSplits (train, val, optional test)
-    forward(model, batch)       -> dltrain.workloads.common.Output(loss, stats): the mean loss to
+    forward(model, batch)       -> dltrain.plugin.Output(loss, stats): the mean loss to
                                    backpropagate and per-example statistics (e.g. loss, correct),
                                    which the trainer sums; evaluation needs "loss" among them
     flops_per_sample(recipe)    -> analytic training FLOPs per example (forward + backward)
@@ -27,6 +27,9 @@ Optional hooks (None: the default behaviour named):
     save_model(model, state_dict, dir, recipe)  export in the workload's native format; default
                                    model.safetensors
     write_samples(recipe, out_dir) -> [paths]: sample inputs with labels for `dltrain inspect`
+    build_split(recipe, device, split) -> the one held-out split ("val", "test") `dltrain eval`
+                                   needs, or None where the data has none; default: build_data's
+                                   (which reads the training data too)
     label_names(recipe)         -> class names by index, saved as id2label with an export
     flops_batch(recipe, device, n) -> the micro-batch of n examples whose FLOPs the bench harness
                                    counts against flops_per_sample (text: padded to max_length);
@@ -39,6 +42,9 @@ Optional hooks (None: the default behaviour named):
                                    file name under benchmarks/baselines/); baseline_takes_recipe:
                                    whether the script takes --recipe/--profile/--set
 
+Each function's signature is a Protocol below (BuildModel, BuildData, Forward, ...), checked when a
+Workload is built; dltrain.plugin gathers them with the helpers a plugin imports.
+
 The registry: built-in workloads (dltrain.workloads.BUILTIN), then those added in this process by
 `register_workload(name, workload)`, then those other packages declare in the entry-point group
 `dltrain.workloads` (`name = "package.module:WORKLOAD"`, a Workload).
@@ -48,15 +54,130 @@ Nothing is imported until a recipe asks for its workload by name.
 from __future__ import annotations
 
 import importlib
+import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dltrain.recipe_file import RecipeError, shown
 
+if TYPE_CHECKING:  # for the signatures only: importing this module loads no torch
+    import torch
+
+    from dltrain.data import DataSplits, Split
+    from dltrain.recipe import RecipeBase
+    from dltrain.plugin import Output
+
 ENTRY_POINT_GROUP = "dltrain.workloads"
+
+# ----------------------------------------------------------------------------------------------
+# The signatures a workload implements: one Protocol per Workload field. `Workload(...)` checks
+# each function given against its Protocol's parameters (dltrain.workload.signature_problem), so a
+# plugin whose build_data takes one argument fails at registration, not in the first step.
+# `recipe` is the workload's own RecipeBase subclass; `batch` is whatever its Split.fetch returns.
+
+
+class BuildModel(Protocol):
+    def __call__(self, recipe: RecipeBase, /) -> torch.nn.Module:
+        """The model, on the CPU, initialized from the global torch seed (the trainer sets it)."""
+
+
+class BuildData(Protocol):
+    def __call__(self, recipe: RecipeBase, device: torch.device | str, /) -> DataSplits:
+        """The train, val and (optional) test splits, on `device` or the host."""
+
+
+class Forward(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: Any, /) -> Output:
+        """The mean loss to backpropagate and per-example statistics (dltrain.plugin.Output);
+        evaluation needs "loss" among the statistics."""
+
+
+class FlopsPerSample(Protocol):
+    def __call__(self, recipe: RecipeBase, /) -> int:
+        """Analytic training FLOPs per example, forward and backward (MFU)."""
+
+
+class Summarize(Protocol):
+    def __call__(self, sums: dict[str, float], /) -> dict[str, float]:
+        """Metrics ("loss", "accuracy", ...) from the statistics summed over a split; sums["count"]
+        is the number of examples (default: each statistic's mean)."""
+
+
+class BatchSizeOf(Protocol):
+    def __call__(self, batch: Any, /) -> int:
+        """The number of examples in a batch (default: the leading size of its first tensor)."""
+
+
+class FlopsOf(Protocol):
+    def __call__(self, recipe: RecipeBase, sums: dict[str, float], /) -> dict[str, float]:
+        """{"flops": ..., "flops_real": ...} of a logged window from its summed statistics."""
+
+
+class SaveModel(Protocol):
+    def __call__(self, model: torch.nn.Module, state_dict: dict, out_dir: Path, recipe: RecipeBase, /) -> None:
+        """Write the model into `out_dir` in the workload's own format (default: model.safetensors)."""
+
+
+class WriteSamples(Protocol):
+    def __call__(self, recipe: RecipeBase, out_dir: Path, /) -> list[Path]:
+        """Write sample inputs with their labels for `dltrain inspect`; return the files written."""
+
+
+class BuildSplit(Protocol):
+    def __call__(self, recipe: RecipeBase, device: torch.device | str, split: str, /) -> Split | None:
+        """The one held-out split ("val", "test") `dltrain eval` needs, reading no other; None
+        where the data has no such split."""
+
+
+class LabelNames(Protocol):
+    def __call__(self, recipe: RecipeBase, /) -> list[str] | None:
+        """Class names by index, saved with an export as id2label."""
+
+
+class FlopsBatch(Protocol):
+    def __call__(self, recipe: RecipeBase, device: torch.device | str, n: int, /) -> Any:
+        """The micro-batch of n examples whose FLOPs the bench harness counts against flops_per_sample."""
+
+
+class TokensOf(Protocol):
+    def __call__(self, batch: Any, /) -> int:
+        """Tokens a batch computes on, padding included (text workloads)."""
+
+
+# Workload field -> the Protocol its function follows.
+SIGNATURES: dict[str, type] = {
+    "build_model": BuildModel, "build_data": BuildData, "forward": Forward, "flops_per_sample": FlopsPerSample,
+    "summarize": Summarize, "batch_size_of": BatchSizeOf, "flops_of": FlopsOf, "save_model": SaveModel,
+    "write_samples": WriteSamples, "build_split": BuildSplit, "label_names": LabelNames, "flops_batch": FlopsBatch,
+    "tokens_of": TokensOf,
+}
+
+
+def signature_problem(fn: Any, protocol: type) -> str | None:
+    """Why `fn` cannot be called as `protocol` says (its positional arguments), None when it can.
+    Parameters past the protocol's are allowed with defaults; keyword-only ones must have defaults."""
+    expected = [p for p in inspect.signature(protocol.__call__).parameters.values()][1:]  # without self
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    takes_rest = any(p.kind is p.VAR_POSITIONAL for p in params)
+    shown_sig = f"({', '.join(p.name for p in expected)})"
+    if len(required) > len(expected):
+        names = ", ".join(p.name for p in required)
+        return f"requires {len(required)} arguments ({names}); it is called with {shown_sig}"
+    if len(positional) < len(expected) and not takes_rest:
+        return f"takes {len(positional)} positional arguments; it is called with {shown_sig}"
+    keyword_only = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        return f"requires keyword argument {keyword_only[0]}, which is never passed; it is called with {shown_sig}"
+    return None
 
 
 def mean_of_stats(sums: dict[str, float]) -> dict[str, float]:
@@ -80,19 +201,20 @@ class Workload:
     """What a workload gives the trainer, `inspect` and the bench harness (see the module docstring)."""
 
     recipe: type
-    build_model: Callable[[Any], Any]
-    build_data: Callable[[Any, Any], Any]
-    forward: Callable[[Any, Any], Any]
-    flops_per_sample: Callable[[Any], int]
-    summarize: Callable[[dict[str, float]], dict[str, float]] = mean_of_stats
-    batch_size_of: Callable[[Any], int] = leading_size
+    build_model: BuildModel
+    build_data: BuildData
+    forward: Forward
+    flops_per_sample: FlopsPerSample
+    summarize: Summarize = mean_of_stats
+    batch_size_of: BatchSizeOf = leading_size
     metrics: tuple[str, ...] = ()
-    flops_of: Callable[[Any, dict[str, float]], dict[str, float]] | None = None
-    save_model: Callable[..., None] | None = None
-    write_samples: Callable[..., list] | None = None
-    label_names: Callable[[Any], list[str] | None] | None = None
-    flops_batch: Callable[[Any, Any, int], Any] | None = None
-    tokens_of: Callable[[Any], int] | None = None
+    flops_of: FlopsOf | None = None
+    save_model: SaveModel | None = None
+    write_samples: WriteSamples | None = None
+    build_split: BuildSplit | None = None
+    label_names: LabelNames | None = None
+    flops_batch: FlopsBatch | None = None
+    tokens_of: TokensOf | None = None
     baselines: dict[str, str] = field(default_factory=dict)
     baseline_takes_recipe: bool = True
     # module -> the pip extra that installs it (dltrain.extras): checked before a run starts
@@ -107,9 +229,15 @@ class Workload:
         for name in ("build_model", "build_data", "forward", "flops_per_sample", "summarize", "batch_size_of"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
-        for name in ("flops_of", "save_model", "write_samples", "label_names", "flops_batch", "tokens_of"):
+        for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch",
+                     "tokens_of"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable or None, got {getattr(self, name)!r}")
+        for name, protocol in SIGNATURES.items():
+            fn = getattr(self, name)
+            if fn is not None and (problem := signature_problem(fn, protocol)) is not None:
+                raise TypeError(f"Workload.{name} ({getattr(fn, '__name__', fn)!s}) {problem}: "
+                                f"see dltrain.workload.{protocol.__name__}")
         self.metrics = tuple(self.metrics)
 
 

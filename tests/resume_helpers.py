@@ -27,7 +27,7 @@ def train(out: Path, *extra: str, env: dict | None = None, timeout: float = 300)
 
 
 def launch_env(extra: dict | None = None) -> dict:
-    """Environment for two CPU processes (see ENV-NOTES: the working Accelerate/torchrun forms)."""
+    """Environment for two CPU processes (README, "Accelerate on a CPU": the working Accelerate/torchrun forms)."""
     return {**os.environ, "ACCELERATE_USE_CPU": "true", **(extra or {})}
 
 

@@ -36,8 +36,7 @@ def test_no_cuda_exits_2_at_the_import_check(tmp_path):
     assert proc.returncode == 2, out
     assert "device_check: CUDA is not available" in out and "DEVICE=cpu" in out
     assert re.search(r"phase import-check +\d+\.\d s \(failed\)", out), out
-    assert "running" not in out and not (tmp_path / "bench").exists()  # no suite started
-    assert wall < 60, wall  # seconds on an idle machine; a loaded 2-core one is slower
+    assert "running" not in out and not (tmp_path / "bench").exists()  # no suite started: refused before any work
 
 
 PLAN = re.compile(r"device_check: (GPU plan|plan): install (\d+) s, import-check (\d+) s, records (\d+) s \((\S+)\), "

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,6 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
-    seconds: float
     out: Path
 
     def losses(self) -> list[float]:
@@ -83,11 +81,10 @@ class Runs:
     def get(self, name: str, argv: list[str], env: dict | None = None, timeout: float = 300) -> Run:
         if name not in self.cache:
             out = self.root / name
-            t0 = time.perf_counter()
             full_env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}  # None: unset
             done = subprocess.run([*argv, "--output-dir", str(out)], capture_output=True, text=True,
                                   timeout=timeout, cwd=REPO, env=full_env)
-            self.cache[name] = Run(done.returncode, done.stdout, done.stderr, time.perf_counter() - t0, out)
+            self.cache[name] = Run(done.returncode, done.stdout, done.stderr, out)
         return self.cache[name]
 
     def ok(self, name: str, argv: list[str], env: dict | None = None) -> Run:
@@ -211,8 +208,9 @@ def test_a_rank_that_raises_stops_the_whole_job_quickly(runs):
     long = _sets("train.max_steps=500")  # without the failure this would run for minutes
     env = {"DLTRAIN_TEST_FAIL_AT_STEP": "3", "DLTRAIN_TEST_FAIL_RANK": "1"}
     run = runs.get("cnn-fail", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", *SMALL["cnn"], *long], env=env, timeout=120)
+    # A job that hung instead (rank 0 waiting in a collective for rank 1) would outlive the
+    # 120 s subprocess timeout, which fails the test; no clock is compared here.
     assert run.returncode != 0
-    assert run.seconds < 60, f"took {run.seconds:.0f} s"
     assert "injected failure on rank 1 at step 3" in run.stderr
     assert "dltrain launch: the job failed" in run.stderr
 
@@ -238,9 +236,9 @@ def test_deepspeed_recipe_under_accelerate_use_cpu_fails_loudly(runs):
             "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "dltrain", "train", *SMALL["cnn"], *_sets("deepspeed.zero_stage=2")]
     run = runs.get("cnn-ds-dropped", argv, env={"ACCELERATE_USE_CPU": "true"}, timeout=120)
-    assert run.returncode != 0 and run.seconds < 60
+    assert run.returncode != 0
     assert "the recipe asks for DeepSpeed but Accelerate set up MULTI_CPU" in run.stderr
-    assert not (run.out / "metrics.jsonl").exists()
+    assert not (run.out / "metrics.jsonl").exists()  # refused before the first step
 
 
 # ----------------------------------------------------------------------------------------------

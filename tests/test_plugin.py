@@ -134,4 +134,66 @@ def test_the_recipe_schema_and_the_package_import_no_workload():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "['dltrain.workloads.cnn',", "'dltrain.workloads.common',", "'torch']"], done.stdout
+    assert done.stdout.split() == ["[]", "['dltrain.workloads.cnn',", "'torch']"], done.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The plug-in types: each Workload function against its Protocol
+
+
+def test_the_example_plugin_follows_the_workload_signatures(monkeypatch):
+    from dltrain.plugin import SIGNATURES, signature_problem
+
+    workload = _blobs_module(monkeypatch).WORKLOAD
+    checked = {name: signature_problem(getattr(workload, name), protocol)
+               for name, protocol in SIGNATURES.items() if getattr(workload, name) is not None}
+    assert set(checked) >= {"build_model", "build_data", "forward", "flops_per_sample", "summarize"}
+    assert all(problem is None for problem in checked.values()), checked
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn", "bert"])
+def test_the_built_in_workloads_follow_the_workload_signatures(name):
+    from dltrain.plugin import SIGNATURES, signature_problem
+    from dltrain.workload import get_workload
+
+    workload = get_workload(name)
+    problems = {field: signature_problem(getattr(workload, field), protocol)
+                for field, protocol in SIGNATURES.items() if getattr(workload, field) is not None}
+    assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_a_function_with_the_wrong_signature_is_refused_when_the_workload_is_built(monkeypatch):
+    import dataclasses
+
+    from dltrain.plugin import Workload
+
+    good = _blobs_module(monkeypatch).WORKLOAD
+    fields = {f.name: getattr(good, f.name) for f in dataclasses.fields(good) if f.init and f.name != "name"}
+    with pytest.raises(TypeError, match=r"Workload.build_data \(one_arg\) takes 1 positional arguments; it is "
+                                        r"called with \(recipe, device\): see dltrain.workload.BuildData"):
+        Workload(**fields | {"build_data": _named("one_arg", lambda recipe: None)})
+    with pytest.raises(TypeError, match=r"Workload.forward \(three\) requires 3 arguments"):
+        Workload(**fields | {"forward": _named("three", lambda model, batch, extra: None)})
+    with pytest.raises(TypeError, match=r"requires keyword argument scale"):
+        Workload(**fields | {"summarize": _named("kw", lambda sums, *, scale: None)})
+    Workload(**fields | {"write_samples": lambda recipe, out_dir, n=12: []})  # extra parameters with defaults: fine
+
+
+def _named(name: str, fn):
+    fn.__name__ = name
+    return fn
+
+
+def test_load_model_returns_the_recipe_and_the_model(tmp_path):
+    # The README implied the model alone.
+    import torch
+
+    from dltrain import export
+    from dltrain.recipe import load_recipe
+    from dltrain.workload import get_workload
+
+    recipe = load_recipe(REPO / "recipes" / "rnn_sine.yaml", "cpu_test")
+    model = get_workload("rnn").build_model(recipe)
+    export.save(model, model.state_dict(), tmp_path / "m", recipe)
+    loaded_recipe, loaded = export.load_model(tmp_path / "m")
+    assert loaded_recipe.workload == "rnn" and isinstance(loaded, torch.nn.Module) and not loaded.training

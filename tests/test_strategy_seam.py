@@ -132,7 +132,7 @@ def test_what_the_step_keeps_never_shares_storage_with_the_steps_output():
     """CUDA graph trees overwrite a graph's outputs at the next replay: the metrics window must
     hold copies. Here every tensor the window keeps is checked against the output's storage."""
     from dltrain.metrics import add_train_stats, window_sums
-    from dltrain.workloads.common import classification_output
+    from dltrain.plugin import classification_output
 
     window: dict = {}
     outputs = []

@@ -54,7 +54,7 @@ def train_sets(job: Job, suite: Suite) -> list[str]:
         sets += ["target.stop=true"]
     if job.kind == "notebook":
         sets.append("data.loader=torch")  # the original notebook's torchvision DataLoader pipeline
-    if job.kind in ("dltrain", "notebook"):  # wandb_runs: false turns W&B off even where the recipe has it on
+    if job.kind in ("dltrain", "notebook") and suite.wandb_runs is not None:  # null: the recipe's own trackers
         sets.append(f"tracking.wandb={'true' if suite.wandb_runs else 'false'}")
     return sets
 

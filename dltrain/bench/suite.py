@@ -98,7 +98,10 @@ class Suite(_Closed):
     # Weak scaling: keep the per-device batch of the recipe at world size 1 by growing the global
     # batch with the world size, so efficiency compares equal work per device.
     scale_batch: bool = True
-    wandb_runs: bool = True  # log every dltrain run to W&B (offline unless a key is configured); false: none
+    # W&B for the suite's dltrain runs. null: as each recipe says (`tracking.trackers`, so a recipe's
+    # `trackers: []` stays off); true: every run logged to W&B (offline unless a key is configured),
+    # overriding the recipes; false: none, overriding the recipes.
+    wandb_runs: bool | None = None
     wandb_summary: bool = True  # one W&B run for the suite: results table and plots
     # Run world-size-1 single-node dltrain jobs inside the harness process (no interpreter or CUDA
     # start-up per job; dltrain.bench.inprocess); baselines and multi-process jobs stay launched.

@@ -27,11 +27,11 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from dltrain.data import DataError, DataSplits, sized_by
-from dltrain.recipe import RecipeBase, RecipeError, Section
+from dltrain.plugin import Output, classification_output
+from dltrain.recipe import HubIdOrPath, LocalPath, RecipeBase, RecipeError, Section
 from dltrain.workload import Workload
 from dltrain.workloads import bert_data
 from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
-from dltrain.workloads.common import Output, classification_output
 
 METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example"))  # test/: with data.test_file
 REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra that installs it (dltrain.extras)
@@ -41,8 +41,8 @@ REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field("bert-base-uncased", min_length=1)  # hub id or local directory (see module docstring)
-    tokenizer: str | None = Field(None, min_length=1, description="hub id or directory; default: name_or_path")
+    name_or_path: HubIdOrPath = "bert-base-uncased"  # hub id or local directory (see module docstring)
+    tokenizer: HubIdOrPath | None = Field(None, description="hub id or directory; default: name_or_path")
     init: Literal["pretrained", "random"] = "pretrained"  # random: architecture from the config alone
     # Always an int once the recipe is validated (Recipe._labels_agree fills in the default).
     num_labels: int | None = Field(None, ge=2, description="classifier outputs (label ids 0 .. num_labels-1); "
@@ -50,13 +50,13 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    root: str | None = Field(None, min_length=1,
+    root: LocalPath | None = Field(None,
                              description="folder holding sst2/{train,dev}.tsv; default $DLTRAIN_DATA_DIR")
-    train_file: str | None = Field(None, min_length=1, description="own csv/tsv/json/jsonl/parquet file instead of "
+    train_file: LocalPath | None = Field(None, description="own csv/tsv/json/jsonl/parquet file instead of "
                                                                      "SST-2 (needs eval_file)")
-    eval_file: str | None = Field(None, min_length=1)
-    test_file: str | None = Field(None, min_length=1)
-    dataset: str | None = Field(None, min_length=1, description="datasets.load_dataset path instead of SST-2: a hub id "
+    eval_file: LocalPath | None = None
+    test_file: LocalPath | None = None
+    dataset: HubIdOrPath | None = Field(None, description="datasets.load_dataset path instead of SST-2: a hub id "
                                                                 "(e.g. nyu-mll/glue) or a local dataset folder")
     config: str | None = Field(None, min_length=1, description="the dataset's configuration (e.g. mnli); data.dataset only")
     train_split: str = Field("train", min_length=1, description="split names in data.dataset")
@@ -324,6 +324,11 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
     return bert_data.device_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device, recipe.model.num_labels)
 
 
+def build_split(recipe: Recipe, device: torch.device | str, split: str) -> bert_data.TokenSplit | None:
+    return bert_data.device_split(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device,
+                                  recipe.model.num_labels, split)
+
+
 def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
     """For `dltrain inspect`: validation texts as the model sees them (decoded token ids), with labels."""
     tokenizer = tokenizer_for(recipe)
@@ -360,6 +365,7 @@ WORKLOAD = Workload(
     requires=REQUIRES,
     recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
     batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, flops_of=flops_of,
-    save_model=save_model, write_samples=write_samples, label_names=label_names, flops_batch=flops_batch, tokens_of=tokens_of,
+    save_model=save_model, write_samples=write_samples, build_split=build_split, label_names=label_names,
+    flops_batch=flops_batch, tokens_of=tokens_of,
     baselines={"bare": "bert_bare.py", "hf_trainer": "bert_hf_trainer.py"},
 )

@@ -52,23 +52,25 @@ def _offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DLTRAIN_OFFLINE"))
 
 
-def _source_files(cfg: DataConfig) -> dict[str, Path] | None:
+def _source_files(cfg: DataConfig, only: tuple[str, ...] | None = None) -> dict[str, Path] | None:
     """split -> file, or None to use the hub (SST-2, or data.dataset). Raises DataError when nothing
-    usable is found."""
+    usable is found. `only`: the splits needed (evaluation reads one), whose files alone must exist."""
     if cfg.dataset:
         return None
     if cfg.train_file or cfg.eval_file:
         if not (cfg.train_file and cfg.eval_file):
             raise DataError("data.train_file and data.eval_file go together: give both (eval_file is the validation set)")
         files = {"train": cfg.train_file, "val": cfg.eval_file} | ({"test": cfg.test_file} if cfg.test_file else {})
-        files = {k: Path(v).expanduser() for k, v in files.items()}
+        files = {k: Path(v).expanduser() for k, v in files.items() if only is None or k in only}
         for key, path in files.items():
             if not path.is_file():
                 raise DataError(f"data file not found: {path} (data.{'eval' if key == 'val' else key}_file)")
         return files
     sst2 = data_root(cfg.root) / "sst2"
-    if (sst2 / "train.tsv").is_file() and (sst2 / "dev.tsv").is_file():
-        return {"train": sst2 / "train.tsv", "val": sst2 / "dev.tsv"}
+    wanted = {"train": sst2 / "train.tsv", "val": sst2 / "dev.tsv"}
+    wanted = {k: v for k, v in wanted.items() if only is None or k in only}
+    if all(path.is_file() for path in wanted.values()):
+        return wanted
     if _offline():
         raise DataError(f"SST-2 not found in {sst2} and downloads are off (offline mode): {_HOW_TO_DATA}")
     return None
@@ -362,19 +364,29 @@ def _hub_sources(cfg: DataConfig) -> dict[str, tuple]:
             for split, name in names.items()}
 
 
-def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2) -> dict:
-    """split name -> tokenized datasets.Dataset (train, val, and test where the source has one);
-    the subsets are drawn by `seed`."""
-    files = _source_files(cfg)
+def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2,
+                     only: tuple[str, ...] | None = None) -> dict:
+    """split name -> tokenized datasets.Dataset (train, val, and test where the source has one;
+    with `only`, those of them alone); the subsets are drawn by `seed`."""
+    files = _source_files(cfg, only)
     if files is None:
         sources = _hub_sources(cfg)
     else:
         sources = {split: (functools.partial(_read_file, path), _content_ident(path), str(path)) for split, path in files.items()}
+    sources = {k: v for k, v in sources.items() if only is None or k in only}
     out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
            for split, (read, ident, where) in sources.items()}
-    out["train"] = _subset(out["train"], cfg.train_subset, seed)
-    out["val"] = _subset(out["val"], cfg.eval_subset, seed)
+    for split, n in (("train", cfg.train_subset), ("val", cfg.eval_subset)):
+        if split in out:
+            out[split] = _subset(out[split], n, seed)
     return out
+
+
+def device_split(cfg: DataConfig, tokenizer, seed: int, device, num_labels: int, split: str) -> TokenSplit | None:
+    """One held-out split ("val", "test") on the device, reading no other split (`dltrain eval`);
+    None where the source has none."""
+    ds = tokenized_splits(cfg, tokenizer, seed, num_labels, only=(split,)).get(split)
+    return TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device) if ds is not None else None
 
 
 def device_splits(cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu", num_labels: int = 2) -> DataSplits:

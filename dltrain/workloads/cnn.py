@@ -13,9 +13,9 @@ from pydantic import Field, FiniteFloat, PositiveInt
 from torch import nn
 
 from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sized_by
-from dltrain.recipe import RecipeBase, Section
+from dltrain.plugin import Output, classification_output, classification_summary
+from dltrain.recipe import LocalPath, RecipeBase, Section
 from dltrain.workload import Workload
-from dltrain.workloads.common import Output, classification_output, classification_summary
 
 METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
 REQUIRES = {"torchvision": "vision"}  # module -> the pip extra that installs it (dltrain.extras)
@@ -32,7 +32,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    root: str | None = Field(None, min_length=1, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
+    root: LocalPath | None = Field(None, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out, by seed")
     loader: Literal["tensor", "torch"] = "tensor"  # in-memory indexing, or torchvision DataLoader
     # DataLoader worker processes (loader: torch only); each one imports torch, hence a ceiling.

@@ -18,9 +18,9 @@ from pydantic import Field, FiniteFloat, PositiveInt, model_validator
 from torch import nn
 
 from dltrain.data import DataSplits, Split, sized_by
+from dltrain.plugin import Output
 from dltrain.recipe import RecipeBase, Section
 from dltrain.workload import Workload
-from dltrain.workloads.common import Output
 
 METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "mse", "naive_mse", "mse_ratio"))  # what evaluation reports
 

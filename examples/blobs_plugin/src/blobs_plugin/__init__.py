@@ -5,6 +5,11 @@ each example a centre plus Gaussian noise of `data.spread`, all from `data.seed`
 needs is below, in four parts: the recipe schema, the model, the data, and the `Workload` that
 ties them together. `pyproject.toml` declares it in the entry-point group `dltrain.workloads`;
 in a notebook, `dltrain.register_workload("blobs", WORKLOAD)` does the same without installing.
+
+Everything imported from dltrain comes from `dltrain.plugin`, which documents it. Each function
+follows the Protocol of its Workload field (dltrain.plugin.BuildModel, BuildData, Forward,
+FlopsPerSample, Summarize): `Workload(...)` below checks them when the module is imported, and
+tests/test_plugin.py checks them too.
 """
 
 from __future__ import annotations
@@ -15,10 +20,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from dltrain import Workload
-from dltrain.data import DataSplits, Split
-from dltrain.recipe import RecipeBase, Section
-from dltrain.workloads.common import classification_output, classification_summary
+from dltrain.plugin import (DataSplits, Output, RecipeBase, Section, Split, Workload, classification_output,
+                            classification_summary)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe schema: the common sections (train, optim, ...) come from RecipeBase; `model` and `data`
@@ -58,7 +61,7 @@ def build_model(recipe: Recipe) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, d.classes))
 
 
-def forward(model: nn.Module, batch):
+def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
     x, y = batch
     return classification_output(model(x), y)  # mean loss, and per-example loss and correct
 
@@ -82,7 +85,7 @@ def generate(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return features, labels
 
 
-def build_data(recipe: Recipe, device="cpu") -> DataSplits:
+def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
     x, y = (t.to(device) for t in generate(recipe.data))
     n_val = max(1, int(len(y) * recipe.data.val_fraction))
 
