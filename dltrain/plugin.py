@@ -25,16 +25,31 @@ alone does not.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from dltrain.data import DataError, DataSplits, Split
 from dltrain.recipe import RecipeBase, RecipeError, Section
-from dltrain.workload import (SIGNATURES, BatchSizeOf, BuildData, BuildModel, BuildSplit, FlopsBatch, FlopsOf,
-                              FlopsPerSample, Forward, LabelNames, SaveModel, Summarize, TokensOf, Workload,
-                              WriteSamples, register_workload, signature_problem)
+from dltrain.workload import (
+    SIGNATURES,
+    BatchSizeOf,
+    BuildData,
+    BuildModel,
+    BuildSplit,
+    FlopsBatch,
+    FlopsOf,
+    FlopsPerSample,
+    Forward,
+    LabelNames,
+    Output,
+    SaveModel,
+    Summarize,
+    TokensOf,
+    Workload,
+    WriteSamples,
+    register_workload,
+    signature_problem,
+)
 
 __all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "DataError", "DataSplits",
            "FlopsBatch", "FlopsOf", "FlopsPerSample", "Forward", "LabelNames", "Output", "RecipeBase", "RecipeError",
@@ -43,15 +58,6 @@ __all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit",
 
 # ----------------------------------------------------------------------------------------------
 # The step's helpers (the built-in workloads use them too)
-
-
-class Output(NamedTuple):
-    """What a workload's forward returns: the mean loss to backpropagate and per-example statistics."""
-
-    loss: torch.Tensor  # mean over the batch; what is backpropagated
-    # Per-example values, summed by the trainer. Evaluation needs "loss" among them; in training
-    # the trainer logs the mean `loss` itself and ignores a "loss" statistic.
-    stats: dict[str, torch.Tensor]
 
 
 def classification_output(logits: torch.Tensor, labels: torch.Tensor) -> Output:

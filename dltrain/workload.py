@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from dltrain.recipe_file import RecipeError, shown
 
@@ -68,10 +68,19 @@ if TYPE_CHECKING:  # for the signatures only: importing this module loads no tor
     import torch
 
     from dltrain.data import DataSplits, Split
-    from dltrain.recipe import RecipeBase
-    from dltrain.plugin import Output
+    from dltrain.sections import RecipeBase
 
 ENTRY_POINT_GROUP = "dltrain.workloads"
+
+
+class Output(NamedTuple):
+    """What a workload's forward returns: the mean loss to backpropagate and per-example statistics."""
+
+    loss: torch.Tensor  # mean over the batch; what is backpropagated
+    # Per-example values, summed by the trainer. Evaluation needs "loss" among them; in training
+    # the trainer logs the mean `loss` itself and ignores a "loss" statistic.
+    stats: dict[str, torch.Tensor]
+
 
 # ----------------------------------------------------------------------------------------------
 # The signatures a workload implements: one Protocol per Workload field. `Workload(...)` checks
@@ -222,7 +231,7 @@ class Workload:
     name: str = ""  # set by the registry
 
     def __post_init__(self) -> None:
-        from dltrain.recipe import RecipeBase
+        from dltrain.sections import RecipeBase
 
         if not (isinstance(self.recipe, type) and issubclass(self.recipe, RecipeBase)):
             raise TypeError(f"Workload.recipe must be a dltrain.recipe.RecipeBase subclass, got {self.recipe!r}")

@@ -9,6 +9,8 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dltrain.bench.figures import figure_mean
+
 FIGURES = ["samples_per_s", "tokens_per_s", "padded_tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
            "data_wait_share", "achieved_flops_per_s", "mfu", "time_to_target_s", "peak_memory_mb", "wall_s",
            # outside the steady clock (runs from before that clock lack them)
@@ -73,11 +75,6 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
     return configs
 
 
-def _mean(cfg: dict | None, key: str) -> float | None:
-    fig = (cfg or {}).get("figures", {}).get(key)
-    return fig["mean"] if fig else None
-
-
 def variants(records: list[dict], configs: dict[str, dict]) -> list[dict]:
     """Each config of an entry with a `reference` against the reference entry's config of the same
     world size, precision and mode: samples/s over the reference's, per repeat, then averaged."""
@@ -91,8 +88,8 @@ def variants(records: list[dict], configs: dict[str, dict]) -> list[dict]:
             continue
         ratios = [rec["samples_per_s"] / ok[(ref, rep)]["samples_per_s"] for (c, rep), rec in ok.items()
                   if c == name and (ref, rep) in ok]
-        rows.append({"config": name, "reference_config": ref, "samples_per_s": _mean(cfg, "samples_per_s"),
-                     "reference_samples_per_s": _mean(configs[ref], "samples_per_s"),
+        rows.append({"config": name, "reference_config": ref, "samples_per_s": figure_mean(cfg, "samples_per_s"),
+                     "reference_samples_per_s": figure_mean(configs[ref], "samples_per_s"),
                      "ratio": stats(ratios) if ratios else None})
     return rows
 
@@ -114,8 +111,8 @@ def baseline_ratios(records: list[dict], configs: dict[str, dict]) -> list[dict]
                 if rec.get("step_time_ms_p50") and ours.get("step_time_ms_p50"):
                     p50_ratios.append(rec["step_time_ms_p50"] / ours["step_time_ms_p50"])
         rows.append({"config": name, "baseline": cfg["kind"], "entry": cfg["entry"], "precision": cfg["precision"],
-                     "dltrain_config": cfg["pair"], "dltrain_samples_per_s": _mean(configs.get(cfg["pair"]), "samples_per_s"),
-                     "baseline_samples_per_s": _mean(cfg, "samples_per_s"),
+                     "dltrain_config": cfg["pair"], "dltrain_samples_per_s": figure_mean(configs.get(cfg["pair"]), "samples_per_s"),
+                     "baseline_samples_per_s": figure_mean(cfg, "samples_per_s"),
                      "ratio": stats(ratios) if ratios else None,
                      "ratio_p50_step": stats(p50_ratios) if p50_ratios else None,
                      "target": 0.95 if cfg["kind"] == "bare" else None})

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from dltrain.bench.comm import CommModel, Fit
-from dltrain.bench.report import _mean
+from dltrain.bench.figures import figure_mean
 from dltrain.bench.stepmodel import predict_step
 
 PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
@@ -35,7 +35,7 @@ def _group_key(cfg: dict) -> tuple:
 def _throughput_groups(configs: dict[str, dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for name, cfg in configs.items():
-        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and _mean(cfg, "samples_per_s"):
+        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and figure_mean(cfg, "samples_per_s"):
             groups.setdefault(_group_key(cfg), []).append(cfg | {"config": name})
     return groups
 
@@ -46,12 +46,12 @@ def scaling(configs: dict[str, dict]) -> list[dict]:
         base = next((c for c in cfgs if c["world_size"] == 1), None)
         if base is None or len(cfgs) < 2:
             continue
-        t1 = _mean(base, "samples_per_s")
+        t1 = figure_mean(base, "samples_per_s")
         for c in sorted(cfgs, key=lambda c: (c["world_size"], c["nnodes"])):
-            speedup = _mean(c, "samples_per_s") / t1
+            speedup = figure_mean(c, "samples_per_s") / t1
             rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
                          "config": c["config"], "world_size": c["world_size"], "nnodes": c["nnodes"],
-                         "samples_per_s": _mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
+                         "samples_per_s": figure_mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
     return rows
 
 
@@ -71,9 +71,9 @@ def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]
             shared = (profile.get("colocated") or {}).get(str(n), 1.0)  # n ranks on this host's cores
             step1 = slowest * shared
             pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
-            measured = _mean(c, "step_time_ms_p50") / 1e3
+            measured = figure_mean(c, "step_time_ms_p50") / 1e3
             rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": c["config"], "world_size": n,
-                         "world1_p50_ms": _mean(base, "step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
+                         "world1_p50_ms": figure_mean(base, "step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
                          "colocated_factor": shared, "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
                          "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
                          "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
@@ -89,7 +89,7 @@ def slowest_of(cfg: dict, n: int) -> float:
     dynamic padding varies step to step; a synchronous step waits for the longest batch."""
     pct = cfg.get("step_time_ms_percentiles")
     if not pct:
-        return _mean(cfg, "step_time_ms_p50") / 1e3
+        return figure_mean(cfg, "step_time_ms_p50") / 1e3
     q = min(99.0, max(1.0, 100 * 0.5 ** (1 / n)))
     lo = int(q)
     frac = q - lo
@@ -170,12 +170,12 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     want = flops.get("shape")
     rows = [(name, cfg) for name, cfg in (gpu_configs or {}).items()
             if (cfg["kind"], cfg["mode"], cfg["world_size"]) == ("dltrain", "throughput", 1)
-            and _mean(cfg, "step_time_ms_p50") and _mean(cfg, "samples_per_s")]
+            and figure_mean(cfg, "step_time_ms_p50") and figure_mean(cfg, "samples_per_s")]
     same = sorted(((n, c) for n, c in rows if want and c.get("shape") == want), key=lambda nc: nc[1]["precision"] != "bf16")
     if same:
         name, cfg = same[0]
-        p50 = _mean(cfg, "step_time_ms_p50") / 1e3
-        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
+        p50 = figure_mean(cfg, "step_time_ms_p50") / 1e3
+        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(figure_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
     kin = [(n, c) for n, c in rows if c["entry"] == entry or (want and (c.get("shape") or {}).get("workload") == want["workload"])]
     if kin:
         name, cfg = kin[0]
