@@ -42,7 +42,6 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors import SafetensorError
 
@@ -187,6 +186,8 @@ def agree_ok(acc, failed: Exception | None) -> bool:
     """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
     if acc.num_processes == 1:
         return failed is None
+    import torch  # here: `dltrain --help` imports this module's callers, and torch costs seconds
+
     flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
     return acc.reduce(flag, reduction="sum").item() == 0
 

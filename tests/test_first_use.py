@@ -90,7 +90,8 @@ def _cnn_run(tmp_path, saved: tuple[str, ...]):
         if name.startswith("step_"):
             ckpt = run / "checkpoints" / name
             export.save(model, model.state_dict(), ckpt, recipe)
-            (ckpt / "trainer_state.json").write_text(json.dumps({"recipe": dump_recipe(recipe)}))
+            state = {"recipe": dump_recipe(recipe), "state": {"step": int(name[5:])}, "run_id": "fake"}
+            (ckpt / "trainer_state.json").write_text(json.dumps(state))
             files = {f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)} for f in ckpt.iterdir()}
             (ckpt / "manifest.json").write_text(json.dumps({"files": files}))
         else:

@@ -53,6 +53,12 @@ class DeepSpeed(Strategy):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         if self.recipe.train.compile.enabled:
             apply_compile([model], self.recipe.train.compile)  # ZeRO 1/2: the engine's hooks are on gradients
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.train.precision)
+        if low is not None:
+            # DeepSpeed's bf16/fp16 modes cast the parameters, not the inputs (no autocast): a
+            # float batch would meet half-precision weights in the first layer. Floating inputs are
+            # cast on the way in, outside any compiled code; integer inputs (token ids) stay.
+            model.register_forward_pre_hook(lambda module, args, kwargs: _cast_floats(args, kwargs, low), with_kwargs=True)
         self.model, self.optimizer = self.accelerator.prepare(model, make_optimizer(model))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -85,6 +91,13 @@ class DeepSpeed(Strategy):
 
     def describe(self) -> str | None:
         return f"DeepSpeed ZeRO-{self.model.zero_optimization_stage()}"
+
+
+def _cast_floats(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    def cast(x):
+        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def stage_of(recipe) -> int:

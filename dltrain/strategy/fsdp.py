@@ -216,10 +216,18 @@ _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed
 
 def _allowed(module: str, name: str):
     """What a checkpoint's metadata may name: DCP's own classes (never a function), torch.Size,
-    torch's dtypes, layouts and memory formats, OrderedDict. None for anything else."""
+    torch's dtypes, layouts and memory formats (and the lookup torch pickles a layout with), the
+    checkpoint's path, OrderedDict. None for anything else."""
     import collections
     import importlib
+    import pathlib
 
+    if (module, name) == ("torch.serialization", "_get_layout"):
+        from torch.serialization import _get_layout  # a name -> torch.layout lookup, nothing more
+
+        return _get_layout
+    if module == "pathlib" and name in ("PosixPath", "PurePosixPath"):
+        return getattr(pathlib, name)
     if module in _METADATA_MODULES:
         obj = getattr(importlib.import_module(module), name, None)
         return obj if isinstance(obj, type) else None
