@@ -45,6 +45,7 @@ import torch
 from conftest import REPO
 from test_distributed import (DLTRAIN, LOSS_ATOL, PARAM_ATOL, SMALL, Run, Runs, _sets, max_diff,
                               max_param_diff)
+from test_strategies import HOOK_PARAM_ATOL
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 COMPILE = ("off", "on")
@@ -69,17 +70,21 @@ DIAGONAL = (("ddp", "off", "fp32"), ("fsdp", "on", "bf16"), ("zero1", "on", "fp3
             ("zero2", "off", "bf16"), ("zero3", "off", "fp32"))
 FULL = os.environ.get("DLTRAIN_MATRIX", "") == "full"
 
-# Match with one process. fp32: test_distributed's bounds (summation order only).
-# bf16: autocast rounds every matmul/conv input to 8 significant bits, and 1 process x batch 64
-# and 2 x 32 round different partial sums; see the measured values in the comment by BF16_*.
-# Compiled runs are compared with a compiled one-process run (inductor fuses and reorders
-# differently from eager, so compiled-vs-eager is not what a cell is judged on).
-BF16_LOSS_ATOL = 1e-2
-BF16_PARAM_ATOL = 2 * 1e-3 * STEPS  # Adam moves a weight ~lr per step whatever its gradient: a sign flip, 2 lr
+# Match with one process of the same compile and precision (compiled against compiled: inductor
+# fuses and reorders differently from eager, so compiled-vs-eager is not what a cell is judged on).
+# fp32: test_distributed's bounds (summation order only; measured here 3.6e-7 loss, 3.5e-6 params).
+# bf16: autocast rounds every conv/matmul input to 8 significant bits, and 1 process x 64 and
+# 2 x 32 round different partial sums. Measured 2026-12-07 (torch 2.14.1, AVX2 CPU, emulated
+# bf16): loss 7.6e-4 (DDP) and 7.7e-4 (FSDP2), parameters 3.3e-3 (both). The loss bound is 4x
+# the largest measured; parameters take test_strategies' bound for rounded gradients (Adam moves a
+# weight ~lr per step whatever its gradient's size, 2 lr when rounding flips its sign: 1.2e-2).
+BF16_LOSS_ATOL = 3e-3
+BF16_PARAM_ATOL = HOOK_PARAM_ATOL
 LOSS_TOL = {"fp32": LOSS_ATOL, "bf16": BF16_LOSS_ATOL}
 PARAM_TOL = {"fp32": PARAM_ATOL, "bf16": BF16_PARAM_ATOL}
 
-# Hangs only: a healthy job here takes 10-120 s (compile's first step included) on a loaded machine.
+# Hangs only: a healthy job took 25-210 s here on a loaded machine (the longest: DeepSpeed's first
+# start, which compiles its shm op; bf16 is emulated on an AVX2 CPU).
 JOB_TIMEOUT_S = 900
 CLI_TIMEOUT_S = 300
 
@@ -267,8 +272,9 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
         got = json.loads(done.stdout)["metrics"]
         record[f"eval_{which}_accuracy_diff"] = abs(got["val/accuracy"] - expected["val/accuracy"])
         assert got["val/examples"] == expected["val/examples"]
-        # The same weights and examples; 1 process x micro-batch 64 here, 2 x 32 in the run:
-        # fp32 sums in another order (no prediction flips: measured 0), bf16 may flip a borderline one.
+        # The same weights and examples; 1 process x micro-batch 64 here, 2 x 32 in the run, so
+        # sums in another order: measured 0 flipped predictions (fp32 and bf16); bf16 is allowed
+        # 3 of 1,200 for a borderline logit (the step-3 and step-6 models of the DDP cell differ by 5%).
         assert record[f"eval_{which}_accuracy_diff"] <= EVAL_ACC_TOL[precision] / expected["val/examples"], (
             f"dltrain eval --which {which}: val/accuracy {got['val/accuracy']:.4f}, the run logged "
             f"{expected['val/accuracy']:.4f}")
@@ -299,8 +305,10 @@ def save_record(path: Path, record: dict) -> None:
     with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {"cells": []}
-        key = (record["strategy"], record["compile"], record["precision"])
-        results["cells"] = [r for r in results["cells"] if (r["strategy"], r["compile"], r["precision"]) != key] + [record]
+        def key(r: dict) -> tuple:
+            return r["strategy"], r["compile"], r["precision"]
+
+        results["cells"] = [r for r in results["cells"] if key(r) != key(record)] + [record]
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(path)
