@@ -32,9 +32,10 @@ GPU_ONLY = "GPU-only, untested"
 REASON_CHARS = 160  # a table cell, not a log: the whole line is in the JSON
 
 
-def _ordered(known: tuple[str, ...], seen) -> list[str]:
-    """The known values in their order, then any others (e.g. fp16 from --gpu-only) as met."""
-    return [v for v in known if v in seen] + [v for v in dict.fromkeys(seen) if v not in known]
+def _axis(i: int, known: tuple[str, ...], cells, gpu_only) -> list[str]:
+    """Axis i's values: the known ones in their order, then others as met in the records or
+    named by a GPU-only pattern (e.g. fp16), never a pattern's wildcard."""
+    return list(dict.fromkeys([*known, *(c[i] for c in cells), *(p[i] for p in gpu_only if p[i] != "*")]))
 
 
 def parse_pattern(text: str) -> tuple[str, str, str]:
@@ -65,11 +66,8 @@ def cell_text(record: dict | None, gpu_only: bool) -> str:
 def render(records: list[dict], gpu_only: list[tuple[str, str, str]] = ()) -> str:
     """The markdown table and a line of counts."""
     by_cell = {(r["strategy"], r["compile"], r["precision"]): r for r in records}
-    # The axes: what was run, plus the values a GPU-only pattern names (not its wildcards).
-    strategies = _ordered(STRATEGIES, [c[0] for c in by_cell] + [p[0] for p in gpu_only if p[0] != "*"] + list(STRATEGIES))
-    compiles = _ordered(COMPILE, [c[1] for c in by_cell] + [p[1] for p in gpu_only if p[1] != "*"] + list(COMPILE))
-    precisions = _ordered(PRECISION, [c[2] for c in by_cell] + [p[2] for p in gpu_only if p[2] != "*"] + list(PRECISION))
-    columns = [(c, p) for c in compiles for p in precisions]
+    strategies = _axis(0, STRATEGIES, by_cell, gpu_only)
+    columns = [(c, p) for c in _axis(1, COMPILE, by_cell, gpu_only) for p in _axis(2, PRECISION, by_cell, gpu_only)]
     lines = ["| strategy | " + " | ".join(f"compile {c}, {p}" for c, p in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     counts: dict[str, int] = {}

@@ -68,7 +68,8 @@ def test_the_script_rewrites_only_the_readme_section_between_the_markers(tmp_pat
     assert done.stdout == table and "GPU-only, untested" in table
     assert readme.read_text() == f"{before}{matrix_table.BEGIN}\n{table}{matrix_table.END}{after}"
     # Run again: the same file (the section is replaced, not appended to).
-    subprocess.run([sys.executable, str(SCRIPT), str(results), "--readme", str(readme)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(SCRIPT), str(results), "--readme", str(readme)], check=True,
+                   capture_output=True)
     assert readme.read_text() == f"{before}{matrix_table.BEGIN}\n{table}{matrix_table.END}{after}"
 
 
@@ -131,7 +132,8 @@ def test_a_proper_refusal_gives_its_reason(tmp_path):
 
 
 @pytest.mark.parametrize("stderr, written, why", [
-    ("[rank0]: dltrain: error: compile under FSDP\n[rank1]: dltrain: error: compile under FSDP\n", [], "2 'dltrain: error:' lines"),
+    ("[rank0]: dltrain: error: compile under FSDP\n[rank1]: dltrain: error: compile under FSDP\n", [],
+     "2 'dltrain: error:' lines"),
     ("dltrain: error: the recipe is wrong\n", [], "without naming"),
     ("dltrain: error: compile under FSDP\n", ["metrics.jsonl"], "after training started"),
     ("usage: dltrain ...\ndltrain: error: unrecognized arguments\n", [], "without naming"),
