@@ -64,10 +64,12 @@ CELL = [*SMALL["cnn"], *_sets("checkpoint.every_steps=3", "train.eval_every=3", 
 RESUME_STEP = 3
 STEPS = 6
 
-# Each strategy once, each compile and each precision value at least twice (off 3, on 2; fp32 3,
-# bf16 2), compile off where there was a choice: it is the cheaper kind of cell.
-DIAGONAL = (("ddp", "off", "fp32"), ("fsdp", "on", "bf16"), ("zero1", "on", "fp32"),
-            ("zero2", "off", "bf16"), ("zero3", "off", "fp32"))
+# Each strategy once, each compile and each precision value at least twice (compile on 2, off 3;
+# fp32 3, bf16 2), with compile under DDP (issue 19's item b) and FSDP2's own bf16. No cell pairs
+# compile with bf16: that kind is the slowest (bf16 is emulated on AVX2 CPUs) and needs a fourth
+# one-process run; the full matrix has them.
+DIAGONAL = (("ddp", "on", "fp32"), ("fsdp", "off", "bf16"), ("zero1", "off", "fp32"),
+            ("zero2", "off", "bf16"), ("zero3", "on", "fp32"))
 FULL = os.environ.get("DLTRAIN_MATRIX", "") == "full"
 
 # Match with one process of the same compile and precision (compiled against compiled: inductor
