@@ -29,6 +29,7 @@ into the README table.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -295,6 +296,7 @@ def results_path(tmp_root: Path) -> Path:
     return Path(os.environ.get("DLTRAIN_MATRIX_RESULTS") or tmp_root / "matrix_results.json")
 
 
+@functools.cache  # once per session: the commit the session started from, for every cell
 def _commit() -> str:
     done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
     return done.stdout.strip() or "unknown"

@@ -83,6 +83,16 @@ def test_a_readme_without_one_ordered_pair_of_markers_is_left_alone(tmp_path, te
     assert readme.read_text() == text
 
 
+def test_the_readme_table_is_the_committed_results_rendered():
+    """README.md's section is benchmarks/results/matrix.json rendered: a hand edit of the table, or
+    new results without the README rewritten (or the other way round), fails here."""
+    results = json.loads((REPO / "benchmarks" / "results" / "matrix.json").read_text())
+    gpu_only = [matrix_table.parse_pattern(p) for p in results.get("gpu_only", [])]
+    text = (REPO / "README.md").read_text()
+    section = text.split(matrix_table.BEGIN, 1)[1].split(matrix_table.END, 1)[0]
+    assert section == "\n" + matrix_table.render(results["cells"], gpu_only)
+
+
 # ----------------------------------------------------------------------------------------------
 # tests/test_matrix.py's judge, on synthetic job ends: no cell is refused today, so the refusal
 # rules are shown to pass and to fail here.
