@@ -250,7 +250,7 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
     # final_model/ in its own framework: dltrain's loader builds the CNN and refuses foreign keys.
     final = full.final_model()
     _, model = load_model(full.out)
-    assert max_param_diff(weights_of(model), final) == 0.0
+    assert max_param_diff(weights_of(model), final) == 0.0, "load_model(RUN) does not give final_model's weights"
 
     env = runs.env
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
     if done.returncode != 0:
         raise CellFailed(f"dltrain export: exit {done.returncode}: {first_error_line(done.stderr)}")
     _, model = load_model(exported)
-    assert max_param_diff(weights_of(model), final) == 0.0
+    assert max_param_diff(weights_of(model), final) == 0.0, "the exported weights are not final_model's"
     plain = cnn.build_model(load_recipe(str(REPO / "recipes" / "cnn_mnist.yaml"), "cpu_test"))
     plain.load_state_dict(load_file(str(exported / "model.safetensors")), strict=True)
 
@@ -274,7 +274,7 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
             raise CellFailed(f"dltrain eval --which {which}: exit {done.returncode}: {first_error_line(done.stderr)}")
         got = json.loads(done.stdout)["metrics"]
         record[f"eval_{which}_accuracy_diff"] = abs(got["val/accuracy"] - expected["val/accuracy"])
-        assert got["val/examples"] == expected["val/examples"]
+        assert got["val/examples"] == expected["val/examples"], f"dltrain eval counted {got['val/examples']} examples"
         # The same weights and examples; 1 process x micro-batch 64 here, 2 x 32 in the run, so
         # sums in another order: measured 0 flipped predictions (fp32 and bf16); bf16 is allowed
         # 3 of 1,200 for a borderline logit (the step-3 and step-6 models of the DDP cell differ by 5%).
