@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,7 +99,8 @@ def test_the_readme_table_is_the_committed_results_rendered():
 # rules are shown to pass and to fail here.
 
 from test_distributed import Run  # noqa: E402
-from test_matrix import CellFailed, first_error_line, names_the_combination, refusal  # noqa: E402
+from test_matrix import (CellFailed, MatrixRuns, first_error_line, job_failed,  # noqa: E402
+                         names_the_combination, refusal)
 
 FSDP_COMPILE_BF16 = ("fsdp", "on", "bf16")
 TRACEBACK = """W1207 03:25:01 torch/distributed/run.py: Setting OMP_NUM_THREADS
@@ -151,3 +153,17 @@ def test_a_proper_refusal_gives_its_reason(tmp_path):
 def test_anything_else_that_exits_2_fails_the_cell(tmp_path, stderr, written, why):
     with pytest.raises(CellFailed, match=why):
         refusal(_exit2(tmp_path, stderr, written), FSDP_COMPILE_BF16)
+
+
+def test_a_hung_job_is_killed_with_the_processes_it_started(tmp_path):
+    """A cell that hangs must not leave its ranks running: the launcher's whole session is killed."""
+    pid_file = tmp_path / "child.pid"
+    hang = [sys.executable, "-c", "import subprocess, sys, time; "
+            f"p = subprocess.Popen(['sleep', '300']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+            "print('started', flush=True); print('RuntimeError: stuck', file=sys.stderr, flush=True); time.sleep(300)"]
+    run = MatrixRuns(tmp_path, tmp_path).get("hang", hang, timeout=5)
+    assert run.returncode is None and "started" in run.stdout
+    child = pid_file.read_text()
+    state = (Path("/proc") / child / "stat").read_text().split()[2] if (Path("/proc") / child).exists() else "gone"
+    assert state in ("Z", "gone")  # killed (a zombie until its new parent reaps it)
+    assert "no exit within" in str(job_failed("train", run)) and "RuntimeError: stuck" in str(job_failed("train", run))
