@@ -9,7 +9,7 @@ MODELS_DIR ?= $(abspath ../shared/models)
 # The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
 RUN_SUITE ?= cpu_quick
 
-.PHONY: install run test test-fast wheel clean
+.PHONY: install run test test-fast test-matrix wheel clean
 
 # The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,15 @@ TEST_WORKERS ?= 2
 test: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+
+# The strategy x compile x precision matrix off make test's diagonal (tests/test_matrix.py): 15 cells
+# of 2-process jobs, its own CI step. Each cell's outcome is merged into $(MATRIX_RESULTS), which
+# benchmarks/matrix_table.py renders (and writes into README.md with --readme README.md).
+MATRIX_RESULTS ?= $(abspath runs/matrix.json)
+test-matrix: install
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
+		DLTRAIN_MATRIX=full DLTRAIN_MATRIX_RESULTS=$${DLTRAIN_MATRIX_RESULTS:-$(MATRIX_RESULTS)} \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m matrix_full --durations=0 tests/test_matrix.py
 
 test-fast: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
