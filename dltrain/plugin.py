@@ -36,6 +36,7 @@ from dltrain.workload import (
     BuildData,
     BuildModel,
     BuildSplit,
+    ComputeDtypes,
     FlopsBatch,
     FlopsOf,
     FlopsPerSample,
@@ -51,7 +52,7 @@ from dltrain.workload import (
     signature_problem,
 )
 
-__all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "DataError", "DataSplits",
+__all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "ComputeDtypes", "DataError", "DataSplits",
            "FlopsBatch", "FlopsOf", "FlopsPerSample", "Forward", "LabelNames", "Output", "RecipeBase", "RecipeError",
            "SaveModel", "Section", "Split", "Summarize", "TokensOf", "Workload", "WriteSamples",
            "classification_output", "classification_summary", "register_workload", "signature_problem"]

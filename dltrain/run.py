@@ -229,6 +229,7 @@ def _summary(loop: Loop, state: TrainState, final: dict, run_dir: Path, wall_s: 
         "metrics": metrics,
         "throughput": throughput,
         "flops_per_sample": flops,
+        "compute_dtypes": loop.workload.compute_dtypes(recipe, acc.device.type) if loop.workload.compute_dtypes else {},
         "time_to_target_s": state.time_to_target_s,
         "target": recipe.target.model_dump() if recipe.target else None,
         "steps": state.step,

@@ -36,6 +36,9 @@ Optional hooks (None: the default behaviour named):
                                    default: the first n training examples
     tokens_of(batch)            -> tokens a batch computes on, padding included (text workloads):
                                    the harness turns it into FLOPs per padded token
+    compute_dtypes(recipe, device_type) -> {part: dtype} where a part of the model computes in
+                                   another dtype than train.precision says (summary.json's
+                                   `compute_dtypes`); default: none
     requires                    {module: pip extra} the workload imports beyond the core, e.g.
                                    {"torchvision": "vision"}: a missing one is one line naming the extra
     baselines                   bench baseline kind ("bare", "hf_trainer") -> script (a path, or a
@@ -157,12 +160,18 @@ class TokensOf(Protocol):
         """Tokens a batch computes on, padding included (text workloads)."""
 
 
+class ComputeDtypes(Protocol):
+    def __call__(self, recipe: RecipeBase, device_type: str, /) -> dict[str, str]:
+        """What parts of the model compute in, where it differs from train.precision (e.g. a layer
+        a kernel runs in another dtype than autocast asks); {} where nothing differs."""
+
+
 # Workload field -> the Protocol its function follows.
 SIGNATURES: dict[str, type] = {
     "build_model": BuildModel, "build_data": BuildData, "forward": Forward, "flops_per_sample": FlopsPerSample,
     "summarize": Summarize, "batch_size_of": BatchSizeOf, "flops_of": FlopsOf, "save_model": SaveModel,
     "write_samples": WriteSamples, "build_split": BuildSplit, "label_names": LabelNames, "flops_batch": FlopsBatch,
-    "tokens_of": TokensOf,
+    "tokens_of": TokensOf, "compute_dtypes": ComputeDtypes,
 }
 
 
@@ -224,6 +233,7 @@ class Workload:
     label_names: LabelNames | None = None
     flops_batch: FlopsBatch | None = None
     tokens_of: TokensOf | None = None
+    compute_dtypes: ComputeDtypes | None = None
     baselines: dict[str, str] = field(default_factory=dict)
     baseline_takes_recipe: bool = True
     # module -> the pip extra that installs it (dltrain.extras): checked before a run starts
@@ -239,7 +249,7 @@ class Workload:
             if not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
         for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch",
-                     "tokens_of"):
+                     "tokens_of", "compute_dtypes"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable or None, got {getattr(self, name)!r}")
         for name, protocol in SIGNATURES.items():

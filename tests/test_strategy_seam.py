@@ -256,3 +256,29 @@ def test_the_launcher_refuses_a_combination_before_any_process_starts(tmp_path):
         line for line in done.stderr.splitlines() if line.strip()]
     assert "zero_stage=3 with train.compile" in done.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# g: what the RNN computes in under CUDA autocast
+
+
+def test_the_rnns_recurrent_layers_leave_bf16_autocast_and_the_summary_says_so():
+    """cuDNN's RNN runs fp16 under CUDA autocast whatever dtype was asked: a 'bf16' RNN row was fp16
+    without a loss scaler. The recurrent layers run in fp32 under bf16 autocast, and the workload
+    reports it; fp16 autocast and the CPU are left as they are."""
+    from unittest import mock
+
+    from dltrain.workload import get_workload
+    from dltrain.workloads import rnn
+
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device=None: device == "cuda"), \
+            mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.bfloat16):
+        assert rnn.recurrent_in_fp32("cuda") and not rnn.recurrent_in_fp32("cpu")
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device=None: True), \
+            mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.float16):
+        assert not rnn.recurrent_in_fp32("cuda")
+    workload = get_workload("rnn")
+    bf16 = load_recipe(RECIPES / "rnn_sine.yaml", "cpu_test", ["train.precision=bf16"])
+    assert workload.compute_dtypes(bf16, "cuda")["recurrent layers"].startswith("fp32")
+    assert workload.compute_dtypes(bf16, "cpu") == {}
+    assert workload.compute_dtypes(load_recipe(RECIPES / "rnn_sine.yaml", "cpu_test"), "cuda") == {}

@@ -231,5 +231,5 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
 WORKLOAD = Workload(
     recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
     batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples,
-    baselines={"bare": "rnn_bare.py"},
+    baselines={"bare": "rnn_bare.py"}, compute_dtypes=compute_dtypes,
 )
