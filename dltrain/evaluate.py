@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise RecipeError(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist: create it, "
+                          "or give a path in an existing folder")
     result = evaluate_path(Path(args.path), args.split, args.which)
     text = json.dumps(result, indent=2)
     if args.output:

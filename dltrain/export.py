@@ -112,9 +112,19 @@ def write_config(out_dir: Path, model, recipe) -> Path:
 
 
 def _latest_segment_recipe(run_dir: Path) -> Path:
-    """recipe.yaml, or the recipe of the last resumed segment (recipe.resume-<N>.yaml)."""
-    resumed = sorted(run_dir.glob("recipe.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    """recipe.yaml, or the recipe of the last resumed segment (recipe.resume-<N>.yaml; a stray file
+    of that pattern whose N is not a step is not a segment's)."""
+    resumed = [p for p in run_dir.glob("recipe.resume-*.yaml") if p.stem.rsplit("-", 1)[1].isdigit()]
+    resumed.sort(key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     return resumed[-1] if resumed else run_dir / RECIPE_FILE
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {path} ({exc}): the folder is damaged; use another run, checkpoint or "
+                          "export") from None
 
 
 # What a run directory's model is when no --which is given: what the run saved, in this order.
@@ -169,20 +179,26 @@ def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
     """(resolved recipe YAML, folder holding the weights) of a run, checkpoint or exported folder.
     Of a run directory: its `which` model (final, best), or with None what it saved, in the order
     DEFAULT_ORDER (final_model/, best_model/, the newest checkpoint)."""
+    from dltrain import checkpoint
+
     path = Path(path)
-    if (path / "trainer_state.json").is_file():  # a checkpoint
-        state = json.loads((path / "trainer_state.json").read_text())
+    if not path.is_dir():
+        raise RecipeError(f"{path}: no such folder: give a run directory, a checkpoint or an exported model")
+    if (path / "trainer_state.json").is_file():  # a checkpoint: intact, as --resume would require
+        why = checkpoint.problem_with(path)
+        if why is not None:
+            raise RecipeError(f"checkpoint {path} is {why}: use another of the run's checkpoints, or its final_model")
         if not (path / WEIGHTS_FILE).is_file():
             raise RecipeError(f"{path} holds no {WEIGHTS_FILE} (a DeepSpeed checkpoint?): evaluate or export the run's "
                               "final_model instead")
-        return state["recipe"], path
+        return checkpoint.saved_state(path)["recipe"], path
     if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():  # exported, or final_model/
-        return (path / RECIPE_FILE).read_text(), path
+        return _read(path / RECIPE_FILE), path
     if (path / RECIPE_FILE).is_file():  # a run directory
         model_dir = _run_model(path, which)
         if (model_dir / "trainer_state.json").is_file():  # the newest checkpoint: its own recipe
             return locate(model_dir)
-        return _latest_segment_recipe(path).read_text(), model_dir
+        return _read(_latest_segment_recipe(path)), model_dir
     raise RecipeError(f"{path} is not a run directory, a checkpoint or an exported model (no recipe.yaml, "
                       "trainer_state.json or model.safetensors there)")
 
@@ -196,14 +212,25 @@ def load_model(path: Path, which: str | None = None):
     from dltrain.workload import get_workload
 
     text, weights_dir = locate(path, which)
-    raw = yaml.safe_load(text) or {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"the recipe stored with {path} is not YAML ({str(exc).splitlines()[0]}): the folder is "
+                          "damaged") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"the recipe stored with {path} is a {type(raw).__name__}, not a recipe: the folder is "
+                          "damaged")
     recipe = validate(raw, source=f"{path} (its recipe)")
     if getattr(recipe.model, "init", None) == "pretrained":
         recipe.model.init = "random"  # the architecture only: the weights come from the file
     workload = get_workload(recipe.workload)
     torch.manual_seed(recipe.train.seed)
     model = workload.build_model(recipe)
-    state = load_file(str(weights_dir / WEIGHTS_FILE))
+    try:
+        state = load_file(str(weights_dir / WEIGHTS_FILE))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error for a cut-off or foreign file
+        raise RecipeError(f"{weights_dir / WEIGHTS_FILE} cannot be read ({str(exc).splitlines()[0][:160]}): the file "
+                          "is damaged (cut off?); use another of the run's models or checkpoints") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])  # save_pretrained leaves tied copies out
     missing = [k for k in missing if k not in tied]
@@ -234,13 +261,50 @@ def add_parser(sub) -> None:
     p.add_argument("--which", choices=["final", "best"], default=None,
                    help="of a run directory: final_model or best_model (default: what the run saved, in the order "
                         "final_model, best_model, the newest checkpoint)")
-    p.add_argument("--output-dir", help="where to write (default: RUN_DIR/export-hf)")
+    p.add_argument("--output-dir", help="where to write: a new or empty folder (default: RUN_DIR/export-hf, "
+                                        "RUN_DIR/export-hf-step_N for a checkpoint, FOLDER-export-hf for an exported model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output-dir (never a run's "
+                                                           "own files or a checkpoint)")
+
+
+def default_output(source: Path, fmt: str) -> Path:
+    """Where an export goes unless told: beside what it came from, never inside a checkpoint
+    (keep_last would delete it with the checkpoint)."""
+    if (source / "trainer_state.json").is_file():  # RUN/checkpoints/step_N -> RUN/export-hf-step_N
+        return source.parent.parent / f"export-{fmt}-{source.name}"
+    if (source / RECIPE_FILE).is_file() and not (source / WEIGHTS_FILE).is_file():  # a run directory
+        return source / f"export-{fmt}"
+    return source.parent / f"{source.name}-export-{fmt}"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an export folder that holds anything of a run's, a checkpoint, or (without --overwrite)
+    anything at all: an export never replaces what a user made."""
+    for folder in (out, *out.parents):
+        if (folder / "RUN_ID").is_file() or (folder / "trainer_state.json").is_file():  # a checkpoint of dltrain's
+            raise RecipeError(f"--output-dir {out} is inside checkpoint {folder}: an export there would corrupt it; "
+                              "give a folder outside the run's checkpoints")
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output-dir {out} is a file: give a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if any((out / name).exists() for name in ("metrics.jsonl", "run.json", "checkpoints", "summary.json")):
+        raise RecipeError(f"--output-dir {out} is a run directory: an export there would replace its recipe.yaml; "
+                          "give a new or empty folder")
+    if not overwrite:
+        raise RecipeError(f"--output-dir {out} is not empty: give a new or empty folder, or --overwrite to replace "
+                          "an earlier export there")
 
 
 def cmd_export(args) -> int:
     source = Path(args.path)
-    out = Path(args.output_dir) if args.output_dir else source / f"export-{args.format}"
-    _, weights_dir = locate(source, args.which)  # to say which model of a run was taken
+    out = Path(args.output_dir) if args.output_dir else default_output(source, args.format)
+    _, weights_dir = locate(source, args.which)  # to say which model of a run was taken, and refuse early
+    check_output(out, args.overwrite)
+    if args.overwrite and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)  # an earlier export (check_output refused anything else)
     export_hf(source, out, args.which)
     rundir.with_umask_mode(out)
     print(f"dltrain: exported {weights_dir} -> {out}")

@@ -35,17 +35,25 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
-from test_distributed import (DLTRAIN, LOSS_ATOL, PARAM_ATOL, SMALL, Run, Runs, _sets, max_diff,
-                              max_param_diff)
+from test_distributed import (
+    DLTRAIN,
+    LOSS_ATOL,
+    PARAM_ATOL,
+    SMALL,
+    Run,
+    Runs,
+    _sets,
+    max_diff,
+    max_param_diff,
+)
 from test_strategies import HOOK_PARAM_ATOL
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -112,6 +120,11 @@ def _params():
 # Jobs
 
 
+@dataclass
+class TimedRun(Run):
+    seconds: float = 0.0  # the job's wall time, for the record (no test asserts on it)
+
+
 class MatrixRuns(Runs):
     """test_distributed's cache of named runs, where a hang kills the whole process tree (the
     launcher's workers too, not only the launcher) and is returned as returncode None."""
@@ -130,7 +143,7 @@ class MatrixRuns(Runs):
                 os.killpg(proc.pid, signal.SIGKILL)  # its own session: the launcher and every rank
                 stdout, stderr = proc.communicate()
                 rc = None
-            self.cache[name] = Run(rc, stdout, stderr, time.perf_counter() - t0, out)
+            self.cache[name] = TimedRun(rc, stdout, stderr, out, seconds=time.perf_counter() - t0)
         return self.cache[name]
 
 

@@ -320,3 +320,83 @@ def test_deleting_the_lock_file_does_not_let_a_second_job_in(tmp_path):
         RunLock(run)
     first.release()
     RunLock(run).release()  # free again once the first job ends
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Exports never overwrite; 13. eval and export on damaged folders
+
+
+def _cli(*args: str):
+    from conftest import run_cli
+
+    return run_cli(*args)
+
+
+def test_export_writes_only_into_a_new_or_empty_folder_and_never_into_a_checkpoint(finished, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    before = _tree(run)
+    # into the run directory itself: it would replace the run's first recipe.yaml
+    done = _cli("export", str(run), "--output-dir", str(run))
+    assert done.returncode == EXIT_BAD_INPUT and "is a run directory" in _errors(done.stderr)[0]
+    # into one of its checkpoints: --resume auto would then skip it as damaged
+    step = run / "checkpoints" / "step_20"
+    for out in (step, step / "export"):
+        done = _cli("export", str(run), "--output-dir", str(out))
+        assert done.returncode == EXIT_BAD_INPUT and "inside checkpoint" in _errors(done.stderr)[0], done.stderr
+    assert _tree(run) == before
+    # a folder of the user's: refused, then replaced only when asked, and only if it is an export
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    done = _cli("export", str(run), "--output-dir", str(mine))
+    assert done.returncode == EXIT_BAD_INPUT and "is not empty" in _errors(done.stderr)[0]
+    assert json.loads((mine / "config.json").read_text()) == {"mine": True}
+    assert _cli("export", str(run), "--output-dir", str(mine), "--overwrite").returncode == 0
+    assert (mine / "model.safetensors").is_file()
+    # a checkpoint's default export lands beside the checkpoints, where keep_last does not prune
+    done = _cli("export", str(step))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "export-hf-step_20" / "model.safetensors").is_file() and not (step / "export-hf").exists()
+    again = _cli("export", str(step))
+    assert again.returncode == EXIT_BAD_INPUT and "--overwrite" in _errors(again.stderr)[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "state-not-json", "recipe-not-yaml", "recipe-a-list",
+                                    "stray-resume-recipe", "bit-flip", "output-folder-missing"])
+def test_eval_and_export_of_a_damaged_folder_is_one_line(finished, tmp_path, damage):
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    step = run / "checkpoints" / "step_20"
+    target = step if damage in ("state-not-json", "bit-flip") else run
+    extra = []
+    if damage == "truncated-weights":
+        weights = run / "final_model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "state-not-json":
+        (step / "trainer_state.json").write_text("{not json")
+    elif damage == "recipe-not-yaml":
+        (run / "final_model" / "recipe.yaml").write_text("train: [unclosed\n")
+        target = run / "final_model"
+    elif damage == "recipe-a-list":
+        (run / "final_model" / "recipe.yaml").write_text("- 1\n- 2\n")
+        target = run / "final_model"
+    elif damage == "stray-resume-recipe":
+        (run / "recipe.resume-old.yaml").write_text("not: a recipe\n")
+    elif damage == "bit-flip":  # eval read a checkpoint without checking its manifest's checksums
+        weights = step / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "output-folder-missing":
+        extra = ["--output", str(tmp_path / "no" / "such" / "eval.json")]
+    commands = [["eval", str(target), *extra]] + ([["export", str(target), "--output-dir", str(tmp_path / "out")]]
+                                                   if not extra else [])
+    for command in commands:
+        done = _cli(*command)
+        if damage == "stray-resume-recipe":  # not a segment's recipe: ignored, the run's own is read
+            assert done.returncode == 0, done.stderr[-2000:]
+            continue
+        assert done.returncode == EXIT_BAD_INPUT, (command, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr
+        assert len(_errors(done.stderr)) == 1, done.stderr[-2000:]
