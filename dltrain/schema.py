@@ -6,11 +6,14 @@ from __future__ import annotations
 import enum
 import inspect
 import re
+import sys
 import types
 import typing
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+from dltrain.recipe_file import RecipeError
 
 
 def _type_name(annotation) -> str:
@@ -110,5 +113,11 @@ def cmd_schema(args) -> int:
     if args.workload is not None:
         get_workload(args.workload)  # an unknown name: one line listing the known ones
     names = [args.workload] if args.workload else workload_names()
-    print("\n\n".join(render(name) for name in names))
+    shown = []
+    for name in names:
+        try:
+            shown.append(render(name))
+        except RecipeError as exc:  # one broken plugin: named, and the other workloads still shown
+            print(f"dltrain: warning: {exc}", file=sys.stderr, flush=True)
+    print("\n\n".join(shown))
     return 0

@@ -57,6 +57,7 @@ Nothing is imported until a recipe asks for its workload by name.
 from __future__ import annotations
 
 import importlib
+import sys
 import inspect
 import typing
 from collections.abc import Mapping
@@ -289,9 +290,23 @@ def register_workload(name: str, workload: Workload, *, replace: bool = False) -
     return workload
 
 
+_WARNED: set[str] = set()
+
+
 def _entry_points() -> dict[str, Any]:
+    """Installed packages' workloads by name. One whose name a built-in workload has is not used,
+    and said so once (a plugin cannot replace `cnn` by being installed)."""
+    from dltrain.workloads import BUILTIN
+
     found = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in BUILTIN:
+            if ep.name not in _WARNED:
+                _WARNED.add(ep.name)
+                owner = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+                print(f"dltrain: warning: {owner}'s entry point {ENTRY_POINT_GROUP}:{ep.name} ({ep.value}) names a "
+                      f"built-in workload and is not used: rename it", file=sys.stderr, flush=True)
+            continue
         found.setdefault(ep.name, ep)  # the first distribution on the path wins, as for imports
     return found
 
@@ -304,18 +319,32 @@ def workload_names() -> list[str]:
 
 
 def _load(name: str, target: str, what: str) -> Workload:
+    """Import a workload; whatever a broken plugin does while being imported (raise, exit, fail to
+    parse) is one RecipeError naming it, and leaves the other workloads usable."""
     module, _, attr = target.partition(":")
+    if not module or not all(part.isidentifier() for part in [*module.split("."), *(attr.split(".") if attr else [])]):
+        raise RecipeError(f"workload {name!r} ({what} {target}) is not 'package.module:ATTRIBUTE': fix the plugin's "
+                          "entry point")
     try:
         obj = importlib.import_module(module)
         for part in attr.split(".") if attr else ():
             obj = getattr(obj, part)
     except ImportError as exc:
         raise RecipeError(f"workload {name!r} ({what} {target}) cannot be imported: {exc}: install what it needs") from None
-    except AttributeError as exc:
-        raise RecipeError(f"workload {name!r} ({what} {target}) is broken: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's own fault, named in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise RecipeError(f"workload {name!r} ({what} {target}) is broken: importing it raised "
+                          f"{type(exc).__name__}{': ' + first if first else ''}; fix or uninstall the plugin") from None
     if not isinstance(obj, Workload):
         raise RecipeError(f"workload {name!r} ({what} {target}) is a {type(obj).__name__}, not a dltrain.Workload")
     return obj
+
+
+def _register_loaded(name: str, obj: Workload, what: str) -> Workload:
+    try:
+        return register_workload(name, obj)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"workload {name!r} ({what}) cannot be used: {exc}") from None
 
 
 def get_workload(name: str) -> Workload:
@@ -328,6 +357,7 @@ def get_workload(name: str) -> Workload:
         return register_workload(name, _load(name, BUILTIN[name], "built in as"))
     eps = _entry_points() if isinstance(name, str) else {}
     if isinstance(name, str) and name in eps:
-        return register_workload(name, _load(name, eps[name].value, f"entry point {ENTRY_POINT_GROUP}:"))
+        what = f"entry point {ENTRY_POINT_GROUP}:"
+        return _register_loaded(name, _load(name, eps[name].value, what), what + name)
     raise RecipeError(f"unknown workload {shown(name)} at 'workload' (known: {', '.join(workload_names())}); "
                       f"a package adds one through the entry-point group '{ENTRY_POINT_GROUP}' or dltrain.register_workload")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,3 +198,69 @@ def test_load_model_returns_the_recipe_and_the_model(tmp_path):
     export.save(model, model.state_dict(), tmp_path / "m", recipe)
     loaded_recipe, loaded = export.load_model(tmp_path / "m")
     assert loaded_recipe.workload == "rnn" and isinstance(loaded, torch.nn.Module) and not loaded.training
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken plugins (issue 22, item 11): named in one line; the other workloads keep working
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise RuntimeError('no GPU driver found')", "importing it raised RuntimeError: no GPU driver found"),
+    ("def broken(:\n    pass", "importing it raised SyntaxError"),
+    ("import sys\nsys.exit(0)", "importing it raised SystemExit"),
+])
+def test_a_plugin_that_fails_while_imported_is_one_line_and_others_still_work(monkeypatch, tmp_path, capsys, body,
+                                                                              message):
+    from importlib.metadata import EntryPoint
+
+    from dltrain import cli
+    from dltrain import workload as registry
+    from dltrain.recipe import RecipeError
+
+    module = f"broken_plugin_{abs(hash(body)) % 10**8}"
+    (tmp_path / f"{module}.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LOADED", dict(registry._LOADED))
+    eps = {"broken": EntryPoint("broken", f"{module}:WORKLOAD", registry.ENTRY_POINT_GROUP)}
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        registry.get_workload("broken")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("workload: broken\n")
+    assert cli.main(["train", str(recipe)]) == 2  # was exit 0 and no output for sys.exit(0) at import
+    assert "importing it raised" in capsys.readouterr().err
+    assert cli.main(["schema"]) == 0  # every other workload's schema is still shown
+    out, err = capsys.readouterr()
+    assert "train.global_batch_size" in out and "workload 'broken'" in err
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("colon", ":WORKLOAD", "is not 'package.module:ATTRIBUTE'"),
+    ("bad-name", "blobs_plugin_src:WORKLOAD", "cannot be used: a workload name is an identifier"),
+    ("other", "blobs_plugin_src:WORKLOAD", "cannot be used: workload 'other': its recipe class"),
+])
+def test_a_plugin_declared_wrongly_is_one_line(monkeypatch, name, value, message):
+    from importlib.metadata import EntryPoint
+
+    from dltrain import workload as registry
+    from dltrain.recipe import RecipeError
+
+    _blobs_module(monkeypatch)
+    monkeypatch.setattr(registry, "_LOADED", dict(registry._LOADED))
+    monkeypatch.setattr(registry, "_entry_points", lambda: {name: EntryPoint(name, value, registry.ENTRY_POINT_GROUP)})
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        registry.get_workload(name)
+
+
+def test_a_plugin_named_like_a_built_in_workload_is_not_used_and_says_so(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from dltrain import workload as registry
+
+    clash = EntryPoint("cnn", "blobs_plugin_src:WORKLOAD", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [clash])
+    monkeypatch.setattr(registry, "_WARNED", set())
+    assert "cnn" not in registry._entry_points()
+    registry._entry_points()
+    err = capsys.readouterr().err
+    assert err.count("names a built-in workload and is not used") == 1, err
