@@ -400,3 +400,45 @@ def test_eval_and_export_of_a_damaged_folder_is_one_line(finished, tmp_path, dam
         assert done.returncode == EXIT_BAD_INPUT, (command, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
         assert len(_errors(done.stderr)) == 1, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. Bench suites: every mistake found at load time, before the first job
+
+
+RECORD = "  - name: rnn\n    recipe: recipes/rnn_sine.yaml\n    profile: cpu_test\n"
+
+
+@pytest.mark.parametrize("suite, message", [
+    ("records:\n" + RECORD + "    seeds: [0, 1, 1]\n", "seeds repeat [1]"),
+    ("records:\n" + RECORD + "    seeds: [-3]\n", "seeds are from 0 to 2**32-1"),
+    ("records:\n" + RECORD + "    seeds: [0]\n" + RECORD + "    seeds: [1]\n", "record names must be unique"),
+    ("records:\n" + RECORD + "    seeds: [0]\n    reference: {what: x, baseline: no_such_script}\n",
+     "reference baseline 'no_such_script' is not a baseline script"),
+    ("records:\n  - name: minilm\n    recipe: recipes/bert_sst2_minilm.yaml\n    profile: cpu_test\n"
+     "    overrides: [target.metric=test/accuracy]\n    seeds: [0]\n", "has no test split"),
+    ("entries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test, reference: a}\n",
+     "names itself as its reference"),
+    ("gpu_results: /no/such/dir\nentries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test}\n",
+     "gpu_results /no/such/dir: no summary.json there"),
+])
+def test_a_suite_mistake_is_refused_at_load_time_by_a_dry_run(tmp_path, suite, message):
+    from conftest import run_cli
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(suite)
+    done = run_cli("bench", str(path), "--dry-run", "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    (line,) = _errors(done.stderr)
+    assert message in line, line
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("size", ["infK", "nanM", "0", "-4K", "2000000G"])
+def test_a_comm_size_out_of_range_is_one_line(size):
+    from dltrain.bench.comm import parse_size
+    from dltrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="give bytes or a number with K, M or G"):
+        parse_size(size)
+    assert parse_size("4K") == 4096

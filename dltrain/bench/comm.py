@@ -62,11 +62,15 @@ def parse_size(text: str) -> int:
     units = {"K": KiB, "M": MiB, "G": 2**30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):  # 'abc'; 'infK' (float inf has no int)
+        size = -1
+    if not 0 < size <= 2**40:
         from dltrain.recipe import RecipeError
 
-        raise RecipeError(f"message size {text!r}: give bytes or a number with K, M or G (e.g. 4K, 512M)") from None
+        raise RecipeError(f"message size {text!r}: give bytes or a number with K, M or G, from 1 byte to 1T "
+                          "(e.g. 4K, 512M)") from None
+    return size
 
 
 # ----------------------------------------------------------------------------------------------

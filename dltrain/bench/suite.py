@@ -138,6 +138,9 @@ class Suite(_Closed):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"entry names must be unique (repeated: {', '.join(dupes)})")
+        itself = sorted(e.name for e in entries if e.reference == e.name)
+        if itself:
+            raise ValueError(f"entry {', '.join(itself)} names itself as its reference: name another entry")
         unknown = sorted({e.reference for e in entries if e.reference and e.reference not in names})
         if unknown:
             raise ValueError(f"reference {', '.join(unknown)}: no entry of that name")
@@ -178,6 +181,13 @@ def load_suite(name_or_path: str) -> Suite:
     except ValidationError as exc:
         raise RecipeError(f"{path}: {_first_error(exc)}") from None
     suite.name = suite.name or path.stem
+    if suite.gpu_results is not None:  # a missing or CPU directory is found now, not after every job has run
+        from dltrain.bench.scaling import read_gpu_configs
+
+        try:
+            read_gpu_configs(suite.gpu_results)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {str(exc).replace('--gpu-results', 'gpu_results', 1)}") from None
     for entry in suite.entries:
         entry.recipe = str(_recipe_path(entry.recipe, path.parent))
         # Load each recipe now: a typo in a suite fails before the first job, not an hour later.

@@ -57,6 +57,15 @@ class Record(_Closed):
     seeds: list[int] = Field(min_length=1)
     reference: Reference | None = None
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds_in_range(cls, seeds: list[int]) -> list[int]:
+        if any(not 0 <= s < 2**32 for s in seeds):  # train.seed's range
+            raise ValueError(f"seeds are from 0 to 2**32-1, got {[s for s in seeds if not 0 <= s < 2**32][:3]}")
+        if len(set(seeds)) != len(seeds):  # a repeated seed counts one run twice in the mean and spread
+            raise ValueError(f"seeds repeat {sorted({s for s in seeds if seeds.count(s) > 1})}: give distinct seeds")
+        return seeds
+
 
 class RecordSuite(_Closed):
     name: str = ""
@@ -71,6 +80,15 @@ class RecordSuite(_Closed):
     @classmethod
     def _a_name(cls, name: str) -> str:
         return check_name(name) if name else name
+
+    @field_validator("records")
+    @classmethod
+    def _unique_names(cls, records: list[Record]) -> list[Record]:
+        names = [r.name for r in records]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:  # records.jsonl and the report key on the name
+            raise ValueError(f"record names must be unique (repeated: {', '.join(dupes)})")
+        return records
 
 
 def is_record_suite(raw: dict) -> bool:
@@ -90,6 +108,10 @@ def load_record_suite(path: Path, raw: dict | None = None) -> RecordSuite:
             raise RecipeError(f"{path}: record {rec.name}: its recipe has no target (target.metric, target.value)")
         if rec.reference and rec.reference.baseline is None:
             load_recipe(_path(rec.recipe), rec.reference.profile, rec.reference.overrides)
+        elif rec.reference and not (shipped.folder("baselines") / f"{rec.reference.baseline}.py").is_file():
+            known = ", ".join(sorted(p.stem for p in shipped.folder("baselines").glob("*.py") if not p.stem.endswith("common")))
+            raise RecipeError(f"{path}: record {rec.name}: reference baseline {rec.reference.baseline!r} is not a "
+                              f"baseline script (known: {known})")
     return suite
 
 

@@ -112,6 +112,14 @@ class Recipe(RecipeBase):
         return self
 
     @model_validator(mode="after")
+    def _a_test_metric_needs_a_test_split(self) -> Recipe:
+        metric = self.target.metric if self.target is not None else ""
+        if metric.startswith("test/") and not (self.data.test_file or (self.data.dataset and self.data.test_split)):
+            raise ValueError(f"target.metric={metric} but this recipe has no test split (SST-2's test set has no "
+                             "labels): give data.test_file (or data.dataset with data.test_split), or a val/ metric")
+        return self
+
+    @model_validator(mode="after")
     def _compile_needs_few_lengths(self) -> Recipe:
         if self.train.compile.enabled and self.train.compile.dynamic is False and self.data.padding == "dynamic":
             raise ValueError("train.compile with data.padding=dynamic compiles again for every new batch length and "
