@@ -264,6 +264,27 @@ def config_file_command(args, deepspeed: int | None) -> tuple[list[str], dict[st
     return [*argv, "-m", "dltrain", "train", *_train_args(args, args.deepspeed)], {}
 
 
+def config_file_world(args) -> tuple[int, bool]:
+    """(processes in all, whether they run on CPUs) of `--config_file`, with --nproc/--nnodes
+    winning as they do on the command line; a file that is not an Accelerate config is one line."""
+    from dltrain.recipe import RecipeError, read_yaml
+
+    try:
+        config = read_yaml(Path(args.config_file), what="Accelerate config")
+    except RecipeError as exc:
+        raise LaunchError(f"--config_file {args.config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"--config_file {args.config_file} is not an Accelerate config (a YAML mapping, as "
+                          "`accelerate config` writes)")
+    try:
+        world = args.nproc * args.nnodes if args.nproc is not None else int(config.get("num_processes", 1))
+    except (TypeError, ValueError):
+        raise LaunchError(f"--config_file {args.config_file}: num_processes is {config.get('num_processes')!r}, "
+                          "not a number") from None
+    on_cpu = bool(config.get("use_cpu")) or config.get("distributed_type") == "MULTI_CPU"
+    return max(world, 1), on_cpu
+
+
 def cmd_launch(args) -> int:
     from dltrain.recipe import RecipeError, load_recipe
 
@@ -287,9 +308,11 @@ def cmd_launch(args) -> int:
     if args.config_file:
         try:
             argv, env = config_file_command(args, deepspeed)
+            world, on_cpu = config_file_world(args)
         except LaunchError as exc:
             print(f"dltrain: error: {exc}", file=sys.stderr)
             return 2
+        preflight(recipe, world, on_cpu, deepspeed)  # as for a launch without a config file
         return _run_or_print(argv, env, args.dry_run, args.output_dir)
     if not args.dry_run:
         import torch

@@ -442,3 +442,22 @@ def test_a_comm_size_out_of_range_is_one_line(size):
     with pytest.raises(RecipeError, match="give bytes or a number with K, M or G"):
         parse_size(size)
     assert parse_size("4K") == 4096
+
+
+def test_launch_with_a_config_file_gets_the_same_pre_flight(tmp_path):
+    """--config_file skipped every check: a global batch of 3 over 2 ranks crashed both ranks, and a
+    garbage config file was a traceback."""
+    from conftest import REPO, RECIPES, run_cli
+
+    cnn = [str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test"]
+    odd = run_cli("launch", *cnn, "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+                  "--set", "train.global_batch_size=3", "--dry-run")
+    assert odd.returncode == EXIT_BAD_INPUT
+    (line,) = _errors(odd.stderr)
+    assert "train.global_batch_size=3 is not divisible by world size 2" in line, line
+    garbage = tmp_path / "garbage.yaml"
+    for text in ("- just\n- a list\n", "num_processes: [1, 2]\n", "{{{{\n"):
+        garbage.write_text(text)
+        done = run_cli("launch", *cnn, "--config_file", str(garbage), "--dry-run")
+        assert done.returncode == EXIT_BAD_INPUT and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert len(_errors(done.stderr)) == 1 and "--config_file" in _errors(done.stderr)[0], done.stderr
