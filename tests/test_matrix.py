@@ -93,6 +93,16 @@ BF16_LOSS_ATOL = 3e-3
 BF16_PARAM_ATOL = HOOK_PARAM_ATOL
 LOSS_TOL = {"fp32": LOSS_ATOL, "bf16": BF16_LOSS_ATOL}
 PARAM_TOL = {"fp32": PARAM_ATOL, "bf16": BF16_PARAM_ATOL}
+# DeepSpeed's bf16 is another regime than autocast's: the engine keeps the weights themselves in
+# bf16 (an fp32 master copy in the optimizer) and the forward takes bf16 inputs, where autocast
+# keeps fp32 weights and rounds each matmul's inputs. Each weight and activation carries 8
+# significant bits: on a loss of ~2.3 that is up to ~1e-2. Measured 2026-12-07 against one
+# autocast process: loss 3.9e-3 (ZeRO-2); the bound is 4x that.
+DEEPSPEED_BF16_LOSS_ATOL = 1.6e-2
+
+
+def loss_tol(strategy: str, precision: str) -> float:
+    return DEEPSPEED_BF16_LOSS_ATOL if strategy.startswith("zero") and precision == "bf16" else LOSS_TOL[precision]
 
 # Hangs only: a healthy job took 25-210 s here on a loaded machine (the longest: DeepSpeed's first
 # start, which compiles its shm op; bf16 is emulated on an AVX2 CPU).
@@ -243,8 +253,8 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
         raise job_failed("the one-process run it is compared with", one)
     record["loss_diff"] = max_diff(full.losses(), one.losses())
     record["param_diff"] = max_param_diff(full.final_model(), one.final_model())
-    assert record["loss_diff"] <= LOSS_TOL[precision], (
-        f"losses differ from one process by {record['loss_diff']:.3g} > {LOSS_TOL[precision]:g}")
+    tol = loss_tol(strategy, precision)
+    assert record["loss_diff"] <= tol, f"losses differ from one process by {record['loss_diff']:.3g} > {tol:g}"
     assert record["param_diff"] <= PARAM_TOL[precision], (
         f"final parameters differ from one process by {record['param_diff']:.3g} > {PARAM_TOL[precision]:g}")
 
