@@ -104,3 +104,17 @@ def test_sentence_pairs_get_segment_ids_from_json_parquet_and_a_dataset_folder(t
     with pytest.raises(DataError, match="cannot load split 'nope' of data.dataset"):
         bert.load_splits(load_recipe(MINILM, "cpu_test", [*pair, f"data.dataset={tmp_path / 'folder_src'}",
                                                           "data.eval_split=nope"]))
+
+
+def test_cached_tokens_are_checked_against_model_num_labels(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 9: model.num_labels is not in the cache key, so a cache tokenized for 3
+    classes was handed to a 2-class model unchecked, and training died on `Target 2 is out of bounds`."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "three.csv").write_text("text,topic\ngoal,0\nsoup,2\nsong,1\n")
+    three = [f"data.train_file={tmp_path / 'three.csv'}", f"data.eval_file={tmp_path / 'three.csv'}"]
+    assert bert.load_splits(_recipe(minilm_dir, tmp_path, *three, "model.num_labels=3"))["train"]["labels"] == [0, 2, 1]
+    before = bert.TOKENIZE_CALLS
+    with pytest.raises(DataError, match=r"three.csv: labels must be 0 or 1 .*found 0, 1, 2"):
+        bert.load_splits(_recipe(minilm_dir, tmp_path, *three, "model.num_labels=2"))
+    assert bert.TOKENIZE_CALLS == before  # refused from the cache, as a fresh read refuses it
+

@@ -150,11 +150,17 @@ def _check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
             raise DataError(f"{where}: label {unknown[0]!r} is not in data.label_names ({', '.join(cfg.label_names)}): "
                             "add it, or fix that row")
         return {name: i for i, name in enumerate(cfg.label_names)}
+    _check_label_ids(labels, where, num_labels)
+    return None
+
+
+def _check_label_ids(labels: set, where: str, num_labels: int) -> None:
+    """Integer labels the model has an output for (ids 0 .. num_labels-1), or a DataError."""
     if not labels <= set(range(num_labels)):
+        shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
         allowed = "0 or 1 (binary classification)" if num_labels == 2 else f"integers 0 to {num_labels - 1}"
         raise DataError(f"{where}: labels must be {allowed}, found {shown}: set model.num_labels (or data.label_names) "
                         "to the number of classes")
-    return None
 
 
 def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
@@ -192,7 +198,12 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, n
         if target.is_dir():
             damage = _damage(target)
             if damage is None:
-                return load_from_disk(str(target))
+                ds = load_from_disk(str(target))
+                # model.num_labels is not in the key: a cache tokenized for more classes is refused
+                # here as a fresh read refuses it, not left to fail in the loss. (String labels are
+                # ids below len(data.label_names), which is in the key and equals num_labels.)
+                _check_label_ids(set(ds.unique("labels")), where, num_labels)
+                return ds
             say("warning", f"tokenized cache {target} is damaged ({damage}): rebuilding it from {where}")
             _discard(target)
         ds = read()
