@@ -104,7 +104,7 @@ def _file_ident(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, num_labels: int = 2):
+def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: Path | str, num_labels: int = 2):
     """A datasets.Dataset with input_ids and labels, from the cache or tokenized now and cached.
 
     Several processes may start together: the main process goes first and writes the cache
@@ -129,8 +129,7 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, n
                 return ds
             say("warning", f"tokenized cache {target} is damaged ({damage}): rebuilding it from {where}")
             _discard(target)
-        ds = read()
-        label_ids = check(ds, cfg, where, num_labels)
+        ds, label_ids = check(read(), cfg, where, num_labels)
         TOKENIZE_CALLS += 1
 
         def encode(rows):
@@ -282,7 +281,8 @@ def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2)
     if files is None:
         sources = _hub_sources(cfg)
     else:
-        sources = {split: (functools.partial(read_file, path), _file_ident(path), str(path)) for split, path in files.items()}
+        texts = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else [])]
+        sources = {split: (functools.partial(read_file, path, texts), _file_ident(path), path) for split, path in files.items()}
     out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
            for split, (read, ident, where) in sources.items()}
     out["train"] = _subset(out["train"], cfg.train_subset, seed)

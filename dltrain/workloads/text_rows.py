@@ -1,10 +1,18 @@
 """The text workload's rows: the user's csv/tsv/json/parquet files read with `datasets`, and the
-rows of any source checked before they are tokenized. dltrain.workloads.bert_data calls in here.
+rows of any source checked before they are tokenized.
+
+A row the tokenizer or the loss cannot take is refused here in one DataError that names the file,
+the line (a row number where the file has no lines: parquet, a hub dataset) and the fix: a text
+that is null, a label that is missing, labels that mix ids and names. A number where a text belongs is a text (5 -> "5"; in a csv, as written).
+dltrain.workloads.bert_data calls in here; `where` is then the file's Path for a file, a name in
+words for any other source.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,35 +24,51 @@ if TYPE_CHECKING:
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: CSV (TSV for .tsv/.tab/.txt)
 
 
-def read_file(path: Path):
+def read_file(path: Path, text_columns: list[str]):
+    """A datasets.Dataset of the file's rows; `text_columns` are read as written (a csv column of
+    numbers stays text: pandas would make it integers, and "007" would become 7)."""
     from datasets import load_dataset
 
-    if path.suffix.lower() in FORMATS:  # json, jsonl, parquet: datasets' own readers
+    suffix = path.suffix.lower()
+    if suffix in FORMATS:  # json, jsonl, parquet: datasets' own readers
         try:
-            return load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train",
-                                cache_dir=str(cache_dir() / "hf_datasets"))
+            return load_dataset(FORMATS[suffix], data_files=str(path), split="train", cache_dir=str(cache_dir() / "hf_datasets"))
         except Exception as exc:  # pyarrow raises many types for malformed files
             raise DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})") from None
-    tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
-    # QUOTE_NONE for TSV: GLUE text holds bare quote characters; keep_default_na=False keeps a
-    # text such as "null" or "nan" a string.
-    kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    _check_rows(path, "tab" if tsv else "comma", **kwargs)
+    tsv = _is_tsv(path)
+    _check_rows(path, "tab" if tsv else "comma")
     try:
+        # keep_default_na=False keeps a text such as "null" or "nan" a string; converters keep
+        # every value of a text column the string it is in the file (pandas infers a type per
+        # 10,000-row chunk, and the tokenizer takes no numbers).
         return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
-                            cache_dir=str(cache_dir() / "hf_datasets"), **kwargs)
+                            converters={column: str for column in text_columns},
+                            cache_dir=str(cache_dir() / "hf_datasets"), **_dialect(path))
     except Exception as exc:  # pandas and pyarrow raise many types for malformed files
         if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
             raise DataError(f"{path}: no rows (the file holds a header only): give a file with examples") from None
         raise DataError(f"cannot read {path} as {'TSV' if tsv else 'CSV'} ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _check_rows(path: Path, separator: str, **dialect) -> None:
+def _is_tsv(path: Path) -> bool:
+    return path.suffix.lower() in (".tsv", ".tab", ".txt")
+
+
+def _dialect(path: Path) -> dict:
+    # QUOTE_NONE for TSV: GLUE text holds bare quote characters.
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if _is_tsv(path) else {}
+
+
+def _reader(f, path: Path):
+    return csv.reader(f, **_dialect(path))
+
+
+def _check_rows(path: Path, separator: str) -> None:
     """Every row has as many fields as the header, or a DataError naming the line. Past this,
     pandas stops at a long row with "An error occurred while generating the dataset" and reads a
     short one's missing label as an empty string."""
     with path.open(newline="", encoding="utf-8", errors="replace") as f:  # undecodable bytes: load_dataset reports them
-        reader = csv.reader(f, **dialect)
+        reader = _reader(f, path)
         try:
             header = next(reader, [])
             for row in reader:
@@ -56,9 +80,36 @@ def _check_rows(path: Path, separator: str, **dialect) -> None:
             raise DataError(f"{path}, line {reader.line_num}: {exc}: fix that row") from None
 
 
-def check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
-    """Rows with the text column(s) and a label the model has an output for, or a DataError that
-    says what to change. Returns label name -> id for string labels, None for integer ids."""
+def row_name(where: Path | str, index: int) -> str:
+    """'line N' of row `index` (from 0, the header not counted) of a csv, tsv or JSON Lines file; else 'row N'."""
+    if isinstance(where, Path) and where.suffix.lower() != ".parquet":
+        with where.open(newline="", encoding="utf-8") as f:
+            if where.suffix.lower() not in FORMATS:
+                starts = _row_starts(_reader(f, where))
+            elif f.read(4096).lstrip().startswith("["):  # a JSON list of rows: rows are not lines
+                starts = iter(())
+            else:  # JSON Lines: datasets skips blank lines
+                f.seek(0)
+                starts = (n for n, line in enumerate(f, 1) if line.strip())
+            line = next(itertools.islice(starts, index, None), None)
+        if line is not None:
+            return f"line {line}"
+    return f"row {index + 1}"
+
+
+def _row_starts(reader):
+    """The line on which each data row of a csv file starts (a quoted field may span lines)."""
+    next(reader, None)  # the header
+    start = reader.line_num + 1
+    for row in reader:
+        if row:  # pandas skips blank lines
+            yield start
+        start = reader.line_num + 1
+
+
+def check(ds, cfg: DataConfig, where: Path | str, num_labels: int):
+    """(rows, label name -> id) with the text column(s) as strings and a label the model has an
+    output for, or a DataError that says what to change. The mapping is None for integer ids."""
     columns = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else []), cfg.label_column]
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -68,22 +119,108 @@ def check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
         )
     if len(ds) == 0:
         raise DataError(f"{where}: no rows")
-    labels = set(ds.unique(cfg.label_column))
+    for column in columns[:-1]:
+        ds = _as_text(ds, column, where)
+    return ds, _label_ids(ds, cfg, where, num_labels)
+
+
+def _first(mask) -> int:
+    """The index of the first true value of an Arrow boolean array, -1 if none."""
+    import pyarrow.compute as pc
+
+    return pc.index(mask, True).as_py()
+
+
+def _is_string(values) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+
+
+def _as_text(ds, column: str, where):
+    """`ds` with `column` as strings: numbers (a JSON number, a parquet int column, or datasets'
+    Json type for a column that mixes them with strings) become the text the file writes."""
+    import pyarrow.compute as pc
+
+    def refuse(index: int, value):
+        found = (f"no text in column {column!r} (null)" if value is None else
+                 f"a JSON {'list' if isinstance(value, list) else 'object'} in column {column!r}, not a text")
+        raise DataError(f"{where}, {row_name(where, index)}: {found}: give every row a text, or remove that row")
+
+    values = ds.data.column(column)
+    if _is_string(values):
+        if values.null_count:
+            refuse(_first(pc.is_null(values)), None)
+        return ds
+    texts = ds[column]  # decoded: str, int, float, bool, None, list, dict
+    for i, value in enumerate(texts):
+        if value is None or isinstance(value, (list, dict)):
+            refuse(i, value)
+    texts = [value if isinstance(value, str) else json.dumps(value) for value in texts]
+    return ds.remove_columns(column).add_column(column, texts)
+
+
+def _label_ids(ds, cfg: DataConfig, where, num_labels: int) -> dict | None:
+    """label name -> id for string labels, None for integer ids; a DataError for a missing label,
+    a mix of ids and names, a name not in data.label_names or an id the model has no output for."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    name = cfg.label_column
+    values = ds.data.column(name)
+
+    def refuse_missing(index: int):  # a csv's empty field, a JSON null
+        raise DataError(f"{where}, {row_name(where, index)}: no label in column {name!r}: give every row a label, "
+                        "or remove that row")
+
+    if values.null_count:
+        refuse_missing(_first(pc.is_null(values)))
+    if _is_string(values) and _first(pc.equal(values, "")) >= 0:
+        refuse_missing(_first(pc.equal(values, "")))
+    decoded = None
+    if _is_string(values) or pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        labels = set(ds.unique(name))
+    else:  # datasets' Json type: the column mixes kinds of values
+        decoded = ds[name]
+        if None in decoded:
+            refuse_missing(decoded.index(None))
+        kind = ["a name" if isinstance(v, str) else "an id" if isinstance(v, (int, float)) else "neither" for v in decoded]
+        odd = next((i for i, k in enumerate(kind) if k != kind[0] or k == "neither"), None)
+        if odd is not None:
+            found = (f"{decoded[odd]!r} is not an id or a name" if kind[odd] == "neither"
+                     else f"{decoded[odd]!r} is {kind[odd]} where {row_name(where, 0)} has {kind[0]} ({decoded[0]!r})")
+            raise DataError(f"{where}, {row_name(where, odd)}: label {found}: give every label as an id "
+                            "(0, 1, ...), or every one as a name listed in data.label_names")
+        labels = set(decoded)
     shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
     if any(isinstance(v, str) for v in labels):
         if not cfg.label_names:
             raise DataError(f"{where}: the labels are strings ({shown}): name them in id order in data.label_names, "
-                            f"e.g. --set 'data.label_names=[{', '.join(sorted(map(str, labels))[:5])}]'")
+                            f"e.g. --set 'data.label_names=[{', '.join(map(_yaml_item, sorted(map(str, labels))[:5]))}]'")
         unknown = sorted(map(str, labels - set(cfg.label_names)))
         if unknown:
-            raise DataError(f"{where}: label {unknown[0]!r} is not in data.label_names ({', '.join(cfg.label_names)}): "
-                            "add it, or fix that row")
-        return {name: i for i, name in enumerate(cfg.label_names)}
+            first = decoded.index(unknown[0]) if decoded is not None else _first(pc.equal(values, unknown[0]))
+            raise DataError(f"{where}, {row_name(where, first)}: label {unknown[0]!r} is not in data.label_names "
+                            f"({', '.join(cfg.label_names)}): add it, or fix that row")
+        return {label: i for i, label in enumerate(cfg.label_names)}
     check_label_ids(labels, where, num_labels)
     return None
 
 
-def check_label_ids(labels: set, where: str, num_labels: int) -> None:
+def _yaml_item(name: str) -> str:
+    """`name` as an item of a YAML list that reads back as that string: quoted where YAML would read
+    a number, a boolean or a null, or split it (a label "1" among names is a string, and
+    data.label_names takes strings only)."""
+    import yaml
+
+    try:
+        plain = yaml.safe_load(f"[{name}]") == [name]
+    except yaml.YAMLError:
+        plain = False
+    return name if plain else json.dumps(name)
+
+
+def check_label_ids(labels: set, where, num_labels: int) -> None:
     """Integer labels the model has an output for (ids 0 .. num_labels-1), or a DataError."""
     if not labels <= set(range(num_labels)):
         shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
