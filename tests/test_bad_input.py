@@ -207,6 +207,8 @@ CASES = [
          "mixed_labels.jsonl, line 2: label 'positive' is a name where line 1 has an id", needs=("bert",)),
     Case("label-missing-in-csv", [*_text("{no_label}", "data.label_names=null")], "no_label.csv, line 3: no label",
          needs=("bert",)),
+    Case("csv-not-utf8", [*_text("{latin1_csv}")], "latin1.csv, line 2: not UTF-8", needs=("bert",)),
+    Case("jsonl-line-not-json", [*_text("{bad_jsonl}")], "bad.jsonl, line 2: not JSON", needs=("bert",)),
 ]
 
 
@@ -326,8 +328,10 @@ def _text_files(tmp: Path) -> dict:
         "mixed_labels": _write(tmp / "text" / "mixed_labels.jsonl", '{"sentence": "good", "label": 1}\n'
                                '{"sentence": "bad", "label": "positive"}\n'),
         "no_label": _write(tmp / "text" / "no_label.csv", "sentence,label\ngood film,1\nbad film,\nfine,0\n"),
+        "bad_jsonl": _write(tmp / "text" / "bad.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", label: 0}\n'),
     }
-    return made
+    (tmp / "text" / "latin1.csv").write_bytes("sentence,label\ncaf\u00e9 au lait,1\nbad,0\n".encode("latin-1"))
+    return made | {"latin1_csv": str(tmp / "text" / "latin1.csv")}
 
 
 @pytest.fixture(scope="module")

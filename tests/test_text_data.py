@@ -143,6 +143,17 @@ def test_numbers_in_a_text_column_are_text(tmp_path, minilm_dir, monkeypatch):
     assert result.summary["steps"] == 2  # and the loop takes them: the numbers trained as texts
 
 
+def test_a_text_field_past_128_kib_is_read_and_truncated(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 10: Python's csv module refuses a field past 131,072 characters by default;
+    pandas reads it, and the tokenizer truncates it to data.max_length anyway."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    long_text = "word " * 30_000  # 150,000 characters
+    (tmp_path / "long.csv").write_text(f"text,topic\n{long_text},1\nshort,0\n")
+    files = [f"data.train_file={tmp_path / 'long.csv'}", f"data.eval_file={tmp_path / 'long.csv'}"]
+    split = bert.load_splits(_recipe(minilm_dir, tmp_path, *files, "data.max_length=16"))["train"]
+    assert [len(ids) for ids in split["input_ids"]] == [16, 3]  # [CLS] 14 x word [SEP]; [CLS] short [SEP]
+
+
 def test_missing_labels_are_refused_by_line_and_the_suggested_label_names_load(tmp_path, minilm_dir, monkeypatch):
     """Issue 22, item 10: an empty label made the labels strings, and the message suggested
     `data.label_names=[, 0, 1]`; a suggestion must be one the recipe takes (a label "1" is a string)."""

@@ -3,7 +3,8 @@ rows of any source checked before they are tokenized.
 
 A row the tokenizer or the loss cannot take is refused here in one DataError that names the file,
 the line (a row number where the file has no lines: parquet, a hub dataset) and the fix: a text
-that is null, a label that is missing, labels that mix ids and names. A number where a text belongs is a text (5 -> "5"; in a csv, as written).
+that is null, a label that is missing, labels that mix ids and names, bytes that are not UTF-8, a
+line that is not JSON. A number where a text belongs is a text (5 -> "5"; in a csv, as written).
 dltrain.workloads.bert_data calls in here; `where` is then the file's Path for a file, a name in
 words for any other source.
 """
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from dltrain.workloads.bert import DataConfig
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: CSV (TSV for .tsv/.tab/.txt)
+# Python's csv module refuses a field past 131,072 characters by default. pandas, which reads the
+# rows, has no limit, and the tokenizer truncates a long text to data.max_length: only memory
+# bounds a field. (The limit is process-wide; raising it lets longer fields through, nothing else.)
+_CSV_FIELD_LIMIT = 2**31 - 1
 
 
 def read_file(path: Path, text_columns: list[str]):
@@ -34,7 +39,8 @@ def read_file(path: Path, text_columns: list[str]):
         try:
             return load_dataset(FORMATS[suffix], data_files=str(path), split="train", cache_dir=str(cache_dir() / "hf_datasets"))
         except Exception as exc:  # pyarrow raises many types for malformed files
-            raise DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})") from None
+            found = _not_utf8(path) or _not_json(path) if suffix != ".parquet" else None
+            raise (found or DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})")) from None
     tsv = _is_tsv(path)
     _check_rows(path, "tab" if tsv else "comma")
     try:
@@ -60,14 +66,15 @@ def _dialect(path: Path) -> dict:
 
 
 def _reader(f, path: Path):
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
     return csv.reader(f, **_dialect(path))
 
 
 def _check_rows(path: Path, separator: str) -> None:
-    """Every row has as many fields as the header, or a DataError naming the line. Past this,
-    pandas stops at a long row with "An error occurred while generating the dataset" and reads a
-    short one's missing label as an empty string."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:  # undecodable bytes: load_dataset reports them
+    """Every row has as many fields as the header and the file is UTF-8, or a DataError naming the
+    line. Past this, pandas stops at a long row or a byte it cannot decode with "An error occurred
+    while generating the dataset", and reads a short row's missing label as an empty string."""
+    with path.open(newline="", encoding="utf-8") as f:
         reader = _reader(f, path)
         try:
             header = next(reader, [])
@@ -78,6 +85,44 @@ def _check_rows(path: Path, separator: str) -> None:
                                     "fix or remove that row")
         except csv.Error as exc:
             raise DataError(f"{path}, line {reader.line_num}: {exc}: fix that row") from None
+        except UnicodeDecodeError:  # decoded in blocks: the line is found by _not_utf8
+            raise _not_utf8(path) or DataError(f"{path}: not UTF-8 text: save it as UTF-8") from None
+
+
+def _not_utf8(path: Path) -> DataError | None:
+    """The first line that is not UTF-8, the one encoding `datasets` reads, as a DataError; None if all are."""
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return DataError(f"{path}, line {n}: not UTF-8 text (byte 0x{line[exc.start]:02x}; a latin-1 or "
+                                 "Windows-1252 file?): save it as UTF-8, e.g. iconv -f latin1 -t utf-8 OLD > NEW")
+    return None
+
+
+def _not_json(path: Path) -> DataError | None:
+    """The first line of a JSON Lines file that is not one JSON object, as a DataError; None if all are."""
+    with path.open(encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON document, a list of rows: its parser knows the line
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            return DataError(f"{path}, line {exc.lineno}: not JSON ({exc.msg}): fix the file")
+        return None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            return DataError(f"{path}, line {n}: not JSON ({exc.msg}, column {exc.colno}): fix that line "
+                             "(JSON Lines hold one {...} object per line)")
+        if not isinstance(row, dict):
+            return DataError(f"{path}, line {n}: not a JSON object but a {type(row).__name__} {line.strip()[:40]!r}: "
+                             "give each row as one {\"column\": value, ...} object per line")
+    return None
 
 
 def row_name(where: Path | str, index: int) -> str:
