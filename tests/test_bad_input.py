@@ -46,6 +46,12 @@ def _set(*pairs: str) -> list[str]:
 HIDE_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None  # as if it were not installed"
 CPU_TEST = [CNN, "--profile", "cpu_test"]
 
+
+def _text(train_file: str, *sets: str) -> list[str]:
+    """The BERT cpu_test recipe on one of _text_files' files (a good file for evaluation)."""
+    return [BERT, "--profile", "cpu_test", *_set("model.name_or_path={minilm}", f"data.train_file={train_file}",
+                                                  "data.eval_file={sst_ok}", *sets), "--output-dir", "{tmp}/run"]
+
 CASES = [
     # --- the recipe: keys, types, ranges, files, profiles, overrides
     Case("unknown-key", [*CPU_TEST, *_set("optimizer.lr=0.1")], "unknown key 'optimizer'", inproc=True),
@@ -192,6 +198,17 @@ CASES = [
                                                "--output-dir", "{tmp}/run"],
          "the warm-up (20 steps) covers all 20", needs=("mnist",)),
     Case("resume-auto-without-output-dir", [*CPU_TEST, "--resume", "auto"], "give it (output_dir, --output-dir", inproc=True),
+    # --- issue 22, item 10: text files whose rows crashed the tokenizer or gave messages without a line
+    Case("text-null-in-jsonl", [*_text("{null_text}")], "null_text.jsonl, line 2: no text in column 'sentence'",
+         needs=("bert",)),
+    Case("text-pair-null-in-jsonl", [*_text("{null_pair}", "data.text_pair_column=pair")],
+         "null_pair.jsonl, line 3: no text in column 'pair'", needs=("bert",)),
+    Case("labels-mixing-ids-and-names", [*_text("{mixed_labels}", "data.label_names=null")],
+         "mixed_labels.jsonl, line 2: label 'positive' is a name where line 1 has an id", needs=("bert",)),
+    Case("label-missing-in-csv", [*_text("{no_label}", "data.label_names=null")], "no_label.csv, line 3: no label",
+         needs=("bert",)),
+    Case("csv-not-utf8", [*_text("{latin1_csv}")], "latin1.csv, line 2: not UTF-8", needs=("bert",)),
+    Case("jsonl-line-not-json", [*_text("{bad_jsonl}")], "bad.jsonl, line 2: not JSON", needs=("bert",)),
 ]
 
 
@@ -302,6 +319,21 @@ def _sst2_files(tmp: Path) -> dict:
     }
 
 
+def _text_files(tmp: Path) -> dict:
+    """Issue 22, item 10: each with its defect on the line its case names."""
+    made = {
+        "null_text": _write(tmp / "text" / "null_text.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": null, "label": 0}\n'),
+        "null_pair": _write(tmp / "text" / "null_pair.jsonl", '{"sentence": "a", "pair": "b", "label": 1}\n\n'
+                            '{"sentence": "c", "pair": null, "label": 0}\n'),  # a blank line counts
+        "mixed_labels": _write(tmp / "text" / "mixed_labels.jsonl", '{"sentence": "good", "label": 1}\n'
+                               '{"sentence": "bad", "label": "positive"}\n'),
+        "no_label": _write(tmp / "text" / "no_label.csv", "sentence,label\ngood film,1\nbad film,\nfine,0\n"),
+        "bad_jsonl": _write(tmp / "text" / "bad.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", label: 0}\n'),
+    }
+    (tmp / "text" / "latin1.csv").write_bytes("sentence,label\ncaf\u00e9 au lait,1\nbad,0\n".encode("latin-1"))
+    return made | {"latin1_csv": str(tmp / "text" / "latin1.csv")}
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("bad_input")
@@ -365,7 +397,7 @@ def test_bad_input(case: Case, workspace, tmp_path, capsys, request):
 
         if "bert" not in workload_names():
             pytest.skip("the BERT workload is not in this tree")
-        values = workspace | _sst2_files(tmp_path) | {"minilm": str(request.getfixturevalue("minilm_dir"))}
+        values = workspace | _sst2_files(tmp_path) | _text_files(tmp_path) | {"minilm": str(request.getfixturevalue("minilm_dir"))}
     else:
         values = workspace
     values = values | {"tmp": str(tmp_path)}  # each case writes its run under its own directory

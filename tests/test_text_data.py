@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -104,3 +105,69 @@ def test_sentence_pairs_get_segment_ids_from_json_parquet_and_a_dataset_folder(t
     with pytest.raises(DataError, match="cannot load split 'nope' of data.dataset"):
         bert.load_splits(load_recipe(MINILM, "cpu_test", [*pair, f"data.dataset={tmp_path / 'folder_src'}",
                                                           "data.eval_split=nope"]))
+
+
+def test_cached_tokens_are_checked_against_model_num_labels(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 9: model.num_labels is not in the cache key, so a cache tokenized for 3
+    classes was handed to a 2-class model unchecked, and training died on `Target 2 is out of bounds`."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "three.csv").write_text("text,topic\ngoal,0\nsoup,2\nsong,1\n")
+    three = [f"data.train_file={tmp_path / 'three.csv'}", f"data.eval_file={tmp_path / 'three.csv'}"]
+    assert bert.load_splits(_recipe(minilm_dir, tmp_path, *three, "model.num_labels=3"))["train"]["labels"] == [0, 2, 1]
+    before = bert.TOKENIZE_CALLS
+    with pytest.raises(DataError, match=r"three.csv: labels must be 0 or 1 .*found 0, 1, 2"):
+        bert.load_splits(_recipe(minilm_dir, tmp_path, *three, "model.num_labels=2"))
+    assert bert.TOKENIZE_CALLS == before  # refused from the cache, as a fresh read refuses it
+
+
+def _texts(split, tokenizer) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in split["input_ids"]]
+
+
+def test_numbers_in_a_text_column_are_text(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 10: pandas reads a csv column of numbers as integers and datasets reads a
+    JSON number as one; the tokenizer took neither. A number where a text belongs is the text as written."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "numbers.csv").write_text("text,topic\n123,0\n007,1\n1.50,0\n")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "good", "topic": 1}\n{"text": 5, "topic": 0}\n{"text": 2.5, "topic": 0}\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5, "topic": 1}\n{"text": 6, "topic": 0}\n')
+    tokenizer = bert.load_tokenizer(str(minilm_dir))
+    expected = {"numbers.csv": ["123", "007", "1. 50"], "mixed.jsonl": ["good", "5", "2. 5"], "numbers.jsonl": ["5", "6"]}
+    for name, texts in expected.items():
+        files = [f"data.train_file={tmp_path / name}", f"data.eval_file={tmp_path / name}"]
+        assert _texts(bert.load_splits(_recipe(minilm_dir, tmp_path, *files))["train"], tokenizer) == texts, name
+    import dltrain
+
+    result = dltrain.train(_recipe(minilm_dir, tmp_path, *files), output_dir=tmp_path / "run", tracking={"plots": False},
+                           train={"max_steps": 2, "global_batch_size": 2}, checkpoint={"save_best": False})
+    assert result.summary["steps"] == 2  # and the loop takes them: the numbers trained as texts
+
+
+def test_a_text_field_past_128_kib_is_read_and_truncated(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 10: Python's csv module refuses a field past 131,072 characters by default;
+    pandas reads it, and the tokenizer truncates it to data.max_length anyway."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    long_text = "word " * 30_000  # 150,000 characters
+    (tmp_path / "long.csv").write_text(f"text,topic\n{long_text},1\nshort,0\n")
+    files = [f"data.train_file={tmp_path / 'long.csv'}", f"data.eval_file={tmp_path / 'long.csv'}"]
+    split = bert.load_splits(_recipe(minilm_dir, tmp_path, *files, "data.max_length=16"))["train"]
+    assert [len(ids) for ids in split["input_ids"]] == [16, 3]  # [CLS] 14 x word [SEP]; [CLS] short [SEP]
+
+
+def test_missing_labels_are_refused_by_line_and_the_suggested_label_names_load(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 10: an empty label made the labels strings, and the message suggested
+    `data.label_names=[, 0, 1]`; a suggestion must be one the recipe takes (a label "1" is a string)."""
+    monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "gap.csv").write_text("text,topic\ngoal,1\nsoup,\n")
+    gap = [f"data.train_file={tmp_path / 'gap.csv'}", f"data.eval_file={tmp_path / 'gap.csv'}"]
+    with pytest.raises(DataError, match=r"gap.csv, line 3: no label in column 'topic'"):
+        bert.load_splits(_recipe(minilm_dir, tmp_path, *gap))
+    (tmp_path / "names.csv").write_text("text,topic\ngoal,1\nsoup,pos\n")
+    names = [f"data.train_file={tmp_path / 'names.csv'}", f"data.eval_file={tmp_path / 'names.csv'}"]
+    with pytest.raises(DataError, match="labels are strings") as refused:
+        bert.load_splits(_recipe(minilm_dir, tmp_path, *names))
+    suggested = re.search(r"--set '(data.label_names=.*)'", str(refused.value)).group(1)
+    assert suggested == 'data.label_names=["1", pos]'
+    assert bert.load_splits(_recipe(minilm_dir, tmp_path, *names, suggested))["train"]["labels"] == [0, 1]
+    with pytest.raises(DataError, match=r"names.csv, line 3: label 'pos' is not in data.label_names"):
+        bert.load_splits(_recipe(minilm_dir, tmp_path, *names, "data.label_names=['1', neg]"))

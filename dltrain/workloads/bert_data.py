@@ -4,9 +4,10 @@ device.
 
 Rows are read with `datasets` (local GLUE TSV under the data root, the hub's `nyu-mll/glue`/`sst2`
 when online, `data.dataset` (+ `data.config`) from the hub or a local folder, or the user's own
-files), labels checked (integer ids below num_labels, or strings mapped by `data.label_names`),
-tokenized once with the model's tokenizer (one text, or a sentence pair) and saved with
-`save_to_disk` under `dltrain.data.cache_dir()`; later runs load that copy. `device_splits` then
+files: read, like every row's checks, in dltrain.workloads.text_rows), labels checked (integer ids
+below num_labels, or strings mapped by `data.label_names`), tokenized once with the model's
+tokenizer (one text, or a sentence pair) and saved with `save_to_disk` under
+`dltrain.data.cache_dir()`; later runs load that copy. `device_splits` then
 pads every text to max_length once, into tensors on the training device (`TokenSplit`), and a batch
 is a slice of them: no tokenizer call and no host-to-device copy per step, and the index-based
 sharding in dltrain.data works unchanged.
@@ -17,7 +18,6 @@ config classes and the model, builds both from a recipe and calls in here.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sha256_of
+from dltrain.workloads.text_rows import check, check_label_ids, read_file
 
 if TYPE_CHECKING:
     from dltrain.workloads.bert import DataConfig
@@ -44,8 +45,6 @@ _HOW_TO_DATA = (
     "<root>, or give data.train_file and data.eval_file"
 )
 
-
-_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: CSV (TSV for .tsv/.tab/.txt)
 
 
 def _offline() -> bool:
@@ -76,46 +75,6 @@ def _source_files(cfg: DataConfig, only: tuple[str, ...] | None = None) -> dict[
     return None
 
 
-def _read_file(path: Path):
-    from datasets import load_dataset
-
-    if path.suffix.lower() in _FORMATS:  # json, jsonl, parquet: datasets' own readers
-        try:
-            return load_dataset(_FORMATS[path.suffix.lower()], data_files=str(path), split="train",
-                                cache_dir=str(cache_dir() / "hf_datasets"))
-        except Exception as exc:  # pyarrow raises many types for malformed files
-            raise DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})") from None
-    tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
-    # QUOTE_NONE for TSV: GLUE text holds bare quote characters; keep_default_na=False keeps a
-    # text such as "null" or "nan" a string.
-    kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    _check_rows(path, "tab" if tsv else "comma", **kwargs)
-    try:
-        return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
-                            cache_dir=str(cache_dir() / "hf_datasets"), **kwargs)
-    except Exception as exc:  # pandas and pyarrow raise many types for malformed files
-        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
-            raise DataError(f"{path}: no rows (the file holds a header only): give a file with examples") from None
-        raise DataError(f"cannot read {path} as {'TSV' if tsv else 'CSV'} ({str(exc).splitlines()[0][:200]})") from None
-
-
-def _check_rows(path: Path, separator: str, **dialect) -> None:
-    """Every row has as many fields as the header, or a DataError naming the line. Past this,
-    pandas stops at a long row with "An error occurred while generating the dataset" and reads a
-    short one's missing label as an empty string."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:  # undecodable bytes: load_dataset reports them
-        reader = csv.reader(f, **dialect)
-        try:
-            header = next(reader, [])
-            for row in reader:
-                if row and len(row) != len(header):  # pandas skips blank lines too
-                    fields = f"{len(row)} {separator}-separated field{'s' * (len(row) != 1)}"
-                    raise DataError(f"{path}, line {reader.line_num}: {fields} where the header has {len(header)}: "
-                                    "fix or remove that row")
-        except csv.Error as exc:
-            raise DataError(f"{path}, line {reader.line_num}: {exc}: fix that row") from None
-
-
 def _read_hub(split: str, dataset: str | None = None, config: str | None = None):
     """A split of `dataset` (a hub id or a local dataset folder), by default SST-2 from the hub."""
     from datasets import load_dataset
@@ -130,36 +89,6 @@ def _read_hub(split: str, dataset: str | None = None, config: str | None = None)
         raise DataError(f"cannot load split {split!r} of data.dataset {dataset!r}"
                         + (f" (config {config!r})" if config else "") + f" ({reason}): check data.dataset, data.config "
                         "and the split names (data.train_split, eval_split, test_split), or load it once while online") from None
-
-
-def _check(ds, cfg: DataConfig, where: str, num_labels: int) -> dict | None:
-    """Rows with the text column(s) and a label the model has an output for, or a DataError that
-    says what to change. Returns label name -> id for string labels, None for integer ids."""
-    columns = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else []), cfg.label_column]
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{where}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_column" + (", data.text_pair_column" if cfg.text_pair_column else "") + " and data.label_column"
-        )
-    if len(ds) == 0:
-        raise DataError(f"{where}: no rows")
-    labels = set(ds.unique(cfg.label_column))
-    shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
-    if any(isinstance(v, str) for v in labels):
-        if not cfg.label_names:
-            raise DataError(f"{where}: the labels are strings ({shown}): name them in id order in data.label_names, "
-                            f"e.g. --set 'data.label_names=[{', '.join(sorted(map(str, labels))[:5])}]'")
-        unknown = sorted(map(str, labels - set(cfg.label_names)))
-        if unknown:
-            raise DataError(f"{where}: label {unknown[0]!r} is not in data.label_names ({', '.join(cfg.label_names)}): "
-                            "add it, or fix that row")
-        return {name: i for i, name in enumerate(cfg.label_names)}
-    if not labels <= set(range(num_labels)):
-        allowed = "0 or 1 (binary classification)" if num_labels == 2 else f"integers 0 to {num_labels - 1}"
-        raise DataError(f"{where}: labels must be {allowed}, found {shown}: set model.num_labels (or data.label_names) "
-                        "to the number of classes")
-    return None
 
 
 def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
@@ -198,7 +127,7 @@ def _file_ident(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, num_labels: int = 2):
+def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: Path | str, num_labels: int = 2):
     """A datasets.Dataset with input_ids and labels, from the cache or tokenized now and cached.
 
     Several processes may start together: the main process goes first and writes the cache
@@ -215,11 +144,15 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: str, n
         if target.is_dir():
             damage = _damage(target)
             if damage is None:
-                return load_from_disk(str(target))
+                ds = load_from_disk(str(target))
+                # model.num_labels is not in the key: a cache tokenized for more classes is refused
+                # here as a fresh read refuses it, not left to fail in the loss. (String labels are
+                # ids below len(data.label_names), which is in the key and equals num_labels.)
+                check_label_ids(set(ds.unique("labels")), where, num_labels)
+                return ds
             say("warning", f"tokenized cache {target} is damaged ({damage}): rebuilding it from {where}")
             _discard(target)
-        ds = read()
-        label_ids = _check(ds, cfg, where, num_labels)
+        ds, label_ids = check(read(), cfg, where, num_labels)
         TOKENIZE_CALLS += 1
 
         def encode(rows):
@@ -372,7 +305,9 @@ def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2,
     if files is None:
         sources = _hub_sources(cfg)
     else:
-        sources = {split: (functools.partial(_read_file, path), _content_ident(path), str(path)) for split, path in files.items()}
+        texts = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else [])]
+        sources = {split: (functools.partial(read_file, path, texts), _content_ident(path), path)
+                   for split, path in files.items()}
     sources = {k: v for k, v in sources.items() if only is None or k in only}
     out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
            for split, (read, ident, where) in sources.items()}
