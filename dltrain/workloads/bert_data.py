@@ -24,15 +24,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say, sha256_of
+from dltrain.workloads.text_config import DataConfig
 from dltrain.workloads.text_rows import check, check_label_ids, read_file
 
-if TYPE_CHECKING:
-    from dltrain.workloads.bert import DataConfig
+
+
 
 TOKENIZE_CALLS = 0  # how many splits were tokenized (not loaded from the cache) in this process
 # bump when the tokenized format or the key changes (2: a completion marker in each folder; 3: keys

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from dltrain.data import DataError, cache_dir
 
 if TYPE_CHECKING:
-    from dltrain.workloads.bert import DataConfig
+    from dltrain.workloads.text_config import DataConfig
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: CSV (TSV for .tsv/.tab/.txt)
 # Python's csv module refuses a field past 131,072 characters by default. pandas, which reads the
