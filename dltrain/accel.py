@@ -95,7 +95,9 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
         mixed_precision=precision,
         gradient_accumulation_steps=plan.grad_accum,
         log_with=trackers or None,
-        project_dir=str(run_dir) if run_dir is not None else None,
+        # A placeholder until the run directory is chosen (set_directories): TensorBoard's tracker
+        # needs some logging_dir when the Accelerator is built.
+        project_dir=str(run_dir),
         # Accelerate drops a DeepSpeed plugin silently when told cpu=True.
         cpu=device_type == "cpu" and "deepspeed_plugin" not in kwargs,
         **kwargs,
