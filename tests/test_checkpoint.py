@@ -50,7 +50,10 @@ def test_scan_tells_complete_from_incomplete(tmp_path):
     good = root / "step_8"
     good.mkdir(parents=True)
     (good / "a.bin").write_bytes(b"12345")
-    (good / MANIFEST).write_text(json.dumps({"files": {"a.bin": {"size": 5, "sha256": _sha256(good / "a.bin")}}}))
+    (good / "trainer_state.json").write_text(json.dumps({"state": {"step": 8}, "recipe": "", "run_id": "r"}))
+    files = {name: {"size": (good / name).stat().st_size, "sha256": _sha256(good / name)}
+             for name in ("a.bin", "trainer_state.json")}
+    (good / MANIFEST).write_text(json.dumps({"files": files}))
     (root / "step_12").mkdir()  # renamed without a manifest cannot happen, but a copy by hand can
     (root / ".tmp-step_16").mkdir()
     complete, bad = scan(root)

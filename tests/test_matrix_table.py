@@ -134,7 +134,7 @@ def _exit2(tmp_path, stderr: str, written: list[str] = ()) -> Run:
     for name in written:
         out.mkdir(exist_ok=True)
         (out / name).write_text("")
-    return Run(2, "", stderr, 1.0, out)
+    return Run(2, "", stderr, out)
 
 
 def test_a_proper_refusal_gives_its_reason(tmp_path):

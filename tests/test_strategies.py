@@ -155,6 +155,8 @@ def test_a_planted_pickle_in_a_sharded_checkpoint_is_refused_not_run(runs, tmp_p
     manifest["files"]["fsdp_sharded/.metadata"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (step / "manifest.json").write_text(json.dumps(manifest))
     done = runs.get("cnn-fsdp-planted", [*FSDP, *_sets("distributed.fsdp.auto_wrap=[Linear]"), "--resume", str(step)])
-    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.returncode != 0, done.stderr[-3000:]  # each rank exits 2; the launcher reports the job failed
     assert not marker.exists()
-    assert "asks to load posix.system, which a dltrain checkpoint never holds" in done.stderr
+    refusals = [line for line in done.stderr.splitlines() if "dltrain: error:" in line]
+    assert len(refusals) == 2 and all("asks to load posix.system, which a dltrain checkpoint never holds" in line
+                                      for line in refusals), done.stderr[-3000:]

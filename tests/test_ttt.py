@@ -51,7 +51,7 @@ def test_a_tiny_record_suite_runs_every_seed_and_the_reference_and_writes_the_ta
 
 
 def test_a_failed_reference_run_fails_the_suite_with_exit_3(data_dir, tmp_path):
-    ref = "      what: a baseline script that is not there\n      baseline: no_such_baseline"
+    ref = "      what: a baseline run that fails\n      baseline: rnn_bare\n      baseline_args: [--no-such-flag]"
     out = tmp_path / "out"
     path = _suite(tmp_path, ref)
     text = open(path).read().replace("seeds: [0, 1]", "seeds: [0]")

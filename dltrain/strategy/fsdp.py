@@ -124,6 +124,7 @@ class FSDP(Strategy):
         if (path / SHARDED_DIR).is_dir():
             import torch.distributed.checkpoint as dcp
 
+            _check_metadata(path / SHARDED_DIR)  # every rank, before any collective: all refuse alike
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
             # Each rank reads its own shards, in place, through readers that unpickle nothing but
             # the checkpoint's own metadata classes (torch's would run any pickle found there).
@@ -205,8 +206,8 @@ def _options(full: bool):
 # ----------------------------------------------------------------------------------------------
 # Loading a sharded checkpoint without running what a file says
 #
-# torch.distributed.checkpoint reads `.metadata` with plain pickle.load and non-tensor entries
-# (an optimizer's hyperparameters) with torch.load(weights_only=False): a crafted file would run
+# torch.distributed.checkpoint reads `.metadata` with plain pickle and non-tensor entries (an
+# optimizer's hyperparameters) with torch's unrestricted loader: a crafted file would run
 # code on every rank at `--resume`. dltrain's readers take only what its own checkpoints hold.
 
 
@@ -249,6 +250,22 @@ def _safe_unpickler():
             return obj
 
     return Unpickler
+
+
+def _check_metadata(folder: Path) -> None:
+    """Read `.metadata` through the safe unpickler: a planted pickle is refused here on every rank
+    (inside dcp.load only the coordinator reads it, and the other ranks fail another way)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            metadata = _safe_unpickler()(f).load()
+    except RecipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a cut-off or foreign file: one line
+        raise RecipeError(f"{folder}/.metadata cannot be read ({type(exc).__name__}): the checkpoint is damaged") from None
+    if not isinstance(metadata, Metadata):
+        raise RecipeError(f"{folder}/.metadata is not a checkpoint's metadata: refusing to read it")
 
 
 def _SafeReader(path: Path):
