@@ -76,3 +76,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
         [sys.executable, "-m", "dltrain", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO,
     )
+
+
+# Files whose tests take minutes, run first: `make test` hands whole files to its two workers
+# (--dist loadfile) in collection order, and a long file that starts last keeps one worker busy
+# while the other idles (the combination matrix's diagonal alone is several minutes).
+LONGEST_FIRST = ("test_matrix.py", "test_bert.py", "test_distributed.py", "test_steady_state.py", "test_nothing_lost.py",
+                 "test_strategies.py", "test_checkpoint.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

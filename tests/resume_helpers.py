@@ -26,6 +26,13 @@ def train(out: Path, *extra: str, env: dict | None = None, timeout: float = 300)
     return run_cli("train", *TINY, "--output-dir", str(out), *extra, env=env, timeout=timeout)
 
 
+def trained(out: Path) -> Path:
+    """`out` after an uninterrupted TINY run (the module fixtures the resume tests compare with)."""
+    done = train(out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 def launch_env(extra: dict | None = None) -> dict:
     """Environment for two CPU processes (README, "Accelerate on a CPU": the working Accelerate/torchrun forms)."""
     return {**os.environ, "ACCELERATE_USE_CPU": "true", **(extra or {})}
@@ -68,5 +75,5 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in lines if line and not any(n in line for n in noise)]
 
 
-__all__ = ["REPO", "TINY", "TOTAL_STEPS", "train", "losses", "params", "max_differences", "error_lines",
+__all__ = ["REPO", "TINY", "TOTAL_STEPS", "train", "trained", "losses", "params", "max_differences", "error_lines",
            "launch_env", "accelerate_two"]

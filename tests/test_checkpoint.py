@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from resume_helpers import accelerate_two, error_lines, launch_env, max_differences, train
+from resume_helpers import accelerate_two, error_lines, launch_env, max_differences, train, trained
 
 EXIT_PREEMPTED = 4
 
@@ -28,10 +28,7 @@ EXIT_PREEMPTED = 4
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory) -> Path:
     """The uninterrupted single-process run every resumed run must reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    done = train(out)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+    return trained(tmp_path_factory.mktemp("ref") / "run")
 
 
 def _state(ckpt: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from resume_helpers import error_lines, losses, train
+from resume_helpers import error_lines, losses, train, trained
 
 EXIT_BAD_INPUT, EXIT_PREEMPTED = 2, 4
 
@@ -36,10 +36,7 @@ def _run_id(run: Path) -> str:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, data_dir) -> Path:
     """A finished tiny run with checkpoints at steps 16 and 20 (keep_last 2)."""
-    run = tmp_path_factory.mktemp("finished") / "a"
-    done = train(run)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run
+    return trained(tmp_path_factory.mktemp("finished") / "a")
 
 
 # ----------------------------------------------------------------------------------------------
