@@ -280,12 +280,8 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     good = [p for p in scan(root)[0] if rundir.owned_by(p, loop.run_id)]
     intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
     need = _size(good[-1]) if good else _state_bytes(loop)
-    try:
-        free_bytes = shutil.disk_usage(root).free
-    except OSError:
-        free_bytes = None
     raise StorageError(rundir.write_failure(failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need,
-                                           free_bytes, acc.project_dir))
+                                           root, loop.run_dir))
 
 
 def _size(path: Path) -> int:
@@ -389,15 +385,3 @@ def resume(loop, path: Path | None) -> dict | None:
               f"in it) from {path} (loaded in {time.perf_counter() - t0:.2f} s)", flush=True)
     acc.wait_for_everyone()
     return state
-
-
-def due(cfg, state, steps_per_epoch: int) -> bool:
-    """Whether `checkpoint.every_steps` / `every_epochs` asks for a save at the end of this step."""
-    if cfg.every_steps and state.step % cfg.every_steps == 0:
-        return True
-    epoch_done = state.step_in_epoch == steps_per_epoch
-    return bool(cfg.every_epochs and epoch_done and (state.epoch + 1) % cfg.every_epochs == 0)
-
-
-def write_preempted(run_dir: Path, step: int, path: Path, why: str) -> None:
-    (run_dir / "preempted.json").write_text(json.dumps({"step": step, "checkpoint": str(path), "signal": why}) + "\n")

@@ -63,14 +63,10 @@ def from_loop(loop, out_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     if not rundir.agree_ok(acc, failed):
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
-        try:
-            free = shutil.disk_usage(out_dir.parent).free
-        except OSError:
-            free = None
         intact = (f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)" if loop.last_checkpoint
                   else "no checkpoint was written")
         raise StorageError(rundir.write_failure(failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need,
-                                                free, loop.run_dir))
+                                                out_dir.parent, loop.run_dir))
     acc.wait_for_everyone()
 
 
@@ -306,6 +302,5 @@ def cmd_export(args) -> int:
 
         shutil.rmtree(out)  # an earlier export (check_output refused anything else)
     export_hf(source, out, args.which)
-    rundir.with_umask_mode(out)
     print(f"dltrain: exported {weights_dir} -> {out}")
     return 0

@@ -203,9 +203,13 @@ def with_umask_mode(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
-def write_failure(failed: Exception | None, head: str, intact: str, need: int, free: int | None, run_dir) -> str:
-    """The one line for a checkpoint write that failed. torch's zip writer reports a full disk as a
-    RuntimeError without an errno: little free space then tells."""
+def write_failure(failed: Exception | None, head: str, intact: str, need: int, where: Path, run_dir) -> str:
+    """The one line for a write into `where` that failed. torch's zip writer and safetensors report
+    a full disk without an errno: little free space then tells."""
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
     code = getattr(failed, "errno", None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < need)
     if full:
@@ -354,3 +358,7 @@ def truncate_log(run_dir: Path, step: int) -> None:
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, log)
+
+
+def write_preempted(run_dir: Path, step: int, path: Path, why: str) -> None:
+    (run_dir / "preempted.json").write_text(json.dumps({"step": step, "checkpoint": str(path), "signal": why}) + "\n")

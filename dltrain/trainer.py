@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import checkpoint, export, signals, testhooks
+from dltrain import checkpoint, export, rundir, signals, testhooks
 from dltrain.data import DataError, eval_index_batches, steps_per_epoch, train_index_batches
 from dltrain.errors import Preempted, RecipeError, TrainingError
 from dltrain.metrics import StepClock, add_train_stats, throughput_record, window_sums
@@ -96,7 +96,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             last = state.step == loop.total_steps
             log_due = state.step % r.train.log_every == 0 or last
             eval_due = _eval_due(r, state, state.step_in_epoch == loop.steps_per_epoch, loop.total_steps)
-            save_due = checkpoint.due(r.checkpoint, state, loop.steps_per_epoch)
+            save_due = _save_due(r.checkpoint, state, loop.steps_per_epoch)
             alone_stopping = acc.num_processes == 1 and signals.received() is not None  # no one to agree with
             stop = False
             if state.step % sync_every == 0 or last or eval_due or save_due or alone_stopping:
@@ -202,7 +202,7 @@ def _preempt(loop: Loop, state: TrainState, path: Path) -> None:
     acc = loop.accelerator
     why = signals.received() or "a signal on another rank"
     if acc.is_main_process:
-        checkpoint.write_preempted(loop.run_dir, state.step, path, why)
+        rundir.write_preempted(loop.run_dir, state.step, path, why)
     acc.wait_for_everyone()
     acc.end_training()  # a clean shutdown of the process group and trackers before exiting
     raise Preempted(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
@@ -226,6 +226,14 @@ def _log_train(loop: Loop, state: TrainState, window: dict, bar) -> None:
     if "train/mfu" in record:
         shown["mfu"] = f"{record['train/mfu']:.1%}"
     bar.set_postfix(shown)
+
+
+def _save_due(cfg, state, steps_per_epoch: int) -> bool:
+    """Whether `checkpoint.every_steps` / `every_epochs` asks for a save at the end of this step."""
+    if cfg.every_steps and state.step % cfg.every_steps == 0:
+        return True
+    epoch_done = state.step_in_epoch == steps_per_epoch
+    return bool(cfg.every_epochs and epoch_done and (state.epoch + 1) % cfg.every_epochs == 0)
 
 
 def _eval_due(recipe, state: TrainState, epoch_done: bool, total_steps: int) -> bool:

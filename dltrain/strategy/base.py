@@ -152,6 +152,21 @@ def apply_compile(units: list[nn.Module], cfg) -> None:
         unit.forward = torch.compile(unit.forward, mode=cfg.mode, fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)
 
 
+def guarded_step(optimizer, parameters, loss_sum: torch.Tensor, clip: float | None) -> list[tuple[str, torch.Tensor]]:
+    """Clip and step a torch optimizer unless the loss is not finite: skipped on the device by a
+    fused optimizer, on the host (one read) by another. torch's clip reduces the norm over DTensor
+    shards too (FSDP2). Returns the flag for the loop's next sync point."""
+    bad = fused_guard(optimizer, loss_sum)
+    if bad is None:
+        bad = host_guard(loss_sum)
+        if bad is not None:
+            return [("nonfinite", bad)]  # not applied; the loop clears the gradients
+    if clip:
+        torch.nn.utils.clip_grad_norm_(parameters, clip)
+    optimizer.step()
+    return [("nonfinite", bad)] if bad is not None else []
+
+
 def fused_guard(optimizer, loss_sum: torch.Tensor) -> torch.Tensor | None:
     """torch's fused optimizers skip their update on the device when `found_inf` is non-zero
     (GradScaler's mechanism): a non-finite loss then needs no host read before the step. Returns

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dltrain.strategy.base import OptimizerFactory, Strategy, apply_compile, fused_guard, host_guard
+from dltrain.strategy.base import OptimizerFactory, Strategy, apply_compile, guarded_step
 
 
 class DDP(Strategy):
@@ -45,15 +45,8 @@ class DDP(Strategy):
         clip = self.recipe.train.clip_grad_norm
         if self.scaler is not None:
             return self._scaled_step(loss_sum, clip)
-        bad = fused_guard(self._inner, loss_sum)
-        if bad is None:
-            bad = host_guard(loss_sum)
-            if bad is not None:
-                return [("nonfinite", bad)]  # not applied; the loop clears the gradients
-        if clip:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
-        self._inner.step()
-        return [("nonfinite", bad)] if bad is not None else []
+        # Without a scaler Accelerate's clip is torch's (it has nothing to unscale).
+        return guarded_step(self._inner, self.model.parameters(), loss_sum, clip)
 
     def _scaled_step(self, loss_sum: torch.Tensor, clip: float | None) -> list[tuple[str, torch.Tensor]]:
         """fp16: the GradScaler skips a step whose gradients hold inf/NaN by itself (on the device

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dltrain.errors import RecipeError
-from dltrain.strategy.base import OptimizerFactory, Strategy, apply_compile
+from dltrain.strategy.base import DTYPES, OptimizerFactory, Strategy, apply_compile
 
 
 class DeepSpeed(Strategy):
@@ -53,8 +53,8 @@ class DeepSpeed(Strategy):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         if self.recipe.train.compile.enabled:
             apply_compile([model], self.recipe.train.compile)  # ZeRO 1/2: the engine's hooks are on gradients
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.train.precision)
-        if low is not None:
+        if self.recipe.train.precision != "fp32":
+            low = DTYPES[self.recipe.train.precision]
             # DeepSpeed's bf16/fp16 modes cast the parameters, not the inputs (no autocast): a
             # float batch would meet half-precision weights in the first layer. Floating inputs are
             # cast on the way in, outside any compiled code; integer inputs (token ids) stay.

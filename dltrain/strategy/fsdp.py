@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dltrain.errors import RecipeError
-from dltrain.strategy.base import DTYPES, OptimizerFactory, Strategy, apply_compile, fused_guard, host_guard
+from dltrain.strategy.base import DTYPES, OptimizerFactory, Strategy, apply_compile, guarded_step
 
 SHARDED_DIR = "fsdp_sharded"  # torch.distributed.checkpoint folder of a sharded checkpoint
 FULL_MODEL = "model.safetensors"
@@ -65,16 +65,7 @@ class FSDP(Strategy):
         (loss / accum if accum > 1 else loss).backward()
 
     def step(self, loss_sum: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        bad = fused_guard(self.optimizer, loss_sum)
-        if bad is None:
-            bad = host_guard(loss_sum)
-            if bad is not None:
-                return [("nonfinite", bad)]
-        if self.recipe.train.clip_grad_norm:
-            # torch's clip works on DTensor gradients: the norm is reduced over the shards.
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.clip_grad_norm)
-        self.optimizer.step()
-        return [("nonfinite", bad)] if bad is not None else []
+        return guarded_step(self.optimizer, self.model.parameters(), loss_sum, self.recipe.train.clip_grad_norm)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
