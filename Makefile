@@ -9,7 +9,7 @@ MODELS_DIR ?= $(abspath ../shared/models)
 # The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
 RUN_SUITE ?= cpu_quick
 
-.PHONY: install run test test-fast test-matrix wheel clean
+.PHONY: install run test test-fast test-matrix test-slurm wheel clean
 
 # The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
 $(VENV)/.installed: pyproject.toml
@@ -30,7 +30,7 @@ run: install
 TEST_WORKERS ?= 2
 test: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not slurm" tests
 
 # The strategy x compile x precision matrix off make test's diagonal (tests/test_matrix.py): 15 cells
 # of 2-process jobs, its own CI step. Each cell's outcome is merged into $(MATRIX_RESULTS), which
@@ -41,8 +41,18 @@ test-matrix: install
 		DLTRAIN_MATRIX=full DLTRAIN_MATRIX_RESULTS=$${DLTRAIN_MATRIX_RESULTS:-$(MATRIX_RESULTS)} \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m matrix_full --durations=0 tests/test_matrix.py
 
+# The SLURM tests (tests/test_slurm.py): the shipped launch/slurm.sbatch on a real two-node cluster on
+# this host, brought up before (slurm-wlm and munge installed when missing: root, or sudo) and down after,
+# whatever the tests did. Their own CI step: a requeued job waits about two minutes to start again.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-slurm: install
+	$(SUDO) tests/slurm/cluster.sh up
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
+		DLTRAIN_SLURM=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -s -m slurm --durations=0 tests/test_slurm.py; \
+		status=$$?; $(SUDO) tests/slurm/cluster.sh down; exit $$status
+
 test-fast: install
-	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed" tests
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed and not slurm" tests
 
 # dist/dltrain-*.whl, built from a copy of the source: setuptools writes build/ and
 # dltrain.egg-info/ beside the source it builds (`pip wheel .` leaves them in the checkout; they are

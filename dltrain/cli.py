@@ -8,6 +8,7 @@ Exit codes: 0 done; 2 bad input (recipe, override, data, environment); 3 trainin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Preempted as exc:
         print(f"dltrain: preempted: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        # Under `dltrain launch` every rank has written its checkpoint by now: exit 0, so torchrun
+        # does not SIGTERM a rank still shutting down; the launcher reports the preemption (exit 4).
+        return 0 if os.environ.get("DLTRAIN_LAUNCHED") == "1" else EXIT_PREEMPTED
     except ModuleNotFoundError as exc:  # an optional package a lazy import needed (dltrain.extras)
         from dltrain.extras import missing_module_error
 

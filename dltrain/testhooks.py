@@ -7,6 +7,9 @@ at a chosen point. Unset in normal use; each costs a dictionary lookup where it 
   DLTRAIN_TEST_ENOSPC_IN_SAVE=N         fail half-way through writing the N-th checkpoint as a full disk does
   DLTRAIN_TEST_FAIL_AT_STEP=N           raise after step N on rank DLTRAIN_TEST_FAIL_RANK (default 0)
   DLTRAIN_TEST_NONFINITE_AT_STEP=N      make step N's loss NaN on every rank (its gradients follow)
+  DLTRAIN_TEST_STEP_SLEEP=S             sleep S seconds after every step of a SLURM job's first start
+                                        (SLURM_RESTART_COUNT unset or 0): a scheduler's timed signal finds
+                                        the job running; its requeued start runs at full speed
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def _hits(name: str, step: int, rank: int) -> bool:
 def at_step_end(rank: int, step: int) -> None:
     if _hits("DLTRAIN_TEST_SIGNAL_AT_STEP", step, rank):
         os.kill(os.getpid(), getattr(signal, os.environ.get("DLTRAIN_TEST_SIGNAL", "SIGTERM")))
+    if (pause := os.environ.get("DLTRAIN_TEST_STEP_SLEEP")) and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        time.sleep(float(pause))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and _hits("DLTRAIN_TEST_CRASH_AT_STEP", step, rank):
         print(f"dltrain-test: planted crash at step {step} on rank {rank}", file=sys.stderr, flush=True)
