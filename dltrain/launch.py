@@ -151,8 +151,9 @@ def run_command(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
     makes torchrun SIGTERM a rank still writing its checkpoint. A worker that gets a signal twice
     stops once."""
     forwarded: list[str] = []
-    child_env = {**os.environ, **env, LAUNCHED_ENV: "1",
-                 "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+    caught = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, less SIGTERM (PET_: its option's variable)
+    child_env = {**os.environ, **env, LAUNCHED_ENV: "1", "PET_SIGNALS_TO_HANDLE": caught,
+                 "TORCHELASTIC_SIGNALS_TO_HANDLE": caught}
     previous = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in FORWARDED}
     try:
         try:
