@@ -9,6 +9,7 @@ a program that calls dltrain.run.train itself keeps its own handlers.
 
 from __future__ import annotations
 
+import atexit
 import signal
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -19,6 +20,16 @@ def install() -> None:
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _note)
+    # At exit Python puts its handlers back to the default action, which for SIGUSR1 and SIGTERM is
+    # death: a stop signal sent again while this process ends (SLURM's, or `dltrain launch` repeating
+    # it until its workers end) would turn a clean stop into "killed by SIGUSR1". Ignored from here.
+    atexit.register(_ignore)
+
+
+def _ignore() -> None:
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _note(signum, frame) -> None:

@@ -86,17 +86,24 @@ up() {
     die "n1 and n2 are not idle after 60 s (see $STATE/*.log)"
 }
 
-stop_pidfile() {  # the daemon of one pid file, if it runs: SIGTERM, then up to 10 s for it to end
+stop_pidfile() {  # the daemon of one pid file, if it runs: SIGTERM, up to 10 s for it to end, then SIGKILL
     local file=$1 pid
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
     if kill "$pid" 2>/dev/null; then
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$file"
 }
 
 down() {
+    # Jobs a test left (it failed, or was interrupted) are cancelled first: their steps end within
+    # KillWait (30 s) while the daemons still run, instead of outliving them.
+    if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
+        scancel --partition=test 2>/dev/null || true
+        for _ in $(seq 45); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 1; done
+    fi
     stop_pidfile "$STATE/slurmd-n1.pid"
     stop_pidfile "$STATE/slurmd-n2.pid"
     stop_pidfile "$STATE/slurmctld.pid"
