@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dltrain.errors import LaunchError  # noqa: F401 - raised here, and imported from here elsewhere
@@ -154,7 +153,8 @@ def run_command(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
     caught = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, less SIGTERM (PET_: its option's variable)
     child_env = {**os.environ, **env, LAUNCHED_ENV: "1", "PET_SIGNALS_TO_HANDLE": caught,
                  "TORCHELASTIC_SIGNALS_TO_HANDLE": caught}
-    previous = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in FORWARDED}
+    # Not SIGINT: a process that starts with it ignored gets no KeyboardInterrupt (Ctrl-C) from Python.
+    previous = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in STOPS}
     try:
         try:
             child = subprocess.Popen(argv, env=child_env)
@@ -174,7 +174,7 @@ def run_command(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
             send(signum)
 
         for name in FORWARDED:
-            signal.signal(getattr(signal, name), forward)
+            previous.setdefault(name, signal.signal(getattr(signal, name), forward))
         while True:
             try:
                 return child.wait(timeout=REFORWARD_S), (forwarded[0] if forwarded else None)
@@ -365,15 +365,15 @@ def _run_or_print(argv: list[str], env: dict[str, str], dry_run: bool, output_di
     print(format_command(argv, env), file=sys.stdout if dry_run else sys.stderr, flush=True)
     if dry_run:
         return 0
-    started = time.time() - 1  # a note older than this launch is an earlier run's (mtime granularity)
     try:
         rc, stopped = run_command(argv, env)
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
         return 2
     note = Path(output_dir) / "preempted.json" if output_dir else None
-    # The workers wrote the note (rank 0, after every rank's checkpoint) and exited 0 (LAUNCHED_ENV).
-    if (rc == 0 or stopped) and note is not None and note.is_file() and note.stat().st_mtime >= started:
+    # The workers wrote the note (rank 0, after every rank's checkpoint) and exited 0 (LAUNCHED_ENV);
+    # every run's start removes an earlier note (dltrain.rundir.start_segment).
+    if (rc == 0 or stopped) and note is not None and note.is_file():
         try:
             saved = json.loads(note.read_text())
             step, why = saved.get("step", "?"), saved.get("signal") or stopped or "a signal"
