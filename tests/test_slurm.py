@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, RECIPES
+from conftest import RECIPES, REPO
 from test_distributed import LOSS_ATOL, PARAM_ATOL, SMALL, max_param_diff
 
 pytestmark = pytest.mark.slurm
@@ -125,7 +124,7 @@ def final_model(run: Path) -> dict:
 
 def clean(text: str) -> bool:
     """No traceback, no "failed" (as a word: torch's warnings say "Failure to ..."), no srun error."""
-    return "Traceback" not in text and not re.search(r"\bfailed\b", text, re.I) and "srun: error" not in text
+    return "Traceback" not in text and not re.search(r"\bfailed\b", text, re.IGNORECASE) and "srun: error" not in text
 
 
 @pytest.fixture(scope="module")
