@@ -122,6 +122,8 @@ class TrainConfig(Section):
     # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (torch's own default differs
     # between the two); MFU of an fp32 run is taken against the TF32 peak when on, FP32 when off.
     tf32: bool = False
+    cpu_threads: Count | None = Field(None, le=4096, description="torch threads per process on a CPU; default: "
+                                      "OMP_NUM_THREADS if set, else the cores this process may use / processes on the node")
 
     @model_validator(mode="after")
     def _a_length(self) -> TrainConfig:
