@@ -91,8 +91,7 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     fork = path is not None and own is None
     forked_from = {"checkpoint": str(path), "run_id": theirs, "step": meta["state"]["step"]} if fork else None
     return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "new_run": own is None,
-            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id"),
-            "one_param_group": path is not None and "no_decay_bias_norm" not in meta["recipe"]}
+            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id")}
 
 
 def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
@@ -157,8 +156,6 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     model = workload.build_model(recipe)
     data = workload.build_data(recipe, accelerator.device)
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
-    if start.get("one_param_group") and recipe.optim.no_decay_bias_norm is None:
-        recipe.optim.no_decay_bias_norm = False  # a checkpoint from before the rule holds one group's state
     backend = strategy.create(accelerator, recipe, plan)
     backend.setup(model, lambda m: build_optimizer(recipe.optim, m, fused_default=backend.fused_optimizer))
     scheduler = build_scheduler(recipe.schedule, backend.optimizer, total_steps)
