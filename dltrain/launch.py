@@ -320,7 +320,8 @@ def cmd_launch(args) -> int:
             from dltrain.recipe import read_yaml
 
             if not torch.cuda.is_available():
-                refusal = gpu_config_refusal(read_yaml(Path(args.config_file), what="Accelerate config"), args.config_file)
+                config = read_yaml(Path(args.config_file), what="Accelerate config")
+                refusal = gpu_config_refusal(config, args.config_file)
                 if refusal:
                     print(f"dltrain: error: {refusal}", file=sys.stderr)
                     return 2

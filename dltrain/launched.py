@@ -141,8 +141,8 @@ def check_launch(world: int, gpus: int) -> None:
         # A refusal, not a warning: a world of 1 changes the per-process batch and every throughput
         # figure, and one process is one flag away (--num_processes 1) for whoever wants it.
         message = (f"accelerate launch asked for {asked} CPU processes but started one (Accelerate's CPU launcher "
-                   f"starts several only under mpirun), so this would train a world of 1: run {_suggestion(args, asked)} "
-                   f"for {asked} processes, or pass --num_processes 1 for one")
+                   f"starts several only under mpirun), so this would train a world of 1: run "
+                   f"{_suggestion(args, asked)} for {asked} processes, or pass --num_processes 1 for one")
     if message is None:
         return
     if os.environ.get("RANK", "0") != "0":

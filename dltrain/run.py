@@ -147,7 +147,8 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         n, why = cpu_threads(recipe.train.cpu_threads)
         torch.set_num_threads(n)
         threads = f", {n} CPU thread{'s' if n > 1 else ''} per process ({why})"
-    print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}{threads}")
+    print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = "
+                        f"global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}{threads}")
 
     sync_debug_mode(accelerator.device)  # a bad DLTRAIN_SYNC_DEBUG fails here, before any work
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.

@@ -324,7 +324,8 @@ def test_dltrain_train_on_a_cpu_prints_its_threads_and_takes_cores_over_processe
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     n = len(os.sched_getaffinity(0))
     done = subprocess.run([sys.executable, "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
-                           "--output-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                           "--output-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     threads = f"{n} CPU thread{'s' if n > 1 else ''} per process ({n} cores / 1 process on this node)"
     assert f"device cpu, {threads}" in done.stdout, done.stdout[:1000]
