@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import torch
 
+from dltrain.launched import check_launch
 from dltrain.recipe import RecipeBase, RecipeError
 
 
@@ -78,6 +79,7 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
     world = launched_world_size()
     device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") else "cpu"
+    check_launch(world, torch.cuda.device_count())  # the world the launcher was asked for, before any collective
     backend = strategy.check(recipe, world, device_type)
     plan = plan_batches(recipe.train, world)
     trackers = list(recipe.tracking.trackers) if with_trackers else []

@@ -370,7 +370,7 @@ def load(loop, path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Resuming and exporting
+# Resuming
 
 
 def resume(loop, path: Path | None) -> dict | None:

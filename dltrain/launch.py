@@ -336,6 +336,19 @@ def cmd_launch(args) -> int:
             print(f"dltrain: error: {exc}", file=sys.stderr)
             return 2
         preflight(recipe, world, on_cpu, deepspeed)  # as for a launch without a config file
+        if not args.dry_run:
+            import torch
+
+            from dltrain.launched import gpu_config_refusal, launcher_thread_env
+            from dltrain.recipe import read_yaml
+
+            if not torch.cuda.is_available():
+                config = read_yaml(Path(args.config_file), what="Accelerate config")
+                refusal = gpu_config_refusal(config, args.config_file)
+                if refusal:
+                    print(f"dltrain: error: {refusal}", file=sys.stderr)
+                    return 2
+                env |= launcher_thread_env(recipe.train.cpu_threads, world // args.nnodes)
         return _run_or_print(argv, env, args.dry_run, args.output_dir)
     if not args.dry_run:
         import torch
@@ -358,6 +371,10 @@ def cmd_launch(args) -> int:
     # After the options themselves (build_command), before anything starts: what every rank would
     # trip over, said once (the batch arithmetic at this world size, fp16 on a CPU, a missing extra).
     preflight(recipe, (1 if nproc is None else nproc) * args.nnodes, cpu, deepspeed)
+    if cpu:  # threads per process: cores / processes, not all the cores each (dltrain.launched)
+        from dltrain.launched import launcher_thread_env
+
+        env |= launcher_thread_env(recipe.train.cpu_threads, 1 if nproc is None else nproc)
     return _run_or_print(argv, env, args.dry_run, args.output_dir)
 
 

@@ -175,9 +175,8 @@ def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds
         return peak, f"datasheet {name} {rate} dense"
     if device.type == "cpu" and precision in ("fp32", "bf16"):
         # One thread, times the run's threads: with several, a matmul waits at every barrier for
-        # its slowest thread, and on a shared machine (the test suite, a helper's job on the other
-        # core) the measured "peak" fell 1000-fold, below what the run itself then achieved
-        # (MFU 1,300%, seen 2026-11-30). One thread's best trial is what the core can do.
+        # its slowest thread, and on a shared machine the measured "peak" fell below what the run
+        # itself then achieved (MFU over 100%). One thread's best trial is what the core can do.
         # Every run asks for its peak at start-up, before the first step: the place that knows
         # the device and the precision, and where emulated bf16 first costs time.
         warn_if_bf16_emulated(device, precision)

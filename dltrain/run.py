@@ -11,6 +11,7 @@ import torch
 
 from dltrain import checkpoint, export, extras, rundir, strategy, tracking
 from dltrain.accel import build_accelerator
+from dltrain.launched import cpu_threads
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.optim import build_optimizer, build_scheduler
 from dltrain.peaks import peak_flops
@@ -90,8 +91,7 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     fork = path is not None and own is None
     forked_from = {"checkpoint": str(path), "run_id": theirs, "step": meta["state"]["step"]} if fork else None
     return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "new_run": own is None,
-            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id"),
-            "one_param_group": path is not None and "no_decay_bias_norm" not in meta["recipe"]}
+            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id")}
 
 
 def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
@@ -129,9 +129,11 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
     lock, start = open_run_dir(accelerator, recipe, run_dir, resume)
+    threads_before = torch.get_num_threads()  # a notebook's own setting comes back after the run
     try:
         return _train(recipe, accelerator, plan, run_dir, start, resume, t_start)
     finally:
+        torch.set_num_threads(threads_before)
         if lock is not None:
             lock.release()
 
@@ -140,7 +142,13 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     workload = get_workload(recipe.workload)
     accelerator.project_configuration.set_directories(str(run_dir))
     print0(accelerator, f"dltrain: {recipe.name} -> {run_dir}")
-    print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}")
+    threads = ""
+    if accelerator.device.type == "cpu":  # N processes of all-cores threads each would time-slice the cores
+        n, why = cpu_threads(recipe.train.cpu_threads)
+        torch.set_num_threads(n)
+        threads = f", {n} CPU thread{'s' if n > 1 else ''} per process ({why})"
+    print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = "
+                        f"global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}{threads}")
 
     sync_debug_mode(accelerator.device)  # a bad DLTRAIN_SYNC_DEBUG fails here, before any work
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
@@ -149,8 +157,6 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     model = workload.build_model(recipe)
     data = workload.build_data(recipe, accelerator.device)
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
-    if start.get("one_param_group") and recipe.optim.no_decay_bias_norm is None:
-        recipe.optim.no_decay_bias_norm = False  # a checkpoint from before the rule holds one group's state
     backend = strategy.create(accelerator, recipe, plan)
     backend.setup(model, lambda m: build_optimizer(recipe.optim, m, fused_default=backend.fused_optimizer))
     scheduler = build_scheduler(recipe.schedule, backend.optimizer, total_steps)

@@ -55,7 +55,7 @@ RESUMABLE = (
     "name", "description",
     "train.epochs", "train.max_steps", "train.eval_every", "train.log_every", "train.sync_every",
     "train.max_nonfinite_steps", "train.warmup_steps_excluded", "train.compile", "train.tf32",
-    "train.clip_grad_norm", "train.micro_batch_size", "train.grad_accum",
+    "train.clip_grad_norm", "train.micro_batch_size", "train.grad_accum", "train.cpu_threads",
     "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.fused",
     "schedule", "tracking", "checkpoint", "target",
     # Workload keys that change neither the examples nor their order.

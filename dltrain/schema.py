@@ -4,8 +4,6 @@ pydantic models that check recipes (so it cannot drift from what `dltrain train`
 from __future__ import annotations
 
 import enum
-import inspect
-import re
 import sys
 import types
 import typing
@@ -48,37 +46,11 @@ def _section(annotation) -> type[BaseModel] | None:
     return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
-_FIELD_LINE = re.compile(r"^    (\w+)\s*:")
-
-
-def comments(model: type[BaseModel]) -> dict[str, str]:
-    """The source comments that explain a key where it has no Field description: the comment at
-    the end of its line, else the comment lines just above it (recipe.py's habit)."""
-    try:
-        lines = inspect.getsource(model).splitlines()
-    except (OSError, TypeError):
-        return {}
-    found, above = {}, []
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# ").strip())
-            continue
-        match = _FIELD_LINE.match(line)
-        if match:
-            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
-            found[match.group(1)] = trailing or " ".join(above)
-        above = []
-    return found
-
-
 def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key path, type, default, description) of every key, sections first listed as their keys."""
+    """(key path, type, default, description) of every key, sections first listed as their keys.
+    A key's description is pydantic's: the docstring under the field (dltrain.sections.Section sets
+    use_attribute_docstrings), or a plugin's Field(description=...), on one line."""
     out = []
-    notes = {}
-    for cls in reversed(model.__mro__):  # a subclass's comment wins over its base's
-        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:
-            notes |= comments(cls)
     for name, field in model.model_fields.items():
         if name == "profiles":  # merged away before validation
             continue
@@ -87,7 +59,7 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
         if section is not None:
             out += rows(section, key + ".")
             continue
-        out.append((key, _type_name(field.annotation), _default(field), field.description or notes.get(name, "")))
+        out.append((key, _type_name(field.annotation), _default(field), " ".join((field.description or "").split())))
     return out
 
 

@@ -42,26 +42,31 @@ HubIdOrPath = Annotated[str, Field(min_length=1), AfterValidator(_absolute_if_di
 
 class Section(BaseModel):
     """A recipe section (`model:`, `data:`, ...): a pydantic model whose fields are the section's
-    keys, with their types, defaults and (Field description) meanings, which `dltrain schema` lists.
-    Closed: an unknown key is an error naming its path; floats must be finite."""
+    keys, with their types, defaults and meanings, which `dltrain schema` lists. A key's meaning is
+    the docstring under it (one per key, as torchtitan's job_config.py). Closed: an unknown key is
+    an error naming its path; floats must be finite."""
 
     # Closed: a misspelt key is an error, not a silently ignored value. Floats are finite: an
     # lr, weight decay or target of .inf/.nan is a typo that would otherwise surface as a
     # non-finite loss (or a target never reached) after the data has loaded.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    lr: float = Field(1e-3, gt=0)
+    """peak learning rate"""
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = Field(0.0, ge=0, description="SGD only")
-    fused: bool | None = Field(None, description="torch's fused optimizer step (one kernel for all parameters); "
-                                                 "default: on, except under DeepSpeed, which steps its own partitions")
-    no_decay_bias_norm: bool | None = Field(None, description="no weight decay for biases and normalization-layer "
-                                                          "weights (their own parameter group, as the HF Trainer); "
-                                                          "default: on for adamw, off otherwise")
+    momentum: float = Field(0.0, ge=0)
+    """SGD only"""
+    fused: bool | None = None
+    """torch's fused optimizer step (one kernel for all parameters); default: on, except under
+    DeepSpeed, which steps its own partitions"""
+    no_decay_bias_norm: bool | None = None
+    """no weight decay for biases and normalization-layer weights (their own parameter group, as the
+    HF Trainer); default: on for adamw, off otherwise"""
 
     @field_validator("betas")
     @classmethod
@@ -76,9 +81,12 @@ class ScheduleConfig(Section):
     # warm-up, then decays linearly to zero at the last optimizer step. The others are
     # transformers.get_scheduler's (dltrain.optim).
     name: Literal["none", "linear_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                  "constant_with_warmup", "inverse_sqrt"] = Field("none", description="learning-rate schedule")
-    warmup_steps: Steps | None = Field(None, description="optimizer steps of warm-up; default: warmup_fraction of all steps")
-    warmup_fraction: float = Field(0.0, ge=0, le=1, description="warm-up as a share of all optimizer steps")
+                  "constant_with_warmup", "inverse_sqrt"] = "none"
+    """learning-rate schedule"""
+    warmup_steps: Steps | None = None
+    """optimizer steps of warm-up; default: warmup_fraction of all steps"""
+    warmup_fraction: float = Field(0.0, ge=0, le=1)
+    """warm-up as a share of all optimizer steps"""
 
 
 class CompileConfig(Section):
@@ -86,10 +94,12 @@ class CompileConfig(Section):
     (compiling) steps fall in the warm-up. `train.compile: true` is short for `enabled: true`."""
 
     enabled: bool = False
-    # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    fullgraph: bool = True  # a graph break is an error, not a silent slow path
-    dynamic: bool | None = False  # False: shapes are static in the steady state (fixed batches, BERT buckets)
+    """default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs"""
+    fullgraph: bool = True
+    """a graph break is an error, not a silent slow path"""
+    dynamic: bool | None = False
+    """False: shapes are static in the steady state (fixed batches, BERT buckets)"""
 
     @model_validator(mode="before")
     @classmethod
@@ -99,29 +109,36 @@ class CompileConfig(Section):
 
 class TrainConfig(Section):
     epochs: Count | None = 1
-    max_steps: Count | None = Field(None, description="optimizer steps; overrides epochs")
+    max_steps: Count | None = None
+    """optimizer steps; overrides epochs"""
     global_batch_size: Count = 64
-    # Hardware stays out of recipes: per-device batch and accumulation are derived from the world
-    # size. Give one of them to pin it; the three must then multiply out to global_batch_size.
     micro_batch_size: Count | None = None
+    """Hardware stays out of recipes: per-device batch and accumulation are derived from the world
+    size. Give one of them to pin it; the three must then multiply out to global_batch_size."""
     grad_accum: Count | None = None
     clip_grad_norm: float | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # torch takes seeds below 2**64, but the data order draws from seed * 1_000_003 + epoch
-    # (dltrain.data), which must fit too: [0, 2**32), the range numpy and most tools take.
     seed: int = Field(0, ge=0, lt=2**32)
-    eval_every: Steps = Field(0, description="optimizer steps between evaluations; 0 = each epoch")
+    """torch takes seeds below 2**64, but the data order draws from seed * 1_000_003 + epoch
+    (dltrain.data), which must fit too: [0, 2**32), the range numpy and most tools take."""
+    eval_every: Steps = 0
+    """optimizer steps between evaluations; 0 = each epoch"""
     log_every: Count = 50
-    max_nonfinite_steps: Steps = Field(0, description="non-finite losses tolerated before stopping")
-    warmup_steps_excluded: Steps = Field(5, description="first steps left out of throughput")
-    # Steps between host reads (non-finite check, stop on a signal): the step never waits for the
-    # device in between. null: by device, 1 on a CPU with one process (a read costs nothing
-    # there), 50 on a GPU or with several processes.
+    max_nonfinite_steps: Steps = 0
+    """non-finite losses tolerated before stopping"""
+    warmup_steps_excluded: Steps = 5
+    """first steps left out of throughput"""
     sync_every: Count | None = None
+    """Steps between host reads (non-finite check, stop on a signal): the step never waits for the
+    device in between. null: by device, 1 on a CPU with one process (a read costs nothing
+    there), 50 on a GPU or with several processes."""
     compile: CompileConfig = CompileConfig()
-    # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (torch's own default differs
-    # between the two); MFU of an fp32 run is taken against the TF32 peak when on, FP32 when off.
     tf32: bool = False
+    """TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (torch's own default differs
+    between the two); MFU of an fp32 run is taken against the TF32 peak when on, FP32 when off."""
+    cpu_threads: Count | None = Field(None, le=4096)
+    """torch threads per process on a CPU; default: OMP_NUM_THREADS if set, else the cores this
+    process may use / processes on the node"""
 
     @model_validator(mode="after")
     def _a_length(self) -> TrainConfig:
@@ -136,15 +153,20 @@ WandbName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class TrackingConfig(Section):
-    trackers: list[Literal[TRACKERS]] = Field(["wandb"], description="Accelerate trackers to log to (each must be "
-                                                                      "installed); W&B is offline unless you are logged in")
-    wandb: bool | None = Field(None, description="shorthand kept from older recipes: false drops wandb from "
-                                                 "trackers, true adds it")
-    project: str = Field("dltrain", description="project name in every tracker")  # W&B's rules: 1-128 characters, none of / \ # ? % :
-    entity: WandbName | None = Field(None, description="W&B entity (user or team); default: your W&B default")
-    group: WandbName | None = Field(None, description="W&B group, e.g. one per sweep")
-    run_name: WandbName | None = Field(None, description="W&B run name; default: the run directory's name")
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []  # W&B takes tags of 1-64 characters
+    trackers: list[Literal[TRACKERS]] = ["wandb"]
+    """Accelerate trackers to log to (each must be installed); W&B is offline unless you are logged in"""
+    wandb: bool | None = None
+    """shorthand kept from older recipes: false drops wandb from trackers, true adds it"""
+    project: str = "dltrain"  # W&B's rules: 1-128 characters, none of / \ # ? % :
+    """project name in every tracker"""
+    entity: WandbName | None = None
+    """W&B entity (user or team); default: your W&B default"""
+    group: WandbName | None = None
+    """W&B group, e.g. one per sweep"""
+    run_name: WandbName | None = None
+    """W&B run name; default: the run directory's name"""
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+    """W&B takes tags of 1-64 characters"""
     plots: bool = True
 
     @model_validator(mode="after")
@@ -171,22 +193,26 @@ class CheckpointConfig(Section):
     every_steps: Count | None = None
     every_epochs: Count | None = None
     keep_last: Count = 2
-    dir: str | None = Field(None, description="default: RUN_DIR/checkpoints; a relative path is taken inside the run directory")
-    # A `dir` outside the run directory (e.g. a scratch filesystem) is refused unless this is true;
-    # pruning there deletes only this run's checkpoints (dltrain.rundir).
+    dir: str | None = None
+    """default: RUN_DIR/checkpoints; a relative path is taken inside the run directory"""
     outside_run_dir: bool = False
+    """A `dir` outside the run directory (e.g. a scratch filesystem) is refused unless this is true;
+    pruning there deletes only this run's checkpoints (dltrain.rundir)."""
     save_final_model: bool = True
-    save_best: bool = Field(False, description="write RUN_DIR/best_model at each evaluation whose target.metric is "
-                                               "the best so far; a tie keeps the later model")
+    save_best: bool = False
+    """write RUN_DIR/best_model at each evaluation whose target.metric is the best so far; a tie
+    keeps the later model"""
 
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
-    config_file: str | None = Field(None, min_length=1, description="a DeepSpeed JSON config (relative: from the "
-                                                                    "working directory); its batch sizes, accumulation "
-                                                                    "and clipping may be \"auto\" (the recipe's)")
-    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO stages 1-3
-    offload_params: Literal["none", "cpu"] = "none"  # ZeRO stage 3 only (DeepSpeed ignores it below)
+    config_file: str | None = Field(None, min_length=1)
+    """a DeepSpeed JSON config (relative: from the working directory); its batch sizes, accumulation
+    and clipping may be "auto" (the recipe's)"""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO stages 1-3"""
+    offload_params: Literal["none", "cpu"] = "none"
+    """ZeRO stage 3 only (DeepSpeed ignores it below)"""
 
     @model_validator(mode="after")
     def _offload_needs_its_stage(self) -> DeepSpeedConfig:
@@ -203,20 +229,20 @@ class FSDPConfig(Section):
     """FSDP2 (torch's `fully_shard`): parameters, gradients and optimizer state sharded over the
     processes; dltrain applies `fully_shard` itself, on a CPU and a GPU alike (dltrain.strategy.fsdp)."""
 
-    # full_shard: free the gathered parameters after forward, gather again for backward (least
-    # memory); shard_grad_op: keep them until backward ends (one all-gather per step, more memory).
-    # FSDP2 has no no_shard: that is DDP (distributed.strategy: ddp).
     sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
-    # Units sharded (and gathered) one at a time, besides the root: module class names (e.g.
-    # [BertLayer]), or a number: every module holding at least that many parameters of its own
-    # subtree not already in a unit. []: the whole model is one unit.
+    """full_shard: free the gathered parameters after forward, gather again for backward (least
+    memory); shard_grad_op: keep them until backward ends (one all-gather per step, more memory).
+    FSDP2 has no no_shard: that is DDP (distributed.strategy: ddp)."""
     auto_wrap: list[Annotated[str, Field(min_length=1, max_length=100)]] | Count = []
-    # With train.precision bf16/fp16: parameters are gathered in that dtype; gradients are
-    # reduced in fp32 (default) or in the training dtype (half the bytes, less exact).
+    """Units sharded (and gathered) one at a time, besides the root: module class names (e.g.
+    [BertLayer]), or a number: every module holding at least that many parameters of its own
+    subtree not already in a unit. []: the whole model is one unit."""
     reduce_dtype: Literal["fp32", "same"] = "fp32"
-    # Checkpoints: sharded = each process writes its shard (torch.distributed.checkpoint); full =
-    # one model.safetensors and one optimizer file gathered on rank 0.
+    """With train.precision bf16/fp16: parameters are gathered in that dtype; gradients are
+    reduced in fp32 (default) or in the training dtype (half the bytes, less exact)."""
     state_dict_type: Literal["sharded", "full"] = "sharded"
+    """Checkpoints: sharded = each process writes its shard (torch.distributed.checkpoint); full =
+    one model.safetensors and one optimizer file gathered on rank 0."""
 
 
 class DistributedConfig(Section):
@@ -227,13 +253,17 @@ class DistributedConfig(Section):
     uses none of them."""
 
     strategy: Literal["ddp", "fsdp", "deepspeed"] | None = None
-    bucket_cap_mb: float = Field(25.0, gt=0, le=1e6, description="DDP gradient bucket size (torch's default 25 MB)")
-    gradient_as_bucket_view: bool = False  # gradients are views into the buckets: one copy less, less memory
-    static_graph: bool = False  # the same parameters are used every step: DDP may skip per-step checks
-    find_unused_parameters: bool = False  # walk the graph each step for parameters without gradient
-    # Compress gradients for the all-reduce (torch's default_hooks fp16/bf16_compress_hook): half
-    # the bytes, rounding of the averaged gradient to 8 (bf16) or 11 (fp16) significant bits.
+    bucket_cap_mb: float = Field(25.0, gt=0, le=1e6)
+    """DDP gradient bucket size (torch's default 25 MB)"""
+    gradient_as_bucket_view: bool = False
+    """gradients are views into the buckets: one copy less, less memory"""
+    static_graph: bool = False
+    """the same parameters are used every step: DDP may skip per-step checks"""
+    find_unused_parameters: bool = False
+    """walk the graph each step for parameters without gradient"""
     comm_hook: Literal["none", "bf16", "fp16"] = "none"
+    """Compress gradients for the all-reduce (torch's default_hooks fp16/bf16_compress_hook): half
+    the bytes, rounding of the averaged gradient to 8 (bf16) or 11 (fp16) significant bits."""
     fsdp: FSDPConfig = FSDPConfig()
 
 
@@ -243,7 +273,8 @@ class TargetConfig(Section):
     metric: str = "val/accuracy"
     value: float = 0.99
     mode: Literal["max", "min"] = "max"
-    stop: bool = False  # end training at the first evaluation that reaches the target
+    stop: bool = False
+    """end training at the first evaluation that reaches the target"""
 
 
 class RecipeBase(Section):
@@ -253,7 +284,8 @@ class RecipeBase(Section):
     `Workload.recipe`."""
 
     workload: str
-    name: str = Field("", description="names the run directory runs/<name>-<time>; default: the file's stem")
+    name: str = ""
+    """names the run directory runs/<name>-<time>; default: the file's stem"""
     description: str = ""
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -263,8 +295,8 @@ class RecipeBase(Section):
     deepspeed: DeepSpeedConfig | None = None
     distributed: DistributedConfig = DistributedConfig()
     target: TargetConfig | None = None
-    # Profiles are merged before validation; kept here only so a resolved recipe still parses.
     profiles: dict[str, dict[str, Any]] = {}
+    """Profiles are merged before validation; kept here only so a resolved recipe still parses."""
 
     @field_validator("name")
     @classmethod

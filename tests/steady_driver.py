@@ -108,7 +108,8 @@ def main() -> None:
     from dltrain.run import train
     from dltrain.workload import get_workload
 
-    sets = [f"train.max_steps={args.steps}", "tracking.wandb=false", "tracking.plots=false",
+    sets = [f"train.max_steps={args.steps}", f"train.cpu_threads={THREADS}", "tracking.wandb=false",
+            "tracking.plots=false",
             "checkpoint.save_final_model=false", "checkpoint.save_best=false", *args.overrides]
     if args.workload == "bert":
         sets.append("data.eval_subset=64")  # the final evaluation is not what is measured here

@@ -243,3 +243,94 @@ def test_the_readme_slurm_example_launches_at_4_nodes_x_8_gpus(tmp_path):
         assert (f"--num_processes 32 --num_machines 4 --machine_rank {rank} --main_process_ip gpu-node007 "
                 "--main_process_port 29611") in line
         assert line.endswith(" ".join(example) + " --output-dir runs/dltrain-77")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers that cannot run the wrong world (issue 20), and CPU threads per process
+
+
+def _accelerate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` as a user types it (the accelerate beside this interpreter)."""
+    from dltrain.launch import accelerate_executable
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([accelerate_executable(), "launch", *args], capture_output=True, text=True, timeout=600,
+                          env=full_env, cwd=REPO)
+
+
+def _dltrain_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dltrain: error:")]
+
+
+def test_accelerates_cpu_launcher_asked_for_two_processes_is_refused_naming_the_command_that_starts_two(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: it trained a world of 1 without a word."""
+    done = _accelerate("--cpu", "--num_processes", "2", "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
+                       "--output-dir", str(tmp_path / "run"))
+    # dltrain exits 2; Accelerate's launcher then exits 1 with its own traceback of the child's failure.
+    assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (line,) = _dltrain_errors(done.stderr)
+    assert "asked for 2 CPU processes but started one" in line, line
+    assert f"`dltrain launch --cpu --nproc 2 {' '.join(TRAIN)} --set train.max_steps=1 --output-dir" in line, line
+    assert "world 1" not in done.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_root_gpu_config_on_a_host_without_gpus_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """The root accelerate_config.yaml (gpu_ids: all, 8 processes) started 8 CPU processes on 2 cores."""
+    import torch
+
+    from dltrain import launch
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for hosts without a GPU; here the config runs one process per GPU")
+    root = str(REPO / "accelerate_config.yaml")
+    monkeypatch.setattr(launch, "run_command", lambda argv, env: pytest.fail(f"launched {argv}"))
+    rc, _, err = _launch(capsys, *TRAIN, "--config_file", root)
+    assert rc == 2 and len(_dltrain_errors(err)) == 1, err
+    assert "is a GPU config (gpu_ids: all, 8 processes)" in err and "launch/cpu_2proc.yaml" in err, err
+    rc, _, err = _launch(capsys, *TRAIN, "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"), "--dry-run")
+    assert rc == 0, err  # the CPU config it names is not refused
+    # Plain accelerate launch with it (two processes here, to start fewer): each rank refuses, rank 0 says so.
+    done = _accelerate("--config_file", root, "--num_processes", "2", "-m", "dltrain", "train", *TRAIN,
+                       "--output-dir", str(tmp_path / "run"))
+    assert done.returncode != 0 and "dltrain: cnn_mnist" not in done.stdout, done.stdout[-2000:]
+    (line,) = _dltrain_errors(done.stderr)
+    assert "is a GPU config (gpu_ids: all, 8 processes)" in line and "launch/cpu_2proc.yaml" in line, line
+
+
+def test_cpu_threads_are_the_recipes_else_omp_num_threads_else_cores_over_local_processes(monkeypatch):
+    from dltrain.launched import THREADS_AUTO, cores, cpu_threads, launcher_thread_env
+
+    n = len(os.sched_getaffinity(0))
+    assert cores() == n
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(None, {}) == (n, f"{n} cores / 1 process on this node")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * n))  # more processes than cores: still one thread each
+    assert cpu_threads(None, {})[0] == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(None, {}) == (max(1, n // 2), f"{n} cores / 2 processes on this node")
+    assert cpu_threads(None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert cpu_threads(5, {"OMP_NUM_THREADS": "3"}) == (5, "train.cpu_threads")
+    # dltrain launch's own OMP_NUM_THREADS is a default, not the user's: cores / local processes again
+    assert cpu_threads(None, {"OMP_NUM_THREADS": "1", THREADS_AUTO: "1"})[1] == f"{n} cores / 2 processes on this node"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launcher_thread_env(None, 2) == {"OMP_NUM_THREADS": str(max(1, n // 2)), THREADS_AUTO: "1"}
+    assert launcher_thread_env(7, 2)["OMP_NUM_THREADS"] == "7"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launcher_thread_env(None, 2) == {}  # the user's value reaches the processes as it is
+
+
+def test_dltrain_train_on_a_cpu_prints_its_threads_and_takes_cores_over_processes(tmp_path):
+    """It used every core's thread per process, with nothing printed."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    n = len(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
+                           "--output-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    threads = f"{n} CPU thread{'s' if n > 1 else ''} per process ({n} cores / 1 process on this node)"
+    assert f"device cpu, {threads}" in done.stdout, done.stdout[:1000]
+    done = subprocess.run([sys.executable, "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
+                           "--set", "train.cpu_threads=3", "--output-dir", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "device cpu, 3 CPU threads per process (train.cpu_threads)" in done.stdout, done.stdout[:1000]

@@ -42,12 +42,15 @@ REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra
 
 
 class ModelConfig(Section):
-    name_or_path: HubIdOrPath = "bert-base-uncased"  # hub id or local directory (see module docstring)
-    tokenizer: HubIdOrPath | None = Field(None, description="hub id or directory; default: name_or_path")
-    init: Literal["pretrained", "random"] = "pretrained"  # random: architecture from the config alone
+    name_or_path: HubIdOrPath = "bert-base-uncased"
+    """hub id or local directory (see module docstring)"""
+    tokenizer: HubIdOrPath | None = None
+    """hub id or directory; default: name_or_path"""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """random: architecture from the config alone"""
     # Always an int once the recipe is validated (Recipe._labels_agree fills in the default).
-    num_labels: int | None = Field(None, ge=2, description="classifier outputs (label ids 0 .. num_labels-1); "
-                                                           "null: the number of data.label_names, else 2")
+    num_labels: int | None = Field(None, ge=2)
+    """classifier outputs (label ids 0 .. num_labels-1); null: the number of data.label_names, else 2"""
 
 
 class Recipe(RecipeBase):

@@ -27,19 +27,26 @@ REQUIRES = {"torchvision": "vision"}  # module -> the pip extra that installs it
 class ModelConfig(Section):
     conv1_channels: PositiveInt = 32
     conv2_channels: PositiveInt = 64
-    hidden: PositiveInt = 128  # width of the first linear layer
-    num_classes: int = Field(10, ge=10, description="logits; MNIST's labels are 0-9, so at least 10")
+    hidden: PositiveInt = 128
+    """width of the first linear layer"""
+    num_classes: int = Field(10, ge=10)
+    """logits; MNIST's labels are 0-9, so at least 10"""
 
 
 class DataConfig(Section):
-    root: LocalPath | None = Field(None, description="folder holding MNIST/raw; default $DLTRAIN_DATA_DIR")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out, by seed")
-    loader: Literal["tensor", "torch"] = "tensor"  # in-memory indexing, or torchvision DataLoader
-    # DataLoader worker processes (loader: torch only); each one imports torch, hence a ceiling.
+    root: LocalPath | None = None
+    """folder holding MNIST/raw; default $DLTRAIN_DATA_DIR"""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """share of train held out, by seed"""
+    loader: Literal["tensor", "torch"] = "tensor"
+    """in-memory indexing, or torchvision DataLoader"""
     num_workers: int = Field(0, ge=0, le=64)
-    mean: FiniteFloat = 0.5  # normalization as the original notebook: (x - 0.5) / 0.5
+    """DataLoader worker processes (loader: torch only); each one imports torch, hence a ceiling."""
+    mean: FiniteFloat = 0.5
+    """normalization as the original notebook: (x - 0.5) / 0.5"""
     std: FiniteFloat = Field(0.5, gt=0)
-    train_subset: PositiveInt | None = Field(None, description="use only this many train examples")
+    train_subset: PositiveInt | None = None
+    """use only this many train examples"""
 
 
 class Recipe(RecipeBase):

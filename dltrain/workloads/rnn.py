@@ -30,7 +30,8 @@ METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "m
 
 class ModelConfig(Section):
     cell: Literal["rnn", "lstm", "gru"] = "rnn"
-    hidden: PositiveInt = 32  # units per recurrent layer
+    hidden: PositiveInt = 32
+    """units per recurrent layer"""
     layers: PositiveInt = 1
 
 
@@ -42,15 +43,20 @@ def split_sizes(cfg: DataConfig) -> tuple[int, int, int]:
 
 
 class DataConfig(Section):
-    # The data are a function of this seed alone, whatever train.seed is; torch.Generator's range.
     seed: int = Field(0, ge=-(2**63), lt=2**64)
+    """The data are a function of this seed alone, whatever train.seed is; torch.Generator's range."""
     num_sequences: PositiveInt = 1000
-    seq_len: PositiveInt = 10  # inputs per sequence; the target is the value after them
+    seq_len: PositiveInt = 10
+    """inputs per sequence; the target is the value after them"""
     train_fraction: float = Field(0.70, gt=0, lt=1)
-    val_fraction: float = Field(0.15, gt=0, lt=1)  # the rest is the test split
-    amplitude: tuple[FiniteFloat, FiniteFloat] = (0.5, 1.5)  # uniform range
-    frequency: tuple[FiniteFloat, FiniteFloat] = (0.02, 0.2)  # cycles per time step, uniform range
-    noise: FiniteFloat = Field(0.0, ge=0, description="std of Gaussian noise added to every value")
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """the rest is the test split"""
+    amplitude: tuple[FiniteFloat, FiniteFloat] = (0.5, 1.5)
+    """uniform range"""
+    frequency: tuple[FiniteFloat, FiniteFloat] = (0.02, 0.2)
+    """cycles per time step, uniform range"""
+    noise: FiniteFloat = Field(0.0, ge=0)
+    """std of Gaussian noise added to every value"""
 
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:

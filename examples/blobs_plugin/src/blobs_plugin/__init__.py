@@ -29,15 +29,19 @@ from dltrain.plugin import (DataSplits, Output, RecipeBase, Section, Split, Work
 
 
 class ModelConfig(Section):
-    hidden: PositiveInt = 64  # units per hidden layer
-    layers: int = Field(2, ge=1, le=16, description="hidden layers")
+    hidden: PositiveInt = 64
+    """units per hidden layer"""
+    layers: int = Field(2, ge=1, le=16)
+    """hidden layers"""
 
 
 class DataConfig(Section):
     classes: int = Field(3, ge=2, le=1000)
-    dim: PositiveInt = 8  # features per example
+    dim: PositiveInt = 8
+    """features per example"""
     num_samples: int = Field(3000, ge=10, le=10_000_000)
-    spread: float = Field(1.0, gt=0, description="noise std around each centre (centres ~ N(0, 3^2))")
+    spread: float = Field(1.0, gt=0)
+    """noise std around each centre (centres ~ N(0, 3^2))"""
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = Field(0, ge=0, lt=2**32)
 
