@@ -9,7 +9,7 @@ MODELS_DIR ?= $(abspath ../shared/models)
 # The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
 RUN_SUITE ?= cpu_quick
 
-.PHONY: install run test test-fast test-matrix test-slurm wheel clean
+.PHONY: install run test test-long test-fast test-matrix test-slurm wheel clean
 
 # The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
 $(VENV)/.installed: pyproject.toml
@@ -30,7 +30,13 @@ run: install
 TEST_WORKERS ?= 2
 test: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not slurm" tests
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not long and not slurm" tests
+
+# The long tier (marker `long`: a test that takes 15 s or more here, such as a training to its accuracy
+# target or a multi-job end-to-end), kept out of make test to hold it under 15 minutes on 2 cores.
+test-long: install
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m long tests
 
 # The strategy x compile x precision matrix off make test's diagonal (tests/test_matrix.py): 15 cells
 # of 2-process jobs, its own CI step. Each cell's outcome is merged into $(MATRIX_RESULTS), which
@@ -52,7 +58,7 @@ test-slurm: install
 		status=$$?; $(SUDO) tests/slurm/cluster.sh down; exit $$status
 
 test-fast: install
-	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed and not slurm" tests
+	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} $(PY) -m pytest -q -m "not slow and not distributed and not long and not slurm" tests
 
 # dist/dltrain-*.whl, built from a copy of the source: setuptools writes build/ and
 # dltrain.egg-info/ beside the source it builds (`pip wheel .` leaves them in the checkout; they are

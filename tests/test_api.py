@@ -10,6 +10,7 @@ import pytest
 from conftest import RECIPES
 
 
+@pytest.mark.long
 def test_two_runs_in_one_process_with_another_precision(tmp_path, data_dir, monkeypatch):
     """Without resetting Accelerate's singletons, the second call fails with "AcceleratorState has
     already been initialized and cannot be changed" (precision fp32 -> bf16)."""

@@ -87,6 +87,7 @@ def test_bench_comm_refuses_bad_options_in_one_line(tmp_path, capsys, argv, mess
 
 
 @pytest.mark.distributed
+@pytest.mark.long
 def test_bench_comm_runs_across_two_nodes_as_dltrain_launch_starts_them(tmp_path):
     """Two "nodes" on this host, one process each, meeting at node 0's address: node 0 writes the
     world-2 results, node 1 nothing."""
@@ -485,6 +486,7 @@ def test_compare_flags_a_planted_regression_and_passes_an_identical_pair(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_tiny_suite_end_to_end(tmp_path, data_dir):
     small = [f"data.root={data_dir}", "data.train_subset=1024", "data.val_fraction=0.02", "train.global_batch_size=128",
              "checkpoint.save_final_model=false"]

@@ -30,6 +30,7 @@ def write_tsv(path, rows, header="sentence\tlabel"):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sst2_local_tsv_counts_and_labels(sst2_dir, minilm_dir):
     splits = bert.load_splits(minilm_recipe(minilm_dir, f"data.root={sst2_dir.parent}", "data.train_subset=null"))
     assert (len(splits["train"]), len(splits["val"])) == (67_349, 872)
@@ -210,6 +211,7 @@ def test_flops_formula():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_minilm_cpu_test_reaches_80_percent_and_saves_the_best_model(tmp_path, sst2_dir, minilm_dir):
     out = tmp_path / "run"
     result = run_cli("train", str(MINILM), "--profile", "cpu_test", "--set", f"model.name_or_path={minilm_dir}",
@@ -228,6 +230,7 @@ def test_minilm_cpu_test_reaches_80_percent_and_saves_the_best_model(tmp_path, s
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_two_processes_count_each_dev_example_once(tmp_path, sst2_dir, minilm_dir):
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",

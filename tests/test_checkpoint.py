@@ -81,6 +81,7 @@ def _kill_while_writing(run: Path, log: Path, env: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_killed_while_writing_then_sigterm_mid_epoch_then_resume_is_bit_identical(reference, tmp_path):
     """Three legs of one run: SIGKILL while writing step_8; resume from step_4 and SIGTERM at step 13
     (mid-epoch 2); resume from step_13. Losses and final weights equal the uninterrupted run's."""
@@ -127,6 +128,7 @@ RNN_TINY = ["--profile", "cpu_test", "--set", "data.num_sequences=1000", "--set"
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_rnn_stopped_mid_epoch_resumes_bit_identical(tmp_path):
     from conftest import RECIPES, run_cli
 
@@ -189,6 +191,7 @@ def reference_two(data_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_two_processes_signal_on_one_rank_then_resume_is_bit_identical(reference_two, tmp_path):
     run = tmp_path / "run"
     # SIGUSR1 reaches rank 1 only after step 5: both ranks must still stop after the same step,
@@ -211,6 +214,7 @@ def test_two_processes_signal_on_one_rank_then_resume_is_bit_identical(reference
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_elastic_restart_after_a_crash_resumes_from_the_last_checkpoint(reference_two, tmp_path):
     run = tmp_path / "run"
     env = launch_env({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "DLTRAIN_TEST_CRASH_AT_STEP": "10:1"})
@@ -239,6 +243,7 @@ def test_resume_with_another_world_size_is_supported(reference_two, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_compiled_run_exports_weights_that_load_into_the_plain_model(data_dir, tmp_path):
     """torch.compile wraps the forward function, not the module: no `_orig_mod.` keys anywhere."""
     import torch

@@ -62,6 +62,7 @@ def test_the_gpu_runs_plan_fits_its_budget_and_a_plan_past_it_is_refused(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cpu_dry_run_of_the_whole_script(tmp_path, data_dir):
     proc, wall = run_script(tmp_path, timeout=300, DEVICE="cpu", SUITE="device_dryrun", DLTRAIN_DATA_DIR=str(data_dir))
     out = proc.stdout + proc.stderr

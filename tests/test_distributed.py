@@ -123,6 +123,7 @@ def max_param_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("workload", ["cnn", "rnn"])
+@pytest.mark.long
 def test_two_processes_train_like_one_process_with_twice_the_batch(runs, workload):
     one, ddp = runs.one(workload), runs.ddp(workload)
     assert "world 2 x micro-batch" in ddp.stdout and "world 1 x micro-batch" in one.stdout
@@ -177,6 +178,7 @@ def _zero_run(runs: Runs, stage: int) -> Run:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.long
 def test_zero_stage_trains_like_ddp_and_exports_a_loadable_model(runs, stage):
     from dltrain.recipe import load_recipe
     from dltrain.workloads import cnn
@@ -190,6 +192,7 @@ def test_zero_stage_trains_like_ddp_and_exports_a_loadable_model(runs, stage):
     assert max_param_diff(weights, ddp.final_model()) <= PARAM_ATOL
 
 
+@pytest.mark.long
 def test_zero3_resumes_from_its_sharded_checkpoint_exactly(runs):
     full = _zero_run(runs, 3)
     step3 = full.out / "checkpoints" / "step_3"
@@ -246,6 +249,7 @@ def test_deepspeed_recipe_under_accelerate_use_cpu_fails_loudly(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cnn_bf16_on_two_processes_learns_mnist(runs):
     """A third of the cpu_test epoch (300 steps): a CPU without bf16 units (AVX2 only, as CI's
     machine was on 2026-11-28) emulates bf16 at ~3 steps/s here, and the whole epoch ran past 5

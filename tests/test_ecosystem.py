@@ -36,6 +36,7 @@ def tiny_run(tmp_path_factory):
     return run, result
 
 
+@pytest.mark.long
 def test_tensorboard_tracker_writes_event_files_with_the_logged_curves(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -57,6 +58,7 @@ def test_each_evaluation_prints_one_line_and_the_bar_writes_plain_lines(tiny_run
     assert any("5/5" in line and "step" in line for line in result.stderr.splitlines())
 
 
+@pytest.mark.long
 def test_eval_reports_the_same_metrics_as_training_as_json(tiny_run, tmp_path):
     run, _ = tiny_run
     summary = json.loads((run / "summary.json").read_text())
@@ -145,6 +147,7 @@ def _mode(tmp_path, **env) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.long
 def test_wandb_is_online_when_logged_in_to_a_self_hosted_server_and_offline_otherwise(tmp_path):
     pytest.importorskip("wandb")
     assert _mode(tmp_path) == "offline"  # no key anywhere: no prompt, no wait

@@ -176,6 +176,7 @@ def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
     assert cnn.data.root == str(tmp_path / "mnist")
 
 
+@pytest.mark.long
 def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path, minilm_dir, monkeypatch):
     # The CSV run trained in its own folder with data.train_file=train.csv; `dltrain eval RUN` from
     # elsewhere said "data file not found: train.csv (data.train_file)".

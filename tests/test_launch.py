@@ -222,6 +222,7 @@ FAKE_SCONTROL = """#!/bin/bash
 
 
 @pytest.mark.slow  # four interpreter starts at once: 6-12 s depending on load
+@pytest.mark.long
 def test_the_readme_slurm_example_launches_at_4_nodes_x_8_gpus(tmp_path):
     # The line the README gives, one launcher per node with its rank, the rendezvous on the first
     # host (the old line, batch 16 over 32 GPUs, is refused in one line before any process starts:

@@ -182,6 +182,7 @@ def test_flops_per_sample_matches_the_layers():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cnn_cpu_test_profile_reaches_97_percent(tmp_path, data_dir):
     out = tmp_path / "run"
     result = run_cli("train", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--output-dir", str(out),

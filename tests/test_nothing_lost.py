@@ -43,6 +43,7 @@ def finished(tmp_path_factory, data_dir) -> Path:
 # 1. A shared checkpoint folder
 
 
+@pytest.mark.long
 def test_a_shared_checkpoint_folder_keeps_runs_apart(data_dir, tmp_path):
     """Run A finishes in a shared folder; run B, in the same folder, is preempted at step 10 and
     resumed with --resume auto: B continues from its own step 8, keeps its id, and A's checkpoints
@@ -67,6 +68,7 @@ def test_a_shared_checkpoint_folder_keeps_runs_apart(data_dir, tmp_path):
 # 2, 3. Resumes that refuse before touching anything
 
 
+@pytest.mark.long
 def test_resume_auto_of_a_finished_run_without_checkpoints_is_refused(data_dir, tmp_path):
     run = tmp_path / "run"
     assert train(run, "--set", "checkpoint.every_steps=null", "--set", "train.max_steps=4").returncode == 0
@@ -79,6 +81,7 @@ def test_resume_auto_of_a_finished_run_without_checkpoints_is_refused(data_dir, 
     assert _tree(run) == before
 
 
+@pytest.mark.long
 def test_a_refused_resume_changes_nothing(finished, tmp_path):
     """'Past the end' was decided after metrics.jsonl had been cut and preempted.json deleted."""
     run = tmp_path / "copy"
@@ -103,6 +106,7 @@ def _tmpfs(path: Path, size: str) -> None:
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "final_model"])
+@pytest.mark.long
 def test_a_full_disk_while_writing_weights_is_one_line_and_loses_nothing(data_dir, tmp_path, what):
     """A real 8 MB tmpfs, filled so that the model's weights do not fit. Before: an uncaught
     SafetensorError (exit 1), `.tmp-step_4` left behind; for final_model no summary.json."""
@@ -138,6 +142,7 @@ def test_a_full_disk_while_writing_weights_is_one_line_and_loses_nothing(data_di
 # 6. A fork is a new run
 
 
+@pytest.mark.long
 def test_a_run_forked_from_another_runs_checkpoint_is_a_new_run(finished, tmp_path):
     fork = tmp_path / "fork"
     done = train(fork, "--resume", str(finished / "checkpoints" / "step_16"))
@@ -183,6 +188,7 @@ def test_a_fork_takes_no_w_and_b_id_and_a_resume_keeps_its_own(finished, tmp_pat
 # 16. Changes over several resumes
 
 
+@pytest.mark.long
 def test_resumed_with_changes_keeps_every_segments_changes(data_dir, tmp_path):
     run = tmp_path / "run"
     first = train(run, env={"DLTRAIN_TEST_SIGNAL_AT_STEP": "6"})
@@ -201,6 +207,7 @@ def test_resumed_with_changes_keeps_every_segments_changes(data_dir, tmp_path):
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"files": {"model.safetensors": 3}}',
                                      '{"files": {"../../etc/passwd": {"size": 1, "sha256": "0"}}}'])
+@pytest.mark.long
 def test_a_manifest_of_the_wrong_shape_skips_its_checkpoint(finished, tmp_path, content):
     run = tmp_path / "copy"
     shutil.copytree(finished, run)
@@ -234,6 +241,7 @@ def test_a_trainer_state_of_the_wrong_shape_is_refused_in_one_line(finished, tmp
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.long
 def test_a_signal_to_the_launcher_alone_checkpoints_and_stops_every_worker(data_dir, tmp_path, name):
     """torchrun puts its workers in sessions of their own: before, the launcher exited and its
     orphaned workers trained on to the end, holding the lock, writing no checkpoint."""
@@ -331,6 +339,7 @@ def _cli(*args: str):
     return run_cli(*args)
 
 
+@pytest.mark.long
 def test_export_writes_only_into_a_new_or_empty_folder_and_never_into_a_checkpoint(finished, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(finished, run)
@@ -443,6 +452,7 @@ def test_a_comm_size_out_of_range_is_one_line(size):
     assert parse_size("4K") == 4096
 
 
+@pytest.mark.long
 def test_launch_with_a_config_file_gets_the_same_pre_flight(tmp_path):
     """--config_file skipped every check: a global batch of 3 over 2 ranks crashed both ranks, and a
     garbage config file was a traceback."""

@@ -111,6 +111,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
+@pytest.mark.long
 def test_the_wheel_installs_and_trains_from_outside_the_repository(tmp_path, data_dir):
     wheel = _build_wheel(tmp_path)
     target = tmp_path / "site"

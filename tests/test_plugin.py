@@ -33,6 +33,7 @@ def plugin_path(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.long
 def test_example_plugin_trains_end_to_end_through_its_entry_point(plugin_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(REPO)])}
     run = subprocess.run([sys.executable, "-m", "dltrain", "train", str(PLUGIN / "blobs.yaml"), "--profile", "cpu_test",

@@ -59,6 +59,7 @@ def test_the_rnn_fast_profile_keeps_the_test_split():
     assert split_sizes(fast.data)[2] == split_sizes(base.data)[2]
 
 
+@pytest.mark.long
 def test_the_cnn_fast_profile_trains_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
     result = run_cli("train", str(RECIPES / "cnn_mnist.yaml"), "--profile", "fast", "--set", "train.max_steps=3",

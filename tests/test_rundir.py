@@ -144,6 +144,7 @@ def test_resume_refuses_changes_to_the_model_data_or_optimizer_type(stopped_at_8
 # Checkpoints stay inside the run unless asked
 
 
+@pytest.mark.long
 def test_checkpoint_dir_is_confined_and_pruning_spares_other_runs(data_dir, tmp_path):
     run = tmp_path / "runs" / "a"
     for value in ("../../elsewhere", str(tmp_path / "shared_ckpts")):

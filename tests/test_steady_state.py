@@ -52,7 +52,7 @@ def steady(request, tmp_path_factory):
     return get
 
 
-WORKLOADS = ["cnn", "rnn", pytest.param("bert", marks=pytest.mark.slow)]
+WORKLOADS = ["cnn", "rnn", pytest.param("bert", marks=[pytest.mark.slow, pytest.mark.long])]
 
 
 def _needs(request, workload: str) -> None:

@@ -46,6 +46,7 @@ def _ddp(runs: Runs):
 # DDP settings
 
 
+@pytest.mark.long
 def test_ddp_settings_reach_the_wrapped_module_and_change_nothing(runs):
     run = runs.ok("cnn-ddp-settings", [*LAUNCH2, *CNN, *_sets(
         "distributed.bucket_cap_mb=0.25", "distributed.gradient_as_bucket_view=true", "distributed.static_graph=true",
@@ -88,6 +89,7 @@ def test_fsdp_trains_like_ddp(runs):
     assert (fsdp.out / "checkpoints" / "step_3" / "fsdp_sharded" / ".metadata").is_file()
 
 
+@pytest.mark.long
 def test_fsdp_resumes_exactly_from_sharded_and_full_checkpoints(runs):
     """A (sharded checkpoints) -> B resumes A's step 3 and writes full checkpoints -> C resumes B's
     step 4: every segment continues A's losses bit for bit, so both formats restore model,
@@ -115,6 +117,7 @@ def test_fsdp_resumes_exactly_from_sharded_and_full_checkpoints(runs):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.long
 def test_a_nan_step_under_zero_is_skipped_by_the_engine_and_counted_once(runs, stage):
     """Step 3's loss (and so its gradients) is made NaN on both ranks: the engine skips that
     update, dltrain counts it once and trains on (max_nonfinite_steps=1), and the weights stay
@@ -130,6 +133,7 @@ def test_a_nan_step_under_zero_is_skipped_by_the_engine_and_counted_once(runs, s
     assert json.loads((run.out / "summary.json").read_text())["nonfinite_steps"] == 1
 
 
+@pytest.mark.long
 def test_a_planted_pickle_in_a_sharded_checkpoint_is_refused_not_run(runs, tmp_path):
     """torch.distributed.checkpoint reads `.metadata` with plain pickle: a crafted file, its
     manifest checksum fixed to match, ran code at `--resume` (issue 22, item 7). dltrain's reader

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import RECIPES, run_cli
 
 TINY_CNN = ["data.train_subset=640", "data.val_fraction=0.01", "model.conv1_channels=8", "model.conv2_channels=16",
@@ -30,6 +31,7 @@ records:
     return str(path)
 
 
+@pytest.mark.long
 def test_a_tiny_record_suite_runs_every_seed_and_the_reference_and_writes_the_table(data_dir, tmp_path):
     ref = f"      what: the same, twice as many steps\n      profile: cpu_test\n      overrides: [{', '.join(TINY_CNN)}, train.max_steps=8]"
     out = tmp_path / "out"
