@@ -28,7 +28,7 @@ from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import compute_shape, measure_step, measure_workload
 from dltrain.bench.suite import Job, Suite, check_host, expand
 from dltrain.launch import LaunchError, build_command, format_command
-from dltrain.peaks import cpu_peak, gpu_peak
+from dltrain.peaks import cpu_peak, gpu_peak, peak_rate
 from dltrain.recipe import RecipeError, load_recipe
 
 BASELINES = shipped.folder("baselines")
@@ -237,11 +237,10 @@ def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> 
         rec["flops_basis"] = "samples"
     env = rec.get("environment") or {}
     if env.get("device") == "cuda":
-        tf32 = bool(rec.get("tf32")) and rec["precision"] == "fp32"
-        per_device = gpu_peak(env.get("gpu", ""), rec["precision"], tf32)
+        per_device = gpu_peak(env.get("gpu", ""), rec["precision"], bool(rec.get("tf32")))
         if per_device is None:
             return  # unknown GPU or a MIG slice: no MFU rather than a wrong one
-        rate = "tf32" if tf32 else rec["precision"]
+        rate = peak_rate(rec["precision"], bool(rec.get("tf32")))
         rec["peak_flops_per_s"], rec["peak_source"] = per_device * rec["world_size"], f"datasheet {env.get('gpu')} {rate} x {rec['world_size']}"
     elif rec["precision"] in cpu_peaks:
         threads = rec.get("cpu_threads")
