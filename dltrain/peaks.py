@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from dltrain.precision import DTYPES
+
 # FLOP/s per GPU. Matched against torch.cuda.get_device_name split into words (on spaces and
 # dashes, case ignored): an entry matches when all its words are in the name; the first match
 # wins, so the specific names come first ("H100 NVL" before "H100", "GH200" and "H200 NVL" before
@@ -93,7 +95,7 @@ def cpu_matmul_peak(precision: str, size: int = 1024, seconds: float = 1.5) -> f
     `size`, halved while one product would take over 1/16 of `seconds` at the rate of a small
     one: enough trials for one to run undisturbed, and no emulated bf16 1024^3 product (seconds
     on its own)."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
 
     def operands(n: int):
         # A generator of its own: drawing from the global one would shift the dropout masks of the
