@@ -20,7 +20,6 @@ import statistics
 
 import torch
 
-from dltrain.peaks import GPU_PEAKS, cpu_matmul_peak, gpu_peak  # noqa: F401  (the names this module had)
 from dltrain.precision import DTYPES
 
 
