@@ -261,6 +261,22 @@ def test_in_process_only_for_single_process_dltrain_jobs(tmp_path):
     assert not any(inprocess.eligible(j, suite) for j in expand(suite))
 
 
+def test_a_variant_baseline_takes_its_settings_from_the_workload(tmp_path):
+    """The harness names no workload: a `notebook` job's settings are the CNN workload's
+    bench_variants, and a workload without that variant is refused before any job runs."""
+    from dltrain.bench.runner import train_sets, validate_jobs
+
+    suite = load_suite(str(write_suite(tmp_path, suite_with(entries=[
+        {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["notebook"]}]))))
+    notebook = next(j for j in expand(suite) if j.kind == "notebook")
+    assert train_sets(notebook, suite)[-1:] == ["data.loader=torch"]
+    rnn = load_suite(str(write_suite(tmp_path, suite_with(entries=[
+        {"name": "rnn", "recipe": str(RECIPES.parent / "dltrain" / "recipes" / "rnn_sine.yaml"), "baselines": ["notebook"]}]))))
+    with pytest.raises(RecipeError, match="the rnn workload has no 'notebook' baseline") as err:
+        validate_jobs(rnn, expand(rnn))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_in_process_jobs_run_back_to_back_each_in_a_fresh_state(tmp_path, capfd):
     """Two dltrain jobs inside this process with different precisions: Accelerate refuses a second

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dltrain.api import reset_state  # noqa: F401 - between jobs, as dltrain.train resets before a run
+from dltrain.bench.suite import VARIANT_KINDS
 
 
 class JobTimeout(BaseException):
@@ -37,7 +38,7 @@ class JobTimeout(BaseException):
 
 
 def eligible(job, suite) -> bool:
-    return (suite.in_process and job.kind in ("dltrain", "notebook") and job.world == 1 and job.nnodes == 1
+    return (suite.in_process and job.kind in ("dltrain", *VARIANT_KINDS) and job.world == 1 and job.nnodes == 1
             and job.deepspeed is None)
 
 

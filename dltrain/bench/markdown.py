@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dltrain.bench.suite import VARIANT_KINDS
+
 
 def _num(x, digits: int = 3) -> str:
     if x is None:
@@ -148,7 +150,7 @@ def _ttt_section(configs: dict) -> list[str]:
 def _accuracy_section(configs: dict) -> list[str]:
     rows = []
     for name, c in configs.items():
-        if c["kind"] == "dltrain" or c["kind"] == "notebook":
+        if c["kind"] in ("dltrain", *VARIANT_KINDS):
             keys = [k for k in sorted(c.get("figures", {})) if "/" in k]
             if keys:
                 rows.append([name, ", ".join(f"{k} {_fig(c, k, 1, 4)}" for k in keys)])

@@ -26,13 +26,12 @@ from dltrain import allocator, shipped
 from dltrain.bench import inprocess
 from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import compute_shape, measure_step, measure_workload
-from dltrain.bench.suite import Job, Suite, check_host, expand
+from dltrain.bench.suite import BASELINE_KINDS, VARIANT_KINDS, Job, Suite, check_host, expand
 from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.peaks import cpu_peak, gpu_peak, peak_rate
 from dltrain.recipe import RecipeError, load_recipe
 
 BASELINES = shipped.folder("baselines")
-BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.baselines
 
 
 def node_info() -> tuple[int, str | None]:
@@ -52,11 +51,22 @@ def train_sets(job: Job, suite: Suite) -> list[str]:
                  "checkpoint.save_final_model=false", "checkpoint.save_best=false", "tracking.plots=false"]
     else:
         sets += ["target.stop=true"]
-    if job.kind == "notebook":
-        sets.append("data.loader=torch")  # the original notebook's torchvision DataLoader pipeline
-    if job.kind in ("dltrain", "notebook") and suite.wandb_runs is not None:  # null: the recipe's own trackers
+    if job.kind in VARIANT_KINDS:  # a dltrain run made into a baseline by its workload's settings
+        sets += variant_sets(job)
+    if job.kind in ("dltrain", *VARIANT_KINDS) and suite.wandb_runs is not None:  # null: the recipe's own trackers
         sets.append(f"tracking.wandb={'true' if suite.wandb_runs else 'false'}")
     return sets
+
+
+def variant_sets(job: Job) -> list[str]:
+    from dltrain.workload import get_workload
+
+    recipe = load_recipe(job.entry.recipe, job.entry.profile, [*job.entry.overrides, *job.overrides])
+    sets = get_workload(recipe.workload).bench_variants.get(job.kind)
+    if sets is None:
+        raise RecipeError(f"entry {job.entry.name}: the {recipe.workload} workload has no '{job.kind}' baseline "
+                          "(its Workload.bench_variants): remove it from the entry's baselines")
+    return list(sets)
 
 
 def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
@@ -89,7 +99,7 @@ def cpu_threads(job: Job, suite: Suite) -> int:
 
 
 def baseline_command(job: Job, suite: Suite) -> list[str]:
-    """Baseline scripts take cnn_bare.py's flags: --steps timed after --warmup untimed, --batch,
+    """Baseline scripts take the same flags: --steps timed after --warmup untimed, --batch,
     --precision, --seed; they print one JSON line with train_samples_per_s. The workload names its
     scripts (Workload.baselines) and whether they also take the recipe (baseline_takes_recipe)."""
     from dltrain.workload import get_workload

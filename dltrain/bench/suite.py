@@ -34,6 +34,8 @@ from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, loa
 Mode = Literal["throughput", "time_to_target", "both"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Baseline = Literal["bare", "hf_trainer", "notebook"]
+BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.baselines
+VARIANT_KINDS = ("notebook",)  # dltrain runs with settings per workload: its Workload.bench_variants
 
 
 class _Closed(BaseModel):
