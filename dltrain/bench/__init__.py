@@ -1,7 +1,8 @@
 """`dltrain bench`: run a benchmark suite and report it; `dltrain bench compare`: gate on regressions.
 
-    suite.py     the suite schema and its expansion into jobs
-    runner.py    launch each job, one record per run in results.jsonl
+    suite.py     the suite schema and the plan: its jobs, each with its recipe parsed once
+    runner.py    launch each job, one Result per run in results.jsonl
+    result.py    the typed rows: Result (a run), Config (a configuration's runs), Stats
     inprocess.py single-process dltrain jobs inside the harness process (`in_process: true`)
     measure.py   FLOPs of a real step (FlopCounterMode); peak FLOP/s are in dltrain/peaks.py
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
@@ -35,7 +36,8 @@ def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None) ->
     """summary.json, report.md, plots and the W&B summary run from the results in out_dir."""
     from dltrain.bench.markdown import write_report
     from dltrain.bench.plots import log_wandb, make_plots
-    from dltrain.bench.report import build_summary, read_results
+    from dltrain.bench.report import build_summary
+    from dltrain.bench.result import read_results
 
     summary = build_summary(out_dir, gpu_results)
     plots = make_plots(summary, read_results(out_dir), out_dir)
@@ -48,24 +50,25 @@ def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None) ->
 def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
           dry_run: bool = False, only: list[str] = (), report: bool = True) -> int:
     from dltrain.bench.runner import node_info, run_suite
-    from dltrain.bench.suite import expand, load_suite, resolve_path
+    from dltrain.bench.suite import load_suite, resolve_path, select
     from dltrain.recipe import RecipeError, read_yaml
 
     path = resolve_path(suite_path)
     if path.is_file() and ttt.is_record_suite(raw := read_yaml(path, what="suite")):
         return bench_records(path, raw, output_dir, dry_run, only)
     suite = load_suite(suite_path)
-    if not [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]:
+    jobs = select(suite, only)  # the plan, made once: every job's recipe parsed here
+    if not jobs:
         which = f"matches --only {' '.join(only)}" if only else "fits its world sizes, nodes and max_procs_per_node"
         raise RecipeError(f"suite {suite.name}: no job {which}")
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
     if not dry_run:
         check_output_dir(out_dir)
-    records = run_suite(suite, out_dir, repeats=repeats, dry_run=dry_run, only=only)
+    results = run_suite(suite, out_dir, repeats=repeats, dry_run=dry_run, jobs=jobs)
     if dry_run or node_info()[0] > 0:
         return 0
-    failed = sum(r["status"] != "ok" for r in records)
-    ok = f"dltrain bench: {len(records) - failed}/{len(records)} runs ok"
+    failed = sum(not r.ok for r in results)
+    ok = f"dltrain bench: {len(results) - failed}/{len(results)} runs ok"
     if failed:
         ok += f" ({failed} failed: exit code {EXIT_RUNS_FAILED}; each one's error is in results.jsonl and the report)"
     if report:

@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from dltrain.bench.comm import CommModel, Fit
-from dltrain.bench.figures import figure_mean
+from dltrain.bench.result import Config, read_summary
 from dltrain.bench.stepmodel import predict_step
 
 PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
@@ -28,52 +27,49 @@ GPU = "H100 SXM"
 GPU_PEAK_BF16 = 989e12  # dense BF16, NVIDIA H100 datasheet (dltrain.peaks)
 
 
-def _group_key(cfg: dict) -> tuple:
-    return (cfg["entry"], cfg["precision"], cfg["deepspeed_stage"], cfg["compile"])
-
-
-def _throughput_groups(configs: dict[str, dict]) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
+def _throughput_groups(configs: dict[str, Config]) -> dict[tuple, list[tuple[str, Config]]]:
+    """dltrain throughput configs by (entry, precision, DeepSpeed stage, compile): (name, config) pairs."""
+    groups: dict[tuple, list[tuple[str, Config]]] = {}
     for name, cfg in configs.items():
-        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and figure_mean(cfg, "samples_per_s"):
-            groups.setdefault(_group_key(cfg), []).append(cfg | {"config": name})
+        if cfg.kind == "dltrain" and cfg.mode == "throughput" and cfg.mean("samples_per_s"):
+            groups.setdefault((cfg.entry, cfg.precision, cfg.deepspeed_stage, cfg.compile), []).append((name, cfg))
     return groups
 
 
-def scaling(configs: dict[str, dict]) -> list[dict]:
+def scaling(configs: dict[str, Config]) -> list[dict]:
     rows = []
     for key, cfgs in _throughput_groups(configs).items():
-        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        base = next((c for _, c in cfgs if c.world_size == 1), None)
         if base is None or len(cfgs) < 2:
             continue
-        t1 = figure_mean(base, "samples_per_s")
-        for c in sorted(cfgs, key=lambda c: (c["world_size"], c["nnodes"])):
-            speedup = figure_mean(c, "samples_per_s") / t1
+        t1 = base.mean("samples_per_s")
+        for name, c in sorted(cfgs, key=lambda nc: (nc[1].world_size, nc[1].nnodes)):
+            speedup = c.mean("samples_per_s") / t1
             rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
-                         "config": c["config"], "world_size": c["world_size"], "nnodes": c["nnodes"],
-                         "samples_per_s": figure_mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
+                         "config": name, "world_size": c.world_size, "nnodes": c.nnodes,
+                         "samples_per_s": c.mean("samples_per_s"), "speedup": speedup, "efficiency": speedup / c.world_size})
     return rows
 
 
-def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
+def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
     """Predicted vs measured step time at each measured world size N > 1 on one node (plain DDP)."""
     rows = []
     for (entry, precision, stage, compiled), cfgs in _throughput_groups(configs).items():
         profile = (flops.get(entry) or {}).get("step_profile")
-        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        base = next((c for _, c in cfgs if c.world_size == 1), None)
         if stage is not None or profile is None or base is None:
             continue
-        for c in cfgs:
-            n = c["world_size"]
-            if n == 1 or c["nnodes"] != 1 or not any(f.world_size == n for f in fits):
+        for name, c in cfgs:
+            n = c.world_size
+            if n == 1 or c.nnodes != 1 or not any(f.world_size == n for f in fits):
                 continue
             slowest = slowest_of(base, n)  # the median step of n ranks waits for the slowest
             shared = (profile.get("colocated") or {}).get(str(n), 1.0)  # n ranks on this host's cores
             step1 = slowest * shared
             pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
-            measured = figure_mean(c, "step_time_ms_p50") / 1e3
-            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": c["config"], "world_size": n,
-                         "world1_p50_ms": figure_mean(base, "step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
+            measured = c.mean("step_time_ms_p50") / 1e3
+            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": name, "world_size": n,
+                         "world1_p50_ms": base.mean("step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
                          "colocated_factor": shared, "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
                          "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
                          "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
@@ -82,14 +78,14 @@ def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]
     return rows
 
 
-def slowest_of(cfg: dict, n: int) -> float:
+def slowest_of(cfg: Config, n: int) -> float:
     """Seconds: the median over steps of the slowest of n ranks' step times, each rank drawing its
     batch independently from the world-1 step-time distribution: its 0.5^(1/n) quantile (p50 for
     n = 1, p70.7 for n = 2, p99 and beyond for n >= 69, clamped to the p99 recorded). Text with
     dynamic padding varies step to step; a synchronous step waits for the longest batch."""
-    pct = cfg.get("step_time_ms_percentiles")
+    pct = cfg.step_time_ms_percentiles
     if not pct:
-        return figure_mean(cfg, "step_time_ms_p50") / 1e3
+        return cfg.mean("step_time_ms_p50") / 1e3
     q = min(99.0, max(1.0, 100 * 0.5 ** (1 / n)))
     lo = int(q)
     frac = q - lo
@@ -160,7 +156,7 @@ def _shape_diff(want: dict | None, have: dict | None) -> str:
     return ", ".join(f"{k} {have.get(k)!r} vs {want.get(k)!r}" for k in keys)
 
 
-def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
+def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, Config] | None):
     """(seconds per step at N ranks as a function of N, per-device batch, source) on one GPU, or a
     string saying why there is none. Measured: a world-1 GPU run whose shape (workload, model,
     micro-batch, lengths, compile: dltrain.bench.measure.compute_shape) equals the entry's, bf16
@@ -169,17 +165,17 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     (no distribution: every step alike), refused below LAUNCH_FLOOR_S."""
     want = flops.get("shape")
     rows = [(name, cfg) for name, cfg in (gpu_configs or {}).items()
-            if (cfg["kind"], cfg["mode"], cfg["world_size"]) == ("dltrain", "throughput", 1)
-            and figure_mean(cfg, "step_time_ms_p50") and figure_mean(cfg, "samples_per_s")]
-    same = sorted(((n, c) for n, c in rows if want and c.get("shape") == want), key=lambda nc: nc[1]["precision"] != "bf16")
+            if (cfg.kind, cfg.mode, cfg.world_size) == ("dltrain", "throughput", 1)
+            and cfg.mean("step_time_ms_p50") and cfg.mean("samples_per_s")]
+    same = sorted(((n, c) for n, c in rows if want and c.shape == want), key=lambda nc: nc[1].precision != "bf16")
     if same:
         name, cfg = same[0]
-        p50 = figure_mean(cfg, "step_time_ms_p50") / 1e3
-        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(figure_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
-    kin = [(n, c) for n, c in rows if c["entry"] == entry or (want and (c.get("shape") or {}).get("workload") == want["workload"])]
+        p50 = cfg.mean("step_time_ms_p50") / 1e3
+        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(cfg.mean("samples_per_s") * p50), f"measured on a GPU ({name})"
+    kin = [(n, c) for n, c in rows if c.entry == entry or (want and (c.shape or {}).get("workload") == want["workload"])]
     if kin:
         name, cfg = kin[0]
-        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.get('shape'))}): "
+        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.shape)}): "
                 "its step time is not this entry's; run the GPU suite with this entry's configuration")
     per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
     batch = flops.get("micro_batch")
@@ -192,7 +188,7 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
 
 
-def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, dict] | None) -> dict[str, str]:
+def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, Config] | None) -> dict[str, str]:
     """Entries with a step profile whose GPU compute gpu_compute refuses, and why."""
     out = {}
     for entry, meas in flops.items():
@@ -213,7 +209,7 @@ def refused_projections(checks: list[dict]) -> dict[str, str]:
             for r in checks if abs(r["error"]) > CHECK_TOLERANCE}
 
 
-def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None,
+def projection(flops: dict[str, dict], gpu_configs: dict[str, Config] | None = None,
                refused: dict[str, str] | None = None) -> list[dict]:
     """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
     Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
@@ -243,7 +239,7 @@ def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = Non
     return rows
 
 
-def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, dict] | None:
+def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, Config] | None:
     """The configs of a GPU suite's summary.json (e.g. gpu_single), refused if not run on a GPU."""
     if not gpu_results:
         return None
@@ -252,7 +248,7 @@ def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, dict] | None:
     path = Path(gpu_results) / "summary.json"
     if not path.is_file():
         raise RecipeError(f"--gpu-results {gpu_results}: no summary.json there (give a `dltrain bench gpu_single` output directory)")
-    summary = json.loads(path.read_text())
+    summary = read_summary(path)
     if (summary.get("environment") or {}).get("device") != "cuda":
         raise RecipeError(f"--gpu-results {gpu_results}: its runs did not run on a GPU; projecting CPU compute onto GPU links is refused")
     return summary["configs"]

@@ -149,7 +149,7 @@ def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[s
         from dltrain.bench import inprocess
 
         t0 = time.perf_counter()
-        why = inprocess.run(str(_path(recipe)), profile, sets, run_dir, log, env={}, threads=suite.cpu_threads,
+        why = inprocess.run(load_recipe(_path(recipe), profile, sets), run_dir, log, env={}, threads=suite.cpu_threads,
                             timeout_s=suite.timeout_s)
         wall = time.perf_counter() - t0
     else:
