@@ -9,10 +9,11 @@ import tempfile
 import pytest
 import torch
 
-from dltrain.bench.comm import CommModel, Fit, bus_factor, fit_alpha_beta, parse_size, sizes_between
+from dltrain.bench.comm import parse_size, sizes_between
+from dltrain.bench.perfmodel import (LOSS_REDUCE_BYTES, Bucket, CollectiveCost, CommModel, Fit, NcclModel, bus_factor,
+                                     ddp_buckets, fit_alpha_beta, overlap, predict_step, slowest_of)
 from dltrain.bench.result import Config, Stats
-from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs, refused_projections, slowest_of
-from dltrain.bench.stepmodel import LOSS_REDUCE_BYTES, Bucket, ddp_buckets, overlap, predict_step
+from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections
 from dltrain.recipe import RecipeError
 
 
@@ -71,6 +72,16 @@ def test_world_size_one_has_no_communication():
     assert pred["step_s"] == 0.05 and pred["comm_s"] == 0.0
     assert NcclModel(1).time("all_reduce", 10**9) == 0.0
 
+
+
+def test_both_communication_models_answer_the_step_models_one_question():
+    """The step model takes either cost model: the fits of this host's collectives or NCCL's links."""
+    fitted, nccl = CommModel([one_fit(8, 1e-5, 1e9)], 8), NcclModel(8)
+    for model in (fitted, nccl):
+        assert isinstance(model, CollectiveCost) and model.world_size == 8
+        assert 0 < model.time("all_reduce", 2**20) < model.time("all_reduce", 2**26)
+    profile = {"backward_s": 0.01, "grads": [(2**20, 0.01)], "buffer_bytes": 0}
+    assert predict_step(0.05, profile, fitted)["step_s"] > predict_step(0.05, profile, nccl)["step_s"] > 0.05
 
 def test_early_buckets_hide_behind_backward_and_late_ones_do_not():
     cost = lambda nbytes: nbytes / 1e9  # noqa: E731  1 GB/s, no latency

@@ -5,6 +5,9 @@
     result.py    the typed rows: Result (a run), Config (a configuration's runs), Stats
     inprocess.py single-process dltrain jobs inside the harness process (`in_process: true`)
     measure.py   FLOPs of a real step (FlopCounterMode); peak FLOP/s are in dltrain/peaks.py
+    comm.py      collectives timed on this host (`dltrain bench comm`)
+    perfmodel.py the step model, the alpha-beta fits and both communication cost models
+    scaling.py   the step model checked against measured runs, and GPU projections
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
     markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
     joblog.py    a launched job's log: a baseline's figures, or the job's error in one line

@@ -209,7 +209,7 @@ def _projection_section(rows: list[dict]) -> list[str]:
     sources = sorted({r["compute_source"] for r in rows})
     head = ["## Projection to 8..1024 GPUs (PROJECTED, not measured)", "",
             "step(N) = one GPU's step + exposed communication, the step model above with NCCL on GPU links "
-            "(dltrain.bench.scaling.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
+            "(dltrain.bench.perfmodel.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
             "busbw 450 GB/s in a node, 8 NDR NICs x 50 GB/s x 0.9 across nodes). Assumptions: gradients become ready "
             "at the same fractions of backward as in the harness's step profile (on this suite's device), and backward "
             "takes the same share of the step; the datasheet path leaves out kernel-launch and framework overheads, "

@@ -102,7 +102,7 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
                  before_first_step=None, wrap=None) -> dict:
     """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
     over `steps` after `warmup`), and when each gradient became ready, relative to the start of
-    backward (a post-accumulate-grad hook per parameter): what dltrain.bench.stepmodel needs to
+    backward (a post-accumulate-grad hook per parameter): what dltrain.bench.perfmodel needs to
     place DDP's buckets in time. Runs in the harness process, at its thread count."""
     import time
     from contextlib import nullcontext

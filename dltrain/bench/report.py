@@ -133,7 +133,7 @@ def _plain(obj):
 
 
 def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
-    from dltrain.bench.comm import Fit
+    from dltrain.bench.perfmodel import Fit
     from dltrain.bench.scaling import compute_refusals, projection, read_gpu_configs, refused_projections, scaling, validation
 
     results = read_results(out_dir)

@@ -1,27 +1,24 @@
 """Scaling: measured efficiency, the step model checked against measured runs, and GPU projections.
 
 * `scaling`: throughput(N) / (N x throughput(1)) at constant per-device batch, measured.
-* `validation`: the world-N step time predicted by dltrain.bench.stepmodel from the world-1 run,
+* `validation`: the world-N step time predicted by dltrain.bench.perfmodel from the world-1 run,
   the harness's step profile and the collectives measured on this host (dltrain.bench.comm), beside
   the measured world-N run. This is the check on the model: a projection is only as good as it.
 * `projection`: 8..1024 GPUs, PROJECTED. Compute comes from a GPU: a gpu_single results directory
   (`--gpu-results`) run of the same configuration, or, when none is given, FLOPs / (datasheet
   peak x an assumed MFU) above a launch floor, each row saying which; otherwise the entry is
   refused with its reason (`compute_refusals`). Compute measured on a CPU is never put on GPU
-  links. Links: `NcclModel`.
+  links. Links: `perfmodel.NcclModel`.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from dltrain.bench.comm import CommModel, Fit
+from dltrain.bench.perfmodel import CommModel, Fit, NcclModel, predict_step, slowest_of
 from dltrain.bench.result import Config, read_summary
-from dltrain.bench.stepmodel import predict_step
 
 PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
-GPUS_PER_NODE = 8
 ASSUMED_MFU = 0.40  # datasheet path only: a well-tuned dense transformer step; small models reach far less
 GPU = "H100 SXM"
 GPU_PEAK_BF16 = 989e12  # dense BF16, NVIDIA H100 datasheet (dltrain.peaks)
@@ -76,69 +73,6 @@ def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fi
                          "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
                          "measured_ms": measured * 1e3, "error": pred["step_s"] / measured - 1})
     return rows
-
-
-def slowest_of(cfg: Config, n: int) -> float:
-    """Seconds: the median over steps of the slowest of n ranks' step times, each rank drawing its
-    batch independently from the world-1 step-time distribution: its 0.5^(1/n) quantile (p50 for
-    n = 1, p70.7 for n = 2, p99 and beyond for n >= 69, clamped to the p99 recorded). Text with
-    dynamic padding varies step to step; a synchronous step waits for the longest batch."""
-    pct = cfg.step_time_ms_percentiles
-    if not pct:
-        return cfg.mean("step_time_ms_p50") / 1e3
-    q = min(99.0, max(1.0, 100 * 0.5 ** (1 / n)))
-    lo = int(q)
-    frac = q - lo
-    at = lambda k: pct[min(max(k, 1), 99) - 1]  # noqa: E731  pct[k-1] is the k-th percentile
-    return (at(lo) + frac * (at(lo + 1) - at(lo))) / 1e3
-
-
-class NcclModel:
-    """NCCL collective times on GPU nodes: the faster of a ring and a tree, LL (small messages) or
-    Simple (large) protocol, as NCCL's own tuner picks (src/graph/tuning.cc, NCCL 2.x: base and
-    per-hop latencies in microseconds, LL at 1/4 of the bus bandwidth on a ring, 1/3.8 on a tree;
-    a tree's algorithm bandwidth half the bus bandwidth). Bus bandwidths:
-
-    * in a node: NVLink 4 through NVSwitch, 450 GB/s per GPU per direction (H100 SXM datasheet,
-      900 GB/s bidirectional); nccl-tests all-reduce on 8 H100 SXM reports 460-480 GB/s with NVLS.
-    * across nodes: one NDR InfiniBand NIC per GPU, 400 Gb/s = 50 GB/s each; NCCL runs a ring per
-      NIC, so a node's 8 NICs give the ring 8 x 50 GB/s, at an assumed 90% efficiency: 360 GB/s.
-    """
-
-    BASE = {("ring", "LL"): 3.6, ("ring", "Simple"): 8.4, ("tree", "LL"): 4.4, ("tree", "Simple"): 0.0}
-    HOP = {"nvlink": {("ring", "LL"): 0.47, ("ring", "Simple"): 3.4, ("tree", "LL"): 0.52, ("tree", "Simple"): 28.0},
-           "net": {("ring", "LL"): 2.7, ("ring", "Simple"): 9.6, ("tree", "LL"): 5.0, ("tree", "Simple"): 50.0}}
-    NVLINK_BUSBW = 450e9
-    NIC_BW, NICS_PER_NODE, NET_EFFICIENCY = 50e9, 8, 0.9
-
-    def __init__(self, world_size: int, gpus_per_node: int = GPUS_PER_NODE):
-        self.world_size = world_size
-        self.ppn = min(world_size, gpus_per_node)
-        self.nodes = math.ceil(world_size / gpus_per_node)
-        inter = self.NICS_PER_NODE * self.NIC_BW * self.NET_EFFICIENCY
-        self.busbw = self.NVLINK_BUSBW if self.nodes == 1 else min(self.NVLINK_BUSBW, inter)
-        self.link = ("NVLink 4 / NVSwitch, 450 GB/s busbw" if self.nodes == 1 else
-                     f"{self.nodes} nodes: NDR IB, 8 x 50 GB/s NICs x 0.9 = {self.busbw / 1e9:.0f} GB/s busbw")
-
-    def latency_s(self, algo: str, proto: str, op: str = "all_reduce") -> float:
-        n, nodes, intra, net = self.world_size, self.nodes, self.HOP["nvlink"], self.HOP["net"]
-        key = (algo, proto)
-        if algo == "ring":
-            steps, inter = (2 * (n - 1), 2 * (nodes - 1)) if op == "all_reduce" else (n - 1, nodes - 1)
-            lat = self.BASE[key] + (steps - inter) * intra[key] + inter * net[key]
-        else:
-            lat = self.BASE[key] + 2 * ((self.ppn - 1) * intra[key] + math.log2(nodes) * net[key])
-        return lat * 1e-6
-
-    def time(self, op: str, size: int) -> float:
-        n = self.world_size
-        if n == 1 or size <= 0:
-            return 0.0
-        ring_factor = 2 * (n - 1) / n if op == "all_reduce" else 1.0
-        options = [self.latency_s("ring", p, op) + ring_factor * size / (self.busbw * s) for p, s in (("LL", 0.25), ("Simple", 1.0))]
-        if op == "all_reduce":  # trees are for all-reduce only
-            options += [self.latency_s("tree", p) + 2 * size / (self.busbw * s) for p, s in (("LL", 1 / 3.8), ("Simple", 0.9))]
-        return min(options)
 
 
 # The datasheet path divides FLOPs by a peak, which only holds while the GPU is busy computing. A
