@@ -11,7 +11,8 @@
     report.py    repeats aggregated, baseline ratios, scaling, projection -> summary.json
     markdown.py  report.md;  plots.py  PNG plots and the W&B summary run;  compare.py  OLD vs NEW
     joblog.py    a launched job's log: a baseline's figures, or the job's error in one line
-    ttt.py       record suites (`records:`): time-to-accuracy records over seeds; records.py the table
+    ttt.py       the record mode (`records:`): time-to-accuracy records over seeds, each run a Result;
+    records.py   a record's row (RecordRow), its verdict and the record table
 
 Exit codes of `dltrain bench SUITE`: 0 every run ok; 3 (EXIT_RUNS_FAILED) at least one run failed,
 timed out or was cut short, the results and the report written all the same (also with
@@ -103,7 +104,7 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
     except ttt.RecordsInterrupted:
         print(f"dltrain bench: interrupted; report of what finished in {out_dir / 'report.md'}")
         return EXIT_RUNS_FAILED
-    failed = sum(len(r["agg"]["failed_seeds"]) + r["reference_failed"] for r in rows)
+    failed = sum(len(r.failed_seeds) + r.reference_failed for r in rows)
     print(f"dltrain bench: {len(rows)} records, {failed} failed runs; report in {out_dir / 'report.md'}")
     return EXIT_RUNS_FAILED if failed else 0
 
@@ -113,7 +114,7 @@ def check_output_dir(out_dir: Path) -> None:
     checked without creating it, so a suite refused later leaves nothing behind."""
     from dltrain.recipe import RecipeError
 
-    if (out_dir / "results.jsonl").exists() or (out_dir / "records.jsonl").exists():
+    if (out_dir / "results.jsonl").exists():
         raise RecipeError(f"{out_dir} already holds benchmark results: choose another --output-dir")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

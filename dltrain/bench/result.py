@@ -45,7 +45,7 @@ class Result(_Row):
     config: str
     kind: str
     entry: str
-    mode: Literal["throughput", "time_to_target"]
+    mode: Literal["throughput", "time_to_target", "record"]  # record: a seed or reference run of a record suite
     pair: str | None = None
     reference: str | None = None
     world_size: int
@@ -87,6 +87,14 @@ class Result(_Row):
     memory: dict[str, Any] | None = None
     environment: dict[str, Any] | None = None
     wandb_run_id: str | None = None
+    # a record suite's runs (dltrain.bench.ttt): the seed, the run's own training clock (first batch to
+    # last step, evaluation excluded), its steps, whether it ran in the harness process, and what a
+    # reference run is
+    seed: int | None = None
+    train_s: float | None = None
+    steps: int | None = None
+    in_process: bool = False
+    note: str | None = None
     # from the harness's FLOP count and peak (dltrain.bench.runner.add_flops)
     flops: dict[str, Any] | None = None
     flops_source: str | None = None
@@ -102,6 +110,12 @@ class Result(_Row):
         return self.status == "ok"
 
     @property
+    def target_value(self) -> float | None:
+        """The value of the run's target metric (target.metric), if it reported one."""
+        value = self.metrics.get((self.target or {}).get("metric"))
+        return value if isinstance(value, (int, float)) else None
+
+    @property
     def peak_memory_mb(self) -> float | None:
         mem = self.memory or {}
         peak = mem.get("cuda_max_allocated_bytes", mem.get("cpu_peak_rss_bytes"))
@@ -109,6 +123,7 @@ class Result(_Row):
 
 
 def append_result(path: Path, result: Result) -> None:
+    """One line of results.jsonl, written as the run ends (a suite cut short keeps what finished)."""
     with path.open("a") as f:
         f.write(result.model_dump_json() + "\n")
 

@@ -37,11 +37,13 @@ BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.ba
 VARIANT_KINDS = ("notebook",)  # dltrain runs with settings per workload: its Workload.bench_variants
 
 
-class _Closed(BaseModel):
+class Closed(BaseModel):
+    """A closed schema: an unknown key or a non-finite number is refused (suites and record suites)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class Entry(_Closed):
+class Entry(Closed):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="short id used in run names")
     recipe: str  # a shipped recipe (`cnn_mnist`, or `recipes/cnn_mnist.yaml` as in the repository) or a path
     profile: str | None = None
@@ -61,7 +63,7 @@ class Entry(_Closed):
     _recipe: Any = PrivateAttr(None)  # the entry's recipe, parsed once (entry_recipe)
 
 
-class CommSection(_Closed):
+class CommSection(Closed):
     """Collective timings run before the jobs (dltrain.bench.comm), one set per world size: the
     inputs of the step model that the report checks against the suite's multi-process runs."""
 
@@ -83,7 +85,7 @@ class CommSection(_Closed):
         return text
 
 
-class Suite(_Closed):
+class Suite(Closed):
     name: str = ""
     description: str = ""
     device: Literal["cpu", "gpu"] = "cpu"
