@@ -241,7 +241,7 @@ report_rc=0
 if [ -f "$OUT/bench/results.jsonl" ]; then
     [ $rc -ne 0 ] && echo "device_check: suite ended with exit code $rc; reporting the runs that finished"
     # `dltrain bench report DIR` without the CLI's import of torch, nor W&B (off here): seconds saved.
-    "$PY" -c 'import sys; from pathlib import Path; from dltrain.bench import finish; finish(Path(sys.argv[1]), wandb=False); print("device_check: report in", Path(sys.argv[1]) / "report.md")' "$OUT/bench" || report_rc=$?
+    "$PY" -c 'import sys; from pathlib import Path; from dltrain.bench.cli import finish; finish(Path(sys.argv[1]), wandb=False); print("device_check: report in", Path(sys.argv[1]) / "report.md")' "$OUT/bench" || report_rc=$?
     phase_done report
 else
     echo "device_check: no results to report"

@@ -161,7 +161,7 @@ def _cheap_harness(monkeypatch):
 def test_a_suite_with_a_failed_run_exits_non_zero_and_still_reports(tmp_path, monkeypatch, capsys, no_report):
     """Seen: '9/12 runs ok', exit 0. Automation running a suite must see the failure."""
     import dltrain.run
-    from dltrain.bench import EXIT_RUNS_FAILED
+    from dltrain.bench.cli import EXIT_RUNS_FAILED
     from dltrain.data import DataError
 
     def fails(recipe, output_dir):
@@ -330,14 +330,15 @@ def test_a_bad_job_override_fails_the_suite_before_any_job(tmp_path):
 def test_a_suite_cut_by_its_time_budget_records_the_cut_job_and_reports(tmp_path, monkeypatch):
     """device_check.sh's timeout sends SIGINT to the harness: the job it cuts is recorded as
     interrupted, the interrupt goes on, and the report is built from what finished."""
-    from dltrain.bench import finish, runner
+    from dltrain.bench import runner
+    from dltrain.bench.cli import finish
 
     suite = load_suite(str(write_suite(tmp_path, suite_with(wandb_summary=False))))
     (job,) = expand(suite)
     monkeypatch.setattr(runner, "run_job", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     results = tmp_path / "results.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        runner._run_or_record_cut(job, suite, tmp_path / "run", tmp_path / "log", {"repeat": 0, "run_dir": "x"}, results)
+        runner._run_or_note_cut(job, suite, tmp_path / "run", tmp_path / "log", {"repeat": 0, "run_dir": "x"}, results)
     (rec,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert rec["status"] == "failed" and "time budget" in rec["error"]
     finish(tmp_path, wandb=False)

@@ -111,7 +111,7 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += [f"Not projected: {entry}: {why}." for entry, why in (summary.get("projection_refused") or {}).items()] + [""]
     lines += _failures(configs)
     lines += ["## Where the numbers are", "",
-              "results.jsonl (one record per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
+              "results.jsonl (one result per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
               "metrics.jsonl, summary.json, recipe.yaml), logs/ (each job's output).", "",
               "W&B runs were written offline (unless an API key is configured). Upload them later with:", "",
               f"    wandb sync {out_dir}/wandb/offline-run-*   # the suite summary run",
@@ -121,7 +121,7 @@ def render(summary: dict, out_dir: Path) -> str:
 
 def _outside_clock_section(configs: dict[str, Config]) -> list[str]:
     """Evaluation and checkpoint writes, which the steady clock leaves out, timed on their own; and
-    the clock's cross-check. Runs recorded before the runs reported them have no row."""
+    the clock's cross-check."""
     keys = ("eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement")
     rows = [[name, _fig(c, "eval_s"), _fig(c, "checkpoint_s"), _fig(c, "train_wall_s"), _fig(c, "overall_samples_per_s"),
              _fig(c, "clock_agreement")]

@@ -249,7 +249,7 @@ def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> di
         torch.set_num_threads(before)
 
 
-def _run_or_record_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
+def _run_or_note_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
     """run_job; when the caller's time budget interrupts it (device_check.sh's timeout sends
     SIGINT), the cut job is recorded as such before the interrupt goes on, so the report built
     from what finished also says what was cut."""
@@ -305,7 +305,7 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             if job.nnodes > 1 and not master:
                 summary, error, wall, cmd = None, "several nodes need DLTRAIN_MASTER=ADDR:PORT on every node", 0.0, ""
             else:
-                summary, error, wall, cmd = _run_or_record_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
+                summary, error, wall, cmd = _run_or_note_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
                                                                results if node_rank == 0 else None)
             print(f"failed: {error}" if error else f"{wall:.0f} s", flush=True)
             result = make_result(job, suite, summary, error, meta_run | {"wall_s": wall, "command": cmd})
