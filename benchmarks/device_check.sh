@@ -175,13 +175,12 @@ for name in ("transformers", "accelerate", "datasets", "pydantic", "yaml", "tqdm
         missing.append(f"{name} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})")
 if missing:
     fail("cannot import: " + "; ".join(missing))
-from dltrain.bench.runner import validate_jobs
 from dltrain.bench.suite import expand, load_suite
 from dltrain.recipe import RecipeError
 
 try:
     suite = load_suite(os.environ["SUITE"])
-    validate_jobs(suite, expand(suite))
+    expand(suite)  # every job's recipe with all its overrides, as the run parses it
 except RecipeError as exc:
     fail(f"suite does not validate: {exc}")
 if suite.device != ("gpu" if want_cuda else "cpu"):
@@ -242,7 +241,7 @@ report_rc=0
 if [ -f "$OUT/bench/results.jsonl" ]; then
     [ $rc -ne 0 ] && echo "device_check: suite ended with exit code $rc; reporting the runs that finished"
     # `dltrain bench report DIR` without the CLI's import of torch, nor W&B (off here): seconds saved.
-    "$PY" -c 'import sys; from pathlib import Path; from dltrain.bench import finish; finish(Path(sys.argv[1]), wandb=False); print("device_check: report in", Path(sys.argv[1]) / "report.md")' "$OUT/bench" || report_rc=$?
+    "$PY" -c 'import sys; from pathlib import Path; from dltrain.bench.cli import finish; finish(Path(sys.argv[1]), wandb=False); print("device_check: report in", Path(sys.argv[1]) / "report.md")' "$OUT/bench" || report_rc=$?
     phase_done report
 else
     echo "device_check: no results to report"

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dltrain import launch
 
     launch.add_parser(sub, _add_train_args)
-    from dltrain import bench
+    from dltrain.bench import cli as bench
 
     bench.add_parser(sub)
     from dltrain import inspect
@@ -103,7 +103,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dltrain.bench import cmd_bench as bench
+    from dltrain.bench.cli import cmd_bench as bench
 
     return bench(args)
 

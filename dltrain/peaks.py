@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from dltrain.precision import DTYPES
+
 # FLOP/s per GPU. Matched against torch.cuda.get_device_name split into words (on spaces and
 # dashes, case ignored): an entry matches when all its words are in the name; the first match
 # wins, so the specific names come first ("H100 NVL" before "H100", "GH200" and "H200 NVL" before
@@ -69,12 +71,17 @@ def _words(name: str) -> set[str]:
     return set(re.split(r"[\s\-]+", name.upper()))
 
 
+def peak_rate(precision: str, tf32: bool = False) -> str:
+    """The datasheet rate a run computes at: fp32 with TF32 matmuls counts as tf32, else its precision."""
+    return "tf32" if precision == "fp32" and tf32 else precision
+
+
 def gpu_peak(name: str, precision: str, tf32: bool = False) -> float | None:
     """Dense peak FLOP/s of one GPU, or None: unknown GPU or precision, or a MIG slice."""
     words = _words(name)
     if "MIG" in words:
         return None  # a slice of the GPU: its share of the units is not on any datasheet
-    key = "tf32" if precision == "fp32" and tf32 else precision
+    key = peak_rate(precision, tf32)
     for entry, peaks in GPU_PEAKS:
         if _words(entry) <= words:
             return peaks.get(key)
@@ -88,7 +95,7 @@ def cpu_matmul_peak(precision: str, size: int = 1024, seconds: float = 1.5) -> f
     `size`, halved while one product would take over 1/16 of `seconds` at the rate of a small
     one: enough trials for one to run undisturbed, and no emulated bf16 1024^3 product (seconds
     on its own)."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
 
     def operands(n: int):
         # A generator of its own: drawing from the global one would shift the dropout masks of the
@@ -168,7 +175,7 @@ def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak(name, precision, tf32)
-        rate = "tf32" if precision == "fp32" and tf32 else precision
+        rate = peak_rate(precision, tf32)
         if peak is None:
             why = "a MIG slice" if "MIG" in _words(name) else "not in dltrain.peaks.GPU_PEAKS"
             return None, f"no datasheet peak for {name} {rate} ({why})"

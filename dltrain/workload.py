@@ -44,6 +44,9 @@ Optional hooks (None: the default behaviour named):
     baselines                   bench baseline kind ("bare", "hf_trainer") -> script (a path, or a
                                    file name under benchmarks/baselines/); baseline_takes_recipe:
                                    whether the script takes --recipe/--profile/--set
+    bench_variants              bench baseline kind ("notebook") -> the `--set` assignments that make
+                                   a dltrain run of the recipe into that baseline (e.g. the original
+                                   notebook's data pipeline)
 
 Each function's signature is a Protocol below (BuildModel, BuildData, Forward, ...), checked when a
 Workload is built; dltrain.plugin gathers them with the helpers a plugin imports.
@@ -237,6 +240,7 @@ class Workload:
     compute_dtypes: ComputeDtypes | None = None
     baselines: dict[str, str] = field(default_factory=dict)
     baseline_takes_recipe: bool = True
+    bench_variants: dict[str, list[str]] = field(default_factory=dict)
     # module -> the pip extra that installs it (dltrain.extras): checked before a run starts
     requires: dict[str, str] = field(default_factory=dict)
     name: str = ""  # set by the registry

@@ -162,7 +162,7 @@ def _cheap_harness(monkeypatch):
 def test_a_suite_with_a_failed_run_exits_non_zero_and_still_reports(tmp_path, monkeypatch, capsys, no_report):
     """Seen: '9/12 runs ok', exit 0. Automation running a suite must see the failure."""
     import dltrain.run
-    from dltrain.bench import EXIT_RUNS_FAILED
+    from dltrain.bench.cli import EXIT_RUNS_FAILED
     from dltrain.data import DataError
 
     def fails(recipe, output_dir):
@@ -197,6 +197,31 @@ def test_a_suite_whose_runs_all_pass_exits_0(tmp_path, monkeypatch):
     assert main(["bench", str(suite), "--output-dir", str(tmp_path / "out"), "--no-report"]) == 0
 
 
+def test_each_jobs_recipe_is_parsed_once_whatever_the_repeats(tmp_path, monkeypatch):
+    """The plan parses the entry's recipe once and each job's once; the run, its result, its FLOP
+    shape and its TF32 rule take the job's parsed recipe (before: 10 parses for 1 job x 2 repeats)."""
+    import dltrain.recipe
+    import dltrain.run
+
+    parses = []
+    validate = dltrain.recipe.validate
+    monkeypatch.setattr(dltrain.recipe, "validate", lambda raw, **kw: parses.append(1) or validate(raw, **kw))
+
+    def passes(recipe, output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "summary.json").write_text(json.dumps({"workload": "cnn", "throughput": {"train_samples_per_s": 1.0}}))
+
+    _cheap_harness(monkeypatch)
+    monkeypatch.setattr(dltrain.run, "train", passes)
+    for repeats in (1, 3):
+        parses.clear()
+        suite = write_suite(tmp_path, suite_with(in_process=True, wandb_runs=False, wandb_summary=False, cpu_threads=1))
+        out = tmp_path / f"out{repeats}"
+        assert main(["bench", str(suite), "--output-dir", str(out), "--repeats", str(repeats), "--no-report"]) == 0
+        assert len((out / "results.jsonl").read_text().splitlines()) == repeats
+        assert len(parses) == 2, repeats  # the entry's recipe, then the job's
+
+
 def test_a_failing_baseline_gives_its_one_line_error_not_an_exception_name(tmp_path, monkeypatch):
     from dltrain.bench import runner
 
@@ -229,12 +254,9 @@ def test_a_job_logs_error_line(tmp_path, log, rc, expected):
 
 @pytest.mark.parametrize("name", ["cpu_quick", "cpu_full", "gpu_single", "scaling", "device_dryrun", "scaling_cpu"])
 def test_shipped_suites_parse_and_expand(name):
-    from dltrain.bench.runner import validate_jobs
-
     suite = load_suite(name)
-    jobs = expand(suite)
-    assert jobs, name
-    validate_jobs(suite, jobs)  # every job's full set of overrides, as run_suite checks before the first job
+    jobs = expand(suite)  # every job's recipe parsed with its full set of overrides, as it runs
+    assert jobs and all(j.recipe is not None for j in jobs), name
     if name == "gpu_single":  # the rows that matter most run first; nothing slow the device does not need
         assert [j.config for j in jobs[:2]] == ["bert_base-w1-bf16-compile-tput", "cnn-w1-bf16-compile-tput"]
         assert suite.in_process and not suite.wandb_runs
@@ -262,6 +284,20 @@ def test_in_process_only_for_single_process_dltrain_jobs(tmp_path):
     assert not any(inprocess.eligible(j, suite) for j in expand(suite))
 
 
+def test_a_variant_baseline_takes_its_settings_from_the_workload(tmp_path):
+    """The harness names no workload: a `notebook` job's settings are the CNN workload's
+    bench_variants, and a workload without that variant is refused before any job runs."""
+    suite = load_suite(str(write_suite(tmp_path, suite_with(entries=[
+        {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["notebook"]}]))))
+    notebook = next(j for j in expand(suite) if j.kind == "notebook")
+    assert notebook.sets[-1:] == ["data.loader=torch"] and notebook.recipe.data.loader == "torch"
+    rnn = load_suite(str(write_suite(tmp_path, suite_with(entries=[
+        {"name": "rnn", "recipe": str(RECIPES.parent / "dltrain" / "recipes" / "rnn_sine.yaml"), "baselines": ["notebook"]}]))))
+    with pytest.raises(RecipeError, match="the rnn workload has no 'notebook' baseline") as err:
+        expand(rnn)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_in_process_jobs_run_back_to_back_each_in_a_fresh_state(tmp_path, capfd):
     """Two dltrain jobs inside this process with different precisions: Accelerate refuses a second
@@ -272,12 +308,12 @@ def test_in_process_jobs_run_back_to_back_each_in_a_fresh_state(tmp_path, capfd)
         in_process=True, precisions=["bf16", "fp32"], throughput_steps=6, warmup_steps=2, wandb_runs=False,
         wandb_summary=False, cpu_threads=1, timeout_s=120,
         entries=[{"name": "rnn", "recipe": str(RECIPES / "rnn_sine.yaml"), "profile": "cpu_test"}]))))
-    records = run_suite(suite, tmp_path / "out")
-    assert [(r["precision"], r["status"]) for r in records] == [("bf16", "ok"), ("fp32", "ok")], [r["error"] for r in records]
-    for r in records:
-        assert r["command"].startswith("(in process)") and r["samples_per_s"] > 0
-        assert r["environment"]["precision"] == r["precision"] and r["environment"]["cpu_threads"] == 1
-        log = (tmp_path / "out" / "logs" / f"{r['config']}-r0.log").read_text()
+    results = run_suite(suite, tmp_path / "out")
+    assert [(r.precision, r.status) for r in results] == [("bf16", "ok"), ("fp32", "ok")], [r.error for r in results]
+    for r in results:
+        assert r.command.startswith("(in process)") and r.samples_per_s > 0
+        assert r.environment["precision"] == r.precision and r.environment["cpu_threads"] == 1
+        log = (tmp_path / "out" / "logs" / f"{r.config}-r0.log").read_text()
         assert "dltrain: done" in log  # the run's output went to its log, not to the harness's
     assert "dltrain: done" not in capfd.readouterr().out
 
@@ -295,14 +331,15 @@ def test_a_bad_job_override_fails_the_suite_before_any_job(tmp_path):
 def test_a_suite_cut_by_its_time_budget_records_the_cut_job_and_reports(tmp_path, monkeypatch):
     """device_check.sh's timeout sends SIGINT to the harness: the job it cuts is recorded as
     interrupted, the interrupt goes on, and the report is built from what finished."""
-    from dltrain.bench import finish, runner
+    from dltrain.bench import runner
+    from dltrain.bench.cli import finish
 
     suite = load_suite(str(write_suite(tmp_path, suite_with(wandb_summary=False))))
     (job,) = expand(suite)
     monkeypatch.setattr(runner, "run_job", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     results = tmp_path / "results.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        runner._run_or_record_cut(job, suite, tmp_path / "run", tmp_path / "log", {"repeat": 0, "run_dir": "x"}, results)
+        runner._run_or_note_cut(job, suite, tmp_path / "run", tmp_path / "log", {"repeat": 0, "run_dir": "x"}, results)
     (rec,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert rec["status"] == "failed" and "time budget" in rec["error"]
     finish(tmp_path, wandb=False)
@@ -321,7 +358,7 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
 
     monkeypatch.setattr(dltrain.run, "train", boom)
     log = tmp_path / "a.log"
-    error = inprocess.run(CNN, "cpu_test", [], tmp_path / "run", log, env={"DLTRAIN_X": "1"}, threads=1, timeout_s=60)
+    error = inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / "run", log, env={"DLTRAIN_X": "1"}, threads=1, timeout_s=60)
     assert error == "in process: ValueError: boom" and "DLTRAIN_X" not in os.environ
     assert "training..." in log.read_text() and "Traceback" in log.read_text()
     finished = []
@@ -331,7 +368,7 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
         finished.append(True)  # reached only when the timeout did not interrupt the job
 
     monkeypatch.setattr(dltrain.run, "train", slow)
-    error = inprocess.run(CNN, "cpu_test", [], tmp_path / "run", tmp_path / "b.log", env={}, threads=None, timeout_s=1)
+    error = inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / "run", tmp_path / "b.log", env={}, threads=None, timeout_s=1)
     assert error == "timed out after 1 s (suite timeout_s)" and finished == []
 
 
@@ -356,7 +393,7 @@ def test_each_in_process_job_logs_its_own_host_sync_warnings(tmp_path, monkeypat
         warnings.simplefilter("default")
         warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
         for job in ("a", "b"):
-            assert inprocess.run(CNN, "cpu_test", [], tmp_path / job, tmp_path / f"{job}.log", env={}, threads=None,
+            assert inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / job, tmp_path / f"{job}.log", env={}, threads=None,
                                  timeout_s=60) is None
     counts = [(tmp_path / f"{job}.log").read_text().count("UserWarning: called a synchronizing") for job in ("a", "b")]
     assert counts == [1, 1]  # once per site, in every job
@@ -378,7 +415,8 @@ def test_a_gpu_suite_never_runs_on_the_cpu(tmp_path):
 def test_records_carry_the_clock_figures_and_old_results_still_report(tmp_path):
     from dltrain.bench.markdown import render
     from dltrain.bench.report import build_summary
-    from dltrain.bench.runner import make_record
+    from dltrain.bench.result import append_result
+    from dltrain.bench.runner import make_result
 
     suite = load_suite(str(write_suite(tmp_path, suite_with())))
     (job,) = expand(suite)
@@ -387,13 +425,14 @@ def test_records_carry_the_clock_figures_and_old_results_still_report(tmp_path):
                                             "checkpoint_s": 0.25, "train_wall_s": 9.0, "overall_samples_per_s": 90.0,
                                             "clock_agreement": 100 / 90}}
     old = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45}}
-    rec_new, rec_old = (make_record(job, suite, s, None, meta) for s in (new, old))
-    assert (rec_new["eval_s"], rec_new["checkpoint_s"], rec_new["clock_agreement"]) == (1.5, 0.25, 100 / 90)
-    assert rec_old["eval_s"] is None and rec_old["clock_agreement"] is None
-    for records, shown in (([rec_old], False), ([rec_new, rec_old | {"repeat": 1}], True)):
+    rec_new, rec_old = (make_result(job, suite, s, None, meta) for s in (new, old))
+    assert (rec_new.eval_s, rec_new.checkpoint_s, rec_new.clock_agreement) == (1.5, 0.25, 100 / 90)
+    assert rec_old.eval_s is None and rec_old.clock_agreement is None
+    for results, shown in (([rec_old], False), ([rec_new, rec_old.model_copy(update={"repeat": 1})], True)):
         out = tmp_path / f"out{int(shown)}"
         out.mkdir()
-        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        for result in results:
+            append_result(out / "results.jsonl", result)
         report = render(build_summary(out), out)
         assert ("## Outside the clock" in report) == shown
         if shown:
@@ -464,7 +503,8 @@ def _summary(samples_per_s: float, std: float = 0.0) -> dict:
     fig = {"mean": samples_per_s, "std": std, "min": samples_per_s - std, "max": samples_per_s + std, "n": 3}
     ms = 64e3 / samples_per_s  # batch 64: the step time moves with the throughput, spread alike
     step = {"mean": ms, "std": ms * std / samples_per_s, "min": ms, "max": ms, "n": 3}
-    return {"configs": {"cnn-w1-fp32-tput": {"figures": {"samples_per_s": fig, "step_time_ms_p50": step}}}}
+    config = {"kind": "dltrain", "entry": "cnn", "mode": "throughput", "world_size": 1, "precision": "fp32"}
+    return {"configs": {"cnn-w1-fp32-tput": config | {"figures": {"samples_per_s": fig, "step_time_ms_p50": step}}}}
 
 
 def test_compare_flags_a_planted_regression_and_passes_an_identical_pair(tmp_path, capsys):
@@ -554,17 +594,17 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
 
 def test_a_setting_is_compared_with_its_reference_entry_repeat_by_repeat():
     from dltrain.bench.report import aggregate, variants
+    from dltrain.bench.result import Result
 
     def rec(entry, repeat, sps, world=2, reference=None):
-        return {"config": f"{entry}-w{world}", "entry": entry, "kind": "dltrain", "mode": "throughput", "repeat": repeat,
-                "world_size": world, "nnodes": 1, "precision": "fp32", "deepspeed_stage": None, "compile": False,
-                "status": "ok", "samples_per_s": sps, "reference": reference}
+        return Result(suite="t", config=f"{entry}-w{world}", entry=entry, kind="dltrain", mode="throughput", repeat=repeat,
+                      world_size=world, precision="fp32", samples_per_s=sps, reference=reference)
 
     records = [rec("ddp", 0, 100.0), rec("ddp", 1, 200.0), rec("ddp", 0, 60.0, world=1),
                rec("hook", 0, 110.0, reference="ddp"), rec("hook", 1, 180.0, reference="ddp")]
     (row,) = variants(records, aggregate(records))
     assert row["config"] == "hook-w2" and row["reference_config"] == "ddp-w2"  # the same world size only
-    assert row["ratio"]["mean"] == pytest.approx((1.1 + 0.9) / 2) and row["ratio"]["n"] == 2
+    assert row["ratio"].mean == pytest.approx((1.1 + 0.9) / 2) and row["ratio"].n == 2
 
 
 def test_peak_memory_is_the_runs_own_not_its_parents():
@@ -586,13 +626,13 @@ def test_the_mfu_column_names_its_flops_basis():
     would do); the column must say so, and say samples for the others."""
     from dltrain.bench.markdown import throughput_rows
     from dltrain.bench.report import aggregate
+    from dltrain.bench.result import Result
     from dltrain.bench.runner import add_flops
 
-    base = {"suite": "t", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": "fp32",
-            "deepspeed_stage": None, "compile": False, "status": "ok", "repeat": 0, "cpu_threads": 1,
+    base = {"suite": "t", "kind": "dltrain", "mode": "throughput", "world_size": 1, "precision": "fp32", "cpu_threads": 1,
             "environment": {"device": "cpu"}, "samples_per_s": 100.0}
-    text = base | {"config": "bert", "entry": "bert", "tokens_per_s": 2_000.0, "padded_tokens_per_s": 3_000.0}
-    image = base | {"config": "cnn", "entry": "cnn", "padded_tokens_per_s": None, "run_dir": "/nonexistent"}
+    text = Result(**base, config="bert", entry="bert", tokens_per_s=2_000.0, padded_tokens_per_s=3_000.0)
+    image = Result(**base, config="cnn", entry="cnn")
     add_flops(text, {"flops_measured_over_analytic": 1.0, "flops_per_padded_token_measured": 1e6}, {"fp32": 1e11})
     add_flops(image, {"flops_measured_over_analytic": 1.0, "flops_per_sample_measured": 1e6}, {"fp32": 1e11})
     rows = {r[0]: r for r in throughput_rows(aggregate([text, image]))}

@@ -292,14 +292,13 @@ def test_an_offline_wandb_run_says_where_it_went_and_how_to_upload_it(tmp_path, 
 
 def test_a_suite_leaves_wandb_to_the_recipe_unless_it_says_it_overrides_it():
     # A suite's default wandb_runs: true turned W&B on for a plugin recipe with `trackers: []`.
-    from dltrain.bench.runner import train_sets
     from dltrain.bench.suite import Suite, expand
 
     entry = {"name": "cnn", "recipe": str(REPO / "recipes" / "cnn_mnist.yaml"), "profile": "cpu_test"}
     for wandb_runs, expected in ((None, []), (True, ["tracking.wandb=true"]), (False, ["tracking.wandb=false"])):
         switch = {} if wandb_runs is None else {"wandb_runs": wandb_runs}
         suite = Suite.model_validate({"name": "t", "entries": [entry]} | switch)
-        sets = train_sets(expand(suite)[0], suite)
+        sets = expand(suite)[0].sets
         assert [s for s in sets if s.startswith("tracking.wandb")] == expected, wandb_runs
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dltrain import peaks
-from dltrain.bench import measure
 
 
 @pytest.mark.parametrize("name, precision, expected", [
@@ -55,10 +54,6 @@ def test_tf32_switches_the_fp32_peak_only(name, fp32, tf32):
 ])
 def test_no_peak_rather_than_a_wrong_one(name, precision, tf32):
     assert peaks.gpu_peak(name, precision, tf32) is None
-
-
-def test_measure_keeps_its_old_names():
-    assert measure.gpu_peak is peaks.gpu_peak and measure.cpu_matmul_peak is peaks.cpu_matmul_peak
 
 
 def test_cpu_peak_is_one_thread_measured_once_times_the_threads(monkeypatch):
@@ -129,3 +124,10 @@ def test_measuring_the_cpu_peak_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     peaks.cpu_matmul_peak("fp32", size=128, seconds=0.05)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("precision, tf32, rate", [("fp32", True, "tf32"), ("fp32", False, "fp32"),
+                                                   ("bf16", True, "bf16"), ("fp16", False, "fp16")])
+def test_tf32_counts_only_for_fp32(precision, tf32, rate):
+    assert peaks.peak_rate(precision, tf32) == rate
+    assert peaks.gpu_peak("NVIDIA A100-SXM4-80GB", precision, tf32) == dict(peaks.GPU_PEAKS)["A100"].get(rate)

@@ -9,9 +9,11 @@ import tempfile
 import pytest
 import torch
 
-from dltrain.bench.comm import CommModel, Fit, bus_factor, fit_alpha_beta, parse_size, sizes_between
-from dltrain.bench.scaling import NcclModel, projection, read_gpu_configs, refused_projections, slowest_of
-from dltrain.bench.stepmodel import LOSS_REDUCE_BYTES, Bucket, ddp_buckets, overlap, predict_step
+from dltrain.bench.comm import parse_size, sizes_between
+from dltrain.bench.perfmodel import (LOSS_REDUCE_BYTES, Bucket, CollectiveCost, CommModel, Fit, NcclModel, bus_factor,
+                                     ddp_buckets, fit_alpha_beta, overlap, predict_step, slowest_of)
+from dltrain.bench.result import Config, Stats
+from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections
 from dltrain.recipe import RecipeError
 
 
@@ -70,6 +72,16 @@ def test_world_size_one_has_no_communication():
     assert pred["step_s"] == 0.05 and pred["comm_s"] == 0.0
     assert NcclModel(1).time("all_reduce", 10**9) == 0.0
 
+
+
+def test_both_communication_models_answer_the_step_models_one_question():
+    """The step model takes either cost model: the fits of this host's collectives or NCCL's links."""
+    fitted, nccl = CommModel([one_fit(8, 1e-5, 1e9)], 8), NcclModel(8)
+    for model in (fitted, nccl):
+        assert isinstance(model, CollectiveCost) and model.world_size == 8
+        assert 0 < model.time("all_reduce", 2**20) < model.time("all_reduce", 2**26)
+    profile = {"backward_s": 0.01, "grads": [(2**20, 0.01)], "buffer_bytes": 0}
+    assert predict_step(0.05, profile, fitted)["step_s"] > predict_step(0.05, profile, nccl)["step_s"] > 0.05
 
 def test_early_buckets_hide_behind_backward_and_late_ones_do_not():
     cost = lambda nbytes: nbytes / 1e9  # noqa: E731  1 GB/s, no latency
@@ -179,13 +191,10 @@ PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_
            "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
 
 
-def _gpu_row(shape: dict, precision: str = "bf16") -> dict:
-    def fig(v):
-        return {"mean": v, "std": 0.0, "min": v, "max": v, "n": 1}
-
-    return {"entry": "cnn", "kind": "dltrain", "mode": "throughput", "world_size": 1, "nnodes": 1, "precision": precision,
-            "compile": shape["compile"]["enabled"], "shape": shape,
-            "figures": {"step_time_ms_p50": fig(2.0), "samples_per_s": fig(128_000.0)}}
+def _gpu_row(shape: dict, precision: str = "bf16", entry: str = "cnn") -> Config:
+    return Config(entry=entry, kind="dltrain", mode="throughput", world_size=1, nnodes=1, precision=precision,
+                  compile=shape["compile"]["enabled"], shape=shape,
+                  figures={"step_time_ms_p50": Stats.of([2.0]), "samples_per_s": Stats.of([128_000.0])})
 
 
 def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configuration():
@@ -200,7 +209,7 @@ def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configurat
     why = compute_refusals(flops, gpu)["cnn"]
     assert "micro_batch 64 vs 256" in why and "compile" in why and why.endswith("not projected")
     # a run of the same configuration, whatever its entry name, is used
-    gpu["cnn_eager-w1-bf16-tput"] = _gpu_row(shape) | {"entry": "cnn_eager"}
+    gpu["cnn_eager-w1-bf16-tput"] = _gpu_row(shape, entry="cnn_eager")
     rows = projection(flops, gpu)
     assert rows and all(r["compute_source"] == "measured on a GPU (cnn_eager-w1-bf16-tput)" for r in rows)
     assert compute_refusals(flops, gpu) == {}
@@ -219,9 +228,12 @@ def test_a_datasheet_step_below_the_launch_floor_is_refused_with_its_reason():
 
 
 def test_the_slowest_of_n_ranks_is_the_half_to_the_one_over_n_quantile():
-    cfg = {"step_time_ms_percentiles": [float(k) for k in range(1, 100)],  # the k-th percentile is k ms
-           "figures": {"step_time_ms_p50": {"mean": 50.0}}}
+    def config(p50: float, percentiles: list[float] | None = None) -> Config:
+        return Config(kind="dltrain", entry="x", mode="throughput", world_size=1, precision="fp32",
+                      figures={"step_time_ms_p50": Stats.of([p50])}, step_time_ms_percentiles=percentiles)
+
+    cfg = config(50.0, [float(k) for k in range(1, 100)])  # the k-th percentile is k ms
     assert slowest_of(cfg, 1) == pytest.approx(0.050)
     assert slowest_of(cfg, 2) == pytest.approx(100 * 0.5 ** 0.5 / 1e3)  # p70.7: P(both below) = 0.5
     assert slowest_of(cfg, 1024) == pytest.approx(0.099)  # beyond the recorded p99: clamped
-    assert slowest_of({"figures": {"step_time_ms_p50": {"mean": 20.0}}}, 8) == pytest.approx(0.020)  # no distribution
+    assert slowest_of(config(20.0), 8) == pytest.approx(0.020)  # no distribution

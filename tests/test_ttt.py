@@ -37,15 +37,17 @@ def test_a_tiny_record_suite_runs_every_seed_and_the_reference_and_writes_the_ta
     out = tmp_path / "out"
     done = run_cli("bench", _suite(tmp_path, ref), "--output-dir", str(out), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
-    assert [(x["kind"], x.get("seed")) for x in lines] == [("seed", 0), ("seed", 1), ("reference", None)]
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [(x["kind"], x["seed"]) for x in lines] == [("dltrain", 0), ("dltrain", 1), ("reference", None)]
     for x in lines:
-        assert x["ok"] and 0 < x["train_s"] < x["wall_s"], x  # the process clock covers imports and data as well
+        assert x["status"] == "ok" and 0 < x["train_s"] < x["wall_s"], x  # the process clock covers imports and data as well
     assert [x["steps"] for x in lines] == [4, 4, 8]
     (row,) = json.loads((out / "records.json").read_text())
-    agg = row["agg"]
-    assert agg["metric_name"] == "test/accuracy" and agg["metric"]["values"] == [x["metric"] for x in lines[:2]]
-    assert agg["train_s"]["n"] == 2 and agg["wall_s"]["mean"] > agg["train_s"]["mean"]
+    figures = row["config"]["figures"]
+    assert row["metric_name"] == "test/accuracy" and [r["metrics"]["test/accuracy"] for r in row["runs"]] == \
+        [x["metrics"]["test/accuracy"] for x in lines[:2]]
+    assert figures["test/accuracy"]["n"] == 2 and figures["train_s"]["n"] == 2
+    assert figures["wall_s"]["mean"] > figures["train_s"]["mean"]
     assert row["met"] in (True, False) and row["reference"]["train_s"] == lines[2]["train_s"]
     report = (out / "report.md").read_text()
     assert "| cnn | 2 | test/accuracy" in report and "train_s" in report and "wall_s" in report
@@ -102,9 +104,9 @@ def test_an_in_process_record_suite_starts_no_process_for_its_seeds(data_dir, tm
     monkeypatch.setattr(ttt, "_launch", lambda argv, *a, **k: launched.append(argv) or (1, 0.0))
     (row,) = ttt.run_records(suite, tmp_path / "out")
     assert launched == []
-    lines = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
-    assert [(x["seed"], x["ok"], x["steps"], x["in_process"]) for x in lines] == [(0, True, 4, True), (1, True, 4, True)]
-    assert row["agg"]["train_s"]["n"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(x["seed"], x["status"], x["steps"], x["in_process"]) for x in lines] == [(0, "ok", 4, True), (1, "ok", 4, True)]
+    assert row.config.figures["train_s"].n == 2
     assert "in the harness process" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -117,17 +119,18 @@ def test_a_record_suite_cut_by_the_budget_still_writes_the_table_of_what_finishe
 
     path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
     suite = ttt.load_record_suite(ttt.Path(path))
-    finished = {"ok": True, "metric": 0.5, "metric_name": "test/accuracy", "train_s": 1.0, "wall_s": 2.0, "steps": 4,
-                "time_to_target_s": None, "environment": {}, "run_dir": "x"}
+    from dltrain.bench.result import Result
 
-    def train_run(suite, recipe, profile, sets, run_dir, log):
+    def train_run(suite, recipe, profile, sets, run_dir, log, **facts):
         if "train.seed=1" in sets:
             raise KeyboardInterrupt  # timeout --signal=INT during the second seed
-        return finished
+        return Result(suite=suite.name, kind="dltrain", mode="record", world_size=1, precision="fp32", train_s=1.0,
+                      wall_s=2.0, steps=4, run_dir="x", target={"metric": "test/accuracy", "value": 0.05},
+                      metrics={"test/accuracy": 0.5}, **facts)
 
     monkeypatch.setattr(ttt, "train_run", train_run)
     with pytest.raises(ttt.RecordsInterrupted) as cut:
         ttt.run_records(suite, tmp_path / "out")
     (row,) = json.loads((tmp_path / "out" / "records.json").read_text())
-    assert row["interrupted"] and row["agg"]["seeds"] == [0] and row["reference"] is None and cut.value.rows[0]["name"] == "cnn"
+    assert row["interrupted"] and row["seeds"] == [0] and row["reference"] is None and cut.value.rows[0].name == "cnn"
     assert "Interrupted (the time budget ran out): cnn over the seeds that finished" in (tmp_path / "out" / "report.md").read_text()

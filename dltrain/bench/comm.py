@@ -18,7 +18,7 @@ comparable across world sizes and with the hardware's link speed.
 The alpha-beta model of one collective: time(size) = alpha + factor x size / busbw, alpha the
 latency, busbw the bandwidth. It is fitted by least squares per size range (latency-bound small
 messages, a middle range, bandwidth-bound large ones), since one line fits neither end well; the
-fit's largest relative miss per range is reported beside it. dltrain.bench.stepmodel predicts a
+fit's largest relative miss per range is reported beside it. dltrain.bench.perfmodel predicts a
 training step's exposed communication from these fits.
 """
 
@@ -31,22 +31,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dltrain.bench.perfmodel import KiB, MiB, bus_factor, fit_alpha_beta
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
-KiB, MiB = 2**10, 2**20
-# Inclusive at both ends, so neighbouring fits share a point and each has at least five.
-SIZE_RANGES = {"small": (4 * KiB, 64 * KiB), "medium": (64 * KiB, 4 * MiB), "large": (4 * MiB, 2**40)}
-
-
-def bus_factor(op: str, world: int) -> float:
-    """busbw / algbw for `op` over `world` ranks (nccl-tests' definitions)."""
-    if world == 1:
-        return 0.0
-    return {"all_reduce": 2 * (world - 1) / world, "all_gather": (world - 1) / world,
-            "reduce_scatter": (world - 1) / world, "broadcast": 1.0}[op]
-
 
 def sizes_between(lo: int, hi: int) -> list[int]:
     """Powers of two from lo to hi bytes (both rounded to a power of two)."""
@@ -200,87 +189,6 @@ def worker(argv: list[str] | None = None) -> int:
     if rank == 0:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The alpha-beta fit
-
-
-@dataclass(frozen=True)
-class Fit:
-    op: str
-    world_size: int
-    range: str
-    lo: int
-    hi: int
-    alpha_s: float  # latency
-    busbw: float  # bytes/s each link carries
-    max_rel_err: float  # the fit's worst miss over the points it was fitted to
-    points: int
-
-    def time(self, size: float) -> float:
-        return self.alpha_s + bus_factor(self.op, self.world_size) * size / self.busbw
-
-
-def _fit_relative(pts: list[tuple[float, float]]) -> tuple[float, float]:
-    """(alpha, slope) of t = alpha + slope x minimizing the squared relative misses (t - fit) / t:
-    ordinary least squares would fit the largest times and leave the small ones 100% off."""
-    w = [1 / t**2 for _, t in pts]
-    sw, sx, st = sum(w), sum(wi * x for wi, (x, _) in zip(w, pts)), sum(wi * t for wi, (_, t) in zip(w, pts))
-    sxx = sum(wi * x * x for wi, (x, _) in zip(w, pts))
-    sxt = sum(wi * x * t for wi, (x, t) in zip(w, pts))
-    det = sw * sxx - sx * sx
-    if det <= 0:
-        return st / sw, 0.0
-    return (sxx * st - sx * sxt) / det, (sw * sxt - sx * st) / det
-
-
-def fit_alpha_beta(rows: list[dict]) -> list[Fit]:
-    """alpha and busbw per (op, world size, size range), fitted to relative error."""
-    fits = []
-    for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
-        factor = bus_factor(op, world)
-        for name, (lo, hi) in SIZE_RANGES.items():
-            pts = [(factor * r["bytes"], r["time_us"] / 1e6) for r in rows
-                   if r["op"] == op and r["world_size"] == world and lo <= r["bytes"] <= hi]
-            if len(pts) < 2 or factor == 0:
-                continue
-            alpha, slope = _fit_relative(pts)
-            if slope <= 0:  # flat (all latency): more bandwidth than these sizes can show
-                alpha, slope = statistics.median(t for _, t in pts), 1e-15
-            elif alpha < 0:  # a line through the origin: no latency visible at these sizes
-                alpha, slope = 0.0, statistics.median(t / x for x, t in pts)
-            fit = Fit(op, world, name, lo, hi, alpha, 1 / slope, 0.0, len(pts))
-            worst = max(abs(fit.time(x / factor) / t - 1) for x, t in pts)
-            fits.append(replace(fit, max_rel_err=worst))
-    return fits
-
-
-class CommModel:
-    """Time of one collective of `size` bytes from the fits: the fit of the range holding the
-    size (below the smallest range: the small-message fit; above: the large one)."""
-
-    def __init__(self, fits: list[Fit], world_size: int):
-        self.world_size = world_size
-        self.fits = {}
-        for f in fits:
-            if f.world_size == world_size:
-                self.fits.setdefault(f.op, []).append(f)
-        for ranges in self.fits.values():
-            ranges.sort(key=lambda f: f.lo)
-
-    def time(self, op: str, size: int) -> float:
-        if self.world_size == 1 or size <= 0:
-            return 0.0
-        ranges = self.fits.get(op)
-        if not ranges:
-            raise KeyError(f"no {op} fit at world size {self.world_size}")
-        fit = next((f for f in ranges if size <= f.hi), ranges[-1])
-        return max(0.0, fit.time(size))
-
-
-def load_fits(path: Path) -> list[Fit]:
-    return [Fit(**f) for f in json.loads(path.read_text())["fits"]]
 
 
 # ----------------------------------------------------------------------------------------------

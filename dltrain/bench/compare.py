@@ -12,8 +12,11 @@ import json
 import math
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from dltrain.bench.report import HIGHER_IS_BETTER
-from dltrain.recipe import RecipeError
+from dltrain.bench.result import read_summary
+from dltrain.recipe import RecipeError, _first_error
 
 EXIT_REGRESSION = 1
 COMPARED = ["samples_per_s", "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "mfu", "time_to_target_s",
@@ -26,9 +29,11 @@ def load_summary(path: Path) -> dict:
     if not file.is_file():
         raise RecipeError(f"{path}: no summary.json (give a `dltrain bench` output directory)")
     try:
-        return json.loads(file.read_text())
+        return read_summary(file)
     except json.JSONDecodeError as exc:
         raise RecipeError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValidationError as exc:
+        raise RecipeError(f"{file}: not a `dltrain bench` summary ({_first_error(exc)})") from None
 
 
 def compare(old: dict, new: dict, tolerance: float = 0.10) -> list[dict]:
@@ -38,14 +43,14 @@ def compare(old: dict, new: dict, tolerance: float = 0.10) -> list[dict]:
         if not old_cfg:
             continue
         for key in COMPARED:
-            a, b = old_cfg["figures"].get(key), new_cfg["figures"].get(key)
-            if not a or not b or not a["mean"]:
+            a, b = old_cfg.figures.get(key), new_cfg.figures.get(key)
+            if not a or not b or not a.mean:
                 continue
-            ratio = b["mean"] / a["mean"]
-            noise = 3 * math.hypot(a["std"], b["std"]) / abs(a["mean"])
+            ratio = b.mean / a.mean
+            noise = 3 * math.hypot(a.std, b.std) / abs(a.mean)
             allowed = max(tolerance, noise)
             worse = (1 - ratio) if key in HIGHER_IS_BETTER else (ratio - 1)
-            rows.append({"config": name, "figure": key, "old": a["mean"], "new": b["mean"], "ratio": ratio,
+            rows.append({"config": name, "figure": key, "old": a.mean, "new": b.mean, "ratio": ratio,
                          "allowed": allowed, "regression": worse > allowed})
     return rows
 

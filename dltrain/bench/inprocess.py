@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dltrain.api import reset_state  # noqa: F401 - between jobs, as dltrain.train resets before a run
+from dltrain.bench.suite import VARIANT_KINDS
 
 
 class JobTimeout(BaseException):
@@ -37,7 +38,7 @@ class JobTimeout(BaseException):
 
 
 def eligible(job, suite) -> bool:
-    return (suite.in_process and job.kind in ("dltrain", "notebook") and job.world == 1 and job.nnodes == 1
+    return (suite.in_process and job.kind in ("dltrain", *VARIANT_KINDS) and job.world == 1 and job.nnodes == 1
             and job.deepspeed is None)
 
 
@@ -116,11 +117,9 @@ def _time_limit(seconds: int):
             signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - t0), 1e-3), outer_interval)
 
 
-def run(recipe_path: str, profile: str | None, sets: list[str], run_dir: Path, log: Path, *,
-        env: dict[str, str], threads: int | None, timeout_s: int) -> str | None:
-    """Train one job in this process: None when it finished, else its error in one line."""
+def run(recipe, run_dir: Path, log: Path, *, env: dict[str, str], threads: int | None, timeout_s: int) -> str | None:
+    """Train one job (its parsed recipe) in this process: None when it finished, else its error in one line."""
     from dltrain import allocator
-    from dltrain.recipe import load_recipe
     from dltrain.run import train
 
     allocator.tune()  # as `dltrain train` does for a launched job
@@ -129,7 +128,7 @@ def run(recipe_path: str, profile: str | None, sets: list[str], run_dir: Path, l
     with _output_to(log), _environment(env, threads), _warnings_of_this_job():
         try:
             with _time_limit(timeout_s):
-                train(load_recipe(recipe_path, profile, sets), output_dir=str(run_dir))
+                train(recipe.model_copy(deep=True), output_dir=str(run_dir))  # a copy: the job's stays as planned
         except JobTimeout:
             error = f"timed out after {timeout_s} s (suite timeout_s)"
         except Exception as exc:  # the job's failure, not the harness's: record it and go on

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dltrain.bench.result import Config, Stats
+from dltrain.bench.suite import VARIANT_KINDS
+
 
 def _num(x, digits: int = 3) -> str:
     if x is None:
@@ -13,18 +16,18 @@ def _num(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _fig(cfg: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
-    f = cfg.get("figures", {}).get(key)
+def _fig(cfg: Config, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    f = cfg.figures.get(key)
     if not f:
         return "-"
-    text = _num(f["mean"] * scale, digits)
-    return text + (f" ± {_num(f['std'] * scale, 2)}" if f["n"] > 1 else "")
+    text = _num(f.mean * scale, digits)
+    return text + (f" ± {_num(f.std * scale, 2)}" if f.n > 1 else "")
 
 
-def _ratio(fig: dict | None) -> str:
+def _ratio(fig: Stats | None) -> str:
     if not fig:
         return "-"
-    return _num(fig["mean"]) + (f" ± {_num(fig['std'], 2)}" if fig["n"] > 1 else "")
+    return _num(fig.mean) + (f" ± {_num(fig.std, 2)}" if fig.n > 1 else "")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -33,30 +36,30 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def _setup(cfg: dict) -> str:
-    extra = (f", ZeRO-{cfg['deepspeed_stage']}" if cfg["deepspeed_stage"] is not None else "") + (", compile" if cfg["compile"] else "")
-    nodes = f" on {cfg['nnodes']} nodes" if (cfg.get("nnodes") or 1) > 1 else ""
-    return f"{cfg['world_size']}{nodes}, {cfg['precision']}{extra}"
+def _setup(cfg: Config) -> str:
+    extra = (f", ZeRO-{cfg.deepspeed_stage}" if cfg.deepspeed_stage is not None else "") + (", compile" if cfg.compile else "")
+    nodes = f" on {cfg.nnodes} nodes" if cfg.nnodes > 1 else ""
+    return f"{cfg.world_size}{nodes}, {cfg.precision}{extra}"
 
 
-def throughput_rows(configs: dict) -> list[list[str]]:
+def throughput_rows(configs: dict[str, Config]) -> list[list[str]]:
     rows = []
     for name, c in configs.items():
-        if c["mode"] != "throughput":
+        if c.mode != "throughput":
             continue
-        status = "ok" if not c["failed"] else f"{c['failed']}/{c['runs']} failed"
-        tokens = _fig(c, "tokens_per_s") + (f" ({_fig(c, 'padded_tokens_per_s')} padded)" if "tokens_per_s" in c.get("figures", {}) else "")
-        rows.append([name, c["kind"], c.get("workload") or "-", _setup(c), _fig(c, "samples_per_s"), tokens,
+        status = "ok" if not c.failed else f"{c.failed}/{c.runs} failed"
+        tokens = _fig(c, "tokens_per_s") + (f" ({_fig(c, 'padded_tokens_per_s')} padded)" if "tokens_per_s" in c.figures else "")
+        rows.append([name, c.kind, c.workload or "-", _setup(c), _fig(c, "samples_per_s"), tokens,
                      _fig(c, "step_time_ms_p50"), _fig(c, "step_time_ms_p90"), _fig(c, "data_wait_share", 100, 2),
                      _fig(c, "achieved_flops_per_s", 1e-9), _mfu(c), _fig(c, "peak_memory_mb", 1, 4), status])
     return rows
 
 
-def _mfu(cfg: dict) -> str:
+def _mfu(cfg: Config) -> str:
     """MFU with the basis of its FLOPs: a text workload's counts its padded tokens (the work done),
     which a padding-free run would not do, so the figure is not comparable without the basis."""
     cell = _fig(cfg, "mfu", 100, 3)
-    return f"{cell} ({cfg['flops_basis']})" if cell != "-" and cfg.get("flops_basis") else cell
+    return f"{cell} ({cfg.flops_basis})" if cell != "-" and cfg.flops_basis else cell
 
 
 def render(summary: dict, out_dir: Path) -> str:
@@ -91,7 +94,7 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += _table(["baseline", "dltrain config", "dltrain samples/s", "baseline samples/s", "ratio", "p50 ratio", "target"],
                     [[b["config"], b["dltrain_config"], _num(b["dltrain_samples_per_s"]), _num(b["baseline_samples_per_s"]),
                       _ratio(b.get("ratio")), _ratio(b.get("ratio_p50_step")),
-                      (f">= {b['target']} " + ("met" if b["ratio"] and b["ratio"]["mean"] >= b["target"] else "NOT met")) if b["target"] else "-"]
+                      (f">= {b['target']} " + ("met" if b["ratio"] and b["ratio"].mean >= b["target"] else "NOT met")) if b["target"] else "-"]
                      for b in summary["baselines"]])
     lines += ["## Scaling (measured, constant per-device batch)", "", "efficiency = throughput(N) / (N x throughput(1)).", ""]
     lines += _table(["config", "world", "nodes", "samples/s", "speedup", "efficiency"],
@@ -108,7 +111,7 @@ def render(summary: dict, out_dir: Path) -> str:
     lines += [f"Not projected: {entry}: {why}." for entry, why in (summary.get("projection_refused") or {}).items()] + [""]
     lines += _failures(configs)
     lines += ["## Where the numbers are", "",
-              "results.jsonl (one record per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
+              "results.jsonl (one result per run), summary.json (aggregates), plots/*.png, runs/<config>-r<k>/ (each run's "
               "metrics.jsonl, summary.json, recipe.yaml), logs/ (each job's output).", "",
               "W&B runs were written offline (unless an API key is configured). Upload them later with:", "",
               f"    wandb sync {out_dir}/wandb/offline-run-*   # the suite summary run",
@@ -116,13 +119,13 @@ def render(summary: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _outside_clock_section(configs: dict) -> list[str]:
+def _outside_clock_section(configs: dict[str, Config]) -> list[str]:
     """Evaluation and checkpoint writes, which the steady clock leaves out, timed on their own; and
-    the clock's cross-check. Runs recorded before the runs reported them have no row."""
+    the clock's cross-check."""
     keys = ("eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement")
     rows = [[name, _fig(c, "eval_s"), _fig(c, "checkpoint_s"), _fig(c, "train_wall_s"), _fig(c, "overall_samples_per_s"),
              _fig(c, "clock_agreement")]
-            for name, c in configs.items() if any(k in c.get("figures", {}) for k in keys)]
+            for name, c in configs.items() if any(k in c.figures for k in keys)]
     if not rows:
         return []
     return ["## Outside the clock: evaluation, checkpoints, and the clock's cross-check", "",
@@ -132,24 +135,24 @@ def _outside_clock_section(configs: dict) -> list[str]:
             *_table(["config", "eval s", "checkpoint s", "training wall s", "overall samples/s", "clock agreement"], rows)]
 
 
-def _ttt_section(configs: dict) -> list[str]:
+def _ttt_section(configs: dict[str, Config]) -> list[str]:
     rows = []
     for name, c in configs.items():
-        if c["mode"] != "time_to_target":
+        if c.mode != "time_to_target":
             continue
-        t = c.get("target") or {}
-        ok = c["runs"] - c["failed"]
+        t = c.target or {}
+        ok = c.runs - c.failed
         rows.append([name, f"{t.get('metric', '?')} {'>=' if t.get('mode', 'max') == 'max' else '<='} {t.get('value', '?')}",
-                     _fig(c, "time_to_target_s"), f"{c.get('reached', 0)}/{ok}", _fig(c, t.get("metric", ""), 1, 4), _fig(c, "wall_s")])
+                     _fig(c, "time_to_target_s"), f"{c.reached}/{ok}", _fig(c, t.get("metric", ""), 1, 4), _fig(c, "wall_s")])
     return ["## Time to target (MLPerf-style: from before the data is touched to the first evaluation at the target)", "",
             *_table(["config", "target", "time to target s", "reached", "final value", "wall s"], rows)]
 
 
-def _accuracy_section(configs: dict) -> list[str]:
+def _accuracy_section(configs: dict[str, Config]) -> list[str]:
     rows = []
     for name, c in configs.items():
-        if c["kind"] == "dltrain" or c["kind"] == "notebook":
-            keys = [k for k in sorted(c.get("figures", {})) if "/" in k]
+        if c.kind in ("dltrain", *VARIANT_KINDS):
+            keys = [k for k in sorted(c.figures) if "/" in k]
             if keys:
                 rows.append([name, ", ".join(f"{k} {_fig(c, k, 1, 4)}" for k in keys)])
     return ["## Final metrics (end of each run)", "", *_table(["config", "metrics"], rows)]
@@ -206,7 +209,7 @@ def _projection_section(rows: list[dict]) -> list[str]:
     sources = sorted({r["compute_source"] for r in rows})
     head = ["## Projection to 8..1024 GPUs (PROJECTED, not measured)", "",
             "step(N) = one GPU's step + exposed communication, the step model above with NCCL on GPU links "
-            "(dltrain.bench.scaling.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
+            "(dltrain.bench.perfmodel.NcclModel: ring or tree, LL or Simple, latencies from NCCL's tuning model; NVLink 4 "
             "busbw 450 GB/s in a node, 8 NDR NICs x 50 GB/s x 0.9 across nodes). Assumptions: gradients become ready "
             "at the same fractions of backward as in the harness's step profile (on this suite's device), and backward "
             "takes the same share of the step; the datasheet path leaves out kernel-launch and framework overheads, "
@@ -218,8 +221,8 @@ def _projection_section(rows: list[dict]) -> list[str]:
                            r["label"]] for r in rows])
 
 
-def _failures(configs: dict) -> list[str]:
-    rows = [[name, str(c["failed"]), (c["errors"][-1] or "?").replace("|", "/")] for name, c in configs.items() if c["failed"]]
+def _failures(configs: dict[str, Config]) -> list[str]:
+    rows = [[name, str(c.failed), (c.errors[-1] or "?").replace("|", "/")] for name, c in configs.items() if c.failed]
     return ["## Failed runs", "", *_table(["config", "failed", "last error"], rows)] if rows else []
 
 

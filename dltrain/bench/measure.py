@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from dltrain.peaks import GPU_PEAKS, cpu_matmul_peak, gpu_peak  # noqa: F401  (the names this module had)
+from dltrain.precision import DTYPES
 
 
 # The data keys that set a sample's length (text: tokens; RNN: time steps); with the workload, the
@@ -102,7 +102,7 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
                  before_first_step=None, wrap=None) -> dict:
     """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
     over `steps` after `warmup`), and when each gradient became ready, relative to the start of
-    backward (a post-accumulate-grad hook per parameter): what dltrain.bench.stepmodel needs to
+    backward (a post-accumulate-grad hook per parameter): what dltrain.bench.perfmodel needs to
     place DDP's buckets in time. Runs in the harness process, at its thread count."""
     import time
     from contextlib import nullcontext
@@ -123,8 +123,8 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
     for name, p in params.items():
         p.register_post_accumulate_grad_hook(lambda _, name=name: marks.__setitem__(name, _record(stamp)))
     run = wrap(model) if wrap is not None else model  # e.g. DDP: its hooks and bucket copies in the timings
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else nullcontext
+    low = recipe.train.precision != "fp32"  # bf16 and fp16 run under autocast, fp32 as it is
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=DTYPES[recipe.train.precision])) if low else nullcontext
     phases, ready = [], {n: [] for n in params}
     if before_first_step is not None:
         before_first_step()

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from dltrain.bench.result import Result
+
 
 def _plt():
     import matplotlib
@@ -60,22 +62,22 @@ def _bars(items: list[tuple[str, float, float]], ylabel: str, title: str, path: 
 
 
 def _figure_items(summary: dict, key: str, scale: float = 1.0, mode: str | None = None) -> list[tuple[str, float, float]]:
-    return [(name, c["figures"][key]["mean"] * scale, c["figures"][key]["std"] * scale)
-            for name, c in summary["configs"].items() if key in c.get("figures", {}) and (mode is None or c["mode"] == mode)]
+    return [(name, c.figures[key].mean * scale, c.figures[key].std * scale)
+            for name, c in summary["configs"].items() if key in c.figures and (mode is None or c.mode == mode)]
 
 
-def plot_loss_curves(summary: dict, results: list[dict], out: Path) -> Path | None:
+def plot_loss_curves(summary: dict, results: list[Result], out: Path) -> Path | None:
     """Training loss against step for the first repeat of each configuration."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
-    for rec in results:
-        path = Path(rec.get("run_dir", "")) / "metrics.jsonl"
-        if rec["status"] != "ok" or rec.get("repeat") or not path.is_file():
+    for res in results:
+        path = Path(res.run_dir) / "metrics.jsonl"
+        if not res.ok or res.repeat or not res.run_dir or not path.is_file():
             continue
         pts = [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]
         if pts:
-            ax.plot(*zip(*pts), label=rec["config"])
+            ax.plot(*zip(*pts), label=res.config)
             drawn += 1
     if not drawn:
         _plt().close(fig)
@@ -104,7 +106,7 @@ def plot_comm(comm: list[dict], out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "plots" / "comm_busbw.png")
 
 
-def make_plots(summary: dict, results: list[dict], out_dir: Path) -> list[Path]:
+def make_plots(summary: dict, results: list[Result], out_dir: Path) -> list[Path]:
     out = out_dir / "plots"
     out.mkdir(exist_ok=True)
     paths = [
@@ -130,8 +132,8 @@ def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
 
     keys = ["samples_per_s", "tokens_per_s", "step_time_ms_p50", "mfu", "time_to_target_s"]
     columns = ["config", "kind", "workload", "mode", "world_size", "precision", "runs", "failed"] + keys
-    rows = [[name, c["kind"], c.get("workload"), c["mode"], c["world_size"], c["precision"], c["runs"], c["failed"]]
-            + [c["figures"].get(k, {}).get("mean") for k in keys] for name, c in summary["configs"].items()]
+    rows = [[name, c.kind, c.workload, c.mode, c.world_size, c.precision, c.runs, c.failed] + [c.mean(k) for k in keys]
+            for name, c in summary["configs"].items()]
     run = wandb.init(project="dltrain-bench", name=f"bench-{summary['suite']}", job_type="benchmark", dir=str(out_dir),
                      mode=mode, config={"suite": summary["suite"], "repeats": summary.get("repeats"), "environment": summary.get("environment")})
     try:
@@ -140,11 +142,11 @@ def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
         run.log(payload)
         for name, c in summary["configs"].items():
             for k in keys:
-                if k in c["figures"]:
-                    run.summary[f"{name}/{k}"] = c["figures"][k]["mean"]
+                if k in c.figures:
+                    run.summary[f"{name}/{k}"] = c.figures[k].mean
         for b in summary["baselines"]:
             if b["ratio"]:
-                run.summary[f"{b['config']}/ratio"] = b["ratio"]["mean"]
+                run.summary[f"{b['config']}/ratio"] = b["ratio"].mean
         return run.id
     finally:
         run.finish()

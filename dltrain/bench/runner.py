@@ -1,4 +1,4 @@
-"""Run a suite: every job as a launched process group (or in this process), one JSON record per run.
+"""Run a suite: every job as a launched process group (or in this process), one Result per run.
 
 Jobs run one after another (a benchmark shares the machine with nothing of its own), repeat by
 repeat, in the order of dltrain.bench.suite.expand: the suite's entries in file order, each
@@ -26,13 +26,13 @@ from dltrain import allocator, shipped
 from dltrain.bench import inprocess
 from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import compute_shape, measure_step, measure_workload
-from dltrain.bench.suite import Job, Suite, check_host, expand
+from dltrain.bench.result import Result, append_result
+from dltrain.bench.suite import BASELINE_KINDS, Job, Suite, check_host, entry_recipe, select
 from dltrain.launch import LaunchError, build_command, format_command
-from dltrain.peaks import cpu_peak, gpu_peak
-from dltrain.recipe import RecipeError, load_recipe
+from dltrain.peaks import cpu_peak, gpu_peak, peak_rate
+from dltrain.recipe import RecipeError
 
 BASELINES = shipped.folder("baselines")
-BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.baselines
 
 
 def node_info() -> tuple[int, str | None]:
@@ -42,26 +42,9 @@ def node_info() -> tuple[int, str | None]:
     return int(rank), os.environ.get("DLTRAIN_MASTER")
 
 
-def train_sets(job: Job, suite: Suite) -> list[str]:
-    """The `--set` assignments of a dltrain job: the entry's, the job's axes, the mode's."""
-    sets = list(job.entry.overrides) + list(job.overrides)
-    if job.mode == "throughput":
-        # A fixed number of steps; evaluation only at the end (and out of the clock); no exports,
-        # no per-run plots (the report plots every run's curves).
-        sets += [f"train.max_steps={job.steps}", f"train.eval_every={job.steps}", f"train.log_every={max(1, job.steps // 10)}",
-                 "checkpoint.save_final_model=false", "checkpoint.save_best=false", "tracking.plots=false"]
-    else:
-        sets += ["target.stop=true"]
-    if job.kind == "notebook":
-        sets.append("data.loader=torch")  # the original notebook's torchvision DataLoader pipeline
-    if job.kind in ("dltrain", "notebook") and suite.wandb_runs is not None:  # null: the recipe's own trackers
-        sets.append(f"tracking.wandb={'true' if suite.wandb_runs else 'false'}")
-    return sets
-
-
 def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
     args = [job.entry.recipe] + (["--profile", job.entry.profile] if job.entry.profile else [])
-    for s in train_sets(job, suite):
+    for s in job.sets:
         args += ["--set", s]
     return args + ["--output-dir", str(run_dir)]
 
@@ -89,13 +72,12 @@ def cpu_threads(job: Job, suite: Suite) -> int:
 
 
 def baseline_command(job: Job, suite: Suite) -> list[str]:
-    """Baseline scripts take cnn_bare.py's flags: --steps timed after --warmup untimed, --batch,
+    """Baseline scripts take the same flags: --steps timed after --warmup untimed, --batch,
     --precision, --seed; they print one JSON line with train_samples_per_s. The workload names its
     scripts (Workload.baselines) and whether they also take the recipe (baseline_takes_recipe)."""
     from dltrain.workload import get_workload
 
-    e = job.entry
-    recipe = load_recipe(e.recipe, e.profile, [*e.overrides, *job.overrides])
+    e, recipe = job.entry, job.recipe
     workload = get_workload(recipe.workload)
     if job.kind not in workload.baselines:
         raise LaunchError(f"the {recipe.workload} workload has no '{job.kind}' baseline script")
@@ -129,7 +111,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0
     if job.kind in BASELINE_KINDS:
-        summary = baseline_summary(log, load_recipe(job.entry.recipe, job.entry.profile, job.entry.overrides).workload) if rc == 0 else None
+        summary = baseline_summary(log, job.recipe.workload) if rc == 0 else None
         return summary, None if summary else error_line(log, rc), wall, cmd
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
@@ -144,8 +126,7 @@ def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[di
     threads = cpu_threads(job, suite) if suite.device == "cpu" else None
     cmd = "(in process) " + format_command(["dltrain", "train", *args], env)
     t0 = time.perf_counter()
-    error = inprocess.run(job.entry.recipe, job.entry.profile, train_sets(job, suite), run_dir, log,
-                          env=env, threads=threads, timeout_s=suite.timeout_s)
+    error = inprocess.run(job.recipe, run_dir, log, env=env, threads=threads, timeout_s=suite.timeout_s)
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if error is None and not summary_path.is_file():
@@ -153,105 +134,68 @@ def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[di
     return (None if error else json.loads(summary_path.read_text())), error, wall, cmd
 
 
-def _mean_tokens(run_dir: Path, warmup: int) -> tuple[float | None, float | None]:
-    """Real and padded tokens per example over the logged training windows after warm-up, from
-    the per-example statistics a text workload reports (BERT: tokens, padded_tokens)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None, None
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    recs = [r for r in recs if "train/tokens_per_example" in r]
-    steady = [r for r in recs if r["step"] > warmup] or recs
-    if not steady:
-        return None, None
-    mean = lambda k: sum(r[k] for r in steady) / len(steady)  # noqa: E731
-    return mean("train/tokens_per_example"), mean("train/padded_tokens_per_example")
-
-
-def make_record(job: Job, suite: Suite, summary: dict | None, error: str | None, meta: dict) -> dict:
-    rec = {
-        "suite": suite.name, "config": job.config, "kind": job.kind, "entry": job.entry.name, "mode": job.mode,
-        "pair": job.pair, "reference": job.entry.reference, "world_size": job.world, "nnodes": job.nnodes, "precision": job.precision,
-        "deepspeed_stage": job.deepspeed, "compile": job.compile, "status": "failed" if error else "ok", "error": error,
-        **meta,
-    }
+def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None, meta: dict) -> Result:
+    """The Result of one run of `job`: `summary` its summary.json (None when it failed), `meta` the
+    harness's facts about the run (repeat, run_dir, wall_s, command ...)."""
+    result = Result(suite=suite.name, config=job.config, kind=job.kind, entry=job.entry.name, mode=job.mode, pair=job.pair,
+                    reference=job.entry.reference, world_size=job.world, nnodes=job.nnodes, precision=job.precision,
+                    deepspeed_stage=job.deepspeed, compile=job.compile, status="failed" if error else "ok", error=error,
+                    tf32=bool(getattr(job.recipe.train, "tf32", False)), **meta)
     if summary is None:
-        return rec
+        return result
     tput = summary.get("throughput", {})
-    rec |= {
-        "workload": summary.get("workload"),
-        "samples_per_s": tput.get("train_samples_per_s"),
-        "step_time_ms_p50": tput.get("step_time_ms_p50"),
-        "step_time_ms_p90": tput.get("step_time_ms_p90"),
-        "step_time_ms_percentiles": tput.get("step_time_ms_percentiles"),
-        "data_wait_share": tput.get("data_wait_share"),
-        "steady_steps": tput.get("steady_steps"),
-        # Outside the steady clock: evaluation and checkpoint writes, timed on their own, and the
-        # cross-check of the clock (steady samples/s over samples / all training time less those).
-        # Runs older than that clock have none of these keys: None.
-        "eval_s": tput.get("eval_s", summary.get("eval_s")),
-        "checkpoint_s": tput.get("checkpoint_s", summary.get("checkpoint_s")),
-        "train_wall_s": tput.get("train_wall_s"),
-        "overall_samples_per_s": tput.get("overall_samples_per_s"),
-        "clock_agreement": tput.get("clock_agreement"),
-        # The run's own figures, where it reports them (the harness recomputes MFU from its counts).
-        "tokens_per_s": tput.get("tokens_per_s"),
-        "padded_tokens_per_s": tput.get("padded_tokens_per_s"),
-        "run_mfu": tput.get("mfu"),
-        "time_to_target_s": summary.get("time_to_target_s"),
-        "target": summary.get("target"),
-        "metrics": summary.get("metrics", {}),
-        "batch": summary.get("batch"),
-        "shape": _shape(job, (summary.get("batch") or {}).get("micro")) if job.kind == "dltrain" else None,
-        "memory": summary.get("memory"),
-        "environment": summary.get("environment"),
-        "wandb_run_id": summary.get("wandb_run_id"),
-    }
-    return rec
+    figures = {k: tput.get(k) for k in ("step_time_ms_p50", "step_time_ms_p90", "step_time_ms_percentiles", "data_wait_share",
+                                       "steady_steps", "eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s",
+                                       "clock_agreement", "tokens_per_s", "padded_tokens_per_s")}
+    batch = summary.get("batch")
+    return result.model_copy(update={
+        **figures, "workload": summary.get("workload"), "samples_per_s": tput.get("train_samples_per_s"),
+        "run_mfu": tput.get("mfu"), "time_to_target_s": summary.get("time_to_target_s"), "target": summary.get("target"),
+        "metrics": summary.get("metrics", {}), "batch": batch, "memory": summary.get("memory"),
+        "environment": summary.get("environment"), "wandb_run_id": summary.get("wandb_run_id"),
+        "shape": compute_shape(job.recipe, (batch or {}).get("micro")) if job.kind == "dltrain" else None,
+    })
 
 
-def add_flops(rec: dict, measured: dict | None, cpu_peaks: dict[str, float]) -> None:
-    """Tokens/s, achieved FLOP/s and MFU from the run's throughput and the harness's counts."""
-    sps = rec.get("samples_per_s")
-    if rec.get("padded_tokens_per_s") is None:  # older runs: from the per-example token counts they logged
-        real, padded = _mean_tokens(Path(rec["run_dir"]), rec.get("warmup_steps", 0))
-        if sps and real is not None:
-            rec["tokens_per_s"], rec["padded_tokens_per_s"] = sps * real, sps * padded
+def add_flops(result: Result, measured: dict | None, cpu_peaks: dict[str, float]) -> None:
+    """Achieved FLOP/s and MFU of `result` from its throughput and the harness's FLOP count."""
+    sps = result.samples_per_s
     if not measured or not sps:
         return
-    rec["flops"] = measured
+    result.flops = measured
     if not 0.5 <= measured["flops_measured_over_analytic"] <= 2:
         # The counter misses ops without a FLOP formula (e.g. the fused LSTM kernels): trust the
         # analytic count then, and say so.
-        rec["flops_source"] = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
-        rec["achieved_flops_per_s"] = measured["flops_per_sample_analytic"] * sps
-        rec["flops_basis"] = "samples, analytic FLOPs"
+        result.flops_source = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
+        result.achieved_flops_per_s = measured["flops_per_sample_analytic"] * sps
+        result.flops_basis = "samples, analytic FLOPs"
     elif "flops_per_padded_token_measured" in measured:
-        if not rec.get("padded_tokens_per_s"):
+        if not result.padded_tokens_per_s:
             return  # text without token counts (the baseline scripts): FLOPs per sample unknown
-        rec["achieved_flops_per_s"] = measured["flops_per_padded_token_measured"] * rec["padded_tokens_per_s"]
+        result.achieved_flops_per_s = measured["flops_per_padded_token_measured"] * result.padded_tokens_per_s
         # The work done, padding included: higher than a padding-free run's MFU, and the report says so.
-        rec["flops_basis"] = "padded tokens"
+        result.flops_basis = "padded tokens"
     else:
-        rec["achieved_flops_per_s"] = measured["flops_per_sample_measured"] * sps
-        rec["flops_basis"] = "samples"
-    env = rec.get("environment") or {}
+        result.achieved_flops_per_s = measured["flops_per_sample_measured"] * sps
+        result.flops_basis = "samples"
+    env = result.environment or {}
     if env.get("device") == "cuda":
-        tf32 = bool(rec.get("tf32")) and rec["precision"] == "fp32"
-        per_device = gpu_peak(env.get("gpu", ""), rec["precision"], tf32)
+        per_device = gpu_peak(env.get("gpu", ""), result.precision, result.tf32)
         if per_device is None:
             return  # unknown GPU or a MIG slice: no MFU rather than a wrong one
-        rate = "tf32" if tf32 else rec["precision"]
-        rec["peak_flops_per_s"], rec["peak_source"] = per_device * rec["world_size"], f"datasheet {env.get('gpu')} {rate} x {rec['world_size']}"
-    elif rec["precision"] in cpu_peaks:
-        threads = rec.get("cpu_threads")
-        procs = rec["world_size"] // rec["nnodes"] if threads else 1
+        rate = peak_rate(result.precision, result.tf32)
+        result.peak_flops_per_s = per_device * result.world_size
+        result.peak_source = f"datasheet {env.get('gpu')} {rate} x {result.world_size}"
+    elif result.precision in cpu_peaks:
+        threads = result.cpu_threads
+        procs = result.world_size // result.nnodes if threads else 1
         where = f"{threads} thread(s) x {procs} process(es)" if threads else "all cores of this host"
-        rec["peak_procs"] = procs
-        rec["peak_flops_per_s"], rec["peak_source"] = cpu_peaks[rec["precision"]] * procs, f"measured (CPU matmul, {where})"
+        result.peak_procs = procs
+        result.peak_flops_per_s = cpu_peaks[result.precision] * procs
+        result.peak_source = f"measured (CPU matmul, {where})"
     else:
         return
-    rec["mfu"] = rec["achieved_flops_per_s"] / rec["peak_flops_per_s"]
+    result.mfu = result.achieved_flops_per_s / result.peak_flops_per_s
 
 
 def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
@@ -267,7 +211,7 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
             continue
         key = (entry.recipe, entry.profile, tuple(entry.overrides))
         if key not in counted:
-            recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
+            recipe = entry_recipe(entry)
             micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
             try:
                 counted[key] = measure_workload(recipe, micro, device)
@@ -284,20 +228,10 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
         if counted[key] is not None:
             # its first dltrain job's shape (compile is a job axis): what a GPU row must match to lend it its step time
             job = next((j for j in jobs if j.entry is entry and j.kind == "dltrain"), None)
-            out[entry.name] = counted[key] | ({"shape": _shape(job, counted[key]["micro_batch"])} if job else {})
+            out[entry.name] = counted[key] | ({"shape": compute_shape(job.recipe, counted[key]["micro_batch"])} if job else {})
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def _shape(job: Job, micro_batch: int | None) -> dict:
-    return compute_shape(load_recipe(job.entry.recipe, job.entry.profile, [*job.entry.overrides, *job.overrides]), micro_batch)
-
-
-def _tf32(job: Job) -> bool:
-    """Whether the job's fp32 matmuls run as TF32 (its MFU is then against the TF32 peak)."""
-    recipe = load_recipe(job.entry.recipe, job.entry.profile, [*job.entry.overrides, *job.overrides])
-    return bool(getattr(recipe.train, "tf32", False))
 
 
 def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> dict[str, float]:
@@ -315,12 +249,7 @@ def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> di
         torch.set_num_threads(before)
 
 
-def _append(results: Path, rec: dict) -> None:
-    with results.open("a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
-
-
-def _run_or_record_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
+def _run_or_note_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
     """run_job; when the caller's time budget interrupts it (device_check.sh's timeout sends
     SIGINT), the cut job is recorded as such before the interrupt goes on, so the report built
     from what finished also says what was cut."""
@@ -330,23 +259,15 @@ def _run_or_record_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_ru
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         if results is not None:
-            _append(results, make_record(job, suite, None, "interrupted (the time budget ran out)",
-                                         meta_run | {"wall_s": time.perf_counter() - t0, "command": ""}))
+            append_result(results, make_result(job, suite, None, "interrupted (the time budget ran out)",
+                                               meta_run | {"wall_s": time.perf_counter() - t0, "command": ""}))
         raise
 
 
-def validate_jobs(suite: Suite, jobs: list[Job]) -> None:
-    """Every job's recipe with all its overrides, before the first job runs: a bad override fails
-    the suite in seconds, not after the jobs before it have run (on a lent GPU, minutes)."""
-    for job in jobs:
-        try:
-            load_recipe(job.entry.recipe, job.entry.profile, train_sets(job, suite))
-        except RecipeError as exc:
-            raise RecipeError(f"job {job.config}: {exc}") from None
-
-
-def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = ()) -> list[dict]:
-    jobs = [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]
+def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = (),
+              jobs: list[Job] | None = None) -> list[Result]:
+    """Run the plan (`jobs`, else the suite's, kept to `only`) `repeats` times; one Result per run."""
+    jobs = select(suite, only) if jobs is None else jobs
     repeats = repeats or suite.repeats
     node_rank, master = node_info()
     if dry_run:
@@ -358,7 +279,6 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
                 print(f"[{job.config}] cannot launch here: {exc}")
         return []
     check_host(suite, jobs)
-    validate_jobs(suite, jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     print(f"dltrain bench: suite {suite.name}: {len(jobs)} jobs x {repeats} repeats -> {out_dir}", flush=True)
@@ -372,7 +292,7 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
         from dltrain.bench.comm import run_for_suite
 
         run_for_suite(suite.comm, out_dir / "comm", cpu=suite.device == "cpu")
-    records = []
+    results_run = []
     for r in range(repeats):
         for i, job in enumerate(jobs, 1):
             if job.nnodes == 1 and node_rank > 0:
@@ -380,15 +300,15 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             name = f"{job.config}-r{r}"
             run_dir = out_dir / "runs" / name
             print(f"[{r * len(jobs) + i}/{len(jobs) * repeats}] {name} ...", end=" ", flush=True)
-            meta_run = {"repeat": r, "run_dir": str(run_dir), "warmup_steps": suite.warmup_steps, "tf32": _tf32(job),
+            meta_run = {"repeat": r, "run_dir": str(run_dir), "warmup_steps": suite.warmup_steps,
                         "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None}
             if job.nnodes > 1 and not master:
                 summary, error, wall, cmd = None, "several nodes need DLTRAIN_MASTER=ADDR:PORT on every node", 0.0, ""
             else:
-                summary, error, wall, cmd = _run_or_record_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
+                summary, error, wall, cmd = _run_or_note_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
                                                                results if node_rank == 0 else None)
             print(f"failed: {error}" if error else f"{wall:.0f} s", flush=True)
-            rec = make_record(job, suite, summary, error, meta_run | {"wall_s": wall, "command": cmd})
+            result = make_result(job, suite, summary, error, meta_run | {"wall_s": wall, "command": cmd})
             # A shared machine depresses any one peak measurement: sample it again after every job
             # and keep the best; the report recomputes CPU MFU against the best of the suite.
             if peaks:
@@ -397,8 +317,8 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
                 if node_rank == 0:
                     (out_dir / "bench_meta.json").write_text(json.dumps(meta, indent=2, default=str))
             if summary is not None:
-                add_flops(rec, measured.get(job.entry.name), peaks)
-            records.append(rec)
+                add_flops(result, measured.get(job.entry.name), peaks)
+            results_run.append(result)
             if node_rank == 0:
-                _append(results, rec)
-    return records
+                append_result(results, result)
+    return results_run

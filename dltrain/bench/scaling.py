@@ -1,148 +1,78 @@
 """Scaling: measured efficiency, the step model checked against measured runs, and GPU projections.
 
 * `scaling`: throughput(N) / (N x throughput(1)) at constant per-device batch, measured.
-* `validation`: the world-N step time predicted by dltrain.bench.stepmodel from the world-1 run,
+* `validation`: the world-N step time predicted by dltrain.bench.perfmodel from the world-1 run,
   the harness's step profile and the collectives measured on this host (dltrain.bench.comm), beside
   the measured world-N run. This is the check on the model: a projection is only as good as it.
 * `projection`: 8..1024 GPUs, PROJECTED. Compute comes from a GPU: a gpu_single results directory
   (`--gpu-results`) run of the same configuration, or, when none is given, FLOPs / (datasheet
   peak x an assumed MFU) above a launch floor, each row saying which; otherwise the entry is
   refused with its reason (`compute_refusals`). Compute measured on a CPU is never put on GPU
-  links. Links: `NcclModel`.
+  links. Links: `perfmodel.NcclModel`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-from dltrain.bench.comm import CommModel, Fit
-from dltrain.bench.figures import figure_mean
-from dltrain.bench.stepmodel import predict_step
+from dltrain.bench.perfmodel import CommModel, Fit, NcclModel, predict_step, slowest_of
+from dltrain.bench.result import Config, read_summary
 
 PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
-GPUS_PER_NODE = 8
 ASSUMED_MFU = 0.40  # datasheet path only: a well-tuned dense transformer step; small models reach far less
 GPU = "H100 SXM"
 GPU_PEAK_BF16 = 989e12  # dense BF16, NVIDIA H100 datasheet (dltrain.peaks)
 
 
-def _group_key(cfg: dict) -> tuple:
-    return (cfg["entry"], cfg["precision"], cfg["deepspeed_stage"], cfg["compile"])
-
-
-def _throughput_groups(configs: dict[str, dict]) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
+def _throughput_groups(configs: dict[str, Config]) -> dict[tuple, list[tuple[str, Config]]]:
+    """dltrain throughput configs by (entry, precision, DeepSpeed stage, compile): (name, config) pairs."""
+    groups: dict[tuple, list[tuple[str, Config]]] = {}
     for name, cfg in configs.items():
-        if cfg["kind"] == "dltrain" and cfg["mode"] == "throughput" and figure_mean(cfg, "samples_per_s"):
-            groups.setdefault(_group_key(cfg), []).append(cfg | {"config": name})
+        if cfg.kind == "dltrain" and cfg.mode == "throughput" and cfg.mean("samples_per_s"):
+            groups.setdefault((cfg.entry, cfg.precision, cfg.deepspeed_stage, cfg.compile), []).append((name, cfg))
     return groups
 
 
-def scaling(configs: dict[str, dict]) -> list[dict]:
+def scaling(configs: dict[str, Config]) -> list[dict]:
     rows = []
     for key, cfgs in _throughput_groups(configs).items():
-        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        base = next((c for _, c in cfgs if c.world_size == 1), None)
         if base is None or len(cfgs) < 2:
             continue
-        t1 = figure_mean(base, "samples_per_s")
-        for c in sorted(cfgs, key=lambda c: (c["world_size"], c["nnodes"])):
-            speedup = figure_mean(c, "samples_per_s") / t1
+        t1 = base.mean("samples_per_s")
+        for name, c in sorted(cfgs, key=lambda nc: (nc[1].world_size, nc[1].nnodes)):
+            speedup = c.mean("samples_per_s") / t1
             rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
-                         "config": c["config"], "world_size": c["world_size"], "nnodes": c["nnodes"],
-                         "samples_per_s": figure_mean(c, "samples_per_s"), "speedup": speedup, "efficiency": speedup / c["world_size"]})
+                         "config": name, "world_size": c.world_size, "nnodes": c.nnodes,
+                         "samples_per_s": c.mean("samples_per_s"), "speedup": speedup, "efficiency": speedup / c.world_size})
     return rows
 
 
-def validation(configs: dict[str, dict], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
+def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
     """Predicted vs measured step time at each measured world size N > 1 on one node (plain DDP)."""
     rows = []
     for (entry, precision, stage, compiled), cfgs in _throughput_groups(configs).items():
         profile = (flops.get(entry) or {}).get("step_profile")
-        base = next((c for c in cfgs if c["world_size"] == 1), None)
+        base = next((c for _, c in cfgs if c.world_size == 1), None)
         if stage is not None or profile is None or base is None:
             continue
-        for c in cfgs:
-            n = c["world_size"]
-            if n == 1 or c["nnodes"] != 1 or not any(f.world_size == n for f in fits):
+        for name, c in cfgs:
+            n = c.world_size
+            if n == 1 or c.nnodes != 1 or not any(f.world_size == n for f in fits):
                 continue
             slowest = slowest_of(base, n)  # the median step of n ranks waits for the slowest
             shared = (profile.get("colocated") or {}).get(str(n), 1.0)  # n ranks on this host's cores
             step1 = slowest * shared
             pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
-            measured = figure_mean(c, "step_time_ms_p50") / 1e3
-            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": c["config"], "world_size": n,
-                         "world1_p50_ms": figure_mean(base, "step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
+            measured = c.mean("step_time_ms_p50") / 1e3
+            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": name, "world_size": n,
+                         "world1_p50_ms": base.mean("step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
                          "colocated_factor": shared, "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
                          "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
                          "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
                          "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
                          "measured_ms": measured * 1e3, "error": pred["step_s"] / measured - 1})
     return rows
-
-
-def slowest_of(cfg: dict, n: int) -> float:
-    """Seconds: the median over steps of the slowest of n ranks' step times, each rank drawing its
-    batch independently from the world-1 step-time distribution: its 0.5^(1/n) quantile (p50 for
-    n = 1, p70.7 for n = 2, p99 and beyond for n >= 69, clamped to the p99 recorded). Text with
-    dynamic padding varies step to step; a synchronous step waits for the longest batch."""
-    pct = cfg.get("step_time_ms_percentiles")
-    if not pct:
-        return figure_mean(cfg, "step_time_ms_p50") / 1e3
-    q = min(99.0, max(1.0, 100 * 0.5 ** (1 / n)))
-    lo = int(q)
-    frac = q - lo
-    at = lambda k: pct[min(max(k, 1), 99) - 1]  # noqa: E731  pct[k-1] is the k-th percentile
-    return (at(lo) + frac * (at(lo + 1) - at(lo))) / 1e3
-
-
-class NcclModel:
-    """NCCL collective times on GPU nodes: the faster of a ring and a tree, LL (small messages) or
-    Simple (large) protocol, as NCCL's own tuner picks (src/graph/tuning.cc, NCCL 2.x: base and
-    per-hop latencies in microseconds, LL at 1/4 of the bus bandwidth on a ring, 1/3.8 on a tree;
-    a tree's algorithm bandwidth half the bus bandwidth). Bus bandwidths:
-
-    * in a node: NVLink 4 through NVSwitch, 450 GB/s per GPU per direction (H100 SXM datasheet,
-      900 GB/s bidirectional); nccl-tests all-reduce on 8 H100 SXM reports 460-480 GB/s with NVLS.
-    * across nodes: one NDR InfiniBand NIC per GPU, 400 Gb/s = 50 GB/s each; NCCL runs a ring per
-      NIC, so a node's 8 NICs give the ring 8 x 50 GB/s, at an assumed 90% efficiency: 360 GB/s.
-    """
-
-    BASE = {("ring", "LL"): 3.6, ("ring", "Simple"): 8.4, ("tree", "LL"): 4.4, ("tree", "Simple"): 0.0}
-    HOP = {"nvlink": {("ring", "LL"): 0.47, ("ring", "Simple"): 3.4, ("tree", "LL"): 0.52, ("tree", "Simple"): 28.0},
-           "net": {("ring", "LL"): 2.7, ("ring", "Simple"): 9.6, ("tree", "LL"): 5.0, ("tree", "Simple"): 50.0}}
-    NVLINK_BUSBW = 450e9
-    NIC_BW, NICS_PER_NODE, NET_EFFICIENCY = 50e9, 8, 0.9
-
-    def __init__(self, world_size: int, gpus_per_node: int = GPUS_PER_NODE):
-        self.world_size = world_size
-        self.ppn = min(world_size, gpus_per_node)
-        self.nodes = math.ceil(world_size / gpus_per_node)
-        inter = self.NICS_PER_NODE * self.NIC_BW * self.NET_EFFICIENCY
-        self.busbw = self.NVLINK_BUSBW if self.nodes == 1 else min(self.NVLINK_BUSBW, inter)
-        self.link = ("NVLink 4 / NVSwitch, 450 GB/s busbw" if self.nodes == 1 else
-                     f"{self.nodes} nodes: NDR IB, 8 x 50 GB/s NICs x 0.9 = {self.busbw / 1e9:.0f} GB/s busbw")
-
-    def latency_s(self, algo: str, proto: str, op: str = "all_reduce") -> float:
-        n, nodes, intra, net = self.world_size, self.nodes, self.HOP["nvlink"], self.HOP["net"]
-        key = (algo, proto)
-        if algo == "ring":
-            steps, inter = (2 * (n - 1), 2 * (nodes - 1)) if op == "all_reduce" else (n - 1, nodes - 1)
-            lat = self.BASE[key] + (steps - inter) * intra[key] + inter * net[key]
-        else:
-            lat = self.BASE[key] + 2 * ((self.ppn - 1) * intra[key] + math.log2(nodes) * net[key])
-        return lat * 1e-6
-
-    def time(self, op: str, size: int) -> float:
-        n = self.world_size
-        if n == 1 or size <= 0:
-            return 0.0
-        ring_factor = 2 * (n - 1) / n if op == "all_reduce" else 1.0
-        options = [self.latency_s("ring", p, op) + ring_factor * size / (self.busbw * s) for p, s in (("LL", 0.25), ("Simple", 1.0))]
-        if op == "all_reduce":  # trees are for all-reduce only
-            options += [self.latency_s("tree", p) + 2 * size / (self.busbw * s) for p, s in (("LL", 1 / 3.8), ("Simple", 0.9))]
-        return min(options)
 
 
 # The datasheet path divides FLOPs by a peak, which only holds while the GPU is busy computing. A
@@ -160,7 +90,7 @@ def _shape_diff(want: dict | None, have: dict | None) -> str:
     return ", ".join(f"{k} {have.get(k)!r} vs {want.get(k)!r}" for k in keys)
 
 
-def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
+def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, Config] | None):
     """(seconds per step at N ranks as a function of N, per-device batch, source) on one GPU, or a
     string saying why there is none. Measured: a world-1 GPU run whose shape (workload, model,
     micro-batch, lengths, compile: dltrain.bench.measure.compute_shape) equals the entry's, bf16
@@ -169,17 +99,17 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     (no distribution: every step alike), refused below LAUNCH_FLOOR_S."""
     want = flops.get("shape")
     rows = [(name, cfg) for name, cfg in (gpu_configs or {}).items()
-            if (cfg["kind"], cfg["mode"], cfg["world_size"]) == ("dltrain", "throughput", 1)
-            and figure_mean(cfg, "step_time_ms_p50") and figure_mean(cfg, "samples_per_s")]
-    same = sorted(((n, c) for n, c in rows if want and c.get("shape") == want), key=lambda nc: nc[1]["precision"] != "bf16")
+            if (cfg.kind, cfg.mode, cfg.world_size) == ("dltrain", "throughput", 1)
+            and cfg.mean("step_time_ms_p50") and cfg.mean("samples_per_s")]
+    same = sorted(((n, c) for n, c in rows if want and c.shape == want), key=lambda nc: nc[1].precision != "bf16")
     if same:
         name, cfg = same[0]
-        p50 = figure_mean(cfg, "step_time_ms_p50") / 1e3
-        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(figure_mean(cfg, "samples_per_s") * p50), f"measured on a GPU ({name})"
-    kin = [(n, c) for n, c in rows if c["entry"] == entry or (want and (c.get("shape") or {}).get("workload") == want["workload"])]
+        p50 = cfg.mean("step_time_ms_p50") / 1e3
+        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(cfg.mean("samples_per_s") * p50), f"measured on a GPU ({name})"
+    kin = [(n, c) for n, c in rows if c.entry == entry or (want and (c.shape or {}).get("workload") == want["workload"])]
     if kin:
         name, cfg = kin[0]
-        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.get('shape'))}): "
+        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.shape)}): "
                 "its step time is not this entry's; run the GPU suite with this entry's configuration")
     per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
     batch = flops.get("micro_batch")
@@ -192,7 +122,7 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, dict] | None):
     return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
 
 
-def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, dict] | None) -> dict[str, str]:
+def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, Config] | None) -> dict[str, str]:
     """Entries with a step profile whose GPU compute gpu_compute refuses, and why."""
     out = {}
     for entry, meas in flops.items():
@@ -213,7 +143,7 @@ def refused_projections(checks: list[dict]) -> dict[str, str]:
             for r in checks if abs(r["error"]) > CHECK_TOLERANCE}
 
 
-def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = None,
+def projection(flops: dict[str, dict], gpu_configs: dict[str, Config] | None = None,
                refused: dict[str, str] | None = None) -> list[dict]:
     """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
     Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
@@ -243,7 +173,7 @@ def projection(flops: dict[str, dict], gpu_configs: dict[str, dict] | None = Non
     return rows
 
 
-def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, dict] | None:
+def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, Config] | None:
     """The configs of a GPU suite's summary.json (e.g. gpu_single), refused if not run on a GPU."""
     if not gpu_results:
         return None
@@ -252,7 +182,7 @@ def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, dict] | None:
     path = Path(gpu_results) / "summary.json"
     if not path.is_file():
         raise RecipeError(f"--gpu-results {gpu_results}: no summary.json there (give a `dltrain bench gpu_single` output directory)")
-    summary = json.loads(path.read_text())
+    summary = read_summary(path)
     if (summary.get("environment") or {}).get("device") != "cuda":
         raise RecipeError(f"--gpu-results {gpu_results}: its runs did not run on a GPU; projecting CPU compute onto GPU links is refused")
     return summary["configs"]

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
 
 from dltrain import shipped
 from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, load_recipe, read_yaml
@@ -34,13 +33,17 @@ from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, loa
 Mode = Literal["throughput", "time_to_target", "both"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Baseline = Literal["bare", "hf_trainer", "notebook"]
+BASELINE_KINDS = ("bare", "hf_trainer")  # scripts per workload: its Workload.baselines
+VARIANT_KINDS = ("notebook",)  # dltrain runs with settings per workload: its Workload.bench_variants
 
 
-class _Closed(BaseModel):
+class Closed(BaseModel):
+    """A closed schema: an unknown key or a non-finite number is refused (suites and record suites)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class Entry(_Closed):
+class Entry(Closed):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="short id used in run names")
     recipe: str  # a shipped recipe (`cnn_mnist`, or `recipes/cnn_mnist.yaml` as in the repository) or a path
     profile: str | None = None
@@ -57,9 +60,10 @@ class Entry(_Closed):
     # Another entry this one is a variant of (e.g. a DDP setting against DDP's defaults): the report
     # gives this entry's throughput over the reference's at the same world size, precision and mode.
     reference: str | None = None
+    _recipe: Any = PrivateAttr(None)  # the entry's recipe, parsed once (entry_recipe)
 
 
-class CommSection(_Closed):
+class CommSection(Closed):
     """Collective timings run before the jobs (dltrain.bench.comm), one set per world size: the
     inputs of the step model that the report checks against the suite's multi-process runs."""
 
@@ -81,7 +85,7 @@ class CommSection(_Closed):
         return text
 
 
-class Suite(_Closed):
+class Suite(Closed):
     name: str = ""
     description: str = ""
     device: Literal["cpu", "gpu"] = "cpu"
@@ -147,9 +151,13 @@ class Suite(_Closed):
         return entries
 
 
-@dataclass
-class Job:
-    """One launched run. `pair` names the dltrain config a baseline is compared with."""
+class Job(BaseModel):
+    """One run of the plan. `overrides`: the job's axes as `--set` assignments; `sets`: every
+    assignment its `dltrain train` gets (the entry's, the axes', the mode's); `recipe`: the entry's
+    recipe with `sets` applied, parsed once when the plan is made. `pair` names the dltrain config
+    a baseline is compared with."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     config: str
     entry: Entry
@@ -161,8 +169,10 @@ class Job:
     deepspeed: int | None
     compile: bool
     steps: int | None
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = []
     pair: str | None = None
+    sets: list[str] = []
+    recipe: Any = Field(None, exclude=True, repr=False)
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -192,10 +202,17 @@ def load_suite(name_or_path: str) -> Suite:
         entry.recipe = str(_recipe_path(entry.recipe, path.parent))
         # Load each recipe now: a typo in a suite fails before the first job, not an hour later.
         try:
-            load_recipe(entry.recipe, entry.profile, entry.overrides)
+            entry_recipe(entry)
         except RecipeError as exc:
             raise RecipeError(f"{path}: entry '{entry.name}': {exc}") from None
     return suite
+
+
+def entry_recipe(entry: Entry):
+    """The entry's recipe with its own overrides (no job's axes), parsed on first use."""
+    if entry._recipe is None:
+        entry._recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
+    return entry._recipe
 
 
 def check_host(suite: Suite, jobs: list[Job]) -> None:
@@ -226,20 +243,63 @@ def _recipe_path(recipe: str, suite_dir: Path) -> Path:
     return path.resolve() if path.exists() else path
 
 
-def _global_batch(entry: Entry) -> int:
-    return load_recipe(entry.recipe, entry.profile, entry.overrides).train.global_batch_size
+def select(suite: Suite, only: list[str] = ()) -> list[Job]:
+    """The plan: expand's jobs, kept to the entries or configurations named in `only` (all if none)."""
+    return [j for j in expand(suite) if not only or j.entry.name in only or j.config in only]
 
 
 def expand(suite: Suite) -> list[Job]:
     """All jobs of one repeat, in the order they run: entry by entry, its dltrain configs, then
-    its baselines."""
+    its baselines. Each job's recipe is parsed here, with every assignment it runs with: a bad
+    override fails the suite before the first job, not after the jobs before it (on a lent GPU,
+    minutes)."""
+    jobs = _axes(suite)
+    for job in jobs:
+        job.sets = train_sets(job, suite)
+        try:
+            job.recipe = load_recipe(job.entry.recipe, job.entry.profile, job.sets)
+        except RecipeError as exc:
+            raise RecipeError(f"job {job.config}: {exc}") from None
+    return jobs
+
+
+def train_sets(job: Job, suite: Suite) -> list[str]:
+    """The `--set` assignments of a dltrain job: the entry's, the job's axes, the mode's; a variant
+    baseline's (a dltrain run made into a baseline) from its workload's bench_variants."""
+    sets = list(job.entry.overrides) + list(job.overrides)
+    if job.mode == "throughput":
+        # A fixed number of steps; evaluation only at the end (and out of the clock); no exports,
+        # no per-run plots (the report plots every run's curves).
+        sets += [f"train.max_steps={job.steps}", f"train.eval_every={job.steps}", f"train.log_every={max(1, job.steps // 10)}",
+                 "checkpoint.save_final_model=false", "checkpoint.save_best=false", "tracking.plots=false"]
+    else:
+        sets += ["target.stop=true"]
+    if job.kind in VARIANT_KINDS:
+        sets += _variant_sets(job)
+    if job.kind in ("dltrain", *VARIANT_KINDS) and suite.wandb_runs is not None:  # null: the recipe's own trackers
+        sets.append(f"tracking.wandb={'true' if suite.wandb_runs else 'false'}")
+    return sets
+
+
+def _variant_sets(job: Job) -> list[str]:
+    from dltrain.workload import get_workload
+
+    name = entry_recipe(job.entry).workload
+    sets = get_workload(name).bench_variants.get(job.kind)
+    if sets is None:
+        raise RecipeError(f"entry {job.entry.name}: the {name} workload has no '{job.kind}' baseline "
+                          "(its Workload.bench_variants): remove it from the entry's baselines")
+    return list(sets)
+
+
+def _axes(suite: Suite) -> list[Job]:
     jobs: list[Job] = []
     for entry in suite.entries:
         baselines: list[Job] = []
         mode = entry.mode or suite.mode
         modes = ["throughput", "time_to_target"] if mode == "both" else [mode]
         steps = entry.throughput_steps or suite.throughput_steps
-        base_batch = _global_batch(entry)
+        base_batch = entry_recipe(entry).train.global_batch_size
         axes = itertools.product(
             entry.precisions or suite.precisions,
             entry.deepspeed_stages if entry.deepspeed_stages is not None else suite.deepspeed_stages,
@@ -259,13 +319,14 @@ def expand(suite: Suite) -> list[Job]:
             if suite.scale_batch and world > 1:
                 common.append(f"train.global_batch_size={base_batch * world}")
             config = config_name(entry.name, world, nnodes, precision, stage, compiled, m)
-            jobs.append(Job(config, entry, "dltrain", m, world, nnodes, precision, stage, compiled,
-                            steps if m == "throughput" else None, common))
+            jobs.append(Job(config=config, entry=entry, kind="dltrain", mode=m, world=world, nnodes=nnodes, precision=precision,
+                            deepspeed=stage, compile=compiled, steps=steps if m == "throughput" else None, overrides=common))
             wanted = entry.baseline_precisions or [precision]
             if m == "throughput" and world == 1 and stage is None and not compiled and precision in wanted:
                 for kind in entry.baselines:
-                    baselines.append(Job(f"{entry.name}-{kind}-{precision}", entry, kind, m, 1, 1, precision, None, False,
-                                         steps, list(common), pair=config))
+                    baselines.append(Job(config=f"{entry.name}-{kind}-{precision}", entry=entry, kind=kind, mode=m, world=1,
+                                         nnodes=1, precision=precision, deepspeed=None, compile=False, steps=steps,
+                                         overrides=list(common), pair=config))
         jobs += baselines
     return jobs
 

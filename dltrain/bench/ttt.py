@@ -1,6 +1,8 @@
 """`dltrain bench ttt`: time-to-accuracy records. A record suite (a YAML file with `records:`
-instead of `entries:`) runs each record config over its seeds, then its reference, and writes
-records.jsonl (one line per run), records.json (the aggregates) and report.md (the table).
+instead of `entries:`) is the record mode of the bench pipeline: its plan is each record's seeds and
+reference; every run is a Result in results.jsonl, as a suite's; the seeds are aggregated by
+dltrain.bench.report.aggregate into a RecordRow (records.json), rendered by dltrain.bench.records
+into report.md.
 
 A record config is a recipe and profile whose `target` names the held-out metric and the value to
 reach (e.g. `test/accuracy` >= 0.99); the schedule is fixed (`target.stop` on a test metric is
@@ -28,19 +30,19 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 
 from dltrain import shipped
 from dltrain.bench.joblog import baseline_summary, error_line
-from dltrain.bench.records import aggregate, table, verdict
+from dltrain.bench.records import RecordRow, report_lines, verdict
+from dltrain.bench.report import aggregate
+from dltrain.bench.result import Result, append_result
+from dltrain.bench.suite import Closed
+from dltrain.launch import format_command
 from dltrain.recipe import RecipeError, _first_error, check_name, load_recipe, read_yaml
 
 
-class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class Reference(_Closed):
+class Reference(Closed):
     what: str  # how the report names it, e.g. "original settings: 10 epochs, batch 64"
     profile: str | None = None  # a dltrain run of the record's recipe with this profile ...
     overrides: list[str] = []  # ... and these --set assignments
@@ -49,7 +51,7 @@ class Reference(_Closed):
     full_samples: PositiveInt | None = None  # baseline: samples of its full schedule, for the projection
 
 
-class Record(_Closed):
+class Record(Closed):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     recipe: str
     profile: str | None = None
@@ -67,7 +69,7 @@ class Record(_Closed):
         return seeds
 
 
-class RecordSuite(_Closed):
+class RecordSuite(Closed):
     name: str = ""
     description: str = ""
     cpu_threads: PositiveInt | None = None  # CPU threads per run (OMP_NUM_THREADS); None: all cores
@@ -86,7 +88,7 @@ class RecordSuite(_Closed):
     def _unique_names(cls, records: list[Record]) -> list[Record]:
         names = [r.name for r in records]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:  # records.jsonl and the report key on the name
+        if dupes:  # results.jsonl and the report key on the name
             raise ValueError(f"record names must be unique (repeated: {', '.join(dupes)})")
         return records
 
@@ -141,95 +143,108 @@ def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None,
     return rc, time.perf_counter() - t0
 
 
-def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path) -> dict:
-    """One `dltrain train` run (a process, or a call with in_process); its summary.json figures,
-    both clocks, or its error."""
+def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path,
+              **facts) -> Result:
+    """One `dltrain train` run (a process, or a call with in_process): its Result, with both clocks
+    (`wall_s` around the run, `train_s` its own), or its error. `facts`: the Result's config, entry,
+    seed ... as the caller names the run."""
     sets = [*sets, "tracking.wandb=false", "checkpoint.save_final_model=false"]
+    parsed = load_recipe(_path(recipe), profile, sets)
     if suite.in_process:
         from dltrain.bench import inprocess
 
         t0 = time.perf_counter()
-        why = inprocess.run(str(_path(recipe)), profile, sets, run_dir, log, env={}, threads=suite.cpu_threads,
-                            timeout_s=suite.timeout_s)
+        why = inprocess.run(parsed, run_dir, log, env={}, threads=suite.cpu_threads, timeout_s=suite.timeout_s)
         wall = time.perf_counter() - t0
     else:
         argv = [sys.executable, "-m", "dltrain", "train", str(_path(recipe)), *(["--profile", profile] if profile else [])]
         argv += [a for s in sets for a in ("--set", s)]
         rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
         why = None if rc == 0 else f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
+    result = Result(suite=suite.name, kind="dltrain", mode="record", world_size=1, precision=parsed.train.precision,
+                    cpu_threads=suite.cpu_threads, wall_s=wall, in_process=suite.in_process, run_dir=str(run_dir),
+                    target=parsed.target.model_dump(mode="json") if parsed.target else None, **facts)
     summary_path = run_dir / "summary.json"
     if why is not None or not summary_path.is_file():
-        return {"ok": False, "error": why or "no summary.json", "wall_s": wall}
+        return result.model_copy(update={"status": "failed", "error": why or "no summary.json"})
     summary = json.loads(summary_path.read_text())
-    target = summary.get("target") or {}
-    return {"ok": True, "metric": summary["metrics"].get(target.get("metric")), "metric_name": target.get("metric"),
-            "train_s": summary["throughput"].get("train_s"),
-            "wall_s": wall, "in_process": suite.in_process, "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"),
-            "environment": summary.get("environment", {}), "run_dir": str(run_dir)}
+    result = result.model_copy(update={
+        "workload": summary.get("workload"), "metrics": summary.get("metrics", {}), "target": summary.get("target") or result.target,
+        "train_s": summary["throughput"].get("train_s"), "samples_per_s": summary["throughput"].get("train_samples_per_s"),
+        "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"), "environment": summary.get("environment")})
+    if result.target_value is None:  # a seed without its metric cannot count towards the record
+        return result.model_copy(update={"status": "failed", "error": f"the run reported no {result.target['metric']}"})
+    return result
 
 
-def reference_run(suite: RecordSuite, rec: Record, out_dir: Path) -> dict:
+def reference_run(suite: RecordSuite, rec: Record, out_dir: Path, precision: str) -> Result:
     ref = rec.reference
-    log = out_dir / "logs" / f"{rec.name}-reference.log"
+    name = f"{rec.name}-reference"
+    facts = {"config": name, "entry": rec.name, "pair": rec.name}
+    log = out_dir / "logs" / f"{name}.log"
     if ref.baseline is None:
-        out = train_run(suite, rec.recipe, ref.profile, ref.overrides, out_dir / "runs" / f"{rec.name}-reference", log)
-        return out | {"what": ref.what}
+        out = train_run(suite, rec.recipe, ref.profile, ref.overrides, out_dir / "runs" / name, log, **facts)
+        return out.model_copy(update={"kind": "reference", "note": ref.what})
     script = shipped.folder("baselines") / f"{ref.baseline}.py"
     rc, wall = _launch([sys.executable, str(script), *ref.baseline_args], suite, log)
     summary = baseline_summary(log, rec.name) if rc == 0 else None
+    result = Result(suite=suite.name, kind="reference", mode="record", world_size=1, precision=precision, wall_s=wall,
+                    cpu_threads=suite.cpu_threads, note=ref.what, command=format_command([sys.executable, str(script),
+                                                                                         *ref.baseline_args], {}), **facts)
     if summary is None:
-        return {"ok": False, "error": "timed out" if rc is None else error_line(log, rc), "wall_s": wall, "what": ref.what}
+        return result.model_copy(update={"status": "failed", "error": "timed out" if rc is None else error_line(log, rc)})
     rate = summary["throughput"]["train_samples_per_s"]
     projected = ref.full_samples / rate if ref.full_samples else None
-    return {"ok": True, "train_s": projected, "samples_per_s": rate, "wall_s": wall,
-            "what": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s"}
+    return result.model_copy(update={
+        "train_s": projected, "samples_per_s": rate,
+        "note": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s"})
 
 
-def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list[dict]:
-    """Every record's seeds, then its reference; one line per run in records.jsonl as it ends.
+def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list[RecordRow]:
+    """Every record's seeds, then its reference; one Result per run in results.jsonl as it ends.
     Interrupted (SIGINT: device_check.sh's time budget), it stops and still writes the table of
     what finished, each row saying it was cut."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[RecordRow] = []
     records = [r for r in suite.records if not only or r.name in only]
     total = sum(len(r.seeds) + (r.reference is not None) for r in records)
     done, interrupted = 0, False
     for rec in records:
         if interrupted:
             break
-        target = load_recipe(_path(rec.recipe), rec.profile, rec.overrides).target
-        runs = []
-        for seed in rec.seeds:
+        recipe = load_recipe(_path(rec.recipe), rec.profile, rec.overrides)
+        target = recipe.target
+        runs: list[Result] = []
+        for i, seed in enumerate(rec.seeds):
             done += 1
             print(f"[{done}/{total}] {rec.name} seed {seed} ...", end=" ", flush=True)
             try:
                 run = train_run(suite, rec.recipe, rec.profile, [*rec.overrides, f"train.seed={seed}"],
-                                out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log")
+                                out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log",
+                                config=rec.name, entry=rec.name, seed=seed, repeat=i)
             except KeyboardInterrupt:
                 print("interrupted: the table holds the runs that finished", flush=True)
                 interrupted = True
                 break
-            runs.append(run | {"seed": seed})
-            _append(out_dir, {"record": rec.name, "kind": "seed", "seed": seed} | run)
-            print(f"{target.metric} {run['metric']:.4g}, train {run['train_s']:.1f} s, wall {run['wall_s']:.1f} s"
-                  if run["ok"] else f"failed: {run['error']}", flush=True)
+            runs.append(run)
+            append_result(out_dir / "results.jsonl", run)
+            print(f"{target.metric} {run.target_value:.4g}, train {run.train_s:.1f} s, wall {run.wall_s:.1f} s"
+                  if run.ok else f"failed: {run.error}", flush=True)
         if not runs:
             break
         ref = None
         if rec.reference is not None and not interrupted:
             done += 1
             print(f"[{done}/{total}] {rec.name} reference ...", end=" ", flush=True)
-            ref = reference_run(suite, rec, out_dir)
-            _append(out_dir, {"record": rec.name, "kind": "reference"} | ref)
-            print(f"train {ref['train_s']:.1f} s" if ref["ok"] and ref.get("train_s") else f"failed: {ref.get('error')}",
-                  flush=True)
-        agg = aggregate(runs, target.metric)
-        env = next((r["environment"] for r in runs if r.get("environment")), {})
-        rows.append({"name": rec.name, "recipe": rec.recipe, "profile": rec.profile, "overrides": rec.overrides,
-                     "agg": agg, "target": target.value, "mode": target.mode, "met": verdict(agg, target.value, target.mode),
-                     "reference": ref if ref and ref["ok"] else None, "reference_failed": bool(ref and not ref["ok"]),
-                     "interrupted": interrupted, "environment": env})
-    (out_dir / "records.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+            ref = reference_run(suite, rec, out_dir, recipe.train.precision)
+            append_result(out_dir / "results.jsonl", ref)
+            print(f"train {ref.train_s:.1f} s" if ref.ok and ref.train_s else f"failed: {ref.error}", flush=True)
+        row = RecordRow(name=rec.name, recipe=rec.recipe, profile=rec.profile, overrides=rec.overrides, seeds=rec.seeds[:len(runs)],
+                        metric_name=target.metric, target=target.value, mode=target.mode, config=aggregate(runs)[rec.name],
+                        runs=runs, reference=ref if ref and ref.ok else None, reference_failed=bool(ref and not ref.ok),
+                        interrupted=interrupted)
+        rows.append(row.model_copy(update={"met": verdict(row)}))
+    (out_dir / "records.json").write_text(json.dumps([r.model_dump(mode="json") for r in rows], indent=1) + "\n")
     (out_dir / "report.md").write_text("\n".join(report_lines(suite, rows, interrupted)) + "\n")
     if interrupted:
         raise RecordsInterrupted(rows)
@@ -239,36 +254,6 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
 class RecordsInterrupted(Exception):
     """The suite was stopped (SIGINT) after writing the table of what finished: `rows`."""
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[RecordRow]):
         super().__init__("interrupted")
         self.rows = rows
-
-
-def _append(out_dir: Path, line: dict) -> None:
-    with (out_dir / "records.jsonl").open("a") as f:
-        f.write(json.dumps({k: v for k, v in line.items() if k != "environment"}, default=str) + "\n")
-
-
-def report_lines(suite: RecordSuite, rows: list[dict], interrupted: bool = False) -> list[str]:
-    env = next((r["environment"] for r in rows if r.get("environment")), {})
-    host = ", ".join(f"{k} {env[k]}" for k in ("cpu", "gpu", "torch", "git_commit") if env.get(k))
-    host += " (uncommitted changes)" if env.get("git_dirty") else ""
-    lines = [f"# Time-to-accuracy records: {suite.name}", "", suite.description, "",
-             f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
-             f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
-             "train_s: first batch to the end of the last step, evaluation excluded; wall_s: "
-             + ("the call to its return, in the harness process (imports and interpreter start paid once, outside it). "
-                if suite.in_process else "process start to exit. ")
-             + "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.", ""]
-    lines += table(rows)
-    if interrupted:
-        cut = [row["name"] for row in rows if row.get("interrupted")]
-        lines += ["", "Interrupted (the time budget ran out): " + (f"{', '.join(cut)} over the seeds that finished; " if cut else "")
-                  + "records not listed did not run."]
-    for row in rows:
-        cmd = f"dltrain train {row['recipe']}" + (f" --profile {row['profile']}" if row["profile"] else "")
-        cmd += "".join(f" --set {s}" for s in row["overrides"]) + " --set train.seed=S"
-        env = row.get("environment") or {}
-        setup = f"{env.get('precision', '?')}, {env.get('cpu_threads', '?')} threads, {env.get('device', '?')}"
-        lines += ["", f"- {row['name']} ({setup}): `{cmd}`, seeds {', '.join(map(str, row['agg']['seeds']))}"]
-    return lines

@@ -18,8 +18,6 @@ from torch import nn
 
 from dltrain.errors import TrainingError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 

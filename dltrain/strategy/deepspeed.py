@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from dltrain.errors import RecipeError
-from dltrain.strategy.base import DTYPES, OptimizerFactory, Strategy, apply_compile
+from dltrain.precision import DTYPES
+from dltrain.strategy.base import OptimizerFactory, Strategy, apply_compile
 
 
 class DeepSpeed(Strategy):

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dltrain.errors import RecipeError
-from dltrain.strategy.base import DTYPES, OptimizerFactory, Strategy, apply_compile, guarded_step
+from dltrain.precision import DTYPES
+from dltrain.strategy.base import OptimizerFactory, Strategy, apply_compile, guarded_step
 
 SHARDED_DIR = "fsdp_sharded"  # torch.distributed.checkpoint folder of a sharded checkpoint
 FULL_MODEL = "model.safetensors"

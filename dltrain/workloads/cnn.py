@@ -313,4 +313,6 @@ WORKLOAD = Workload(
     batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples, label_names=label_names,
     # The bare loop builds the default MNIST recipe itself: it takes no --recipe.
     baselines={"bare": "cnn_bare.py"}, baseline_takes_recipe=False,
+    # The original notebook: the same model and loop fed by torchvision's DataLoader pipeline.
+    bench_variants={"notebook": ["data.loader=torch"]},
 )

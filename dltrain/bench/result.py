@@ -1,0 +1,175 @@
+"""The typed rows the pipeline writes and reads back: a Result is one run (one line of
+results.jsonl), a Config the Results of one configuration aggregated over its repeats (summary.json's
+`configs`), Stats the mean, spread and range of one figure. Every stage after the run (report,
+render, plots, scaling, compare) takes these types, never a dict of string keys.
+
+Words: a *job* is a planned run (dltrain.bench.suite.Job), a *result* what one run of a job gave, a
+*config* a job's results over the repeats, a *figure* one number of a result (samples/s, MFU ...).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stats(_Row):
+    """Mean, sample standard deviation (n - 1; 0 for one value), range and count of one figure."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        values = [float(v) for v in values]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(mean=statistics.fmean(values), std=std, min=min(values), max=max(values), n=len(values))
+
+
+class Result(_Row):
+    """One run: what the job was, how it went, and the figures of its summary.json (None where the
+    run reports none: a failed run, a baseline script, a run without text tokens)."""
+
+    suite: str
+    config: str
+    kind: str
+    entry: str
+    mode: Literal["throughput", "time_to_target", "record"]  # record: a seed or reference run of a record suite
+    pair: str | None = None
+    reference: str | None = None
+    world_size: int
+    nnodes: int = 1
+    precision: str
+    deepspeed_stage: int | None = None
+    compile: bool = False
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    repeat: int = 0
+    run_dir: str = ""
+    warmup_steps: int = 0
+    tf32: bool = False
+    cpu_threads: int | None = None
+    wall_s: float | None = None
+    command: str = ""
+    # from the run's summary.json
+    workload: str | None = None
+    samples_per_s: float | None = None
+    step_time_ms_p50: float | None = None
+    step_time_ms_p90: float | None = None
+    step_time_ms_percentiles: list[float] | None = None
+    data_wait_share: float | None = None
+    steady_steps: int | None = None
+    # outside the steady clock: evaluation and checkpoint writes, and the clock's cross-check
+    eval_s: float | None = None
+    checkpoint_s: float | None = None
+    train_wall_s: float | None = None
+    overall_samples_per_s: float | None = None
+    clock_agreement: float | None = None
+    tokens_per_s: float | None = None
+    padded_tokens_per_s: float | None = None
+    run_mfu: float | None = None  # the run's own MFU; the harness recomputes `mfu` from its counts
+    time_to_target_s: float | None = None
+    target: dict[str, Any] | None = None
+    metrics: dict[str, Any] = {}
+    batch: dict[str, Any] | None = None
+    shape: dict[str, Any] | None = None  # what one step computes (dltrain.bench.measure.compute_shape)
+    memory: dict[str, Any] | None = None
+    environment: dict[str, Any] | None = None
+    wandb_run_id: str | None = None
+    # a record suite's runs (dltrain.bench.ttt): the seed, the run's own training clock (first batch to
+    # last step, evaluation excluded), its steps, whether it ran in the harness process, and what a
+    # reference run is
+    seed: int | None = None
+    train_s: float | None = None
+    steps: int | None = None
+    in_process: bool = False
+    note: str | None = None
+    # from the harness's FLOP count and peak (dltrain.bench.runner.add_flops)
+    flops: dict[str, Any] | None = None
+    flops_source: str | None = None
+    flops_basis: str | None = None
+    achieved_flops_per_s: float | None = None
+    peak_flops_per_s: float | None = None
+    peak_source: str | None = None
+    peak_procs: int | None = None
+    mfu: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def target_value(self) -> float | None:
+        """The value of the run's target metric (target.metric), if it reported one."""
+        value = self.metrics.get((self.target or {}).get("metric"))
+        return value if isinstance(value, (int, float)) else None
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        mem = self.memory or {}
+        peak = mem.get("cuda_max_allocated_bytes", mem.get("cpu_peak_rss_bytes"))
+        return peak / 2**20 if peak else None
+
+
+def append_result(path: Path, result: Result) -> None:
+    """One line of results.jsonl, written as the run ends (a suite cut short keeps what finished)."""
+    with path.open("a") as f:
+        f.write(result.model_dump_json() + "\n")
+
+
+def read_results(out_dir: Path) -> list[Result]:
+    path = out_dir / "results.jsonl"
+    if not path.is_file():
+        return []
+    return [Result.model_validate_json(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+class Config(_Row):
+    """One configuration's results over its repeats: what it is, how many runs failed (and the
+    errors), and each figure's Stats."""
+
+    kind: str
+    entry: str
+    workload: str | None = None
+    mode: str
+    pair: str | None = None
+    reference: str | None = None
+    world_size: int
+    nnodes: int = 1
+    precision: str
+    deepspeed_stage: int | None = None
+    compile: bool = False
+    shape: dict[str, Any] | None = None
+    runs: int = 0
+    failed: int = 0
+    errors: list[str | None] = []
+    target: dict[str, Any] | None = None
+    reached: int = 0  # time_to_target runs that reached the target
+    flops_basis: str | None = None  # what the FLOP/s and MFU count: samples, or text's padded tokens
+    peak_source: str | None = None
+    peak_flops_per_s: float | None = None
+    figures: dict[str, Stats] = {}
+    step_time_ms_percentiles: list[float] | None = None  # p1..p99, averaged over the repeats
+
+    def mean(self, figure: str) -> float | None:
+        """The mean over repeats of `figure` (None when no run reported it)."""
+        stats = self.figures.get(figure)
+        return stats.mean if stats else None
+
+
+def read_summary(path: Path) -> dict:
+    """summary.json with its configs as Config."""
+    summary = json.loads(path.read_text())
+    summary["configs"] = {name: Config.model_validate(c) for name, c in summary.get("configs", {}).items()}
+    return summary
