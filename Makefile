@@ -9,7 +9,7 @@ MODELS_DIR ?= $(abspath ../shared/models)
 # The main job: all three workloads, throughput, time-to-target and baselines (a few minutes on 2 cores).
 RUN_SUITE ?= cpu_quick
 
-.PHONY: install run test test-long test-fast test-matrix test-slurm wheel clean
+.PHONY: install run lint test test-long test-fast test-matrix test-slurm wheel clean
 
 # The stamp is newer than pyproject.toml when the venv is current: then `install` does nothing.
 $(VENV)/.installed: pyproject.toml
@@ -25,10 +25,15 @@ run: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
 		$(PY) -m dltrain bench $(RUN_SUITE)
 
+# The linter and the formatter as configured in pyproject.toml (`ruff format .` rewrites what --check finds).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # Two workers, one test file each at a time (module fixtures are built once), one thread per
 # process: two runs of 2 threads on 2 cores would wait on each other's OpenMP barriers.
 TEST_WORKERS ?= 2
-test: install
+test: install lint
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not long and not slurm" tests
 
