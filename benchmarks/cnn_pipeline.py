@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,19 +44,51 @@ UNTUNED = {"DLTRAIN_MALLOC_TUNING": "0"}
 
 
 def run_bare(args, tuned: bool = True) -> float:
-    cmd = [sys.executable, str(REPO / "benchmarks/baselines/cnn_bare.py"), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--precision", args.precision]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(**(allocator.ENV if tuned else UNTUNED))).stdout
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/baselines/cnn_bare.py"),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--precision",
+        args.precision,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env=_env(**(allocator.ENV if tuned else UNTUNED))
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["train_samples_per_s"]
 
 
 def run_dltrain(args, loader: str, workdir: Path, tag: str, tuned: bool = True) -> float:
     out = workdir / tag
-    cmd = [sys.executable, "-m", "dltrain", "train", str(REPO / "recipes/cnn_mnist.yaml"), "--output-dir", str(out),
-           "--set", f"train.max_steps={args.steps + 5}", "--set", "train.warmup_steps_excluded=5",
-           "--set", f"train.global_batch_size={args.batch}", "--set", f"train.precision={args.precision}",
-           "--set", f"data.loader={loader}", "--set", "train.log_every=100", "--set", "tracking.wandb=false",
-           "--set", "tracking.plots=false", "--set", "checkpoint.save_final_model=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dltrain",
+        "train",
+        str(REPO / "recipes/cnn_mnist.yaml"),
+        "--output-dir",
+        str(out),
+        "--set",
+        f"train.max_steps={args.steps + 5}",
+        "--set",
+        "train.warmup_steps_excluded=5",
+        "--set",
+        f"train.global_batch_size={args.batch}",
+        "--set",
+        f"train.precision={args.precision}",
+        "--set",
+        f"data.loader={loader}",
+        "--set",
+        "train.log_every=100",
+        "--set",
+        "tracking.wandb=false",
+        "--set",
+        "tracking.plots=false",
+        "--set",
+        "checkpoint.save_final_model=false",
+    ]
     # Tuned, dltrain sets the allocator itself: no MALLOC_* variables, so it is its own doing.
     subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(**({} if tuned else UNTUNED)))
     return json.loads((out / "summary.json").read_text())["throughput"]["train_samples_per_s"]
@@ -83,7 +115,10 @@ def main() -> None:
         for rep in range(args.repeats):
             for name, run in pipelines.items():
                 results[name].append(run(Path(tmp), rep))
-            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()), flush=True)
+            print(
+                f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()),
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in results.items()}
     pair = [d / b for d, b in zip(results["dltrain"], results["bare"])]
     report = {
@@ -101,15 +136,25 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# MNIST CNN pipelines ({report['date']}, {report['machine']})", "",
-             f"batch {args.batch}, {args.precision}, {args.steps} timed steps, {args.repeats} interleaved repeats", "",
-             "| pipeline | median samples/s | runs | epoch time (54k images) |", "|---|---|---|---|"]
+    lines = [
+        f"# MNIST CNN pipelines ({report['date']}, {report['machine']})",
+        "",
+        f"batch {args.batch}, {args.precision}, {args.steps} timed steps, {args.repeats} interleaved repeats",
+        "",
+        "| pipeline | median samples/s | runs | epoch time (54k images) |",
+        "|---|---|---|---|",
+    ]
     for k, v in results.items():
-        lines.append(f"| {k} | {med[k]:,.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {report['epoch_time_s'][k]:.1f} s |")
-    lines += ["", f"- dltrain / bare loop: {report['dltrain_over_bare']:.3f} (per repeat: {', '.join(f'{p:.3f}' for p in pair)})",
-              f"- epoch time, DataLoader path / tensor path: {report['torch_loader_epoch_time_over_tensor']:.2f}x",
-              "- allocator settings of dltrain/allocator.py over glibc's default: "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in report["allocator_tuned_over_default"].items())]
+        lines.append(
+            f"| {k} | {med[k]:,.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {report['epoch_time_s'][k]:.1f} s |"
+        )
+    lines += [
+        "",
+        f"- dltrain / bare loop: {report['dltrain_over_bare']:.3f} (per repeat: {', '.join(f'{p:.3f}' for p in pair)})",
+        f"- epoch time, DataLoader path / tensor path: {report['torch_loader_epoch_time_over_tensor']:.2f}x",
+        "- allocator settings of dltrain/allocator.py over glibc's default: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in report["allocator_tuned_over_default"].items()),
+    ]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -120,7 +165,7 @@ def _machine() -> str:
 
     cpu = "unknown CPU"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"

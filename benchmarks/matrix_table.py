@@ -26,8 +26,13 @@ END = "<!-- matrix-table:end -->"
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 COMPILE = ("off", "on")
 PRECISION = ("fp32", "bf16")
-NAMES = {"ddp": "DDP", "fsdp": "FSDP2", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
-         "zero3": "DeepSpeed ZeRO-3"}
+NAMES = {
+    "ddp": "DDP",
+    "fsdp": "FSDP2",
+    "zero1": "DeepSpeed ZeRO-1",
+    "zero2": "DeepSpeed ZeRO-2",
+    "zero3": "DeepSpeed ZeRO-3",
+}
 GPU_ONLY = "GPU-only, untested"
 REASON_CHARS = 160  # a table cell, not a log: the whole line is in the JSON
 
@@ -68,8 +73,10 @@ def render(records: list[dict], gpu_only: list[tuple[str, str, str]] = ()) -> st
     by_cell = {(r["strategy"], r["compile"], r["precision"]): r for r in records}
     strategies = _axis(0, STRATEGIES, by_cell, gpu_only)
     columns = [(c, p) for c in _axis(1, COMPILE, by_cell, gpu_only) for p in _axis(2, PRECISION, by_cell, gpu_only)]
-    lines = ["| strategy | " + " | ".join(f"compile {c}, {p}" for c, p in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        "| strategy | " + " | ".join(f"compile {c}, {p}" for c, p in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     counts: dict[str, int] = {}
     for s in strategies:
         texts = []
@@ -83,8 +90,11 @@ def render(records: list[dict], gpu_only: list[tuple[str, str, str]] = ()) -> st
     order = ["works", "refused", "failed", GPU_ONLY, "not run"]
     summary = ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
     sources = sorted({f"{r.get('commit', '?')}, torch {r.get('torch', '?')}" for r in records})
-    lines += ["", f"{sum(counts.values())} cells: {summary}. Measured at {'; '.join(sources) or 'nothing'} "
-              "(2 CPU processes, gloo)."]
+    lines += [
+        "",
+        f"{sum(counts.values())} cells: {summary}. Measured at {'; '.join(sources) or 'nothing'} "
+        "(2 CPU processes, gloo).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="the JSON tests/test_matrix.py wrote (DLTRAIN_MATRIX_RESULTS)")
     parser.add_argument("--readme", help="rewrite this file's section between the matrix-table markers")
-    parser.add_argument("--gpu-only", action="append", default=[], metavar="S:C:P",
-                        help="cells that only a GPU can run, shown as untested when no record has them")
+    parser.add_argument(
+        "--gpu-only",
+        action="append",
+        default=[],
+        metavar="S:C:P",
+        help="cells that only a GPU can run, shown as untested when no record has them",
+    )
     args = parser.parse_args(argv)
     try:
         gpu_only = [parse_pattern(p) for p in args.gpu_only]

@@ -46,7 +46,8 @@ def plan_batches(train, world: int) -> BatchPlan:
             )
     elif micro * accum * world != g:
         raise RecipeError(
-            f"train.micro_batch_size={micro} x train.grad_accum={accum} x world size {world} = {micro * accum * world}, "
+            f"train.micro_batch_size={micro} x train.grad_accum={accum} x world size {world} = "
+            f"{micro * accum * world}, "
             f"not train.global_batch_size={g}: drop one of them to have it derived"
         )
     return BatchPlan(g, micro, accum, world)
@@ -78,7 +79,11 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
     world = launched_world_size()
-    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") else "cpu"
+    device_type = (
+        "cuda"
+        if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+        else "cpu"
+    )
     check_launch(world, torch.cuda.device_count())  # the world the launcher was asked for, before any collective
     backend = strategy.check(recipe, world, device_type)
     plan = plan_batches(recipe.train, world)
@@ -92,7 +97,10 @@ def build_accelerator(recipe: RecipeBase, run_dir, *, with_trackers: bool = True
     if world > 1:
         # gloo is the CPU backend; DeepSpeed on a CPU needs it named, or its batch check fails.
         named = {"backend": "gloo"} if device_type == "cpu" else {}
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=dist_timeout(), **named), *kwargs.get("kwargs_handlers", [])]
+        kwargs["kwargs_handlers"] = [
+            InitProcessGroupKwargs(timeout=dist_timeout(), **named),
+            *kwargs.get("kwargs_handlers", []),
+        ]
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=plan.grad_accum,
@@ -114,8 +122,12 @@ def warn_launcher_overrides(recipe: RecipeBase, precision: str) -> None:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", precision) and os.environ.get("RANK", "0") == "0":
         # "no" is what `dltrain launch` passes itself (and Accelerate's default): not a user's choice.
-        print(f"dltrain: warning: the recipe's train.precision={recipe.train.precision} overrides the launcher's "
-              f"mixed_precision={launcher} (set train.precision to change it)", file=sys.stderr, flush=True)
+        print(
+            f"dltrain: warning: the recipe's train.precision={recipe.train.precision} overrides the launcher's "
+            f"mixed_precision={launcher} (set train.precision to change it)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_world(accelerator, launched: int) -> None:
@@ -133,4 +145,6 @@ def rendezvous_error(exc: Exception) -> str:
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     if "EADDRINUSE" in reason or "address already in use" in reason:
         reason = "the port is already in use by another process"
-    return f"cannot open the rendezvous at {where} ({reason[:160]}): pick a free port (MASTER_PORT, or --master ADDR:PORT)"
+    return (
+        f"cannot open the rendezvous at {where} ({reason[:160]}): pick a free port (MASTER_PORT, or --master ADDR:PORT)"
+    )

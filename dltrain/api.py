@@ -84,8 +84,15 @@ def load(recipe, profile: str | None = None, sets: list[str] = (), **overrides):
     return validate(raw)
 
 
-def train(recipe, *, profile: str | None = None, output_dir: str | Path | None = None, resume: str | None = None,
-          sets: list[str] = (), **overrides) -> RunResult:
+def train(
+    recipe,
+    *,
+    profile: str | None = None,
+    output_dir: str | Path | None = None,
+    resume: str | None = None,
+    sets: list[str] = (),
+    **overrides,
+) -> RunResult:
     """Train `recipe` (a YAML path, a raw dict or a recipe object) in this process and return its
     result. `profile` picks a named profile; keyword arguments override recipe keys
     (`train={"max_steps": 3}` or `train__max_steps=3`); `sets` takes `--set` strings
@@ -99,4 +106,6 @@ def train(recipe, *, profile: str | None = None, output_dir: str | Path | None =
         summary = run.train(resolved, output_dir=None if output_dir is None else str(output_dir), resume=resume)
     finally:
         reset_state()  # and after: whatever the program does next with Accelerate starts afresh too
-    return RunResult(run_dir=Path(summary["run_dir"]), metrics=dict(summary["metrics"]), summary=summary, recipe=resolved)
+    return RunResult(
+        run_dir=Path(summary["run_dir"]), metrics=dict(summary["metrics"]), summary=summary, recipe=resolved
+    )

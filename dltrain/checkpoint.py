@@ -93,9 +93,14 @@ def _manifest_files(manifest: Path) -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     ok = isinstance(files, dict) and all(
-        isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)
-        and isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
-        for name, meta in files.items())
+        isinstance(meta, dict)
+        and isinstance(meta.get("size"), int)
+        and isinstance(meta.get("sha256"), str)
+        and isinstance(name, str)
+        and not Path(name).is_absolute()
+        and ".." not in Path(name).parts
+        for name, meta in files.items()
+    )
     return files if ok else None
 
 
@@ -105,8 +110,13 @@ def _state_of(path: Path) -> dict | None:
         meta = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and isinstance(meta.get("recipe"), str)
-            and isinstance(meta.get("run_id"), str) and isinstance(meta["state"].get("step"), int)):
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("state"), dict)
+        and isinstance(meta.get("recipe"), str)
+        and isinstance(meta.get("run_id"), str)
+        and isinstance(meta["state"].get("step"), int)
+    ):
         return None
     fields = set(meta["state"])
     return meta if fields <= {f.name for f in dataclasses.fields(TrainState)} else None
@@ -127,7 +137,9 @@ def scan(root: Path, *, checksums: bool = False) -> tuple[list[Path], list[tuple
     return sorted(good, key=_step_of), sorted(bad)
 
 
-def locate(run_dir: Path, recipe, resume: str | None, run_id: str | None = None, *, verbose: bool = True) -> Path | None:
+def locate(
+    run_dir: Path, recipe, resume: str | None, run_id: str | None = None, *, verbose: bool = True
+) -> Path | None:
     """The checkpoint to resume from: `auto` = the newest complete one of run `run_id` (None if
     there is none: a fresh start, so a restarted job can always pass --resume auto), else the
     given path."""
@@ -138,8 +150,10 @@ def locate(run_dir: Path, recipe, resume: str | None, run_id: str | None = None,
         if not path.exists():
             raise RecipeError(f"--resume {resume}: no such checkpoint directory")
         if (path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir():
-            raise RecipeError(f"--resume {resume} is a run directory, not a checkpoint: continue it with "
-                              f"--resume auto --output-dir {resume}, or pass one of its checkpoints/step_N")
+            raise RecipeError(
+                f"--resume {resume} is a run directory, not a checkpoint: continue it with "
+                f"--resume auto --output-dir {resume}, or pass one of its checkpoints/step_N"
+            )
         why = problem_with(path)
         if why:
             raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
@@ -224,10 +238,12 @@ def save(loop, state) -> Path:
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
     caught = rundir.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
-    phases = [(main, lambda: _begin(root, tmp, final, loop.run_id)),
-              (True, lambda: loop.strategy.save(tmp)),
-              (main, lambda: _write_own_files(loop, state, tmp)),
-              (main, lambda: _seal(loop, state, root, tmp, final))]
+    phases = [
+        (main, lambda: _begin(root, tmp, final, loop.run_id)),
+        (True, lambda: loop.strategy.save(tmp)),
+        (main, lambda: _write_own_files(loop, state, tmp)),
+        (main, lambda: _seal(loop, state, root, tmp, final)),
+    ]
     for here, phase in phases:
         failed = None
         try:
@@ -243,8 +259,11 @@ def save(loop, state) -> Path:
 
 def _begin(root: Path, tmp: Path, final: Path, run_id: str) -> None:
     if final.exists() and not rundir.owned_by(final, run_id):  # a shared checkpoint.dir
-        raise FileExistsError(errno.EEXIST, "another run's checkpoint of that step is there: give each run its own "
-                              "checkpoint.dir", str(final))
+        raise FileExistsError(
+            errno.EEXIST,
+            "another run's checkpoint of that step is there: give each run its own checkpoint.dir",
+            str(final),
+        )
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -261,8 +280,11 @@ def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     testhooks.in_save(tmp)
     rundir.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
     _fsync_tree(tmp)
-    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     manifest = {"format": FORMAT, "step": state.step, "run_id": loop.run_id, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_tree(tmp)
@@ -280,8 +302,11 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     good = [p for p in scan(root)[0] if rundir.owned_by(p, loop.run_id)]
     intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
     need = _size(good[-1]) if good else _state_bytes(loop)
-    raise StorageError(rundir.write_failure(failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need,
-                                           root, loop.run_dir))
+    raise StorageError(
+        rundir.write_failure(
+            failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need, root, loop.run_dir
+        )
+    )
 
 
 def _size(path: Path) -> int:
@@ -352,9 +377,12 @@ def load(loop, path: Path) -> dict:
                 f"resume with {saved_world} processes"
             )
         if acc.is_main_process:
-            print(f"dltrain: note: checkpoint written by {saved_world} processes, resuming with {acc.num_processes}: "
-                  "weights, optimizer and data position carry over; per-rank random states of new ranks start fresh",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dltrain: note: checkpoint written by {saved_world} processes, resuming with {acc.num_processes}: "
+                "weights, optimizer and data position carry over; per-rank random states of new ranks start fresh",
+                file=sys.stderr,
+                flush=True,
+            )
     _check_model(loop.strategy, path)
     try:
         loop.strategy.load(path)
@@ -363,7 +391,9 @@ def load(loop, path: Path) -> dict:
         raise
     except Exception as exc:  # unpickling refusals, truncated files: all mean "do not use this one"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"cannot load checkpoint {path} ({type(exc).__name__}: {first[:200]}); pick another") from None
+        raise RecipeError(
+            f"cannot load checkpoint {path} ({type(exc).__name__}: {first[:200]}); pick another"
+        ) from None
     loop.t_start -= meta.get("elapsed_s", 0.0)  # time-to-target counts the time before the restart
     loop.last_checkpoint = str(path)
     return meta["state"]
@@ -381,7 +411,10 @@ def resume(loop, path: Path | None) -> dict | None:
     t0 = time.perf_counter()
     state = load(loop, path) if path is not None else None
     if acc.is_main_process and state:
-        print(f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
-              f"in it) from {path} (loaded in {time.perf_counter() - t0:.2f} s)", flush=True)
+        print(
+            f"dltrain: resuming at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+            f"in it) from {path} (loaded in {time.perf_counter() - t0:.2f} s)",
+            flush=True,
+        )
     acc.wait_for_everyone()
     return state

@@ -19,21 +19,36 @@ EXIT_PREEMPTED = 4
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a shipped recipe's name (see `dltrain list`) or a recipe YAML file")
     p.add_argument("--profile", help="named profile inside the recipe, e.g. cpu_test")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=2 (repeatable)",
+    )
     p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<time>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dltrain", description="Train and benchmark reference deep-learning workloads.")
+    parser = argparse.ArgumentParser(
+        prog="dltrain", description="Train and benchmark reference deep-learning workloads."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m dltrain train ...`)")
     _add_train_args(p)
-    p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path")
-    p.add_argument("--print-config", action="store_true", help="print the resolved recipe (profile and --set applied) and exit")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="continue from a checkpoint: auto (newest in the run dir) or a path"
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved recipe (profile and --set applied) and exit"
+    )
     p = sub.add_parser("list", help="list the shipped recipes")
-    p.add_argument("--where", choices=["recipes", "suites", "baselines", "launch"],
-                   help="print the folder of the shipped files of this kind instead (e.g. launch: slurm.sbatch)")
+    p.add_argument(
+        "--where",
+        choices=["recipes", "suites", "baselines", "launch"],
+        help="print the folder of the shipped files of this kind instead (e.g. launch: slurm.sbatch)",
+    )
     from dltrain import launch
 
     launch.add_parser(sub, _add_train_args)
@@ -92,7 +107,10 @@ def cmd_list(args) -> int:
         profiles = raw.get("profiles")
         profiles = ", ".join(map(str, profiles)) if isinstance(profiles, dict) and profiles else "-"
         description = clip(str(raw.get("description", "")).strip().split("\n")[0], 100)
-        print(f"{path.name:<26} {clip(str(raw.get('workload', '?')), 20):<5} {description}  [profiles: {clip(profiles, 100)}]")
+        print(
+            f"{path.name:<26} {clip(str(raw.get('workload', '?')), 20):<5} {description}  [profiles: "
+            f"{clip(profiles, 100)}]"
+        )
     return 0
 
 
@@ -125,9 +143,16 @@ def _command(module: str, name: str):
     return run
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "launch": cmd_launch, "bench": cmd_bench, "inspect": cmd_inspect,
-            "eval": _command("evaluate", "eval"), "export": _command("export", "export"),
-            "schema": _command("schema", "schema")}
+COMMANDS = {
+    "train": cmd_train,
+    "list": cmd_list,
+    "launch": cmd_launch,
+    "bench": cmd_bench,
+    "inspect": cmd_inspect,
+    "eval": _command("evaluate", "eval"),
+    "export": _command("export", "export"),
+    "schema": _command("schema", "schema"),
+}
 
 
 class _NeverRaised(Exception):

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -114,7 +114,9 @@ class DataSplits:
     test: Split | None = None
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool = True, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The epoch's permutation, drawn on `device` from (seed, epoch): the step then copies no
     index from the host. A GPU's generator draws another permutation than the CPU's, but the
     same one for the same (seed, epoch) whatever the world size, accumulation or restart."""
@@ -152,8 +154,9 @@ def train_index_batches(
             yield order[offset : offset + micro_batch]
 
 
-def length_grouped(order: torch.Tensor, lengths: torch.Tensor, global_batch: int, group: int,
-                   seed: int, epoch: int) -> torch.Tensor:
+def length_grouped(
+    order: torch.Tensor, lengths: torch.Tensor, global_batch: int, group: int, seed: int, epoch: int
+) -> torch.Tensor:
     """The epoch's permutation with texts of similar length in each global batch: the permutation
     is cut into mega-batches of `group` global batches; inside each, examples are sorted by length
     and the mega-batch's global batches are shuffled (a generator of their own, from (seed,
@@ -178,8 +181,9 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return n // global_batch
 
 
-def eval_index_batches(n: int, *, batch: int, rank: int, world: int,
-                       device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, int]]:
+def eval_index_batches(
+    n: int, *, batch: int, rank: int, world: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[torch.Tensor, int]]:
     """(indices, n_real) for this rank's shard; see the module docstring for the padding rule."""
     shard = -(-n // world)
     start = rank * shard

@@ -37,25 +37,40 @@ def evaluate_path(path: Path, split: str = "val", which: str | None = None) -> d
     model = accelerator.prepare(model)
     t0 = time.perf_counter()
     metrics = evaluate(model, chosen, workload, accelerator, plan.micro_batch, split)
-    return {"path": str(path), "model": str(model_dir), "recipe": recipe.name, "workload": recipe.workload,
-            "split": split,
-            "metrics": metrics, "eval_s": time.perf_counter() - t0, "precision": recipe.train.precision}
+    return {
+        "path": str(path),
+        "model": str(model_dir),
+        "recipe": recipe.name,
+        "workload": recipe.workload,
+        "split": split,
+        "metrics": metrics,
+        "eval_s": time.perf_counter() - t0,
+        "precision": recipe.train.precision,
+    }
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model (run directory, checkpoint or export) on val or test")
-    p.add_argument("path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model")
+    p.add_argument(
+        "path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model"
+    )
     p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split (default val)")
-    p.add_argument("--which", choices=["final", "best"], default=None,
-                   help="of a run directory: final_model or best_model (default: what the run saved, in the order "
-                        "final_model, best_model, the newest checkpoint)")
+    p.add_argument(
+        "--which",
+        choices=["final", "best"],
+        default=None,
+        help="of a run directory: final_model or best_model (default: what the run saved, in the order "
+        "final_model, best_model, the newest checkpoint)",
+    )
     p.add_argument("--output", help="also write the JSON result to this file")
 
 
 def cmd_eval(args) -> int:
     if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise RecipeError(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist: create it, "
-                          "or give a path in an existing folder")
+        raise RecipeError(
+            f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist: create it, "
+            "or give a path in an existing folder"
+        )
     result = evaluate_path(Path(args.path), args.split, args.which)
     text = json.dumps(result, indent=2)
     if args.output:

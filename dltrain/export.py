@@ -63,10 +63,16 @@ def from_loop(loop, out_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     if not rundir.agree_ok(acc, failed):
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
-        intact = (f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)" if loop.last_checkpoint
-                  else "no checkpoint was written")
-        raise StorageError(rundir.write_failure(failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need,
-                                                out_dir.parent, loop.run_dir))
+        intact = (
+            f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)"
+            if loop.last_checkpoint
+            else "no checkpoint was written"
+        )
+        raise StorageError(
+            rundir.write_failure(
+                failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need, out_dir.parent, loop.run_dir
+            )
+        )
     acc.wait_for_everyone()
 
 
@@ -97,11 +103,17 @@ def write_config(out_dir: Path, model, recipe) -> Path:
     from dltrain.workload import get_workload
 
     labels = id2label(get_workload(recipe.workload), recipe)
-    config = {"model_type": f"dltrain-{recipe.workload}", "architectures": [type(model).__name__],
-              "dltrain_workload": recipe.workload, "model": recipe.model.model_dump(mode="json")}
+    config = {
+        "model_type": f"dltrain-{recipe.workload}",
+        "architectures": [type(model).__name__],
+        "dltrain_workload": recipe.workload,
+        "model": recipe.model.model_dump(mode="json"),
+    }
     if labels:
-        config |= {"id2label": {str(i): name for i, name in labels.items()},
-                   "label2id": {name: i for i, name in labels.items()}}
+        config |= {
+            "id2label": {str(i): name for i, name in labels.items()},
+            "label2id": {name: i for i, name in labels.items()},
+        }
     path = out_dir / CONFIG_FILE
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
@@ -119,8 +131,9 @@ def _read(path: Path) -> str:
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read {path} ({exc}): the folder is damaged; use another run, checkpoint or "
-                          "export") from None
+        raise RecipeError(
+            f"cannot read {path} ({exc}): the folder is damaged; use another run, checkpoint or export"
+        ) from None
 
 
 # What a run directory's model is when no --which is given: what the run saved, in this order.
@@ -147,8 +160,11 @@ def _newest_checkpoint(run_dir: Path, recipe_text: str) -> Path | None:
 def _run_model(run_dir: Path, which: str | None) -> Path:
     """The folder of `which` model of a run (final, best), or by DEFAULT_ORDER when None."""
     recipe_text = _latest_segment_recipe(run_dir).read_text()
-    found = {name: run_dir / f"{name}_model" for name in ("final", "best")
-             if (run_dir / f"{name}_model" / WEIGHTS_FILE).is_file()}
+    found = {
+        name: run_dir / f"{name}_model"
+        for name in ("final", "best")
+        if (run_dir / f"{name}_model" / WEIGHTS_FILE).is_file()
+    }
     if which in found:
         return found[which]
     newest = _newest_checkpoint(run_dir, recipe_text)
@@ -159,12 +175,16 @@ def _run_model(run_dir: Path, which: str | None) -> Path:
                 return chosen
     saved = [f"{name}_model/" for name in found] + ([_shown_under(newest, run_dir)] if newest else [])
     if saved:
-        raise RecipeError(f"{run_dir} has no {which}_model/ (the run saved: {', '.join(saved)}): leave --which out to "
-                          f"take what it saved (in the order {', '.join(DEFAULT_ORDER)}), or give --which "
-                          f"{'best' if which == 'final' else 'final'} or a checkpoint folder")
-    raise RecipeError(f"{run_dir} holds no model: no final_model/, best_model/ or checkpoint with {WEIGHTS_FILE} "
-                      "(the run stopped before saving one, or saved none): train it again with "
-                      "checkpoint.save_final_model=true")
+        raise RecipeError(
+            f"{run_dir} has no {which}_model/ (the run saved: {', '.join(saved)}): leave --which out to "
+            f"take what it saved (in the order {', '.join(DEFAULT_ORDER)}), or give --which "
+            f"{'best' if which == 'final' else 'final'} or a checkpoint folder"
+        )
+    raise RecipeError(
+        f"{run_dir} holds no model: no final_model/, best_model/ or checkpoint with {WEIGHTS_FILE} "
+        "(the run stopped before saving one, or saved none): train it again with "
+        "checkpoint.save_final_model=true"
+    )
 
 
 def _shown_under(path: Path, run_dir: Path) -> str:
@@ -185,8 +205,10 @@ def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
         if why is not None:
             raise RecipeError(f"checkpoint {path} is {why}: use another of the run's checkpoints, or its final_model")
         if not (path / WEIGHTS_FILE).is_file():
-            raise RecipeError(f"{path} holds no {WEIGHTS_FILE} (a DeepSpeed checkpoint?): evaluate or export the run's "
-                              "final_model instead")
+            raise RecipeError(
+                f"{path} holds no {WEIGHTS_FILE} (a DeepSpeed checkpoint?): evaluate or export the run's "
+                "final_model instead"
+            )
         return checkpoint.saved_state(path)["recipe"], path
     if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():  # exported, or final_model/
         return _read(path / RECIPE_FILE), path
@@ -195,8 +217,10 @@ def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
         if (model_dir / "trainer_state.json").is_file():  # the newest checkpoint: its own recipe
             return locate(model_dir)
         return _read(_latest_segment_recipe(path)), model_dir
-    raise RecipeError(f"{path} is not a run directory, a checkpoint or an exported model (no recipe.yaml, "
-                      "trainer_state.json or model.safetensors there)")
+    raise RecipeError(
+        f"{path} is not a run directory, a checkpoint or an exported model (no recipe.yaml, "
+        "trainer_state.json or model.safetensors there)"
+    )
 
 
 def load_model(path: Path, which: str | None = None):
@@ -211,11 +235,13 @@ def load_model(path: Path, which: str | None = None):
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"the recipe stored with {path} is not YAML ({str(exc).splitlines()[0]}): the folder is "
-                          "damaged") from None
+        raise RecipeError(
+            f"the recipe stored with {path} is not YAML ({str(exc).splitlines()[0]}): the folder is damaged"
+        ) from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"the recipe stored with {path} is a {type(raw).__name__}, not a recipe: the folder is "
-                          "damaged")
+        raise RecipeError(
+            f"the recipe stored with {path} is a {type(raw).__name__}, not a recipe: the folder is damaged"
+        )
     recipe = validate(raw, source=f"{path} (its recipe)")
     if getattr(recipe.model, "init", None) == "pretrained":
         recipe.model.init = "random"  # the architecture only: the weights come from the file
@@ -225,15 +251,19 @@ def load_model(path: Path, which: str | None = None):
     try:
         state = load_file(str(weights_dir / WEIGHTS_FILE))
     except Exception as exc:  # noqa: BLE001 - safetensors' own error for a cut-off or foreign file
-        raise RecipeError(f"{weights_dir / WEIGHTS_FILE} cannot be read ({str(exc).splitlines()[0][:160]}): the file "
-                          "is damaged (cut off?); use another of the run's models or checkpoints") from None
+        raise RecipeError(
+            f"{weights_dir / WEIGHTS_FILE} cannot be read ({str(exc).splitlines()[0][:160]}): the file "
+            "is damaged (cut off?); use another of the run's models or checkpoints"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])  # save_pretrained leaves tied copies out
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise RecipeError(f"{weights_dir / WEIGHTS_FILE} does not fit the model its recipe builds ('{key}' is "
-                          f"{'missing' if missing else 'unexpected'}): it was written by another recipe")
+        raise RecipeError(
+            f"{weights_dir / WEIGHTS_FILE} does not fit the model its recipe builds ('{key}' is "
+            f"{'missing' if missing else 'unexpected'}): it was written by another recipe"
+        )
     if raw.get("model", {}).get("init") == "pretrained":
         recipe.model.init = "pretrained"  # as trained, for the exported recipe
     return recipe, model.eval()
@@ -252,15 +282,27 @@ def export_hf(path: Path, out_dir: Path, which: str | None = None) -> Path:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained model in the Hugging Face layout (config.json + safetensors)")
-    p.add_argument("path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model")
+    p.add_argument(
+        "path", help="a run directory, a checkpoint folder (RUN_DIR/checkpoints/step_N) or an exported model"
+    )
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + model.safetensors (default)")
-    p.add_argument("--which", choices=["final", "best"], default=None,
-                   help="of a run directory: final_model or best_model (default: what the run saved, in the order "
-                        "final_model, best_model, the newest checkpoint)")
-    p.add_argument("--output-dir", help="where to write: a new or empty folder (default: RUN_DIR/export-hf, "
-                                        "RUN_DIR/export-hf-step_N for a checkpoint, FOLDER-export-hf for an exported model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output-dir (never a run's "
-                                                           "own files or a checkpoint)")
+    p.add_argument(
+        "--which",
+        choices=["final", "best"],
+        default=None,
+        help="of a run directory: final_model or best_model (default: what the run saved, in the order "
+        "final_model, best_model, the newest checkpoint)",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="where to write: a new or empty folder (default: RUN_DIR/export-hf, "
+        "RUN_DIR/export-hf-step_N for a checkpoint, FOLDER-export-hf for an exported model)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in --output-dir (never a run's own files or a checkpoint)",
+    )
 
 
 def default_output(source: Path, fmt: str) -> Path:
@@ -278,18 +320,24 @@ def check_output(out: Path, overwrite: bool) -> None:
     anything at all: an export never replaces what a user made."""
     for folder in (out, *out.parents):
         if (folder / "RUN_ID").is_file() or (folder / "trainer_state.json").is_file():  # a checkpoint of dltrain's
-            raise RecipeError(f"--output-dir {out} is inside checkpoint {folder}: an export there would corrupt it; "
-                              "give a folder outside the run's checkpoints")
+            raise RecipeError(
+                f"--output-dir {out} is inside checkpoint {folder}: an export there would corrupt it; "
+                "give a folder outside the run's checkpoints"
+            )
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output-dir {out} is a file: give a new or empty folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if any((out / name).exists() for name in ("metrics.jsonl", "run.json", "checkpoints", "summary.json")):
-        raise RecipeError(f"--output-dir {out} is a run directory: an export there would replace its recipe.yaml; "
-                          "give a new or empty folder")
+        raise RecipeError(
+            f"--output-dir {out} is a run directory: an export there would replace its recipe.yaml; "
+            "give a new or empty folder"
+        )
     if not overwrite:
-        raise RecipeError(f"--output-dir {out} is not empty: give a new or empty folder, or --overwrite to replace "
-                          "an earlier export there")
+        raise RecipeError(
+            f"--output-dir {out} is not empty: give a new or empty folder, or --overwrite to replace "
+            "an earlier export there"
+        )
 
 
 def cmd_export(args) -> int:

@@ -56,8 +56,11 @@ def check_recipe(recipe, workload) -> None:
     if getattr(recipe.tracking, "wandb", False):
         require({"wandb": "wandb"}, "tracking.wandb: true", "--set tracking.wandb=false")
     if recipe.deepspeed is not None and recipe.deepspeed.zero_stage > 0:
-        require({"deepspeed": "deepspeed"}, f"deepspeed.zero_stage={recipe.deepspeed.zero_stage}",
-                "--set deepspeed.zero_stage=0")
+        require(
+            {"deepspeed": "deepspeed"},
+            f"deepspeed.zero_stage={recipe.deepspeed.zero_stage}",
+            "--set deepspeed.zero_stage=0",
+        )
 
 
 def missing_module_error(exc: ModuleNotFoundError) -> str | None:

@@ -126,8 +126,14 @@ def inspect(recipe, out_dir: Path, max_depth: int = 4) -> dict:
     model.train()  # the training forward: an evaluation forward may detach what it only measures (the RNN's)
     graph, graph_note = _graph(model, workload.forward(model, batch).loss, out_dir)
     model.eval()
-    return {"samples": samples, "summary": summary, "graph": graph, "graph_note": graph_note,
-            "parameters": n_params, "flops_per_sample": workload.flops_per_sample(recipe)}
+    return {
+        "samples": samples,
+        "summary": summary,
+        "graph": graph,
+        "graph_note": graph_note,
+        "parameters": n_params,
+        "flops_per_sample": workload.flops_per_sample(recipe),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

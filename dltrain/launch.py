@@ -48,16 +48,22 @@ def parse_master(master: str | None) -> tuple[str, int]:
         if not bracket or not host:
             raise LaunchError(f"--master {master!r}: expected [IPv6 ADDRESS]:PORT, e.g. [::1]:29500")
     elif master.count(":") > 1:
-        raise LaunchError(f"--master {master!r}: an IPv6 address goes in brackets, e.g. [{master}]:29500 or "
-                          f"[{master}] for port {DEFAULT_PORT}")
+        raise LaunchError(
+            f"--master {master!r}: an IPv6 address goes in brackets, e.g. [{master}]:29500 or "
+            f"[{master}] for port {DEFAULT_PORT}"
+        )
     else:
         host, colon, port = master.rpartition(":")
         if not colon:  # an address alone
             host, port = master, str(DEFAULT_PORT)
     if not host or not host.isprintable() or any(c.isspace() for c in host):
-        raise LaunchError(f"--master {master!r}: expected ADDR:PORT with a host name or IP address, e.g. 10.0.0.1:29500")
+        raise LaunchError(
+            f"--master {master!r}: expected ADDR:PORT with a host name or IP address, e.g. 10.0.0.1:29500"
+        )
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise LaunchError(f"--master {master!r}: expected ADDR:PORT, PORT a number from 1 to 65535, e.g. 10.0.0.1:29500")
+        raise LaunchError(
+            f"--master {master!r}: expected ADDR:PORT, PORT a number from 1 to 65535, e.g. 10.0.0.1:29500"
+        )
     return host, int(port)
 
 
@@ -80,7 +86,9 @@ def build_command(
     if nproc < 1 or nnodes < 1:
         raise LaunchError(f"--nproc {nproc} and --nnodes {nnodes} must be at least 1")
     if nproc * nnodes >= 2**31:  # torch.distributed counts ranks in 32-bit integers
-        raise LaunchError(f"--nproc {nproc} x --nnodes {nnodes}: more processes than torch.distributed can number (2**31)")
+        raise LaunchError(
+            f"--nproc {nproc} x --nnodes {nnodes}: more processes than torch.distributed can number (2**31)"
+        )
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
     if nnodes > 1 and not master:
@@ -151,15 +159,22 @@ def run_command(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
     stops once."""
     forwarded: list[str] = []
     caught = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, less SIGTERM (PET_: its option's variable)
-    child_env = {**os.environ, **env, LAUNCHED_ENV: "1", "PET_SIGNALS_TO_HANDLE": caught,
-                 "TORCHELASTIC_SIGNALS_TO_HANDLE": caught}
+    child_env = {
+        **os.environ,
+        **env,
+        LAUNCHED_ENV: "1",
+        "PET_SIGNALS_TO_HANDLE": caught,
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": caught,
+    }
     # Not SIGINT: a process that starts with it ignored gets no KeyboardInterrupt (Ctrl-C) from Python.
     previous = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in STOPS}
     try:
         try:
             child = subprocess.Popen(argv, env=child_env)
         except FileNotFoundError:
-            raise LaunchError(f"{argv[0]} not found: install accelerate in this environment (pip install accelerate)") from None
+            raise LaunchError(
+                f"{argv[0]} not found: install accelerate in this environment (pip install accelerate)"
+            ) from None
         alone = argv[0] == sys.executable  # `python -m dltrain train`: the child is the one worker
 
         def send(signum) -> None:
@@ -208,12 +223,23 @@ def add_parser(sub, add_train_args) -> None:
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes (each runs this command)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
     p.add_argument("--master", metavar="ADDR:PORT", help="node 0's address and rendezvous port (several nodes)")
-    p.add_argument("--cpu", action="store_true", help="CPU processes talking over gloo (added by itself when no GPU is present)")
-    p.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO stage 0-3 (default: the recipe's deepspeed.zero_stage)")
+    p.add_argument(
+        "--cpu", action="store_true", help="CPU processes talking over gloo (added by itself when no GPU is present)"
+    )
+    p.add_argument(
+        "--deepspeed",
+        type=int,
+        metavar="STAGE",
+        help="DeepSpeed ZeRO stage 0-3 (default: the recipe's deepspeed.zero_stage)",
+    )
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (sets distributed.strategy=fsdp; see README)")
     p.add_argument("--dry-run", action="store_true", help="print the command for these options and exit")
-    p.add_argument("--config_file", metavar="YAML", help="an Accelerate config (from `accelerate config`): it decides "
-                   "the processes and backend; the recipe still sets precision and batch (a warning says when it overrides)")
+    p.add_argument(
+        "--config_file",
+        metavar="YAML",
+        help="an Accelerate config (from `accelerate config`): it decides "
+        "the processes and backend; the recipe still sets precision and batch (a warning says when it overrides)",
+    )
     add_train_args(p)
     p.add_argument("--resume", nargs="?", const="auto", help="passed on to `dltrain train --resume`")
 
@@ -280,8 +306,16 @@ def config_file_command(args, deepspeed: int | None) -> tuple[list[str], dict[st
         argv += ["--num_processes", str(args.nproc * args.nnodes)]
     if args.nnodes > 1:
         host, port = parse_master(args.master)
-        argv += ["--num_machines", str(args.nnodes), "--machine_rank", str(args.node_rank),
-                 "--main_process_ip", host, "--main_process_port", str(port)]
+        argv += [
+            "--num_machines",
+            str(args.nnodes),
+            "--machine_rank",
+            str(args.node_rank),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            str(port),
+        ]
     if deepspeed is not None:
         argv += ["--use_deepspeed", "--zero_stage", str(deepspeed)]
     return [*argv, "-m", "dltrain", "train", *_train_args(args, args.deepspeed)], {}
@@ -297,13 +331,16 @@ def config_file_world(args) -> tuple[int, bool]:
     except RecipeError as exc:
         raise LaunchError(f"--config_file {args.config_file}: {exc}") from None
     if not isinstance(config, dict):
-        raise LaunchError(f"--config_file {args.config_file} is not an Accelerate config (a YAML mapping, as "
-                          "`accelerate config` writes)")
+        raise LaunchError(
+            f"--config_file {args.config_file} is not an Accelerate config (a YAML mapping, as "
+            "`accelerate config` writes)"
+        )
     try:
         world = args.nproc * args.nnodes if args.nproc is not None else int(config.get("num_processes", 1))
     except (TypeError, ValueError):
-        raise LaunchError(f"--config_file {args.config_file}: num_processes is {config.get('num_processes')!r}, "
-                          "not a number") from None
+        raise LaunchError(
+            f"--config_file {args.config_file}: num_processes is {config.get('num_processes')!r}, not a number"
+        ) from None
     on_cpu = bool(config.get("use_cpu")) or config.get("distributed_type") == "MULTI_CPU"
     return max(world, 1), on_cpu
 
@@ -362,8 +399,14 @@ def cmd_launch(args) -> int:
         if not args.dry_run:
             check_nproc(nproc, cpu)
         argv, env = build_command(
-            nproc=1 if nproc is None else nproc, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, cpu=cpu,
-            deepspeed=deepspeed, fsdp=args.fsdp or recipe.distributed.strategy == "fsdp", train_args=_train_args(args, args.deepspeed),
+            nproc=1 if nproc is None else nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master=args.master,
+            cpu=cpu,
+            deepspeed=deepspeed,
+            fsdp=args.fsdp or recipe.distributed.strategy == "fsdp",
+            train_args=_train_args(args, args.deepspeed),
         )
     except LaunchError as exc:
         print(f"dltrain: error: {exc}", file=sys.stderr)
@@ -399,9 +442,15 @@ def _run_or_print(argv: list[str], env: dict[str, str], dry_run: bool, output_di
         if os.environ.get("SLURM_JOB_ID"):  # launch/slurm.sbatch requeues the job on exit 4
             print(f"dltrain launch: preempted by {why} at step {step}, checkpoint written", file=sys.stderr)
         else:
-            print(f"dltrain launch: stopped by {why} at step {step}, checkpoint written; continue with "
-                  f"--resume auto --output-dir {output_dir}", file=sys.stderr)
+            print(
+                f"dltrain launch: stopped by {why} at step {step}, checkpoint written; continue with "
+                f"--resume auto --output-dir {output_dir}",
+                file=sys.stderr,
+            )
         return 4  # as `dltrain train` exits when preempted
     if rc != 0:
-        print(f"dltrain launch: the job failed (exit {rc}); the failing rank's error is above, under [rankN]", file=sys.stderr)
+        print(
+            f"dltrain launch: the job failed (exit {rc}); the failing rank's error is above, under [rankN]",
+            file=sys.stderr,
+        )
     return rc

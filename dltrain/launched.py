@@ -75,9 +75,11 @@ def gpu_config_refusal(config: dict, path: str) -> str | None:
     none: it would start that many CPU processes instead. None when the config may run here."""
     if config.get("gpu_ids") is None or config.get("use_cpu") or config.get("distributed_type") == "MULTI_CPU":
         return None
-    return (f"{path} is a GPU config (gpu_ids: {config['gpu_ids']}, {config.get('num_processes', '?')} processes) and "
-            f"this host has no GPU: use the CPU config {CPU_CONFIG} (`dltrain list --where launch`), "
-            "or `dltrain launch --cpu --nproc N RECIPE`")
+    return (
+        f"{path} is a GPU config (gpu_ids: {config['gpu_ids']}, {config.get('num_processes', '?')} processes) and "
+        f"this host has no GPU: use the CPU config {CPU_CONFIG} (`dltrain list --where launch`), "
+        "or `dltrain launch --cpu --nproc N RECIPE`"
+    )
 
 
 def accelerate_launch() -> tuple[object, dict, str] | None:
@@ -140,9 +142,11 @@ def check_launch(world: int, gpus: int) -> None:
     if message is None and world == 1 and on_cpu and isinstance(asked, int) and asked > 1 and not args.mpirun_hostfile:
         # A refusal, not a warning: a world of 1 changes the per-process batch and every throughput
         # figure, and one process is one flag away (--num_processes 1) for whoever wants it.
-        message = (f"accelerate launch asked for {asked} CPU processes but started one (Accelerate's CPU launcher "
-                   f"starts several only under mpirun), so this would train a world of 1: run "
-                   f"{_suggestion(args, asked)} for {asked} processes, or pass --num_processes 1 for one")
+        message = (
+            f"accelerate launch asked for {asked} CPU processes but started one (Accelerate's CPU launcher "
+            f"starts several only under mpirun), so this would train a world of 1: run "
+            f"{_suggestion(args, asked)} for {asked} processes, or pass --num_processes 1 for one"
+        )
     if message is None:
         return
     if os.environ.get("RANK", "0") != "0":

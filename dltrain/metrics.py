@@ -103,8 +103,12 @@ class StepClock:
         self._open(step)
         if steps <= 0 or seconds <= 0:
             return {}
-        return {"steps": steps, "seconds": seconds, "samples_per_s": self.samples_per_step * steps / seconds,
-                "steady": steady}
+        return {
+            "steps": steps,
+            "seconds": seconds,
+            "samples_per_s": self.samples_per_step * steps / seconds,
+            "steady": steady,
+        }
 
     def _step_seconds(self) -> list[float]:
         if self.cuda:  # the device is synchronized: every event has completed
@@ -132,7 +136,9 @@ class StepClock:
             "step_time_ms_p50": 1e3 * statistics.median(times),
             "step_time_ms_p90": 1e3 * q[8],
             # p1..p99: the step model takes the 0.5^(1/N) quantile as the median of N ranks' slowest
-            "step_time_ms_percentiles": [1e3 * t for t in statistics.quantiles(times, n=100)] if len(times) >= 2 else None,
+            "step_time_ms_percentiles": [1e3 * t for t in statistics.quantiles(times, n=100)]
+            if len(times) >= 2
+            else None,
             "data_wait_share": self.data_wait_s / self.steady_s,
         }
         if "overall_samples_per_s" in out:
@@ -175,15 +181,16 @@ def rates(sums: dict[str, float], samples_per_s: float, peak_flops: float | None
         return {}
     out = {f"{key}_per_s": sums[key] / count * samples_per_s for key in ("tokens", "padded_tokens") if key in sums}
     for basis in [k for k in sums if k.startswith("flops")]:
-        suffix = basis[len("flops"):]  # "" (as computed, padding included) or "_real"
+        suffix = basis[len("flops") :]  # "" (as computed, padding included) or "_real"
         out[f"flops_per_s{suffix}"] = sums[basis] / count * samples_per_s
         if peak_flops:
             out[f"mfu{suffix}"] = out[f"flops_per_s{suffix}"] / (peak_flops * world)
     return out
 
 
-def throughput_record(workload, recipe, totals: dict[str, float], tick: dict, peak_flops: float | None,
-                      world: int, steady: dict) -> dict[str, float]:
+def throughput_record(
+    workload, recipe, totals: dict[str, float], tick: dict, peak_flops: float | None, world: int, steady: dict
+) -> dict[str, float]:
     """A train record's rates: samples/s from the clock's window (`tick`), the others from the
     summed statistics of the same steps (`totals`). Steady windows are also added up in `steady`,
     whose rates (`rates(steady, ...)`) the run's summary reports."""

@@ -20,8 +20,15 @@ from torch import nn
 from dltrain.recipe import RecipeError
 
 # transformers.get_scheduler's names that need only the warm-up and the total length.
-HF_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                "inverse_sqrt")
+HF_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 SCHEDULES = ("none", "linear_warmup", *HF_SCHEDULES)
 
 # torch's normalization layers; a module whose class name ends in "Norm" (e.g. a model's own
@@ -88,8 +95,10 @@ def build_scheduler(cfg, optimizer, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = warmup_steps(cfg, total_steps)
     if cfg.name == "polynomial" and warmup >= total_steps:  # transformers' decay divides by the steps after warm-up
-        raise RecipeError(f"schedule.name=polynomial decays over the steps after the warm-up, and the warm-up "
-                          f"({warmup} steps) covers all {total_steps}: lower schedule.warmup_fraction or warmup_steps")
+        raise RecipeError(
+            f"schedule.name=polynomial decays over the steps after the warm-up, and the warm-up "
+            f"({warmup} steps) covers all {total_steps}: lower schedule.warmup_fraction or warmup_steps"
+        )
     if cfg.name == "linear_warmup":
 
         def factor(step: int) -> float:
@@ -101,6 +110,8 @@ def build_scheduler(cfg, optimizer, total_steps: int):
     try:
         from transformers import get_scheduler
     except ImportError:
-        raise RecipeError(f"schedule.name={cfg.name} comes from transformers.get_scheduler, which is not installed: "
-                          "pip install transformers (or use schedule.name=linear_warmup or none)") from None
+        raise RecipeError(
+            f"schedule.name={cfg.name} comes from transformers.get_scheduler, which is not installed: "
+            "pip install transformers (or use schedule.name=linear_warmup or none)"
+        ) from None
     return get_scheduler(cfg.name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

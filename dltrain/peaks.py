@@ -162,14 +162,18 @@ def warn_if_bf16_emulated(device: torch.device, precision: str) -> str | None:
     _BF16_WARNED = True
     if os.environ.get("RANK", "0") != "0":
         return None
-    line = (f"dltrain: warning: train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16 "
-            f"in /proc/cpuinfo; torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}): torch emulates "
-            "bf16 here, many times slower than fp32; use --set train.precision=fp32 on this machine")
+    line = (
+        f"dltrain: warning: train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16 "
+        f"in /proc/cpuinfo; torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}): torch emulates "
+        "bf16 here, many times slower than fp32; use --set train.precision=fp32 on this machine"
+    )
     print(line, file=sys.stderr, flush=True)
     return line
 
 
-def peak_flops(device: torch.device, precision: str, tf32: bool = False, seconds: float = 0.3) -> tuple[float | None, str]:
+def peak_flops(
+    device: torch.device, precision: str, tf32: bool = False, seconds: float = 0.3
+) -> tuple[float | None, str]:
     """(peak FLOP/s of the hardware this process drives, where the figure comes from). None where
     no honest peak is known: then report no MFU."""
     if device.type == "cuda":

@@ -52,10 +52,35 @@ from dltrain.workload import (
     signature_problem,
 )
 
-__all__ = ["SIGNATURES", "BatchSizeOf", "BuildData", "BuildModel", "BuildSplit", "ComputeDtypes", "DataError", "DataSplits",
-           "FlopsBatch", "FlopsOf", "FlopsPerSample", "Forward", "LabelNames", "Output", "RecipeBase", "RecipeError",
-           "SaveModel", "Section", "Split", "Summarize", "TokensOf", "Workload", "WriteSamples",
-           "classification_output", "classification_summary", "register_workload", "signature_problem"]
+__all__ = [
+    "SIGNATURES",
+    "BatchSizeOf",
+    "BuildData",
+    "BuildModel",
+    "BuildSplit",
+    "ComputeDtypes",
+    "DataError",
+    "DataSplits",
+    "FlopsBatch",
+    "FlopsOf",
+    "FlopsPerSample",
+    "Forward",
+    "LabelNames",
+    "Output",
+    "RecipeBase",
+    "RecipeError",
+    "SaveModel",
+    "Section",
+    "Split",
+    "Summarize",
+    "TokensOf",
+    "Workload",
+    "WriteSamples",
+    "classification_output",
+    "classification_summary",
+    "register_workload",
+    "signature_problem",
+]
 
 # ----------------------------------------------------------------------------------------------
 # The step's helpers (the built-in workloads use them too)

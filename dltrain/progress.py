@@ -32,15 +32,25 @@ class _Lines:
 def progress_bar(total: int, initial: int, enabled: bool):
     stream = sys.stderr
     tty = stream.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=tty,
-                mininterval=0.5 if tty else PLAIN_INTERVAL_S, file=stream if tty else _Lines(stream),
-                ascii=None if tty else True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=tty,
+        mininterval=0.5 if tty else PLAIN_INTERVAL_S,
+        file=stream if tty else _Lines(stream),
+        ascii=None if tty else True,
+    )
 
 
 def eval_line(step: int, metrics: dict) -> str:
     """`eval step 200 (epoch 1.00): val/loss 0.0512, val/accuracy 0.9841`."""
-    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in metrics.items() if "/" in k and not k.endswith("/examples"))
+    shown = ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if "/" in k and not k.endswith("/examples")
+    )
     return f"eval step {step} (epoch {metrics.get('epoch', 0.0):.2f}): {shown}"
 
 

@@ -20,16 +20,45 @@ import yaml
 from pydantic import ValidationError
 
 # Reading files safely lives in recipe_file; its names are this module's too (RecipeError above all).
-from dltrain.recipe_file import (MAX_DEPTH, MAX_EXPANDED_SIZE, MAX_RECIPE_BYTES, RecipeError,  # noqa: F401
-                                 apply_override, check_size, clip, deep_merge, parse_value, read_text, read_yaml,
-                                 shown)
+from dltrain.recipe_file import (
+    MAX_DEPTH,
+    MAX_EXPANDED_SIZE,
+    MAX_RECIPE_BYTES,
+    RecipeError,  # noqa: F401
+    apply_override,
+    check_size,
+    clip,
+    deep_merge,
+    parse_value,
+    read_text,
+    read_yaml,
+    shown,
+)
 
 # The schema's names are this module's too: workloads and plugins import them from either.
-from dltrain.sections import (MAX_COUNT, TRACKERS, CheckpointConfig, CompileConfig, Count,  # noqa: F401
-                              DeepSpeedConfig, DistributedConfig, FSDPConfig, HubIdOrPath, LocalPath, OptimConfig,
-                              RecipeBase, ScheduleConfig, Section, Steps, TargetConfig, TrackingConfig, TrainConfig,
-                              WandbName, check_name, resolve_strategy)
-
+from dltrain.sections import (
+    MAX_COUNT,
+    TRACKERS,
+    CheckpointConfig,
+    CompileConfig,
+    Count,  # noqa: F401
+    DeepSpeedConfig,
+    DistributedConfig,
+    FSDPConfig,
+    HubIdOrPath,
+    LocalPath,
+    OptimConfig,
+    RecipeBase,
+    ScheduleConfig,
+    Section,
+    Steps,
+    TargetConfig,
+    TrackingConfig,
+    TrainConfig,
+    WandbName,
+    check_name,
+    resolve_strategy,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -68,8 +97,10 @@ def validate(raw: dict, source: str = "recipe") -> RecipeBase:
         raise RecipeError(f"{source}: {_first_error(exc)}") from None
     _check_target(recipe, module.metrics, workload, source)
     if recipe.checkpoint.save_best and recipe.target is None:  # "best" is by target.metric: nothing would be saved
-        raise RecipeError(f"{source}: bad value at 'checkpoint.save_best': the best model is the best target.metric, "
-                          "and this recipe has no target: give one (target.metric, target.value) or set save_best false")
+        raise RecipeError(
+            f"{source}: bad value at 'checkpoint.save_best': the best model is the best target.metric, "
+            "and this recipe has no target: give one (target.metric, target.value) or set save_best false"
+        )
     return recipe
 
 
@@ -82,16 +113,21 @@ def _check_target(recipe: RecipeBase, metrics: tuple, workload: str, source: str
     if target is None or not metrics:
         return
     if target.metric not in metrics:
-        raise RecipeError(f"{source}: bad value at 'target.metric': {shown(target.metric)} is not a metric the "
-                          f"{workload} workload reports; give one of {', '.join(metrics)}")
+        raise RecipeError(
+            f"{source}: bad value at 'target.metric': {shown(target.metric)} is not a metric the "
+            f"{workload} workload reports; give one of {', '.join(metrics)}"
+        )
     if target.metric.startswith("test/") and (target.stop or recipe.checkpoint.save_best):
         key = "target.stop" if target.stop else "checkpoint.save_best"
-        raise RecipeError(f"{source}: bad value at '{key}': the test split is evaluated once, after training, and must "
-                          f"not decide when to stop or which model to keep; set {key}=false, or target a val/ metric")
+        raise RecipeError(
+            f"{source}: bad value at '{key}': the test split is evaluated once, after training, and must "
+            f"not decide when to stop or which model to keep; set {key}=false, or target a val/ metric"
+        )
 
 
-def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = (),
-                merge: dict | None = None) -> RecipeBase:
+def load_recipe(
+    path: str | Path, profile: str | None = None, overrides: list[str] = (), merge: dict | None = None
+) -> RecipeBase:
     """The recipe in `path` (a path, or the name of a shipped recipe: dltrain.shipped.resolve), with
     `profile` merged in, then `merge` (a nested dict of recipe keys, what dltrain.train's keyword
     overrides become), then the `--set` assignments."""
@@ -103,17 +139,22 @@ def load_recipe(path: str | Path, profile: str | None = None, overrides: list[st
     return validate(raw, source=str(path))
 
 
-def resolve_raw(raw: dict, source: str, profile: str | None = None, overrides: list[str] = (),
-                merge: dict | None = None) -> dict:
+def resolve_raw(
+    raw: dict, source: str, profile: str | None = None, overrides: list[str] = (), merge: dict | None = None
+) -> dict:
     """A raw recipe with its profile, `merge` and `--set` assignments applied, not yet validated."""
     profiles = raw.get("profiles") or {}
     if profile:
         if not isinstance(profiles, dict) or profile not in profiles:
             known = ", ".join(map(str, profiles)) if isinstance(profiles, dict) and profiles else "none"
-            raise RecipeError(f"{source}: unknown profile '{clip(profile)}' (profiles in this recipe: {clip(known, 200)})")
+            raise RecipeError(
+                f"{source}: unknown profile '{clip(profile)}' (profiles in this recipe: {clip(known, 200)})"
+            )
         if not isinstance(profiles[profile] or {}, dict):
-            raise RecipeError(f"{source}: bad value at 'profiles.{clip(profile)}': a profile is a mapping of recipe "
-                              f"keys, got {type(profiles[profile]).__name__}")
+            raise RecipeError(
+                f"{source}: bad value at 'profiles.{clip(profile)}': a profile is a mapping of recipe "
+                f"keys, got {type(profiles[profile]).__name__}"
+            )
         raw = deep_merge(raw, profiles[profile] or {})
     if merge:
         raw = deep_merge(raw, merge)

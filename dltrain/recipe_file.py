@@ -65,11 +65,13 @@ def check_size(raw: Any, source: str) -> None:
             raise RecipeError(f"{source}: values nested more than {MAX_DEPTH} levels deep: not a recipe")
         walking.add(key)
         total = 8
-        for item in ([*node.keys(), *node.values()] if isinstance(node, dict) else node):
+        for item in [*node.keys(), *node.values()] if isinstance(node, dict) else node:
             total += size(item, depth + 1)
             if total > MAX_EXPANDED_SIZE:
-                raise RecipeError(f"{source}: expands to more than {MAX_EXPANDED_SIZE >> 20} MiB once its YAML "
-                                  "aliases (*name) are expanded: not a recipe (an alias bomb?)")
+                raise RecipeError(
+                    f"{source}: expands to more than {MAX_EXPANDED_SIZE >> 20} MiB once its YAML "
+                    "aliases (*name) are expanded: not a recipe (an alias bomb?)"
+                )
         walking.discard(key)
         sizes[key] = total
         return total
@@ -136,8 +138,10 @@ def read_text(path: Path, what: str = "recipe") -> str:
     """The file's text: UTF-8 and under MAX_RECIPE_BYTES, or a RecipeError that says which."""
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_RECIPE_BYTES >> 20} MiB "
-                              f"a {what} may have: not a {what}")
+            raise RecipeError(
+                f"{path}: {path.stat().st_size:,} bytes, over the {MAX_RECIPE_BYTES >> 20} MiB "
+                f"a {what} may have: not a {what}"
+            )
         data = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the {what} ({exc.strerror})") from None
@@ -145,8 +149,9 @@ def read_text(path: Path, what: str = "recipe") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}): "
-                          f"save the {what} as UTF-8") from None
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}): save the {what} as UTF-8"
+        ) from None
 
 
 def read_yaml(path: Path, what: str = "recipe") -> dict:

@@ -11,11 +11,11 @@ import torch
 
 from dltrain import checkpoint, export, extras, rundir, strategy, tracking
 from dltrain.accel import build_accelerator
+from dltrain.errors import RecipeError, StorageError
 from dltrain.launched import cpu_threads
 from dltrain.metrics import peak_memory_bytes, rates
 from dltrain.optim import build_optimizer, build_scheduler
 from dltrain.peaks import peak_flops
-from dltrain.errors import RecipeError, StorageError
 from dltrain.state import Loop, TrainState
 from dltrain.trainer import evaluate, fit, sync_debug_mode, total_steps_for
 from dltrain.workload import get_workload
@@ -56,7 +56,9 @@ def lock_run_dir(path: Path, resume: str | None) -> rundir.RunLock:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise RecipeError(f"cannot write to output directory {path} ({exc.strerror}): choose another --output-dir") from None
+        raise RecipeError(
+            f"cannot write to output directory {path} ({exc.strerror}): choose another --output-dir"
+        ) from None
     lock = rundir.RunLock(path)
     if (path / "metrics.jsonl").exists() and not resume:
         lock.release()
@@ -75,12 +77,16 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     meta = checkpoint.saved_state(path)
     theirs = meta.get("run_id")
     if path is not None and own is not None and theirs != own:
-        raise RecipeError(f"{run_dir} holds run {own} and {path} is a checkpoint of run {theirs}: to start from it, "
-                          "give a new --output-dir (a fork)")
+        raise RecipeError(
+            f"{run_dir} holds run {own} and {path} is a checkpoint of run {theirs}: to start from it, "
+            "give a new --output-dir (a fork)"
+        )
     if path is None and resume and (run_dir / "metrics.jsonl").exists():
         if (run_dir / "summary.json").exists():
-            raise RecipeError(f"{run_dir} holds a finished run and no checkpoint of it to continue from: nothing to "
-                              "resume; start a new run with another --output-dir")
+            raise RecipeError(
+                f"{run_dir} holds a finished run and no checkpoint of it to continue from: nothing to "
+                "resume; start a new run with another --output-dir"
+            )
         # Stopped before its first checkpoint: it starts over, as the recipe it began with says.
         first = run_dir / "recipe.yaml"
         if first.is_file():
@@ -90,8 +96,14 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     checkpoint.ckpt_root(recipe, run_dir, run_id)  # refuses a checkpoint.dir leading out of the run
     fork = path is not None and own is None
     forked_from = {"checkpoint": str(path), "run_id": theirs, "step": meta["state"]["step"]} if fork else None
-    return {"path": str(path) if path else "", "changes": changes, "run_id": run_id, "new_run": own is None,
-            "forked_from": forked_from, "wandb_run_id": None if fork else meta.get("wandb_run_id")}
+    return {
+        "path": str(path) if path else "",
+        "changes": changes,
+        "run_id": run_id,
+        "new_run": own is None,
+        "forked_from": forked_from,
+        "wandb_run_id": None if fork else meta.get("wandb_run_id"),
+    }
 
 
 def open_run_dir(accelerator, recipe, run_dir: Path, resume: str | None) -> tuple[rundir.RunLock | None, dict]:
@@ -123,8 +135,10 @@ def train(recipe, output_dir: str | None = None, resume: str | None = None) -> d
     allocator) are the caller's: `dltrain train` installs them, the library (dltrain.train) does not."""
     t_start = time.perf_counter()  # before the data is touched: time-to-target counts from here
     if resume == "auto" and not output_dir:
-        raise RecipeError("resume='auto' (--resume auto) continues the run in its output directory: give it "
-                          "(output_dir, --output-dir RUN_DIR)")
+        raise RecipeError(
+            "resume='auto' (--resume auto) continues the run in its output directory: give it "
+            "(output_dir, --output-dir RUN_DIR)"
+        )
     extras.check_recipe(recipe, get_workload(recipe.workload))  # a missing extra: one line, before any work
     accelerator, plan = build_accelerator(recipe, run_dir=None)
     run_dir = choose_run_dir(recipe, output_dir, accelerator)
@@ -147,8 +161,11 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         n, why = cpu_threads(recipe.train.cpu_threads)
         torch.set_num_threads(n)
         threads = f", {n} CPU thread{'s' if n > 1 else ''} per process ({why})"
-    print0(accelerator, f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = "
-                        f"global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}{threads}")
+    print0(
+        accelerator,
+        f"  world {plan.world} x micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = "
+        f"global batch {plan.global_batch}, {recipe.train.precision}, device {accelerator.device}{threads}",
+    )
 
     sync_debug_mode(accelerator.device)  # a bad DLTRAIN_SYNC_DEBUG fails here, before any work
     # Explicit, because torch's defaults differ: TF32 off for matmuls, on for cuDNN convolutions.
@@ -165,8 +182,21 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         print0(accelerator, f"  {parallel}")
 
     peak, peak_source = peak_flops(accelerator.device, recipe.train.precision, recipe.train.tf32)
-    loop = Loop(recipe, workload, backend, plan, scheduler, data, run_dir=run_dir, run_id=start["run_id"],
-                total_steps=total_steps, steps_per_epoch=per_epoch, t_start=t_start, peak_flops=peak, peak_source=peak_source)
+    loop = Loop(
+        recipe,
+        workload,
+        backend,
+        plan,
+        scheduler,
+        data,
+        run_dir=run_dir,
+        run_id=start["run_id"],
+        total_steps=total_steps,
+        steps_per_epoch=per_epoch,
+        t_start=t_start,
+        peak_flops=peak,
+        peak_source=peak_source,
+    )
     saved = checkpoint.resume(loop, Path(start["path"]) if start["path"] else None)
     state = TrainState(**saved) if saved else TrainState()
     changes = start["changes"] if saved else []
@@ -174,18 +204,26 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         rundir.apply_to_optimizer(changes, recipe, backend.optimizer, scheduler)
         print0(accelerator, f"dltrain: resuming with changes: {rundir.describe(changes)}")
     if state.step > total_steps:
-        raise RecipeError(f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
-                          "raise train.epochs or train.max_steps to continue training")
-    log = loop.log = tracking.RunLog(accelerator, run_dir, recipe,
-                                     run_id=start["wandb_run_id"] if accelerator.is_main_process else None)
+        raise RecipeError(
+            f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
+            "raise train.epochs or train.max_steps to continue training"
+        )
+    log = loop.log = tracking.RunLog(
+        accelerator, run_dir, recipe, run_id=start["wandb_run_id"] if accelerator.is_main_process else None
+    )
     identity = {}
     if accelerator.is_main_process:  # every check has passed: now the directory may change
-        identity = rundir.start_segment(run_dir, recipe, start, state.step, checkpoint.ckpt_root(recipe, run_dir, start["run_id"]))
+        identity = rundir.start_segment(
+            run_dir, recipe, start, state.step, checkpoint.ckpt_root(recipe, run_dir, start["run_id"])
+        )
         if resume and not saved:
             print(f"dltrain: starting from scratch: no complete checkpoint of this run in {run_dir} yet", flush=True)
-    print0(accelerator, f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, "
-                        f"{total_steps} steps, host sync every {loop.sync_every} steps"
-                        + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""))
+    print0(
+        accelerator,
+        f"  {len(data.train)} train / {len(data.val)} val examples, {per_epoch} steps per epoch, "
+        f"{total_steps} steps, host sync every {loop.sync_every} steps"
+        + (f", compiled ({recipe.train.compile.mode})" if recipe.train.compile.enabled else ""),
+    )
 
     state = fit(loop, state)
     backend.check_replicas()
@@ -200,14 +238,19 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         except StorageError as exc:
             unsaved = exc
     summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {
-        "resumed_with_changes": rundir.changes_so_far(identity), "forked_from": start["forked_from"],
-        "final_model": None if unsaved or not recipe.checkpoint.save_final_model else str(run_dir / "final_model")}
+        "resumed_with_changes": rundir.changes_so_far(identity),
+        "forked_from": start["forked_from"],
+        "final_model": None if unsaved or not recipe.checkpoint.save_final_model else str(run_dir / "final_model"),
+    }
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
         if recipe.tracking.plots and extras.installed("matplotlib"):
             tracking.plot_curves(log.records(), run_dir)
         elif recipe.tracking.plots:
-            print(f"dltrain: note: no loss/accuracy plots: matplotlib is not installed ({extras.install_hint('matplotlib')})")
+            print(
+                "dltrain: note: no loss/accuracy plots: matplotlib is not installed "
+                f"({extras.install_hint('matplotlib')})"
+            )
         _print_summary(summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -261,6 +304,8 @@ def _print_summary(summary: dict) -> None:
         mfu = f", MFU {t['mfu']:.1%} ({t['peak_source']})" if t.get("mfu") is not None else ""
         print(f"  steady-state {tput:,.0f} train samples/s over {t['steady_steps']} steps{mfu}")
     if "overall_samples_per_s" in t:
-        print(f"  {t['overall_samples_per_s']:,.0f} samples/s over all {t['train_wall_s']:.1f} s of training, "
-              f"evaluation ({t['eval_s']:.1f} s) and checkpoints ({t['checkpoint_s']:.1f} s) taken out")
+        print(
+            f"  {t['overall_samples_per_s']:,.0f} samples/s over all {t['train_wall_s']:.1f} s of training, "
+            f"evaluation ({t['eval_s']:.1f} s) and checkpoints ({t['checkpoint_s']:.1f} s) taken out"
+        )
     print(f"  results in {summary['run_dir']}")

@@ -52,19 +52,44 @@ LOCK_FILE = ".lock"
 # Keys (or sections, as prefixes) a resume may change. Everything else must stay as the
 # checkpoint's recipe has it: a key added here must not change the model, the data or its order.
 RESUMABLE = (
-    "name", "description",
-    "train.epochs", "train.max_steps", "train.eval_every", "train.log_every", "train.sync_every",
-    "train.max_nonfinite_steps", "train.warmup_steps_excluded", "train.compile", "train.tf32",
-    "train.clip_grad_norm", "train.micro_batch_size", "train.grad_accum", "train.cpu_threads",
-    "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.fused",
-    "schedule", "tracking", "checkpoint", "target",
+    "name",
+    "description",
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_every",
+    "train.log_every",
+    "train.sync_every",
+    "train.max_nonfinite_steps",
+    "train.warmup_steps_excluded",
+    "train.compile",
+    "train.tf32",
+    "train.clip_grad_norm",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.cpu_threads",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.momentum",
+    "optim.fused",
+    "schedule",
+    "tracking",
+    "checkpoint",
+    "target",
     # Workload keys that change neither the examples nor their order.
-    "data.padding", "data.bucket_multiple", "data.loader", "data.num_workers",
+    "data.padding",
+    "data.bucket_multiple",
+    "data.loader",
+    "data.num_workers",
     # How DDP buckets and schedules the same all-reduce, and when FSDP frees gathered parameters
     # or in which layout the next checkpoints are written: the sums are the same. Not so the
     # strategy, a gradient compression hook, FSDP's units or reduce dtype.
-    "distributed.bucket_cap_mb", "distributed.gradient_as_bucket_view", "distributed.static_graph",
-    "distributed.find_unused_parameters", "distributed.fsdp.sharding", "distributed.fsdp.state_dict_type",
+    "distributed.bucket_cap_mb",
+    "distributed.gradient_as_bucket_view",
+    "distributed.static_graph",
+    "distributed.find_unused_parameters",
+    "distributed.fsdp.sharding",
+    "distributed.fsdp.state_dict_type",
 )
 # Changes after which the optimizer's hyperparameters and the LR schedule are set anew.
 RESCHEDULE = ("optim.", "schedule", "train.epochs", "train.max_steps")
@@ -95,9 +120,15 @@ class RunLock:
                 raise RecipeError(
                     f"{run_dir} is in use by another run ({holder}): wait for it to end, or choose another --output-dir"
                 ) from None
-            raise RecipeError(f"cannot lock run directory {run_dir} ({exc.strerror}): choose another --output-dir") from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "command": " ".join(sys.argv)[:500]}
+            raise RecipeError(
+                f"cannot lock run directory {run_dir} ({exc.strerror}): choose another --output-dir"
+            ) from None
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
@@ -149,8 +180,10 @@ def read_identity(run_dir: Path) -> dict | None:
     try:
         identity = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"{path} is unreadable ({exc}): it names the run that owns this directory; "
-                          "restore it, or start a new run in another --output-dir") from None
+        raise RecipeError(
+            f"{path} is unreadable ({exc}): it names the run that owns this directory; "
+            "restore it, or start a new run in another --output-dir"
+        ) from None
     if not isinstance(identity, dict) or not isinstance(identity.get("run_id"), str) or not identity["run_id"]:
         raise RecipeError(f"{path} does not hold a run id: restore it, or start a new run in another --output-dir")
     return identity
@@ -191,6 +224,7 @@ def agree_ok(acc, failed: Exception | None) -> bool:
     flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
     return acc.reduce(flag, reduction="sum").item() == 0
 
+
 def with_umask_mode(folder: Path) -> None:
     """Give the weights in `folder` the mode a new file gets (0666 less the umask), as every other
     file dltrain writes has. safetensors (0.8) writes *.safetensors with mode 0600 whatever the umask
@@ -217,7 +251,9 @@ def write_failure(failed: Exception | None, head: str, intact: str, need: int, w
     elif failed is None:
         what = "failed on another rank"
     else:
-        what = getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
+        what = (
+            getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
+        )
     if not full:
         return f"{head} ({what}); {intact}"
     space = f"it needs about {_mb(need)}" + (f", {_mb(free)} free" if free is not None else "")
@@ -297,15 +333,23 @@ def start_segment(run_dir: Path, recipe, start: dict, step: int, ckpt_root: Path
     leaves the directory as it was): the run's identity and its segments, the preemption note,
     the log records past the checkpoint, interrupted checkpoint writes of this run, the
     segment's recipe. Returns the identity (run.json)."""
-    identity = read_identity(run_dir) or {"run_id": start["run_id"], "forked_from": start["forked_from"], "segments": []}
+    identity = read_identity(run_dir) or {
+        "run_id": start["run_id"],
+        "forked_from": start["forked_from"],
+        "segments": [],
+    }
     identity.setdefault("segments", []).append({"from_step": step, "changes": start["changes"] if step else []})
     write_identity(run_dir, identity)
     (run_dir / "preempted.json").unlink(missing_ok=True)
     truncate_log(run_dir, step)
     stale = clean_stale_writes(ckpt_root)
     if stale:
-        print(f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier segment: "
-              + ", ".join(p.name for p in stale), file=sys.stderr, flush=True)
+        print(
+            f"dltrain: note: removed {len(stale)} unfinished checkpoint write(s) left by an earlier segment: "
+            + ", ".join(p.name for p in stale),
+            file=sys.stderr,
+            flush=True,
+        )
     write_segment_recipe(run_dir, recipe, step)
     return identity
 
@@ -353,8 +397,11 @@ def truncate_log(run_dir: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             broken += 1
     if broken:
-        print(f"dltrain: warning: {log}: dropped {broken} unreadable line(s) (a run cut off while writing)",
-              file=sys.stderr, flush=True)
+        print(
+            f"dltrain: warning: {log}: dropped {broken} unreadable line(s) (a run cut off while writing)",
+            file=sys.stderr,
+            flush=True,
+        )
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, log)

@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 # Counts (steps, epochs, sizes) end up in int64s (torch, JSON readers) and the epoch in the data
 # order's generator seed (dltrain.data): 2**62 is "never" and still fits with room to add.
 MAX_COUNT = 2**62
@@ -49,8 +48,9 @@ class Section(BaseModel):
     # Closed: a misspelt key is an error, not a silently ignored value. Floats are finite: an
     # lr, weight decay or target of .inf/.nan is a typo that would otherwise surface as a
     # non-finite loss (or a target never reached) after the data has loaded.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class OptimConfig(Section):
@@ -80,8 +80,17 @@ class ScheduleConfig(Section):
     # none: constant. linear_warmup (dltrain's): lr rises as (step + 1) / (warmup + 1) over the
     # warm-up, then decays linearly to zero at the last optimizer step. The others are
     # transformers.get_scheduler's (dltrain.optim).
-    name: Literal["none", "linear_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                  "constant_with_warmup", "inverse_sqrt"] = "none"
+    name: Literal[
+        "none",
+        "linear_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+    ] = "none"
     """learning-rate schedule"""
     warmup_steps: Steps | None = None
     """optimizer steps of warm-up; default: warmup_fraction of all steps"""
@@ -317,17 +326,26 @@ def resolve_strategy(dist: DistributedConfig, ds: DeepSpeedConfig | None) -> str
     if strategy == "deepspeed" and zero == 0:
         raise ValueError("distributed.strategy=deepspeed needs deepspeed.zero_stage 1, 2 or 3 (stage 0 is plain DDP)")
     if strategy != "deepspeed" and zero > 0:
-        raise ValueError(f"distributed.strategy={strategy} but deepspeed.zero_stage={zero}: pick one "
-                         f"(set deepspeed.zero_stage=0, or distributed.strategy=deepspeed)")
+        raise ValueError(
+            f"distributed.strategy={strategy} but deepspeed.zero_stage={zero}: pick one "
+            f"(set deepspeed.zero_stage=0, or distributed.strategy=deepspeed)"
+        )
     if strategy != "ddp":
         defaults = DistributedConfig()
-        changed = [k for k in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "find_unused_parameters",
-                               "comm_hook") if getattr(dist, k) != getattr(defaults, k)]
+        changed = [
+            k
+            for k in ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "find_unused_parameters", "comm_hook")
+            if getattr(dist, k) != getattr(defaults, k)
+        ]
         if changed:
-            raise ValueError(f"distributed.{changed[0]} is a DDP setting, and distributed.strategy is {strategy}: "
-                             "drop it, or use strategy ddp")
+            raise ValueError(
+                f"distributed.{changed[0]} is a DDP setting, and distributed.strategy is {strategy}: "
+                "drop it, or use strategy ddp"
+            )
     if strategy != "fsdp" and dist.fsdp != FSDPConfig():
-        raise ValueError(f"distributed.fsdp is set but distributed.strategy is {strategy}: drop it, or use strategy fsdp")
+        raise ValueError(
+            f"distributed.fsdp is set but distributed.strategy is {strategy}: drop it, or use strategy fsdp"
+        )
     return strategy
 
 

@@ -22,7 +22,12 @@ import dltrain
 # Each kind of shipped file: its folder inside the package, and where it lives in the repository
 # (the paths suites and the README write).
 KINDS = {"recipes": "recipes", "suites": "suites", "baselines": "baselines", "launch": "launch_configs"}
-_REPO_FOLDERS = {"recipes": "recipes", "suites": "benchmarks/suites", "baselines": "benchmarks/baselines", "launch": "launch"}
+_REPO_FOLDERS = {
+    "recipes": "recipes",
+    "suites": "benchmarks/suites",
+    "baselines": "benchmarks/baselines",
+    "launch": "launch",
+}
 
 
 def folder(kind: str) -> Path:

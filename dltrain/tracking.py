@@ -56,8 +56,10 @@ def check_trackers(names: list[str]) -> None:
     available = {str(t) for t in get_available_trackers()}
     for name in names:
         if name not in available:
-            raise RecipeError(f"tracking.trackers names {name}, which is not installed: pip install "
-                              f"{TRACKER_PACKAGES.get(name, name)}, or drop it from tracking.trackers")
+            raise RecipeError(
+                f"tracking.trackers names {name}, which is not installed: pip install "
+                f"{TRACKER_PACKAGES.get(name, name)}, or drop it from tracking.trackers"
+            )
 
 
 def _flat_config(tree: dict, prefix: str = "") -> dict:
@@ -89,8 +91,14 @@ class RunLog:
         init_kwargs = {}
         if "wandb" in cfg.trackers:
             os.environ.setdefault("WANDB_SILENT", "true")
-            wandb_kwargs = {"dir": str(run_dir), "mode": wandb_mode(), "tags": cfg.tags, "name": cfg.run_name or run_dir.name,
-                            "entity": cfg.entity, "group": cfg.group}
+            wandb_kwargs = {
+                "dir": str(run_dir),
+                "mode": wandb_mode(),
+                "tags": cfg.tags,
+                "name": cfg.run_name or run_dir.name,
+                "entity": cfg.entity,
+                "group": cfg.group,
+            }
             if run_id:
                 wandb_kwargs.update(id=run_id, resume="allow")
             init_kwargs["wandb"] = wandb_kwargs
@@ -140,7 +148,9 @@ def _git(*args: str) -> str | None:
     site-packages may sit inside some other repository, e.g. a project's .venv)."""
     root = shipped.import_root()
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5, cwd=root)
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5, cwd=root
+        )
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
             return None
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=root)
@@ -206,8 +216,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # Logged per step but not learning curves.
-_NOT_CURVES = {"samples_per_s", "lr", "examples", "skipped_step", "skipped_steps", "nonfinite_steps", "mfu", "mfu_real",
-               "flops_per_s", "flops_per_s_real", "tokens_per_s", "padded_tokens_per_s"}
+_NOT_CURVES = {
+    "samples_per_s",
+    "lr",
+    "examples",
+    "skipped_step",
+    "skipped_steps",
+    "nonfinite_steps",
+    "mfu",
+    "mfu_real",
+    "flops_per_s",
+    "flops_per_s_real",
+    "tokens_per_s",
+    "padded_tokens_per_s",
+}
 
 
 def plot_curves(records: list[dict], out_dir: Path) -> list[Path]:

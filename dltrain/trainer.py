@@ -16,7 +16,6 @@ from dltrain.metrics import StepClock, add_train_stats, throughput_record, windo
 from dltrain.progress import print_eval, progress_bar
 from dltrain.state import Loop, TrainState
 
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -42,13 +41,22 @@ def evaluate(model, split, workload, accelerator, batch: int, prefix: str) -> di
     """Each example counted exactly once over all processes (see dltrain.data for the sharding)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    index_batches = list(eval_index_batches(len(split), batch=batch, rank=accelerator.process_index,
-                                            world=accelerator.num_processes, device=accelerator.device))
+    index_batches = list(
+        eval_index_batches(
+            len(split),
+            batch=batch,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            device=accelerator.device,
+        )
+    )
     for (_, n_real), b in zip(index_batches, split.batches(idx for idx, _ in index_batches)):
         add_stats(sums, workload.forward(model, b).stats, n_real)
     model.train()
     totals = reduce_sums(accelerator, sums)
-    return {f"{prefix}/{k}": v for k, v in workload.summarize(totals).items()} | {f"{prefix}/examples": int(totals["count"])}
+    return {f"{prefix}/{k}": v for k, v in workload.summarize(totals).items()} | {
+        f"{prefix}/examples": int(totals["count"])
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,11 +80,18 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     while state.step < loop.total_steps and not reached:
         batches = loop.data.train.batches(
             train_index_batches(
-                len(loop.data.train), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                rank=acc.process_index, world=plan.world, seed=r.train.seed, epoch=state.epoch,
-                start_step=state.step_in_epoch, device=acc.device,
+                len(loop.data.train),
+                micro_batch=plan.micro_batch,
+                grad_accum=plan.grad_accum,
+                rank=acc.process_index,
+                world=plan.world,
+                seed=r.train.seed,
+                epoch=state.epoch,
+                start_step=state.step_in_epoch,
+                device=acc.device,
                 # a split that groups by length (BERT's data.order: length_grouped) says by what
-                lengths=getattr(loop.data.train, "order_lengths", None), group=getattr(loop.data.train, "group", 0),
+                lengths=getattr(loop.data.train, "order_lengths", None),
+                group=getattr(loop.data.train, "group", 0),
             )
         )
         while state.step_in_epoch < loop.steps_per_epoch and state.step < loop.total_steps and not reached:
@@ -90,7 +105,9 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             clock.step_done(state.step)
             bar.update(1)
             if state.step == fail_at:
-                raise RuntimeError(f"injected failure on rank {acc.process_index} at step {fail_at} (DLTRAIN_TEST_FAIL_AT_STEP)")
+                raise RuntimeError(
+                    f"injected failure on rank {acc.process_index} at step {fail_at} (DLTRAIN_TEST_FAIL_AT_STEP)"
+                )
             testhooks.at_step_end(acc.process_index, state.step)
             # The step's end. Nothing below reads from the device except at a sync point.
             last = state.step == loop.total_steps
@@ -205,8 +222,10 @@ def _preempt(loop: Loop, state: TrainState, path: Path) -> None:
         rundir.write_preempted(loop.run_dir, state.step, path, why)
     acc.wait_for_everyone()
     acc.end_training()  # a clean shutdown of the process group and trackers before exiting
-    raise Preempted(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
-                    f"`--resume auto --output-dir {loop.run_dir}`")
+    raise Preempted(
+        f"stopped by {why} at step {state.step}; checkpoint {path}; continue with "
+        f"`--resume auto --output-dir {loop.run_dir}`"
+    )
 
 
 def _log_train(loop: Loop, state: TrainState, window: dict, bar) -> None:
@@ -217,8 +236,9 @@ def _log_train(loop: Loop, state: TrainState, window: dict, bar) -> None:
     record = {f"train/{k}": v for k, v in loop.workload.summarize(totals).items()} if totals["count"] else {}
     record["train/lr"] = loop.scheduler.get_last_lr()[0]
     if tick:
-        record |= throughput_record(loop.workload, loop.recipe, totals, tick, loop.peak_flops,
-                                    loop.accelerator.num_processes, loop.steady)
+        record |= throughput_record(
+            loop.workload, loop.recipe, totals, tick, loop.peak_flops, loop.accelerator.num_processes, loop.steady
+        )
     loop.log.log(record, state.step)
     shown = {"loss": f"{record['train/loss']:.4f}"} if "train/loss" in record else {}
     if "train/samples_per_s" in record:
@@ -276,4 +296,3 @@ def total_steps_for(recipe, n_train: int, global_batch: int) -> tuple[int, int]:
         )
     total = recipe.train.max_steps or recipe.train.epochs * per_epoch
     return total, per_epoch
-

@@ -60,8 +60,8 @@ Nothing is imported until a recipe asks for its workload by name.
 from __future__ import annotations
 
 import importlib
-import sys
 import inspect
+import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,10 +172,20 @@ class ComputeDtypes(Protocol):
 
 # Workload field -> the Protocol its function follows.
 SIGNATURES: dict[str, type] = {
-    "build_model": BuildModel, "build_data": BuildData, "forward": Forward, "flops_per_sample": FlopsPerSample,
-    "summarize": Summarize, "batch_size_of": BatchSizeOf, "flops_of": FlopsOf, "save_model": SaveModel,
-    "write_samples": WriteSamples, "build_split": BuildSplit, "label_names": LabelNames, "flops_batch": FlopsBatch,
-    "tokens_of": TokensOf, "compute_dtypes": ComputeDtypes,
+    "build_model": BuildModel,
+    "build_data": BuildData,
+    "forward": Forward,
+    "flops_per_sample": FlopsPerSample,
+    "summarize": Summarize,
+    "batch_size_of": BatchSizeOf,
+    "flops_of": FlopsOf,
+    "save_model": SaveModel,
+    "write_samples": WriteSamples,
+    "build_split": BuildSplit,
+    "label_names": LabelNames,
+    "flops_batch": FlopsBatch,
+    "tokens_of": TokensOf,
+    "compute_dtypes": ComputeDtypes,
 }
 
 
@@ -253,15 +263,25 @@ class Workload:
         for name in ("build_model", "build_data", "forward", "flops_per_sample", "summarize", "batch_size_of"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
-        for name in ("flops_of", "save_model", "write_samples", "build_split", "label_names", "flops_batch",
-                     "tokens_of", "compute_dtypes"):
+        for name in (
+            "flops_of",
+            "save_model",
+            "write_samples",
+            "build_split",
+            "label_names",
+            "flops_batch",
+            "tokens_of",
+            "compute_dtypes",
+        ):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Workload.{name} must be callable or None, got {getattr(self, name)!r}")
         for name, protocol in SIGNATURES.items():
             fn = getattr(self, name)
             if fn is not None and (problem := signature_problem(fn, protocol)) is not None:
-                raise TypeError(f"Workload.{name} ({getattr(fn, '__name__', fn)!s}) {problem}: "
-                                f"see dltrain.workload.{protocol.__name__}")
+                raise TypeError(
+                    f"Workload.{name} ({getattr(fn, '__name__', fn)!s}) {problem}: "
+                    f"see dltrain.workload.{protocol.__name__}"
+                )
         self.metrics = tuple(self.metrics)
 
 
@@ -269,9 +289,11 @@ def _check_names_itself(name: str, workload: Workload) -> None:
     """The recipe class must accept `workload: <name>`, or every recipe for it would fail to validate."""
     annotation = workload.recipe.model_fields["workload"].annotation
     if typing.get_origin(annotation) is typing.Literal and name not in typing.get_args(annotation):
-        raise TypeError(f"workload {name!r}: its recipe class {workload.recipe.__name__} takes workload "
-                        f"{' or '.join(map(repr, typing.get_args(annotation)))}, not {name!r}: "
-                        f"declare `workload: Literal[{name!r}]`")
+        raise TypeError(
+            f"workload {name!r}: its recipe class {workload.recipe.__name__} takes workload "
+            f"{' or '.join(map(repr, typing.get_args(annotation)))}, not {name!r}: "
+            f"declare `workload: Literal[{name!r}]`"
+        )
 
 
 # A plain dict: name -> the Workload, for those registered or loaded in this process.
@@ -308,8 +330,12 @@ def _entry_points() -> dict[str, Any]:
             if ep.name not in _WARNED:
                 _WARNED.add(ep.name)
                 owner = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
-                print(f"dltrain: warning: {owner}'s entry point {ENTRY_POINT_GROUP}:{ep.name} ({ep.value}) names a "
-                      f"built-in workload and is not used: rename it", file=sys.stderr, flush=True)
+                print(
+                    f"dltrain: warning: {owner}'s entry point {ENTRY_POINT_GROUP}:{ep.name} ({ep.value}) names a "
+                    f"built-in workload and is not used: rename it",
+                    file=sys.stderr,
+                    flush=True,
+                )
             continue
         found.setdefault(ep.name, ep)  # the first distribution on the path wins, as for imports
     return found
@@ -327,18 +353,23 @@ def _load(name: str, target: str, what: str) -> Workload:
     parse) is one RecipeError naming it, and leaves the other workloads usable."""
     module, _, attr = target.partition(":")
     if not module or not all(part.isidentifier() for part in [*module.split("."), *(attr.split(".") if attr else [])]):
-        raise RecipeError(f"workload {name!r} ({what} {target}) is not 'package.module:ATTRIBUTE': fix the plugin's "
-                          "entry point")
+        raise RecipeError(
+            f"workload {name!r} ({what} {target}) is not 'package.module:ATTRIBUTE': fix the plugin's entry point"
+        )
     try:
         obj = importlib.import_module(module)
         for part in attr.split(".") if attr else ():
             obj = getattr(obj, part)
     except ImportError as exc:
-        raise RecipeError(f"workload {name!r} ({what} {target}) cannot be imported: {exc}: install what it needs") from None
+        raise RecipeError(
+            f"workload {name!r} ({what} {target}) cannot be imported: {exc}: install what it needs"
+        ) from None
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's own fault, named in one line
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise RecipeError(f"workload {name!r} ({what} {target}) is broken: importing it raised "
-                          f"{type(exc).__name__}{': ' + first if first else ''}; fix or uninstall the plugin") from None
+        raise RecipeError(
+            f"workload {name!r} ({what} {target}) is broken: importing it raised "
+            f"{type(exc).__name__}{': ' + first if first else ''}; fix or uninstall the plugin"
+        ) from None
     if not isinstance(obj, Workload):
         raise RecipeError(f"workload {name!r} ({what} {target}) is a {type(obj).__name__}, not a dltrain.Workload")
     return obj
@@ -363,5 +394,7 @@ def get_workload(name: str) -> Workload:
     if isinstance(name, str) and name in eps:
         what = f"entry point {ENTRY_POINT_GROUP}:"
         return _register_loaded(name, _load(name, eps[name].value, what), what + name)
-    raise RecipeError(f"unknown workload {shown(name)} at 'workload' (known: {', '.join(workload_names())}); "
-                      f"a package adds one through the entry-point group '{ENTRY_POINT_GROUP}' or dltrain.register_workload")
+    raise RecipeError(
+        f"unknown workload {shown(name)} at 'workload' (known: {', '.join(workload_names())}); "
+        f"a package adds one through the entry-point group '{ENTRY_POINT_GROUP}' or dltrain.register_workload"
+    )

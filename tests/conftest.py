@@ -69,20 +69,34 @@ def _no_shared_wandb_service():
     os.environ.pop("WANDB_SERVICE", None)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`python -m dltrain ARGS` in a subprocess, as a user would run it."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "dltrain", *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
     )
 
 
 # Files whose tests take minutes, run first: `make test` hands whole files to its two workers
 # (--dist loadfile) in collection order, and a long file that starts last keeps one worker busy
 # while the other idles (the combination matrix's diagonal alone is several minutes).
-LONGEST_FIRST = ("test_matrix.py", "test_bert.py", "test_distributed.py", "test_steady_state.py", "test_nothing_lost.py",
-                 "test_strategies.py", "test_checkpoint.py", "test_bench.py")
+LONGEST_FIRST = (
+    "test_matrix.py",
+    "test_bert.py",
+    "test_distributed.py",
+    "test_steady_state.py",
+    "test_nothing_lost.py",
+    "test_strategies.py",
+    "test_checkpoint.py",
+    "test_bench.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -7,16 +7,34 @@ import os
 import sys
 from pathlib import Path
 
-from conftest import REPO, RECIPES, run_cli
+from conftest import RECIPES, REPO, run_cli
 
 # The CNN cpu_test shrunk to seconds: 640 train images (10 steps of 64 per epoch), 2 epochs, a
 # small model, a loss record at every step and a checkpoint every 4 steps.
 TINY = [
-    str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test",
-    "--set", "data.train_subset=640", "--set", "data.val_fraction=0.01", "--set", "train.epochs=2",
-    "--set", "train.log_every=1", "--set", "checkpoint.every_steps=4", "--set", "checkpoint.keep_last=2",
-    "--set", "model.conv1_channels=8", "--set", "model.conv2_channels=16", "--set", "model.hidden=32",
-    "--set", "tracking.plots=false",
+    str(RECIPES / "cnn_mnist.yaml"),
+    "--profile",
+    "cpu_test",
+    "--set",
+    "data.train_subset=640",
+    "--set",
+    "data.val_fraction=0.01",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "checkpoint.every_steps=4",
+    "--set",
+    "checkpoint.keep_last=2",
+    "--set",
+    "model.conv1_channels=8",
+    "--set",
+    "model.conv2_channels=16",
+    "--set",
+    "model.hidden=32",
+    "--set",
+    "tracking.plots=false",
 ]
 TOTAL_STEPS = 20
 PYTHON_BIN = Path(sys.executable).parent
@@ -39,9 +57,26 @@ def launch_env(extra: dict | None = None) -> dict:
 
 
 def accelerate_two(out: Path, *extra: str) -> list[str]:
-    return [str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dltrain", "train", *TINY,
-            "--output-dir", str(out), *extra]
+    return [
+        str(PYTHON_BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dltrain",
+        "train",
+        *TINY,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -70,10 +105,21 @@ def error_lines(stderr: str) -> list[str]:
     """Non-empty stderr lines, progress bars (carriage returns) and library warnings left out."""
     parts = [part for line in stderr.split("\n") for part in line.split("\r")]
     # An error printed while a progress bar is drawn shares its line: keep it from "dltrain:" on.
-    lines = [part[part.find("dltrain:"):] if "dltrain:" in part else part.strip() for part in parts]
+    lines = [part[part.find("dltrain:") :] if "dltrain:" in part else part.strip() for part in parts]
     noise = ("[WARNING]", "warnings.warn", "%|")
     return [line for line in lines if line and not any(n in line for n in noise)]
 
 
-__all__ = ["REPO", "TINY", "TOTAL_STEPS", "train", "trained", "losses", "params", "max_differences", "error_lines",
-           "launch_env", "accelerate_two"]
+__all__ = [
+    "REPO",
+    "TINY",
+    "TOTAL_STEPS",
+    "train",
+    "trained",
+    "losses",
+    "params",
+    "max_differences",
+    "error_lines",
+    "launch_env",
+    "accelerate_two",
+]

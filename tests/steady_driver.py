@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -108,9 +107,15 @@ def main() -> None:
     from dltrain.run import train
     from dltrain.workload import get_workload
 
-    sets = [f"train.max_steps={args.steps}", f"train.cpu_threads={THREADS}", "tracking.wandb=false",
-            "tracking.plots=false",
-            "checkpoint.save_final_model=false", "checkpoint.save_best=false", *args.overrides]
+    sets = [
+        f"train.max_steps={args.steps}",
+        f"train.cpu_threads={THREADS}",
+        "tracking.wandb=false",
+        "tracking.plots=false",
+        "checkpoint.save_final_model=false",
+        "checkpoint.save_best=false",
+        *args.overrides,
+    ]
     if args.workload == "bert":
         sets.append("data.eval_subset=64")  # the final evaluation is not what is measured here
     recipe = load_recipe(HERE.parent / "recipes" / RECIPES[args.workload], "cpu_test", sets)
@@ -167,21 +172,36 @@ def main() -> None:
     values = [float(x) for x in torch.stack(losses).tolist()]
     records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     counted = range(warmup + 1, warmup + args.count + 1)
-    out = {"workload": args.workload, "losses": values, "host_reads": counter.count,
-           "records_in_window": len({r["step"] for r in records if r["step"] in counted and "train/loss" in r}),
-           "evals_in_window": len(evals),
-           "counted_steps": args.count, "read_sites": dict(counter.where), "log_every": recipe.train.log_every,
-           "sync_every": getattr(recipe.train, "sync_every", None), "throughput": summary.get("throughput")}
+    out = {
+        "workload": args.workload,
+        "losses": values,
+        "host_reads": counter.count,
+        "records_in_window": len({r["step"] for r in records if r["step"] in counted and "train/loss" in r}),
+        "evals_in_window": len(evals),
+        "counted_steps": args.count,
+        "read_sites": dict(counter.where),
+        "log_every": recipe.train.log_every,
+        "sync_every": getattr(recipe.train, "sync_every", None),
+        "throughput": summary.get("throughput"),
+    }
     if args.write_golden:
         path = golden_path(args.workload, writing=args.workload in PER_CAPABILITY)
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({
-            "about": f"train loss of each of the first {GOLDEN_STEPS} optimizer steps of recipes/{RECIPES[args.workload]} "
-                     f"--profile cpu_test, 1 process, fp32, {THREADS} thread; written by tests/steady_driver.py --write-golden",
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "losses": values[:GOLDEN_STEPS],
-        }, indent=1) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "about": f"train loss of each of the first {GOLDEN_STEPS} optimizer steps of "
+                    f"recipes/{RECIPES[args.workload]} "
+                    f"--profile cpu_test, 1 process, fp32, {THREADS} thread; written by tests/steady_driver.py "
+                    "--write-golden",
+                    "torch": torch.__version__,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "losses": values[:GOLDEN_STEPS],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     print(json.dumps(out), flush=True)
 
 

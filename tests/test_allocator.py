@@ -33,8 +33,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
 
 def _probe(**env: str) -> tuple[str, float]:
     clean = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") and k.endswith("_"))}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=clean | {"OMP_NUM_THREADS": "1"} | env,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=clean | {"OMP_NUM_THREADS": "1"} | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     return out[-2], float(out[-1])
 
 

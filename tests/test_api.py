@@ -20,11 +20,15 @@ def test_two_runs_in_one_process_with_another_precision(tmp_path, data_dir, monk
     monkeypatch.chdir(tmp_path)  # runs/<name>-<time> lands here
     handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGUSR1")}
     tuned_before = allocator._applied
-    quick = {"data": {"root": str(data_dir), "val_fraction": 0.01}, "tracking": {"plots": False},
-             "checkpoint": {"save_final_model": False}}
+    quick = {
+        "data": {"root": str(data_dir), "val_fraction": 0.01},
+        "tracking": {"plots": False},
+        "checkpoint": {"save_final_model": False},
+    }
     fp32 = dltrain.train(RECIPES / "cnn_mnist.yaml", profile="cpu_test", train={"max_steps": 3}, **quick)
-    bf16 = dltrain.train(str(RECIPES / "cnn_mnist.yaml"), profile="cpu_test", train__max_steps=3,
-                         train__precision="bf16", **quick)
+    bf16 = dltrain.train(
+        str(RECIPES / "cnn_mnist.yaml"), profile="cpu_test", train__max_steps=3, train__precision="bf16", **quick
+    )
     assert isinstance(fp32, dltrain.RunResult) and fp32.run_dir != bf16.run_dir
     for result, precision in ((fp32, "fp32"), (bf16, "bf16")):
         summary = json.loads((result.run_dir / "summary.json").read_text())
@@ -40,8 +44,10 @@ def test_two_runs_in_one_process_with_another_precision(tmp_path, data_dir, monk
 def test_keyword_overrides_nest_and_a_dict_recipe_works():
     from dltrain.api import _nested, load
 
-    assert _nested({"train__max_steps": 3, "train": {"seed": 1}, "name": "x"}) == \
-        {"train": {"max_steps": 3, "seed": 1}, "name": "x"}
+    assert _nested({"train__max_steps": 3, "train": {"seed": 1}, "name": "x"}) == {
+        "train": {"max_steps": 3, "seed": 1},
+        "name": "x",
+    }
     recipe = load({"workload": "rnn", "train": {"max_steps": 2}}, optim__lr=0.5)
     assert recipe.name == "rnn" and recipe.optim.lr == 0.5 and recipe.train.max_steps == 2
     again = load(recipe, sets=["train.seed=7"])  # a recipe object, with --set strings

@@ -14,9 +14,9 @@ import yaml
 
 from conftest import RECIPES
 from dltrain.bench.compare import EXIT_REGRESSION, run_compare
-from dltrain.cli import main
 from dltrain.bench.measure import measure_workload
 from dltrain.bench.suite import expand, load_suite
+from dltrain.cli import main
 from dltrain.recipe import RecipeError, load_recipe
 
 CNN = str(RECIPES / "cnn_mnist.yaml")
@@ -33,24 +33,27 @@ def suite_with(**changes) -> dict:
     return base | changes
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"precisions": ["fp64"]}, "precisions.0"),
-    ({"mode": "fast"}, "mode"),
-    ({"repeat": 3}, "unknown key 'repeat'"),
-    ({"entries": []}, "entries"),
-    ({"throughput_steps": 5, "warmup_steps": 5}, "throughput_steps must exceed warmup_steps"),
-    ({"entries": [{"name": "a", "recipe": CNN}, {"name": "a", "recipe": CNN}]}, "repeated: a"),
-    ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["train.epochz=1"]}]}, "entry 'a'"),
-    ({"entries": [{"name": "a", "recipe": "recipes/nope.yaml"}]}, "recipe file not found"),
-    ({"entries": [{"name": "a", "recipe": CNN, "baselines": ["magic"]}]}, "baselines.0"),
-    ({"name": "../elsewhere"}, "bad value at 'name'"),  # it names the default output directory
-    ({"timeout_s": 10**10}, "timeout_s"),  # past what the in-process timer (setitimer) takes
-    ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["target.metric=val/acc"]}]}, "target.metric"),
-    ({"entries": [{"name": "a", "recipe": CNN, "reference": "b"}]}, "reference b: no entry of that name"),
-    ({"comm": {"world_sizes": [1]}}, "comm.world_sizes.0"),  # a collective needs two processes
-    ({"comm": {"max_bytes": "lots"}}, "give bytes or a number with K, M or G"),
-    ({"comm": {"ops": ["all_to_all"]}}, "comm.ops.0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"precisions": ["fp64"]}, "precisions.0"),
+        ({"mode": "fast"}, "mode"),
+        ({"repeat": 3}, "unknown key 'repeat'"),
+        ({"entries": []}, "entries"),
+        ({"throughput_steps": 5, "warmup_steps": 5}, "throughput_steps must exceed warmup_steps"),
+        ({"entries": [{"name": "a", "recipe": CNN}, {"name": "a", "recipe": CNN}]}, "repeated: a"),
+        ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["train.epochz=1"]}]}, "entry 'a'"),
+        ({"entries": [{"name": "a", "recipe": "recipes/nope.yaml"}]}, "recipe file not found"),
+        ({"entries": [{"name": "a", "recipe": CNN, "baselines": ["magic"]}]}, "baselines.0"),
+        ({"name": "../elsewhere"}, "bad value at 'name'"),  # it names the default output directory
+        ({"timeout_s": 10**10}, "timeout_s"),  # past what the in-process timer (setitimer) takes
+        ({"entries": [{"name": "a", "recipe": CNN, "overrides": ["target.metric=val/acc"]}]}, "target.metric"),
+        ({"entries": [{"name": "a", "recipe": CNN, "reference": "b"}]}, "reference b: no entry of that name"),
+        ({"comm": {"world_sizes": [1]}}, "comm.world_sizes.0"),  # a collective needs two processes
+        ({"comm": {"max_bytes": "lots"}}, "give bytes or a number with K, M or G"),
+        ({"comm": {"ops": ["all_to_all"]}}, "comm.ops.0"),
+    ],
+)
 def test_bad_suites_give_one_clear_error(tmp_path, changes, message):
     path = write_suite(tmp_path, suite_with(**changes))
     with pytest.raises(RecipeError) as err:
@@ -68,17 +71,25 @@ def test_cli_reports_bad_suite_and_missing_suite_with_exit_2(tmp_path, capsys):
     assert "suite not found" in err and "cpu_quick" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--nproc", "1"], "--nproc 1: a collective needs at least 2 processes"),
-    (["--ops", "all_reduce,gossip"], "--ops all_reduce,gossip: choose from"),
-    (["--min-bytes", "1M", "--max-bytes", "4K"], "give 0 < --min-bytes <= --max-bytes"),
-    (["--max-bytes", "huge"], "message size 'huge'"),
-    # more processes than this node has devices (a CPU: its cores) time-slice them: refused
-    (["--nproc", str((os.cpu_count() or 1) + 1), "--ops", "all_reduce", "--max-bytes", "4K"],
-     f"--nproc {(os.cpu_count() or 1) + 1}: this node has"),
-    (["--nnodes", "2", "--nproc", "1"], "several nodes need --master ADDR:PORT"),
-    (["--nnodes", "2", "--node-rank", "2", "--nproc", "1", "--master", "127.0.0.1:29511"], "--node-rank 2 is outside 0..1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nproc", "1"], "--nproc 1: a collective needs at least 2 processes"),
+        (["--ops", "all_reduce,gossip"], "--ops all_reduce,gossip: choose from"),
+        (["--min-bytes", "1M", "--max-bytes", "4K"], "give 0 < --min-bytes <= --max-bytes"),
+        (["--max-bytes", "huge"], "message size 'huge'"),
+        # more processes than this node has devices (a CPU: its cores) time-slice them: refused
+        (
+            ["--nproc", str((os.cpu_count() or 1) + 1), "--ops", "all_reduce", "--max-bytes", "4K"],
+            f"--nproc {(os.cpu_count() or 1) + 1}: this node has",
+        ),
+        (["--nnodes", "2", "--nproc", "1"], "several nodes need --master ADDR:PORT"),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--nproc", "1", "--master", "127.0.0.1:29511"],
+            "--node-rank 2 is outside 0..1",
+        ),
+    ],
+)
 def test_bench_comm_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", "comm", *argv, "--output-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
@@ -97,10 +108,38 @@ def test_bench_comm_runs_across_two_nodes_as_dltrain_launch_starts_them(tmp_path
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dltrain", "bench", "comm", "--nproc", "1", "--nnodes", "2",
-                               "--node-rank", str(rank), "--master", f"127.0.0.1:{port}", "--ops", "all_reduce",
-                               "--min-bytes", "4K", "--max-bytes", "64K", "--output-dir", str(tmp_path / f"node{rank}")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dltrain",
+                "bench",
+                "comm",
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master",
+                f"127.0.0.1:{port}",
+                "--ops",
+                "all_reduce",
+                "--min-bytes",
+                "4K",
+                "--max-bytes",
+                "64K",
+                "--output-dir",
+                str(tmp_path / f"node{rank}"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     result = json.loads((tmp_path / "node0" / "comm.json").read_text())
@@ -114,17 +153,22 @@ def test_a_suite_file_that_is_not_utf8_or_is_an_alias_bomb_is_one_line(tmp_path)
     path.write_bytes(b"name: caf\xe9\nentries: []\n")
     with pytest.raises(RecipeError, match="not UTF-8"):
         load_suite(str(path))
-    levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)
+    ]
     path.write_text("\n".join([*levels, "description: *l8", "entries: []"]) + "\n")
     with pytest.raises(RecipeError, match="alias") as err:
         load_suite(str(path))
     assert len(str(err.value)) < 300
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tolerance", "nan"], "--tolerance nan"),  # nan flags nothing: the gate would always pass
-    (["--tolerance", "-0.1"], "--tolerance -0.1"),  # negative flags an identical pair
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tolerance", "nan"], "--tolerance nan"),  # nan flags nothing: the gate would always pass
+        (["--tolerance", "-0.1"], "--tolerance -0.1"),  # negative flags an identical pair
+    ],
+)
 def test_compare_refuses_a_tolerance_that_defeats_the_gate(tmp_path, capsys, argv, message):
     assert main(["bench", "compare", str(tmp_path), str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -209,7 +253,9 @@ def test_each_jobs_recipe_is_parsed_once_whatever_the_repeats(tmp_path, monkeypa
 
     def passes(recipe, output_dir):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "summary.json").write_text(json.dumps({"workload": "cnn", "throughput": {"train_samples_per_s": 1.0}}))
+        (Path(output_dir) / "summary.json").write_text(
+            json.dumps({"workload": "cnn", "throughput": {"train_samples_per_s": 1.0}})
+        )
 
     _cheap_harness(monkeypatch)
     monkeypatch.setattr(dltrain.run, "train", passes)
@@ -228,23 +274,45 @@ def test_a_failing_baseline_gives_its_one_line_error_not_an_exception_name(tmp_p
     (tmp_path / "baselines").mkdir()
     (tmp_path / "baselines" / "cnn_bare.py").write_text(
         "from dltrain.recipe import RecipeError\n"
-        "raise RecipeError('--batch 100000 is larger than the training set: lower it')\n")
+        "raise RecipeError('--batch 100000 is larger than the training set: lower it')\n"
+    )
     monkeypatch.setattr(runner, "BASELINES", tmp_path / "baselines")
-    suite = load_suite(str(write_suite(tmp_path, suite_with(
-        entries=[{"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["bare"]}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(entries=[{"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["bare"]}]),
+            )
+        )
+    )
     (baseline,) = [j for j in expand(suite) if j.kind == "bare"]
     summary, error, _, _ = runner.run_job(baseline, suite, tmp_path / "run", tmp_path / "bare.log")
     assert summary is None and "Traceback" in (tmp_path / "bare.log").read_text()
     assert error == "exit code 1: --batch 100000 is larger than the training set: lower it"
 
 
-@pytest.mark.parametrize("log, rc, expected", [
-    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'hidden'\n", 1, "exit code 1: 'hidden' (KeyError)"),
-    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError\n", 1, "exit code 1: MemoryError (no message)"),
-    ("step 3\n", -9, "killed by SIGKILL (out of memory?): step 3"),
-    ("dltrain: error: bad value at 'optim.lr'\nValueError: later\n", 2, "exit code 2: dltrain: error: bad value at 'optim.lr'"),
-    ("", 1, "exit code 1: no output"),
-])
+@pytest.mark.parametrize(
+    "log, rc, expected",
+    [
+        (
+            "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'hidden'\n",
+            1,
+            "exit code 1: 'hidden' (KeyError)",
+        ),
+        (
+            'Traceback (most recent call last):\n  File "x.py", line 1\nMemoryError\n',
+            1,
+            "exit code 1: MemoryError (no message)",
+        ),
+        ("step 3\n", -9, "killed by SIGKILL (out of memory?): step 3"),
+        (
+            "dltrain: error: bad value at 'optim.lr'\nValueError: later\n",
+            2,
+            "exit code 2: dltrain: error: bad value at 'optim.lr'",
+        ),
+        ("", 1, "exit code 1: no output"),
+    ],
+)
 def test_a_job_logs_error_line(tmp_path, log, rc, expected):
     from dltrain.bench.joblog import error_line
 
@@ -265,19 +333,52 @@ def test_shipped_suites_parse_and_expand(name):
 
 
 def test_run_order_is_file_order_with_each_entrys_baselines_after_its_rows(tmp_path):
-    suite = load_suite(str(write_suite(tmp_path, suite_with(entries=[
-        {"name": "a", "recipe": CNN, "precisions": ["bf16", "fp32"], "compile": [True, False], "baselines": ["bare"]},
-        {"name": "b", "recipe": CNN, "baselines": ["bare"]}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(
+                    entries=[
+                        {
+                            "name": "a",
+                            "recipe": CNN,
+                            "precisions": ["bf16", "fp32"],
+                            "compile": [True, False],
+                            "baselines": ["bare"],
+                        },
+                        {"name": "b", "recipe": CNN, "baselines": ["bare"]},
+                    ]
+                ),
+            )
+        )
+    )
     assert [j.config for j in expand(suite)] == [
-        "a-w1-bf16-compile-tput", "a-w1-bf16-tput", "a-w1-fp32-compile-tput", "a-w1-fp32-tput",
-        "a-bare-bf16", "a-bare-fp32", "b-w1-fp32-tput", "b-bare-fp32"]
+        "a-w1-bf16-compile-tput",
+        "a-w1-bf16-tput",
+        "a-w1-fp32-compile-tput",
+        "a-w1-fp32-tput",
+        "a-bare-bf16",
+        "a-bare-fp32",
+        "b-w1-fp32-tput",
+        "b-bare-fp32",
+    ]
 
 
 def test_in_process_only_for_single_process_dltrain_jobs(tmp_path):
     from dltrain.bench import inprocess
 
-    suite = load_suite(str(write_suite(tmp_path, suite_with(in_process=True, world_sizes=[1, 2], entries=[
-        {"name": "cnn", "recipe": CNN, "baselines": ["bare", "notebook"]}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(
+                    in_process=True,
+                    world_sizes=[1, 2],
+                    entries=[{"name": "cnn", "recipe": CNN, "baselines": ["bare", "notebook"]}],
+                ),
+            )
+        )
+    )
     chosen = {j.config for j in expand(suite) if inprocess.eligible(j, suite)}
     assert chosen == {"cnn-w1-fp32-tput", "cnn-notebook-fp32"}
     suite.in_process = False
@@ -287,12 +388,32 @@ def test_in_process_only_for_single_process_dltrain_jobs(tmp_path):
 def test_a_variant_baseline_takes_its_settings_from_the_workload(tmp_path):
     """The harness names no workload: a `notebook` job's settings are the CNN workload's
     bench_variants, and a workload without that variant is refused before any job runs."""
-    suite = load_suite(str(write_suite(tmp_path, suite_with(entries=[
-        {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["notebook"]}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(entries=[{"name": "cnn", "recipe": CNN, "profile": "cpu_test", "baselines": ["notebook"]}]),
+            )
+        )
+    )
     notebook = next(j for j in expand(suite) if j.kind == "notebook")
     assert notebook.sets[-1:] == ["data.loader=torch"] and notebook.recipe.data.loader == "torch"
-    rnn = load_suite(str(write_suite(tmp_path, suite_with(entries=[
-        {"name": "rnn", "recipe": str(RECIPES.parent / "dltrain" / "recipes" / "rnn_sine.yaml"), "baselines": ["notebook"]}]))))
+    rnn = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(
+                    entries=[
+                        {
+                            "name": "rnn",
+                            "recipe": str(RECIPES.parent / "dltrain" / "recipes" / "rnn_sine.yaml"),
+                            "baselines": ["notebook"],
+                        }
+                    ]
+                ),
+            )
+        )
+    )
     with pytest.raises(RecipeError, match="the rnn workload has no 'notebook' baseline") as err:
         expand(rnn)
     assert "\n" not in str(err.value)
@@ -304,10 +425,24 @@ def test_in_process_jobs_run_back_to_back_each_in_a_fresh_state(tmp_path, capfd)
     Accelerator with another mixed precision unless its singleton state was reset in between."""
     from dltrain.bench.runner import run_suite
 
-    suite = load_suite(str(write_suite(tmp_path, suite_with(
-        in_process=True, precisions=["bf16", "fp32"], throughput_steps=6, warmup_steps=2, wandb_runs=False,
-        wandb_summary=False, cpu_threads=1, timeout_s=120,
-        entries=[{"name": "rnn", "recipe": str(RECIPES / "rnn_sine.yaml"), "profile": "cpu_test"}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(
+                    in_process=True,
+                    precisions=["bf16", "fp32"],
+                    throughput_steps=6,
+                    warmup_steps=2,
+                    wandb_runs=False,
+                    wandb_summary=False,
+                    cpu_threads=1,
+                    timeout_s=120,
+                    entries=[{"name": "rnn", "recipe": str(RECIPES / "rnn_sine.yaml"), "profile": "cpu_test"}],
+                ),
+            )
+        )
+    )
     results = run_suite(suite, tmp_path / "out")
     assert [(r.precision, r.status) for r in results] == [("bf16", "ok"), ("fp32", "ok")], [r.error for r in results]
     for r in results:
@@ -358,7 +493,9 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
 
     monkeypatch.setattr(dltrain.run, "train", boom)
     log = tmp_path / "a.log"
-    error = inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / "run", log, env={"DLTRAIN_X": "1"}, threads=1, timeout_s=60)
+    error = inprocess.run(
+        load_recipe(CNN, "cpu_test"), tmp_path / "run", log, env={"DLTRAIN_X": "1"}, threads=1, timeout_s=60
+    )
     assert error == "in process: ValueError: boom" and "DLTRAIN_X" not in os.environ
     assert "training..." in log.read_text() and "Traceback" in log.read_text()
     finished = []
@@ -368,7 +505,9 @@ def test_an_in_process_job_that_fails_or_hangs_is_an_error_not_the_harness_s(tmp
         finished.append(True)  # reached only when the timeout did not interrupt the job
 
     monkeypatch.setattr(dltrain.run, "train", slow)
-    error = inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / "run", tmp_path / "b.log", env={}, threads=None, timeout_s=1)
+    error = inprocess.run(
+        load_recipe(CNN, "cpu_test"), tmp_path / "run", tmp_path / "b.log", env={}, threads=None, timeout_s=1
+    )
     assert error == "timed out after 1 s (suite timeout_s)" and finished == []
 
 
@@ -381,7 +520,7 @@ def test_each_in_process_job_logs_its_own_host_sync_warnings(tmp_path, monkeypat
     from dltrain.bench import inprocess
 
     def sync_site():  # one host-sync site, as torch.cuda.set_sync_debug_mode("warn") reports one
-        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
 
     def train(recipe, output_dir):
         for _ in range(3):
@@ -391,10 +530,21 @@ def test_each_in_process_job_logs_its_own_host_sync_warnings(tmp_path, monkeypat
     with warnings.catch_warnings():  # as in a plain `python -m dltrain bench` process, not pytest's recorder
         warnings.resetwarnings()
         warnings.simplefilter("default")
-        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line)
+        )
         for job in ("a", "b"):
-            assert inprocess.run(load_recipe(CNN, "cpu_test"), tmp_path / job, tmp_path / f"{job}.log", env={}, threads=None,
-                                 timeout_s=60) is None
+            assert (
+                inprocess.run(
+                    load_recipe(CNN, "cpu_test"),
+                    tmp_path / job,
+                    tmp_path / f"{job}.log",
+                    env={},
+                    threads=None,
+                    timeout_s=60,
+                )
+                is None
+            )
     counts = [(tmp_path / f"{job}.log").read_text().count("UserWarning: called a synchronizing") for job in ("a", "b")]
     assert counts == [1, 1]  # once per site, in every job
 
@@ -421,9 +571,18 @@ def test_records_carry_the_clock_figures_and_old_results_still_report(tmp_path):
     suite = load_suite(str(write_suite(tmp_path, suite_with())))
     (job,) = expand(suite)
     meta = {"repeat": 0, "wall_s": 1.0, "run_dir": str(tmp_path), "command": "", "warmup_steps": 5}
-    new = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45, "eval_s": 1.5,
-                                            "checkpoint_s": 0.25, "train_wall_s": 9.0, "overall_samples_per_s": 90.0,
-                                            "clock_agreement": 100 / 90}}
+    new = {
+        "workload": "cnn",
+        "throughput": {
+            "train_samples_per_s": 100.0,
+            "steady_steps": 45,
+            "eval_s": 1.5,
+            "checkpoint_s": 0.25,
+            "train_wall_s": 9.0,
+            "overall_samples_per_s": 90.0,
+            "clock_agreement": 100 / 90,
+        },
+    }
     old = {"workload": "cnn", "throughput": {"train_samples_per_s": 100.0, "steady_steps": 45}}
     rec_new, rec_old = (make_result(job, suite, s, None, meta) for s in (new, old))
     assert (rec_new.eval_s, rec_new.checkpoint_s, rec_new.clock_agreement) == (1.5, 0.25, 100 / 90)
@@ -466,9 +625,21 @@ def test_baseline_clock_is_one_window_around_the_steps(capsys):
 
 
 def test_expansion_crosses_axes_scales_batch_and_pairs_baselines(tmp_path):
-    suite = load_suite(str(write_suite(tmp_path, suite_with(
-        world_sizes=[1, 2, 16], nodes=[1, 2], max_procs_per_node=8, precisions=["fp32", "bf16"], mode="both",
-        entries=[{"name": "cnn", "recipe": CNN, "baselines": ["bare"], "baseline_precisions": ["bf16"]}]))))
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                suite_with(
+                    world_sizes=[1, 2, 16],
+                    nodes=[1, 2],
+                    max_procs_per_node=8,
+                    precisions=["fp32", "bf16"],
+                    mode="both",
+                    entries=[{"name": "cnn", "recipe": CNN, "baselines": ["bare"], "baseline_precisions": ["bf16"]}],
+                ),
+            )
+        )
+    )
     jobs = {j.config: j for j in expand(suite)}
     assert "cnn-w16-fp32-tput" not in jobs and "cnn-w16-n2-fp32-tput" in jobs  # 16 per node is too many
     assert "cnn-w1-n2-fp32-tput" not in jobs  # one process cannot span two nodes
@@ -490,13 +661,24 @@ def test_flops_match_analytic_bert(tmp_path, sst2_dir, minilm_dir):
     # 64 real SST-2 rows in a file of their own: tokenizing them is instant
     rows = (sst2_dir / "train.tsv").read_text().splitlines()[:65]
     (tmp_path / "small.tsv").write_text("\n".join(rows) + "\n")
-    recipe = load_recipe(RECIPES / "bert_sst2_minilm.yaml", "cpu_test",
-                         [f"model.name_or_path={minilm_dir}", f"data.train_file={tmp_path / 'small.tsv'}",
-                          f"data.eval_file={tmp_path / 'small.tsv'}", "data.train_subset=64"])
+    recipe = load_recipe(
+        RECIPES / "bert_sst2_minilm.yaml",
+        "cpu_test",
+        [
+            f"model.name_or_path={minilm_dir}",
+            f"data.train_file={tmp_path / 'small.tsv'}",
+            f"data.eval_file={tmp_path / 'small.tsv'}",
+            "data.train_subset=64",
+        ],
+    )
     counts = measure_workload(recipe, 4)
     assert counts["flops_measured_over_analytic"] == pytest.approx(1.0, abs=0.10)
     # a dynamically padded batch is shorter than max_length: less work per sample than the analytic
-    assert 0 < counts["flops_per_padded_token_measured"] * recipe.data.max_length <= 1.1 * counts["flops_per_sample_analytic"]
+    assert (
+        0
+        < counts["flops_per_padded_token_measured"] * recipe.data.max_length
+        <= 1.1 * counts["flops_per_sample_analytic"]
+    )
 
 
 def _summary(samples_per_s: float, std: float = 0.0) -> dict:
@@ -508,8 +690,12 @@ def _summary(samples_per_s: float, std: float = 0.0) -> dict:
 
 
 def test_compare_flags_a_planted_regression_and_passes_an_identical_pair(tmp_path, capsys):
-    for name, summary in {"old": _summary(1000.0, 10.0), "same": _summary(1000.0, 10.0),
-                          "slow": _summary(700.0, 10.0), "noisy": _summary(700.0, 150.0)}.items():
+    for name, summary in {
+        "old": _summary(1000.0, 10.0),
+        "same": _summary(1000.0, 10.0),
+        "slow": _summary(700.0, 10.0),
+        "noisy": _summary(700.0, 150.0),
+    }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     assert run_compare(tmp_path / "old", tmp_path / "same") == 0
@@ -528,21 +714,49 @@ def test_compare_flags_a_planted_regression_and_passes_an_identical_pair(tmp_pat
 @pytest.mark.distributed
 @pytest.mark.long
 def test_tiny_suite_end_to_end(tmp_path, data_dir):
-    small = [f"data.root={data_dir}", "data.train_subset=1024", "data.val_fraction=0.02", "train.global_batch_size=128",
-             "checkpoint.save_final_model=false"]
-    suite = write_suite(tmp_path, {
-        "name": "tiny", "throughput_steps": 8, "warmup_steps": 2, "world_sizes": [1, 2], "cpu_threads": 1,
-        "wandb_runs": False, "timeout_s": 300,
-        "comm": {"world_sizes": [2], "ops": ["all_reduce", "broadcast"], "max_bytes": "256K", "target_s": 0.02},
-        "entries": [
-            {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "overrides": small, "baselines": ["bare"]},
-            {"name": "ttt", "recipe": CNN, "profile": "cpu_test", "mode": "time_to_target", "world_sizes": [1],
-             "overrides": [*small, "target.value=0.3", "train.eval_every=2"]},
-        ]})
+    small = [
+        f"data.root={data_dir}",
+        "data.train_subset=1024",
+        "data.val_fraction=0.02",
+        "train.global_batch_size=128",
+        "checkpoint.save_final_model=false",
+    ]
+    suite = write_suite(
+        tmp_path,
+        {
+            "name": "tiny",
+            "throughput_steps": 8,
+            "warmup_steps": 2,
+            "world_sizes": [1, 2],
+            "cpu_threads": 1,
+            "wandb_runs": False,
+            "timeout_s": 300,
+            "comm": {"world_sizes": [2], "ops": ["all_reduce", "broadcast"], "max_bytes": "256K", "target_s": 0.02},
+            "entries": [
+                {"name": "cnn", "recipe": CNN, "profile": "cpu_test", "overrides": small, "baselines": ["bare"]},
+                {
+                    "name": "ttt",
+                    "recipe": CNN,
+                    "profile": "cpu_test",
+                    "mode": "time_to_target",
+                    "world_sizes": [1],
+                    "overrides": [*small, "target.value=0.3", "train.eval_every=2"],
+                },
+            ],
+        },
+    )
     out = tmp_path / "out"
     assert main(["bench", str(suite), "--output-dir", str(out)]) == 0  # the jobs are real processes
-    for name in ("results.jsonl", "summary.json", "report.md", "plots/throughput_vs_world.png", "plots/mfu.png",
-                 "plots/loss_curves.png", "plots/time_to_target.png", "plots/throughput.png"):
+    for name in (
+        "results.jsonl",
+        "summary.json",
+        "report.md",
+        "plots/throughput_vs_world.png",
+        "plots/mfu.png",
+        "plots/loss_curves.png",
+        "plots/time_to_target.png",
+        "plots/throughput.png",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok"] * 4, [r.get("error") for r in records]
@@ -567,8 +781,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     assert ttt["reached"] == 1 and ttt["figures"]["time_to_target_s"]["mean"] > 0
     # Stopped at the target: the run's step count is the step that reached it, not the planned total.
     (ttt_run,) = [Path(r["run_dir"]) for r in records if r["mode"] == "time_to_target"]
-    reached_at = [json.loads(line)["step"] for line in (ttt_run / "metrics.jsonl").read_text().splitlines()
-                  if "time_to_target_s" in line]
+    reached_at = [
+        json.loads(line)["step"]
+        for line in (ttt_run / "metrics.jsonl").read_text().splitlines()
+        if "time_to_target_s" in line
+    ]
     assert json.loads((ttt_run / "summary.json").read_text())["steps"] == reached_at[0]
     # The step model's check: the w2 step predicted from the w1 run, the step profile and the
     # collectives measured on 2 gloo processes, beside the measured w2 step.
@@ -583,7 +800,11 @@ def test_tiny_suite_end_to_end(tmp_path, data_dir):
     # is microseconds, below the launch floor: refused, with the reason in the report.
     assert summary["projection"] == [] and "launch floor" in summary["projection_refused"]["cnn"]
     report = (out / "report.md").read_text()
-    assert "cnn-w1-fp32-tput" in report and "wandb sync" in report and "Not projected: cnn: its datasheet compute" in report
+    assert (
+        "cnn-w1-fp32-tput" in report
+        and "wandb sync" in report
+        and "Not projected: cnn: its datasheet compute" in report
+    )
     assert "The step model against measured runs" in report and (out / "plots" / "comm_busbw.png").is_file()
     # the suite's W&B run, offline: its record file holds the summary figures
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -597,11 +818,26 @@ def test_a_setting_is_compared_with_its_reference_entry_repeat_by_repeat():
     from dltrain.bench.result import Result
 
     def rec(entry, repeat, sps, world=2, reference=None):
-        return Result(suite="t", config=f"{entry}-w{world}", entry=entry, kind="dltrain", mode="throughput", repeat=repeat,
-                      world_size=world, precision="fp32", samples_per_s=sps, reference=reference)
+        return Result(
+            suite="t",
+            config=f"{entry}-w{world}",
+            entry=entry,
+            kind="dltrain",
+            mode="throughput",
+            repeat=repeat,
+            world_size=world,
+            precision="fp32",
+            samples_per_s=sps,
+            reference=reference,
+        )
 
-    records = [rec("ddp", 0, 100.0), rec("ddp", 1, 200.0), rec("ddp", 0, 60.0, world=1),
-               rec("hook", 0, 110.0, reference="ddp"), rec("hook", 1, 180.0, reference="ddp")]
+    records = [
+        rec("ddp", 0, 100.0),
+        rec("ddp", 1, 200.0),
+        rec("ddp", 0, 60.0, world=1),
+        rec("hook", 0, 110.0, reference="ddp"),
+        rec("hook", 1, 180.0, reference="ddp"),
+    ]
     (row,) = variants(records, aggregate(records))
     assert row["config"] == "hook-w2" and row["reference_config"] == "ddp-w2"  # the same world size only
     assert row["ratio"].mean == pytest.approx((1.1 + 0.9) / 2) and row["ratio"].n == 2
@@ -610,11 +846,14 @@ def test_a_setting_is_compared_with_its_reference_entry_repeat_by_repeat():
 def test_peak_memory_is_the_runs_own_not_its_parents():
     """A run started by a big process (the harness) must not report the parent's peak."""
     ballast = bytearray(1536 * 2**20)  # 1.5 GiB resident in this process
-    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
-    probe = ("import resource; from dltrain.metrics import peak_rss_bytes; "
-             "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    own, inherited = map(int, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                             check=True).stdout.split())
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    probe = (
+        "import resource; from dltrain.metrics import peak_rss_bytes; "
+        "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    own, inherited = map(
+        int, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    )
     del ballast
     assert own < 1024 * 2**20, own
     if sys.platform == "linux":
@@ -629,8 +868,16 @@ def test_the_mfu_column_names_its_flops_basis():
     from dltrain.bench.result import Result
     from dltrain.bench.runner import add_flops
 
-    base = {"suite": "t", "kind": "dltrain", "mode": "throughput", "world_size": 1, "precision": "fp32", "cpu_threads": 1,
-            "environment": {"device": "cpu"}, "samples_per_s": 100.0}
+    base = {
+        "suite": "t",
+        "kind": "dltrain",
+        "mode": "throughput",
+        "world_size": 1,
+        "precision": "fp32",
+        "cpu_threads": 1,
+        "environment": {"device": "cpu"},
+        "samples_per_s": 100.0,
+    }
     text = Result(**base, config="bert", entry="bert", tokens_per_s=2_000.0, padded_tokens_per_s=3_000.0)
     image = Result(**base, config="cnn", entry="cnn")
     add_flops(text, {"flops_measured_over_analytic": 1.0, "flops_per_padded_token_measured": 1e6}, {"fp32": 1e11})

@@ -57,8 +57,12 @@ def test_a_tokenized_cache_carried_to_another_machine_is_found_there(tmp_path, m
     write_tsv(here / "dev.tsv", [("great", 1), ("awful", 0)])
 
     def recipe(root):
-        return minilm_recipe(minilm_dir, f"model.tokenizer={root / 'model'}", f"data.train_file={root / 'train.tsv'}",
-                             f"data.eval_file={root / 'dev.tsv'}")
+        return minilm_recipe(
+            minilm_dir,
+            f"model.tokenizer={root / 'model'}",
+            f"data.train_file={root / 'train.tsv'}",
+            f"data.eval_file={root / 'dev.tsv'}",
+        )
 
     before = bert.TOKENIZE_CALLS
     bert.load_splits(recipe(here))
@@ -93,8 +97,12 @@ def test_user_csv_with_own_columns_and_padding_modes(tmp_path, minilm_dir, monke
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     csv_text = 'review,stars\n"a long, quoted ""film"" that goes on",1\nnull,0\n'
     (tmp_path / "train.csv").write_text(csv_text)
-    overrides = [f"data.train_file={tmp_path / 'train.csv'}", f"data.eval_file={tmp_path / 'train.csv'}",
-                 "data.text_column=review", "data.label_column=stars"]
+    overrides = [
+        f"data.train_file={tmp_path / 'train.csv'}",
+        f"data.eval_file={tmp_path / 'train.csv'}",
+        "data.text_column=review",
+        "data.label_column=stars",
+    ]
     dynamic = bert.build_data(minilm_recipe(minilm_dir, *overrides)).train.fetch(torch.arange(2))
     assert dynamic["labels"].tolist() == [1, 0]
     lengths = dynamic["attention_mask"].sum(dim=1).tolist()
@@ -103,11 +111,14 @@ def test_user_csv_with_own_columns_and_padding_modes(tmp_path, minilm_dir, monke
     assert fixed["input_ids"].shape == (2, 128) and fixed["attention_mask"].sum(dim=1).tolist() == lengths
 
 
-@pytest.mark.parametrize("rows, header, message", [
-    ([("good", 1)], "text\tlabel", "no column 'sentence'"),
-    ([("good", 1), ("meh", 3)], "sentence\tlabel", "labels must be 0 or 1"),
-    ([], "sentence\tlabel", "no rows"),
-])
+@pytest.mark.parametrize(
+    "rows, header, message",
+    [
+        ([("good", 1)], "text\tlabel", "no column 'sentence'"),
+        ([("good", 1), ("meh", 3)], "sentence\tlabel", "labels must be 0 or 1"),
+        ([], "sentence\tlabel", "no rows"),
+    ],
+)
 def test_bad_user_files_give_one_clear_error(tmp_path, minilm_dir, monkeypatch, rows, header, message):
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     bad = write_tsv(tmp_path / "bad.tsv", rows, header)
@@ -116,12 +127,15 @@ def test_bad_user_files_give_one_clear_error(tmp_path, minilm_dir, monkeypatch, 
         bert.load_splits(minilm_recipe(minilm_dir, f"data.train_file={bad}", f"data.eval_file={ok}"))
 
 
-@pytest.mark.parametrize("name, row, message", [
-    ("ragged.tsv", "bad\tfilm\t0", r"ragged.tsv, line 3: 3 tab-separated fields where the header has 2"),
-    # pandas would read "" as this row's label
-    ("ragged.tsv", "bad film", r"ragged.tsv, line 3: 1 tab-separated field where the header has 2"),
-    ("ragged.csv", "bad,film,0", r"ragged.csv, line 3: 3 comma-separated fields where the header has 2"),
-])
+@pytest.mark.parametrize(
+    "name, row, message",
+    [
+        ("ragged.tsv", "bad\tfilm\t0", r"ragged.tsv, line 3: 3 tab-separated fields where the header has 2"),
+        # pandas would read "" as this row's label
+        ("ragged.tsv", "bad film", r"ragged.tsv, line 3: 1 tab-separated field where the header has 2"),
+        ("ragged.csv", "bad,film,0", r"ragged.csv, line 3: 3 comma-separated fields where the header has 2"),
+    ],
+)
 def test_a_ragged_row_names_the_file_and_the_line(tmp_path, minilm_dir, monkeypatch, name, row, message):
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     sep = "\t" if name.endswith(".tsv") else ","
@@ -138,7 +152,9 @@ def test_a_damaged_tokenized_cache_is_rebuilt_with_one_warning(tmp_path, minilm_
     train = write_tsv(tmp_path / "train.tsv", [("a good film", 1), ("a dull film", 0), ("fine", 1)])
     dev = write_tsv(tmp_path / "dev.tsv", [("great", 1), ("awful", 0)])
     recipe = minilm_recipe(minilm_dir, f"data.train_file={train}", f"data.eval_file={dev}")
-    want = {split: ds["input_ids"] for split, ds in bert.load_splits(recipe).items()}  # read now: the files change below
+    want = {
+        split: ds["input_ids"] for split, ds in bert.load_splits(recipe).items()
+    }  # read now: the files change below
     folder = sorted((tmp_path / "cache" / "tokenized").iterdir())[0]
     if damage == "truncated":  # a new file in its place: the loaded copy may still map the old one
         arrow = next(folder.glob("*.arrow"))
@@ -158,14 +174,21 @@ def test_a_damaged_tokenized_cache_is_rebuilt_with_one_warning(tmp_path, minilm_
     assert bert.TOKENIZE_CALLS == before + 1 and "dltrain:" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("max_length, message", [
-    (2, "data.max_length=2 leaves no room for text after the tokenizer's 2 special tokens"),
-    (513, "data.max_length=513 is more than the 512 positions of"),
-])
-def test_max_length_is_checked_against_the_tokenizer_and_the_model(tmp_path, minilm_dir, monkeypatch, max_length, message):
+@pytest.mark.parametrize(
+    "max_length, message",
+    [
+        (2, "data.max_length=2 leaves no room for text after the tokenizer's 2 special tokens"),
+        (513, "data.max_length=513 is more than the 512 positions of"),
+    ],
+)
+def test_max_length_is_checked_against_the_tokenizer_and_the_model(
+    tmp_path, minilm_dir, monkeypatch, max_length, message
+):
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     rows = write_tsv(tmp_path / "rows.tsv", [("good", 1), ("bad", 0)])
-    recipe = minilm_recipe(minilm_dir, f"data.train_file={rows}", f"data.eval_file={rows}", f"data.max_length={max_length}")
+    recipe = minilm_recipe(
+        minilm_dir, f"data.train_file={rows}", f"data.eval_file={rows}", f"data.max_length={max_length}"
+    )
     with pytest.raises(RecipeError, match=message):
         bert.build_data(recipe)
     assert not (tmp_path / "cache" / "tokenized").exists()  # refused before anything was tokenized
@@ -194,11 +217,19 @@ def test_random_bert_base_builds_offline_with_the_minilm_tokenizer(minilm_dir, m
     assert (recipe.model.name_or_path, recipe.model.init) == ("bert-base-uncased", "random")
     model = bert.build_model(recipe)
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (12, 768, 12, 3072)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (
+        12,
+        768,
+        12,
+        3072,
+    )
     assert sum(p.numel() for p in model.parameters()) == 109_483_778  # bert-base 109,482,240 + 2-way head
     assert len(bert.tokenizer_for(recipe)) == cfg.vocab_size == 30_522
-    batch = {"input_ids": torch.tensor([[101, 1996, 2143, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
-             "labels": torch.tensor([1])}
+    batch = {
+        "input_ids": torch.tensor([[101, 1996, 2143, 102]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "labels": torch.tensor([1]),
+    }
     out = bert.forward(model.eval(), batch)
     assert out.stats["tokens"].tolist() == [4.0] and torch.isfinite(out.loss)
 
@@ -214,8 +245,19 @@ def test_flops_formula():
 @pytest.mark.long
 def test_minilm_cpu_test_reaches_80_percent_and_saves_the_best_model(tmp_path, sst2_dir, minilm_dir):
     out = tmp_path / "run"
-    result = run_cli("train", str(MINILM), "--profile", "cpu_test", "--set", f"model.name_or_path={minilm_dir}",
-                     "--set", f"data.root={sst2_dir.parent}", "--output-dir", str(out), timeout=900)
+    result = run_cli(
+        "train",
+        str(MINILM),
+        "--profile",
+        "cpu_test",
+        "--set",
+        f"model.name_or_path={minilm_dir}",
+        "--set",
+        f"data.root={sst2_dir.parent}",
+        "--output-dir",
+        str(out),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["val/examples"] == 872  # one process: each dev sentence exactly once
@@ -233,13 +275,39 @@ def test_minilm_cpu_test_reaches_80_percent_and_saves_the_best_model(tmp_path, s
 @pytest.mark.long
 def test_two_processes_count_each_dev_example_once(tmp_path, sst2_dir, minilm_dir):
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "dltrain", "train", str(MINILM), "--profile", "cpu_test",
-           "--set", f"model.name_or_path={minilm_dir}", "--set", f"data.root={sst2_dir.parent}",
-           "--set", "data.train_subset=64", "--set", "train.max_steps=2", "--set", "checkpoint.save_best=false",
-           "--output-dir", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "dltrain",
+        "train",
+        str(MINILM),
+        "--profile",
+        "cpu_test",
+        "--set",
+        f"model.name_or_path={minilm_dir}",
+        "--set",
+        f"data.root={sst2_dir.parent}",
+        "--set",
+        "data.train_subset=64",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "checkpoint.save_best=false",
+        "--output-dir",
+        str(out),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

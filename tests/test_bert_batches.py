@@ -33,9 +33,17 @@ def texts_tsv(tmp_path, monkeypatch):
 
 
 def recipe_for(minilm_dir, tsv, *overrides):
-    return load_recipe(RECIPES / "bert_sst2_minilm.yaml", "cpu_test", [
-        f"model.name_or_path={minilm_dir}", f"data.train_file={tsv}", f"data.eval_file={tsv}",
-        f"data.max_length={MAX_LENGTH}", *overrides])
+    return load_recipe(
+        RECIPES / "bert_sst2_minilm.yaml",
+        "cpu_test",
+        [
+            f"model.name_or_path={minilm_dir}",
+            f"data.train_file={tsv}",
+            f"data.eval_file={tsv}",
+            f"data.max_length={MAX_LENGTH}",
+            *overrides,
+        ],
+    )
 
 
 def index_batches(n: int) -> list[torch.Tensor]:
@@ -52,8 +60,12 @@ def test_batches_equal_tokenizer_pad(minilm_dir, texts_tsv, padding, hf_padding)
     batches = index_batches(len(split))
     assert [len(idx) for idx in batches][-1] < 10
     for idx, got in zip(batches, split.batches(batches), strict=True):
-        want = tokenizer.pad({"input_ids": [rows[i] for i in idx.tolist()]}, padding=hf_padding,
-                             max_length=MAX_LENGTH, return_tensors="pt")
+        want = tokenizer.pad(
+            {"input_ids": [rows[i] for i in idx.tolist()]},
+            padding=hf_padding,
+            max_length=MAX_LENGTH,
+            return_tensors="pt",
+        )
         for key in ("input_ids", "attention_mask"):
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
         assert torch.equal(got["labels"], idx % 2)
@@ -155,7 +167,10 @@ def test_flops_of_agrees_with_flops_per_sample_for_fixed_padding(monkeypatch):
     assert flops["flops_real"] == pytest.approx(20.0 * count * bert.flops_per_token(config, 20.0), rel=1e-12)
     bert.flops_of(recipe, sums)
     assert len(lookups) == 1  # the config is looked up once, not at every log record
-    assert bert.flops_of(recipe, {"count": 0.0, "tokens": 0.0, "padded_tokens": 0.0}) == {"flops": 0.0, "flops_real": 0.0}
+    assert bert.flops_of(recipe, {"count": 0.0, "tokens": 0.0, "padded_tokens": 0.0}) == {
+        "flops": 0.0,
+        "flops_real": 0.0,
+    }
 
 
 def test_the_bare_baseline_step_reads_back_once_per_epoch_as_dltrain(minilm_dir, texts_tsv, minilm_model, request):

@@ -48,8 +48,10 @@ def test_scan_tells_complete_from_incomplete(tmp_path):
     good.mkdir(parents=True)
     (good / "a.bin").write_bytes(b"12345")
     (good / "trainer_state.json").write_text(json.dumps({"state": {"step": 8}, "recipe": "", "run_id": "r"}))
-    files = {name: {"size": (good / name).stat().st_size, "sha256": _sha256(good / name)}
-             for name in ("a.bin", "trainer_state.json")}
+    files = {
+        name: {"size": (good / name).stat().st_size, "sha256": _sha256(good / name)}
+        for name in ("a.bin", "trainer_state.json")
+    }
     (good / MANIFEST).write_text(json.dumps({"files": files}))
     (root / "step_12").mkdir()  # renamed without a manifest cannot happen, but a copy by hand can
     (root / ".tmp-step_16").mkdir()
@@ -69,9 +71,13 @@ def _kill_while_writing(run: Path, log: Path, env: dict) -> None:
     from resume_helpers import TINY
 
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", *TINY, "--set", "tracking.wandb=true",
-                                 "--output-dir", str(run)], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, **env, "DLTRAIN_TEST_PAUSE_IN_SAVE": "2"}, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dltrain", "train", *TINY, "--set", "tracking.wandb=true", "--output-dir", str(run)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **env, "DLTRAIN_TEST_PAUSE_IN_SAVE": "2"},
+            cwd=REPO,
+        )
         deadline = time.time() + 240
         while "paused while writing" not in log.read_text() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
@@ -93,8 +99,9 @@ def test_killed_while_writing_then_sigterm_mid_epoch_then_resume_is_bit_identica
     assert not (ckpts / "step_8").exists()
     wandb_id = _state(ckpts / "step_4")["wandb_run_id"]
 
-    second = train(run, "--resume", "auto", "--set", "tracking.wandb=true",
-                   env={**secret, "DLTRAIN_TEST_SIGNAL_AT_STEP": "13"})
+    second = train(
+        run, "--resume", "auto", "--set", "tracking.wandb=true", env={**secret, "DLTRAIN_TEST_SIGNAL_AT_STEP": "13"}
+    )
     assert second.returncode == EXIT_PREEMPTED, second.stderr[-2000:]
     assert "Traceback" not in second.stderr
     lines = error_lines(second.stderr)
@@ -120,18 +127,32 @@ def test_killed_while_writing_then_sigterm_mid_epoch_then_resume_is_bit_identica
     for path in run.rglob("*"):
         if path.is_file():
             assert b"secret-xyz" not in path.read_bytes(), path
-    assert "secret-xyz" not in (tmp_path / "leg1.txt").read_text() + second.stdout + second.stderr + third.stdout + third.stderr
+    assert (
+        "secret-xyz"
+        not in (tmp_path / "leg1.txt").read_text() + second.stdout + second.stderr + third.stdout + third.stderr
+    )
 
 
-RNN_TINY = ["--profile", "cpu_test", "--set", "data.num_sequences=1000", "--set", "train.epochs=2",
-            "--set", "train.log_every=1", "--set", "checkpoint.every_steps=4", "--set", "tracking.plots=false"]
+RNN_TINY = [
+    "--profile",
+    "cpu_test",
+    "--set",
+    "data.num_sequences=1000",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "checkpoint.every_steps=4",
+    "--set",
+    "tracking.plots=false",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.long
 def test_rnn_stopped_mid_epoch_resumes_bit_identical(tmp_path):
     from conftest import RECIPES, run_cli
-
     from dltrain.workload import workload_names
 
     if "rnn" not in workload_names():
@@ -198,16 +219,25 @@ def test_two_processes_signal_on_one_rank_then_resume_is_bit_identical(reference
     # agreed at their next sync point (no collective per step): with train.sync_every=3 that is
     # step 6, before the checkpoint every 4 steps would have been one.
     env = launch_env({"DLTRAIN_TEST_SIGNAL_AT_STEP": "5:1", "DLTRAIN_TEST_SIGNAL": "SIGUSR1"})
-    first = subprocess.run(accelerate_two(run, "--set", "train.sync_every=3"), capture_output=True, text=True,
-                           env=env, cwd=REPO, timeout=300)
+    first = subprocess.run(
+        accelerate_two(run, "--set", "train.sync_every=3"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert first.returncode != 0  # the launcher reports a worker's exit code 4 as a failure
     assert json.loads((run / "preempted.json").read_text())["step"] == 6
     saved = _state(run / "checkpoints" / "step_6")
     assert saved["world_size"] == 2 and saved["state"]["step"] == 6
-    assert sorted(p.name for p in (run / "checkpoints" / "step_6").glob("random_states_*")) == \
-        ["random_states_0.pkl", "random_states_1.pkl"]
-    second = subprocess.run(accelerate_two(run, "--resume", "auto"), capture_output=True, text=True,
-                            env=launch_env(), cwd=REPO, timeout=300)
+    assert sorted(p.name for p in (run / "checkpoints" / "step_6").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    second = subprocess.run(
+        accelerate_two(run, "--resume", "auto"), capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=300
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert max_differences(reference_two, run) == (0.0, 0.0)
 
@@ -221,8 +251,22 @@ def test_elastic_restart_after_a_crash_resumes_from_the_last_checkpoint(referenc
     torchrun = Path(sys.executable).with_name("torchrun")
     from resume_helpers import TINY
 
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "dltrain", "train",
-           *TINY, "--output-dir", str(run), "--resume", "auto"]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "dltrain",
+        "train",
+        *TINY,
+        "--output-dir",
+        str(run),
+        "--resume",
+        "auto",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "planted crash at step 10 on rank 1" in done.stderr

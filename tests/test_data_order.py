@@ -34,8 +34,14 @@ def test_world_sizes_accumulation_and_restarts_see_the_same_batches():
     common = dict(seed=5, epoch=1, lengths=LENGTHS, group=GROUP)
 
     def steps(micro, accum, world, start=0):
-        per_rank = [list(train_index_batches(N, micro_batch=micro, grad_accum=accum, rank=r, world=world,
-                                             start_step=start, **common)) for r in range(world)]
+        per_rank = [
+            list(
+                train_index_batches(
+                    N, micro_batch=micro, grad_accum=accum, rank=r, world=world, start_step=start, **common
+                )
+            )
+            for r in range(world)
+        ]
         out = []
         for step in range(len(per_rank[0]) // accum):
             parts = [per_rank[r][step * accum + k] for k in range(accum) for r in range(world)]

@@ -39,22 +39,36 @@ def test_no_cuda_exits_2_at_the_import_check(tmp_path):
     assert "running" not in out and not (tmp_path / "bench").exists()  # no suite started: refused before any work
 
 
-PLAN = re.compile(r"device_check: (GPU plan|plan): install (\d+) s, import-check (\d+) s, records (\d+) s \((\S+)\), "
-                  r"suite (\d+) s \((\S+)\), report (\d+) s: (\d+) s of BUDGET_S=(\d+)")
+PLAN = re.compile(
+    r"device_check: (GPU plan|plan): install (\d+) s, import-check (\d+) s, records (\d+) s \((\S+)\), "
+    r"suite (\d+) s \((\S+)\), report (\d+) s: (\d+) s of BUDGET_S=(\d+)"
+)
 
 
 def test_the_gpu_runs_plan_fits_its_budget_and_a_plan_past_it_is_refused(tmp_path):
     """Each phase's planned seconds, the suites' plan_s among them, against BUDGET_S: the GPU run's
     plan must fit (a suite cut by the budget exits 3 with its rows missing), checked without a GPU."""
-    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env={k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "SUITE", "RECORDS")})
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "SUITE", "RECORDS")},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (plan,) = PLAN.findall(proc.stdout)
     label, install, imports, records, records_suite, suite, suite_name, report, total, budget = plan
     assert (label, records_suite, suite_name) == ("GPU plan", "ttt_gpu", "gpu_single")
     assert int(total) == sum(map(int, (install, imports, records, suite, report))) <= int(budget)
-    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env={**os.environ, "BUDGET_S": str(int(total) - 1)})
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "BUDGET_S": str(int(total) - 1)},
+    )
     assert proc.returncode == 2 and "the GPU plan exceeds BUDGET_S" in proc.stdout
     # a run whose plan is past its budget starts nothing
     proc, _ = run_script(tmp_path / "out", timeout=60, DEVICE="cpu", BUDGET_S="100")
@@ -76,7 +90,9 @@ def test_cpu_dry_run_of_the_whole_script(tmp_path, data_dir):
     bench = tmp_path / "bench"
     assert (bench / "report.md").is_file() and (tmp_path / "device.txt").is_file()
     records = [json.loads(line) for line in (bench / "results.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["status"]) for r in records] == [("dltrain", "ok"), ("bare", "ok")], [r["error"] for r in records]
+    assert [(r["kind"], r["status"]) for r in records] == [("dltrain", "ok"), ("bare", "ok")], [
+        r["error"] for r in records
+    ]
     dl, bare = records
     assert dl["command"].startswith("(in process)") and dl["samples_per_s"] > 0
     assert (bench / "logs" / "cnn-w1-fp32-tput-r0.log").read_text().count("dltrain: done") == 1

@@ -40,8 +40,13 @@ def _sets(*pairs: str) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
 
-SHORT = _sets("train.max_steps=6", "train.log_every=1", "schedule.name=linear_warmup",
-              "schedule.warmup_steps=2", "train.clip_grad_norm=0.5")
+SHORT = _sets(
+    "train.max_steps=6",
+    "train.log_every=1",
+    "schedule.name=linear_warmup",
+    "schedule.warmup_steps=2",
+    "train.clip_grad_norm=0.5",
+)
 SMALL = {
     "cnn": [CNN, "--profile", "cpu_test", *SHORT, *_sets("data.train_subset=1024", "data.val_fraction=0.02")],
     "rnn": [RNN, "--profile", "cpu_test", *SHORT, *_sets("data.num_sequences=1000")],
@@ -82,8 +87,14 @@ class Runs:
         if name not in self.cache:
             out = self.root / name
             full_env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}  # None: unset
-            done = subprocess.run([*argv, "--output-dir", str(out)], capture_output=True, text=True,
-                                  timeout=timeout, cwd=REPO, env=full_env)
+            done = subprocess.run(
+                [*argv, "--output-dir", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=REPO,
+                env=full_env,
+            )
             self.cache[name] = Run(done.returncode, done.stdout, done.stderr, out)
         return self.cache[name]
 
@@ -161,20 +172,34 @@ def test_two_nodes_on_one_host_train_like_one_node(runs):
 # DeepSpeed ZeRO on 2 CPU processes
 
 
-ZERO3_YAML = [accelerate_executable(), "launch", "--config_file", str(REPO / "launch" / "deepspeed_zero3.yaml"),
-              "--num_processes", "2", "-m", "dltrain", "train"]
+ZERO3_YAML = [
+    accelerate_executable(),
+    "launch",
+    "--config_file",
+    str(REPO / "launch" / "deepspeed_zero3.yaml"),
+    "--num_processes",
+    "2",
+    "-m",
+    "dltrain",
+    "train",
+]
 
 
 def _zero_run(runs: Runs, stage: int) -> Run:
     if stage == 3:
         # Through the shipped accelerate YAML + DeepSpeed JSON ("auto" batch figures filled by dltrain).
-        return runs.ok("cnn-zero3", [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, *_sets("checkpoint.every_steps=3")],
-                       env={"DS_ACCELERATOR": "cpu"})
+        return runs.ok(
+            "cnn-zero3",
+            [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, *_sets("checkpoint.every_steps=3")],
+            env={"DS_ACCELERATOR": "cpu"},
+        )
     if stage == 2:
         # Over two "nodes" (one launcher each), the stage taken from the recipe by `dltrain launch`.
         return runs.ok("cnn-zero2", [NODES, *SMALL["cnn"], *_sets("deepspeed.zero_stage=2")], env=NODES_ENV)
     # ZeRO-1 with DeepSpeed's own accumulation, against DDP without it.
-    return runs.ok("cnn-zero1", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", "--deepspeed", "1", *SMALL["cnn"], *ACCUM2])
+    return runs.ok(
+        "cnn-zero1", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", "--deepspeed", "1", *SMALL["cnn"], *ACCUM2]
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -196,8 +221,11 @@ def test_zero_stage_trains_like_ddp_and_exports_a_loadable_model(runs, stage):
 def test_zero3_resumes_from_its_sharded_checkpoint_exactly(runs):
     full = _zero_run(runs, 3)
     step3 = full.out / "checkpoints" / "step_3"
-    resumed = runs.ok("cnn-zero3-resumed", [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, "--resume", str(step3)],
-                      env={"DS_ACCELERATOR": "cpu"})
+    resumed = runs.ok(
+        "cnn-zero3-resumed",
+        [*ZERO3_YAML, *SMALL["cnn"], *ACCUM2, "--resume", str(step3)],
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     assert "resuming at step 3" in resumed.stdout
     assert resumed.losses() == full.losses()[3:]  # steps 4-6, bit for bit
     assert max_param_diff(resumed.final_model(), full.final_model()) == 0.0
@@ -210,7 +238,9 @@ def test_zero3_resumes_from_its_sharded_checkpoint_exactly(runs):
 def test_a_rank_that_raises_stops_the_whole_job_quickly(runs):
     long = _sets("train.max_steps=500")  # without the failure this would run for minutes
     env = {"DLTRAIN_TEST_FAIL_AT_STEP": "3", "DLTRAIN_TEST_FAIL_RANK": "1"}
-    run = runs.get("cnn-fail", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", *SMALL["cnn"], *long], env=env, timeout=120)
+    run = runs.get(
+        "cnn-fail", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", *SMALL["cnn"], *long], env=env, timeout=120
+    )
     # A job that hung instead (rank 0 waiting in a collective for rank 1) would outlive the
     # 120 s subprocess timeout, which fails the test; no clock is compared here.
     assert run.returncode != 0
@@ -224,9 +254,25 @@ def test_multi_gpu_launch_on_a_cpu_still_connects_the_processes(runs):
     no GPU, so they form one world of 2 (and the world guard would stop them otherwise)."""
     if torch.cuda.is_available():
         pytest.skip("a CPU-only behaviour")
-    argv = [accelerate_executable(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "dltrain", "train", *SMALL["rnn"]]
+    argv = [
+        accelerate_executable(),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dltrain",
+        "train",
+        *SMALL["rnn"],
+    ]
     run = runs.get("rnn-raw-multi-gpu", argv, env={"ACCELERATE_USE_CPU": None})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "world 2 x micro-batch" in run.stdout and "parameters identical on all 2 ranks" in run.stdout
@@ -235,9 +281,26 @@ def test_multi_gpu_launch_on_a_cpu_still_connects_the_processes(runs):
 
 def test_deepspeed_recipe_under_accelerate_use_cpu_fails_loudly(runs):
     """ACCELERATE_USE_CPU makes Accelerate drop a DeepSpeed plugin silently; dltrain refuses to go on."""
-    argv = [accelerate_executable(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "dltrain", "train", *SMALL["cnn"], *_sets("deepspeed.zero_stage=2")]
+    argv = [
+        accelerate_executable(),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dltrain",
+        "train",
+        *SMALL["cnn"],
+        *_sets("deepspeed.zero_stage=2"),
+    ]
     run = runs.get("cnn-ds-dropped", argv, env={"ACCELERATE_USE_CPU": "true"}, timeout=120)
     assert run.returncode != 0
     assert "the recipe asks for DeepSpeed but Accelerate set up MULTI_CPU" in run.stderr
@@ -254,8 +317,20 @@ def test_cnn_bf16_on_two_processes_learns_mnist(runs):
     """A third of the cpu_test epoch (300 steps): a CPU without bf16 units (AVX2 only, as CI's
     machine was on 2026-11-28) emulates bf16 at ~3 steps/s here, and the whole epoch ran past 5
     minutes. The bar is the one an fp32 run of the same 300 steps clears (95%)."""
-    run = runs.ok("cnn-bf16", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", CNN, "--profile", "cpu_test",
-                               *_sets("train.precision=bf16", "data.train_subset=19200", "data.val_fraction=0.02")])
+    run = runs.ok(
+        "cnn-bf16",
+        [
+            *DLTRAIN,
+            "launch",
+            "--cpu",
+            "--nproc",
+            "2",
+            CNN,
+            "--profile",
+            "cpu_test",
+            *_sets("train.precision=bf16", "data.train_subset=19200", "data.val_fraction=0.02"),
+        ],
+    )
     assert "bf16" in run.stdout and "world 2" in run.stdout
     summary = json.loads((run.out / "summary.json").read_text())
     assert summary["steps"] == 300

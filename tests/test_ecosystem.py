@@ -19,8 +19,17 @@ from torch import nn
 from conftest import RECIPES, REPO, run_cli
 from dltrain.recipe import RecipeError, dump_recipe, load_recipe
 
-RNN_TINY = [str(RECIPES / "rnn_sine.yaml"), "--profile", "cpu_test", "--set", "train.max_steps=5",
-            "--set", "train.eval_every=2", "--set", "checkpoint.every_steps=5"]
+RNN_TINY = [
+    str(RECIPES / "rnn_sine.yaml"),
+    "--profile",
+    "cpu_test",
+    "--set",
+    "train.max_steps=5",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "checkpoint.every_steps=5",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,8 +80,9 @@ def test_eval_reports_the_same_metrics_as_training_as_json(tiny_run, tmp_path):
     assert got["metrics"]["test/mse"] == pytest.approx(summary["metrics"]["test/mse"], rel=1e-6)
     ckpt = run_cli("eval", str(run / "checkpoints" / "step_5"))  # the step-5 checkpoint is the final model
     assert ckpt.returncode == 0, ckpt.stderr[-2000:]
-    assert json.loads(ckpt.stdout[ckpt.stdout.index("{"):])["metrics"]["val/mse"] == pytest.approx(
-        summary["metrics"]["val/mse"], rel=1e-6)
+    assert json.loads(ckpt.stdout[ckpt.stdout.index("{") :])["metrics"]["val/mse"] == pytest.approx(
+        summary["metrics"]["val/mse"], rel=1e-6
+    )
 
 
 def test_eval_of_a_folder_without_a_model_is_one_line(tmp_path):
@@ -140,9 +150,15 @@ def test_the_old_wandb_switch_still_works():
 def _mode(tmp_path, **env) -> str:
     base = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     code = "from dltrain.tracking import wandb_mode; print(wandb_mode())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**base, "HOME": str(tmp_path), "NETRC": str(tmp_path / ".netrc"), **env},
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**base, "HOME": str(tmp_path), "NETRC": str(tmp_path / ".netrc"), **env},
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 
@@ -208,7 +224,8 @@ def test_linear_warmup_keeps_its_numbers_and_hf_schedules_come_from_transformers
 
     # dltrain's linear_warmup: (step + 1) / (warmup + 1) up, then linear to zero at the last step
     assert _lrs(["name=linear_warmup", "warmup_steps=3"]) == pytest.approx(
-        [0.25, 0.5, 0.75, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
+        [0.25, 0.5, 0.75, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7]
+    )
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     hf = get_cosine_schedule_with_warmup(opt, 2, 10)
     expected = []
@@ -225,8 +242,10 @@ def test_a_resume_that_changes_the_schedule_sets_the_new_lr_and_keeps_no_decay_g
     from dltrain.optim import build_optimizer, build_scheduler
 
     old = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["optim.name=adamw", "optim.weight_decay=0.1"])
-    new = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["optim.name=adamw", "optim.weight_decay=0.2",
-                                                             "schedule.name=cosine", "optim.lr=0.5"])
+    new = load_recipe(
+        RECIPES / "cnn_mnist.yaml",
+        overrides=["optim.name=adamw", "optim.weight_decay=0.2", "schedule.name=cosine", "optim.lr=0.5"],
+    )
     opt = build_optimizer(old.optim, _Tiny())
     sched = build_scheduler(old.schedule, opt, 10)
     for _ in range(5):
@@ -298,13 +317,17 @@ def test_a_recipe_precision_over_the_launchers_is_one_warning(monkeypatch, capsy
 
 def test_launch_passes_an_accelerate_config_file(tmp_path):
     config = tmp_path / "acc.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-                      "mixed_precision: bf16\n")
-    result = run_cli("launch", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--config_file", str(config),
-                     "--dry-run")
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: bf16\n"
+    )
+    result = run_cli(
+        "launch", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--config_file", str(config), "--dry-run"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"--config_file {config}" in result.stdout and "--mixed_precision" not in result.stdout
-    missing = run_cli("launch", str(RECIPES / "cnn_mnist.yaml"), "--config_file", str(tmp_path / "no.yaml"), "--dry-run")
+    missing = run_cli(
+        "launch", str(RECIPES / "cnn_mnist.yaml"), "--config_file", str(tmp_path / "no.yaml"), "--dry-run"
+    )
     assert missing.returncode == 2 and "--config_file" in missing.stderr
 
 

@@ -19,9 +19,11 @@ from conftest import REPO
 
 def _imports_torch(argv: list[str]) -> tuple[bool, str]:
     """(was torch imported, stdout) after `dltrain ARGV` in a fresh interpreter."""
-    code = ("import sys\nfrom dltrain.cli import main\n"
-            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom dltrain.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.rstrip().endswith("TORCH True"), done.stdout
@@ -99,9 +101,14 @@ def _cnn_run(tmp_path, saved: tuple[str, ...]):
     return run
 
 
-@pytest.mark.parametrize("saved, taken", [(("final", "best", "step_4"), "final_model"),
-                                          (("best", "step_4"), "best_model"),
-                                          (("step_2", "step_4"), "checkpoints/step_4")])
+@pytest.mark.parametrize(
+    "saved, taken",
+    [
+        (("final", "best", "step_4"), "final_model"),
+        (("best", "step_4"), "best_model"),
+        (("step_2", "step_4"), "checkpoints/step_4"),
+    ],
+)
 def test_export_takes_what_the_run_saved_in_order_final_best_checkpoint(tmp_path, saved, taken):
     from dltrain.export import locate
 
@@ -166,8 +173,11 @@ def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
     from dltrain.recipe import dump_recipe, load_recipe
 
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", "cpu_test",
-                         ["data.train_file=train.csv", "data.eval_file=data/dev.csv", "data.test_file=../test.csv"])
+    recipe = load_recipe(
+        REPO / "recipes" / "bert_sst2_minilm.yaml",
+        "cpu_test",
+        ["data.train_file=train.csv", "data.eval_file=data/dev.csv", "data.test_file=../test.csv"],
+    )
     dumped = dump_recipe(recipe)
     assert f"train_file: {tmp_path / 'train.csv'}" in dumped
     assert f"eval_file: {tmp_path / 'data' / 'dev.csv'}" in dumped
@@ -194,10 +204,20 @@ def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path,
     (where / "train.csv").write_text(rows)
     (where / "dev.csv").write_text(rows)
     monkeypatch.chdir(where)
-    recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", "cpu_test",
-                         [f"model.name_or_path={minilm_dir}", "data.train_file=train.csv", "data.eval_file=dev.csv",
-                          "data.text_column=text", "data.label_column=topic", "data.label_names=[food,music,sports]",
-                          "data.train_subset=null", "data.eval_subset=null"])
+    recipe = load_recipe(
+        REPO / "recipes" / "bert_sst2_minilm.yaml",
+        "cpu_test",
+        [
+            f"model.name_or_path={minilm_dir}",
+            "data.train_file=train.csv",
+            "data.eval_file=dev.csv",
+            "data.text_column=text",
+            "data.label_column=topic",
+            "data.label_names=[food,music,sports]",
+            "data.train_subset=null",
+            "data.eval_subset=null",
+        ],
+    )
     model = get_workload("bert").build_model(recipe)
     run = where / "run"
     run.mkdir()
@@ -206,8 +226,9 @@ def test_eval_from_another_directory_needs_only_the_split_it_evaluates(tmp_path,
     (where / "train.csv").unlink()  # evaluation must not need it
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = run_cli("eval", str(run), "--which", "best", cwd=elsewhere,
-                   env={"DLTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    done = run_cli(
+        "eval", str(run), "--which", "best", cwd=elsewhere, env={"DLTRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["metrics"]["val/examples"] == 12 and result["model"] == str(run / "best_model")
@@ -224,16 +245,31 @@ def test_a_tie_on_the_target_metric_keeps_the_later_model(monkeypatch, tmp_path)
     from dltrain import trainer
     from dltrain.recipe import load_recipe
 
-    evals = iter([{"val/accuracy": 0.5, "val/loss": 1.0}, {"val/accuracy": 1.0, "val/loss": 0.78},
-                  {"val/accuracy": 1.0, "val/loss": 0.36}, {"val/accuracy": 0.9, "val/loss": 0.30}])
+    evals = iter(
+        [
+            {"val/accuracy": 0.5, "val/loss": 1.0},
+            {"val/accuracy": 1.0, "val/loss": 0.78},
+            {"val/accuracy": 1.0, "val/loss": 0.36},
+            {"val/accuracy": 0.9, "val/loss": 0.30},
+        ]
+    )
     saved_at = []
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: dict(next(evals)))
     monkeypatch.setattr(trainer, "print_eval", lambda *a, **k: None)
     monkeypatch.setattr(trainer.export, "from_loop", lambda loop, out: saved_at.append(state.step))
     recipe = load_recipe(REPO / "recipes" / "bert_sst2_minilm.yaml", overrides=["target.value=2"])
-    loop = SimpleNamespace(recipe=recipe, model=None, data=SimpleNamespace(val=None), workload=None, accelerator=None,
-                           plan=SimpleNamespace(micro_batch=1), steps_per_epoch=10, run_dir=tmp_path,
-                           log=SimpleNamespace(log=lambda *a: None), t_start=0.0)
+    loop = SimpleNamespace(
+        recipe=recipe,
+        model=None,
+        data=SimpleNamespace(val=None),
+        workload=None,
+        accelerator=None,
+        plan=SimpleNamespace(micro_batch=1),
+        steps_per_epoch=10,
+        run_dir=tmp_path,
+        log=SimpleNamespace(log=lambda *a: None),
+        t_start=0.0,
+    )
     state = trainer.TrainState()
     for step in (10, 20, 30, 40):
         state.step = step
@@ -351,17 +387,23 @@ def test_bf16_on_a_cpu_with_bf16_units_says_nothing(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Shipped files point only inside the package
 
 
 def test_no_shipped_file_points_to_notes_users_do_not_have():
-    shipped = [p for top in ("dltrain", "launch", "recipes", "benchmarks/suites", "benchmarks/baselines", "examples")
-               for p in (REPO / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    shipped = [
+        p
+        for top in ("dltrain", "launch", "recipes", "benchmarks/suites", "benchmarks/baselines", "examples")
+        for p in (REPO / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     assert len(shipped) > 50  # the walk found the package
-    pointing = [str(p.relative_to(REPO)) for p in shipped
-                if any(s in p.read_text(errors="replace") for s in ("ENV-NOTES", "../shared"))]
+    pointing = [
+        str(p.relative_to(REPO))
+        for p in shipped
+        if any(s in p.read_text(errors="replace") for s in ("ENV-NOTES", "../shared"))
+    ]
     assert pointing == []
 
 
@@ -374,16 +416,29 @@ def test_make_wheel_builds_the_wheel_and_leaves_the_checkout_clean(tmp_path):
     import zipfile
 
     checkout = tmp_path / "checkout"
-    for rel in ("Makefile", "pyproject.toml", "README.md", "dltrain", "recipes", "launch", "benchmarks/suites",
-                "benchmarks/baselines"):
+    for rel in (
+        "Makefile",
+        "pyproject.toml",
+        "README.md",
+        "dltrain",
+        "recipes",
+        "launch",
+        "benchmarks/suites",
+        "benchmarks/baselines",
+    ):
         if (REPO / rel).is_dir():
             shutil.copytree(REPO / rel, checkout / rel, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             checkout.mkdir(exist_ok=True)
             shutil.copy2(REPO / rel, checkout / rel)
     before = sorted(p.name for p in checkout.iterdir())
-    done = subprocess.run(["make", "wheel", f"PYTHON={sys.executable}", "WHEEL_FLAGS=--no-build-isolation"],
-                          cwd=checkout, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["make", "wheel", f"PYTHON={sys.executable}", "WHEEL_FLAGS=--no-build-isolation"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in checkout.iterdir()) == sorted([*before, "dist"])  # no build/, no dltrain.egg-info/
     (wheel,) = (checkout / "dist").glob("dltrain-*.whl")

@@ -16,8 +16,16 @@ def _table_rows(summary_text: str) -> dict[str, list[str]]:
 
 def test_cli_inspect_rnn(tmp_path):
     out = tmp_path / "inspect"
-    result = run_cli("inspect", str(RECIPES / "rnn_sine.yaml"), "--profile", "seed", "--set", "model.cell=lstm",
-                     "--output-dir", str(out))
+    result = run_cli(
+        "inspect",
+        str(RECIPES / "rnn_sine.yaml"),
+        "--profile",
+        "seed",
+        "--set",
+        "model.cell=lstm",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "samples.png").stat().st_size > 10_000
     rows = _table_rows((out / "model_summary.md").read_text())
@@ -44,11 +52,16 @@ def test_inspect_bert_writes_sentences_with_labels(tmp_path, minilm_dir, monkeyp
     rows = [("a gripping , funny film", 1), ("dull and far too long", 0), ("pipes | and tabs", 1)]
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
-    recipe = load_recipe(RECIPES / "bert_sst2_minilm.yaml", "cpu_test",
-                         [f"model.name_or_path={minilm_dir}", f"data.train_file={tsv}", f"data.eval_file={tsv}"])
+    recipe = load_recipe(
+        RECIPES / "bert_sst2_minilm.yaml",
+        "cpu_test",
+        [f"model.name_or_path={minilm_dir}", f"data.train_file={tsv}", f"data.eval_file={tsv}"],
+    )
     result = inspect(recipe, tmp_path / "out", max_depth=2)
     text = result["samples"][0].read_text()
-    assert "| 0 | 1 (positive) | 7 | a gripping, funny film |" in text  # 5 words + [CLS] [SEP]; decoded by the tokenizer
+    assert (
+        "| 0 | 1 (positive) | 7 | a gripping, funny film |" in text
+    )  # 5 words + [CLS] [SEP]; decoded by the tokenizer
     assert "| 1 | 0 (negative) |" in text and "pipes \\| and tabs" in text
     table = _table_rows(result["summary"].read_text())
     assert table["bert.encoder"][:2] == ["BertEncoder", "2x7x384"]  # batch of 2, padded to the longer row

@@ -143,10 +143,22 @@ def test_dry_run_prints_the_command_and_checks_the_recipe_first(capsys):
 
 def test_the_recipe_is_checked_with_the_launchers_deepspeed_stage(capsys):
     # ZeRO-3 parameter offload: valid with --deepspeed 3, dropped without a word below it (refused)
-    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", "--deepspeed", "3", *TRAIN,
-                           "--set", "deepspeed.offload_params=cpu")
+    rc, out, err = _launch(
+        capsys,
+        "--dry-run",
+        "--cpu",
+        "--nproc",
+        "2",
+        "--deepspeed",
+        "3",
+        *TRAIN,
+        "--set",
+        "deepspeed.offload_params=cpu",
+    )
     assert rc == 0 and "--zero_stage 3" in out, err
-    rc, out, err = _launch(capsys, "--dry-run", "--cpu", "--nproc", "2", *TRAIN, "--set", "deepspeed.offload_params=cpu")
+    rc, out, err = _launch(
+        capsys, "--dry-run", "--cpu", "--nproc", "2", *TRAIN, "--set", "deepspeed.offload_params=cpu"
+    )
     assert rc == 2 and "deepspeed.offload_params needs deepspeed.zero_stage 3" in err
 
 
@@ -201,7 +213,9 @@ def test_world_guard_refuses_processes_that_each_see_a_world_of_one():
 
 
 def _readme_slurm_example() -> list[str]:
-    (line,) = [s for s in (REPO / "README.md").read_text().splitlines() if s.strip().startswith("sbatch launch/slurm.sbatch")]
+    (line,) = [
+        s for s in (REPO / "README.md").read_text().splitlines() if s.strip().startswith("sbatch launch/slurm.sbatch")
+    ]
     return line.split("#")[0].split()[2:]  # the arguments after the script
 
 
@@ -230,19 +244,35 @@ def test_the_readme_slurm_example_launches_at_4_nodes_x_8_gpus(tmp_path):
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node[007-010]",
-           "SLURM_NNODES": "4", "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "dltrain", "SLURM_GPUS_ON_NODE": "8",
-           "MASTER_PORT": "29611", "DLTRAIN": f"{sys.executable} -m dltrain"}
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-node[007-010]",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NAME": "dltrain",
+        "SLURM_GPUS_ON_NODE": "8",
+        "MASTER_PORT": "29611",
+        "DLTRAIN": f"{sys.executable} -m dltrain",
+    }
     example = _readme_slurm_example()
     assert example[0] == "bert_sst2"  # by name: the script resolves it from any directory
-    done = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), *example, "--dry-run"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), *example, "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 4
     for rank, line in enumerate(lines):
-        assert (f"--num_processes 32 --num_machines 4 --machine_rank {rank} --main_process_ip gpu-node007 "
-                "--main_process_port 29611") in line
+        assert (
+            f"--num_processes 32 --num_machines 4 --machine_rank {rank} --main_process_ip gpu-node007 "
+            "--main_process_port 29611"
+        ) in line
         assert line.endswith(" ".join(example) + " --output-dir runs/dltrain-77")
 
 
@@ -255,8 +285,9 @@ def _accelerate(*args: str, env: dict | None = None) -> subprocess.CompletedProc
     from dltrain.launch import accelerate_executable
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([accelerate_executable(), "launch", *args], capture_output=True, text=True, timeout=600,
-                          env=full_env, cwd=REPO)
+    return subprocess.run(
+        [accelerate_executable(), "launch", *args], capture_output=True, text=True, timeout=600, env=full_env, cwd=REPO
+    )
 
 
 def _dltrain_errors(stderr: str) -> list[str]:
@@ -265,8 +296,19 @@ def _dltrain_errors(stderr: str) -> list[str]:
 
 def test_accelerates_cpu_launcher_asked_for_two_processes_is_refused_naming_the_command_that_starts_two(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: it trained a world of 1 without a word."""
-    done = _accelerate("--cpu", "--num_processes", "2", "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
-                       "--output-dir", str(tmp_path / "run"))
+    done = _accelerate(
+        "--cpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "dltrain",
+        "train",
+        *TRAIN,
+        "--set",
+        "train.max_steps=1",
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     # dltrain exits 2; Accelerate's launcher then exits 1 with its own traceback of the child's failure.
     assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-2000:]
     (line,) = _dltrain_errors(done.stderr)
@@ -291,8 +333,18 @@ def test_the_root_gpu_config_on_a_host_without_gpus_is_refused_before_training(t
     rc, _, err = _launch(capsys, *TRAIN, "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"), "--dry-run")
     assert rc == 0, err  # the CPU config it names is not refused
     # Plain accelerate launch with it (two processes here, to start fewer): each rank refuses, rank 0 says so.
-    done = _accelerate("--config_file", root, "--num_processes", "2", "-m", "dltrain", "train", *TRAIN,
-                       "--output-dir", str(tmp_path / "run"))
+    done = _accelerate(
+        "--config_file",
+        root,
+        "--num_processes",
+        "2",
+        "-m",
+        "dltrain",
+        "train",
+        *TRAIN,
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     assert done.returncode != 0 and "dltrain: cnn_mnist" not in done.stdout, done.stdout[-2000:]
     (line,) = _dltrain_errors(done.stderr)
     assert "is a GPU config (gpu_ids: all, 8 processes)" in line and "launch/cpu_2proc.yaml" in line, line
@@ -324,14 +376,46 @@ def test_dltrain_train_on_a_cpu_prints_its_threads_and_takes_cores_over_processe
     """It used every core's thread per process, with nothing printed."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     n = len(os.sched_getaffinity(0))
-    done = subprocess.run([sys.executable, "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
-                           "--output-dir", str(tmp_path / "a")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dltrain",
+            "train",
+            *TRAIN,
+            "--set",
+            "train.max_steps=1",
+            "--output-dir",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     threads = f"{n} CPU thread{'s' if n > 1 else ''} per process ({n} cores / 1 process on this node)"
     assert f"device cpu, {threads}" in done.stdout, done.stdout[:1000]
-    done = subprocess.run([sys.executable, "-m", "dltrain", "train", *TRAIN, "--set", "train.max_steps=1",
-                           "--set", "train.cpu_threads=3", "--output-dir", str(tmp_path / "b")],
-                          capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dltrain",
+            "train",
+            *TRAIN,
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "train.cpu_threads=3",
+            "--output-dir",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "device cpu, 3 CPU threads per process (train.cpu_threads)" in done.stdout, done.stdout[:1000]

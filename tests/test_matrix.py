@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import REPO
 from test_distributed import (
     DLTRAIN,
@@ -61,15 +62,19 @@ COMPILE = ("off", "on")
 PRECISION = ("fp32", "bf16")
 
 LAUNCH2 = [*DLTRAIN, "launch", "--cpu", "--nproc", "2"]
-LAUNCH = {"ddp": LAUNCH2, "fsdp": [*LAUNCH2, "--fsdp"],
-          **{f"zero{z}": [*LAUNCH2, "--deepspeed", str(z)] for z in (1, 2, 3)}}
-AXIS_SETS = {"off": [], "on": _sets("train.compile.enabled=true"),
-             "fp32": [], "bf16": _sets("train.precision=bf16")}
+LAUNCH = {
+    "ddp": LAUNCH2,
+    "fsdp": [*LAUNCH2, "--fsdp"],
+    **{f"zero{z}": [*LAUNCH2, "--deepspeed", str(z)] for z in (1, 2, 3)},
+}
+AXIS_SETS = {"off": [], "on": _sets("train.compile.enabled=true"), "fp32": [], "bf16": _sets("train.precision=bf16")}
 # test_distributed's short CNN run, plus what a cell covers in the same job: a checkpoint and an
 # evaluation at step 3 (and the final ones at step 6), save_best by the recipe's target metric
 # (val/accuracy). Plots off: matplotlib's import and drawing are seconds a cell does not need.
-CELL = [*SMALL["cnn"], *_sets("checkpoint.every_steps=3", "train.eval_every=3", "checkpoint.save_best=true",
-                              "tracking.plots=false")]
+CELL = [
+    *SMALL["cnn"],
+    *_sets("checkpoint.every_steps=3", "train.eval_every=3", "checkpoint.save_best=true", "tracking.plots=false"),
+]
 RESUME_STEP = 3
 STEPS = 6
 
@@ -77,8 +82,13 @@ STEPS = 6
 # fp32 3, bf16 2), with compile under DDP (issue 19's item b) and FSDP2's own bf16. No cell pairs
 # compile with bf16: that kind is the slowest (bf16 is emulated on AVX2 CPUs) and needs a fourth
 # one-process run; the full matrix has them.
-DIAGONAL = (("ddp", "on", "fp32"), ("fsdp", "off", "bf16"), ("zero1", "off", "fp32"),
-            ("zero2", "off", "bf16"), ("zero3", "on", "fp32"))
+DIAGONAL = (
+    ("ddp", "on", "fp32"),
+    ("fsdp", "off", "bf16"),
+    ("zero1", "off", "fp32"),
+    ("zero2", "off", "bf16"),
+    ("zero3", "on", "fp32"),
+)
 FULL = os.environ.get("DLTRAIN_MATRIX", "") == "full"
 
 # Match with one process of the same compile and precision (compiled against compiled: inductor
@@ -103,6 +113,7 @@ DEEPSPEED_BF16_LOSS_ATOL = 1.6e-2
 
 def loss_tol(strategy: str, precision: str) -> float:
     return DEEPSPEED_BF16_LOSS_ATOL if strategy.startswith("zero") and precision == "bf16" else LOSS_TOL[precision]
+
 
 # Hangs only: a healthy job took 25-210 s here on a loaded machine (the longest: DeepSpeed's first
 # start, which compiles its shm op; bf16 is emulated on an AVX2 CPU).
@@ -144,8 +155,15 @@ class MatrixRuns(Runs):
             out = self.root / name
             full_env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
             t0 = time.perf_counter()
-            proc = subprocess.Popen([*argv, "--output-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=REPO, env=full_env, start_new_session=True)
+            proc = subprocess.Popen(
+                [*argv, "--output-dir", str(out)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+                env=full_env,
+                start_new_session=True,
+            )
             try:
                 stdout, stderr = proc.communicate(timeout=timeout)
                 rc = proc.returncode
@@ -170,8 +188,10 @@ def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 # Judging a job's end
 
 
-_ERROR = re.compile(r"dltrain: (error|training stopped|preempted):|(?!Exception ignored)[A-Za-z_][\w.]*"
-                    r"(Error|Exception|Unsupported|Exit|Interrupt|Hit)\b")
+_ERROR = re.compile(
+    r"dltrain: (error|training stopped|preempted):|(?!Exception ignored)[A-Za-z_][\w.]*"
+    r"(Error|Exception|Unsupported|Exit|Interrupt|Hit)\b"
+)
 
 
 def first_error_line(text: str) -> str:
@@ -203,8 +223,9 @@ class CellFailed(Exception):
 
 def job_failed(what: str, run: Run) -> CellFailed:
     if run.returncode is None:
-        return CellFailed(f"{what}: no exit within {JOB_TIMEOUT_S} s (a hang?); last stderr line: "
-                          f"{first_error_line(run.stderr)}")
+        return CellFailed(
+            f"{what}: no exit within {JOB_TIMEOUT_S} s (a hang?); last stderr line: {first_error_line(run.stderr)}"
+        )
     return CellFailed(f"{what}: exit {run.returncode}: {first_error_line(run.stderr)}")
 
 
@@ -212,8 +233,9 @@ def refusal(run: Run, cell) -> str:
     """The reason line of a proper refusal; CellFailed for anything else that exited 2."""
     lines = [line for line in run.stderr.splitlines() if "dltrain: error:" in line]
     if len(lines) != 1:
-        raise CellFailed(f"exit 2 with {len(lines)} 'dltrain: error:' lines (a refusal has one): "
-                         f"{first_error_line(run.stderr)}")
+        raise CellFailed(
+            f"exit 2 with {len(lines)} 'dltrain: error:' lines (a refusal has one): {first_error_line(run.stderr)}"
+        )
     reason = lines[0].split("dltrain: error:", 1)[1].strip()
     if not names_the_combination(reason, cell):
         raise CellFailed(f"refused without naming {cell_id(cell)}: {reason}")
@@ -256,7 +278,8 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
     tol = loss_tol(strategy, precision)
     assert record["loss_diff"] <= tol, f"losses differ from one process by {record['loss_diff']:.3g} > {tol:g}"
     assert record["param_diff"] <= PARAM_TOL[precision], (
-        f"final parameters differ from one process by {record['param_diff']:.3g} > {PARAM_TOL[precision]:g}")
+        f"final parameters differ from one process by {record['param_diff']:.3g} > {PARAM_TOL[precision]:g}"
+    )
 
     # Resume the mid-run checkpoint into a new directory: the rest of the run, bit for bit.
     step = full.out / "checkpoints" / f"step_{RESUME_STEP}"
@@ -266,7 +289,8 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
         raise job_failed(f"resume from {step.name}", resumed)
     record["jobs_s"]["resumed"] = round(resumed.seconds, 1)
     assert resumed.losses() == full.losses()[RESUME_STEP:], (
-        f"resumed losses {resumed.losses()} are not steps {RESUME_STEP + 1}-{STEPS} {full.losses()[RESUME_STEP:]}")
+        f"resumed losses {resumed.losses()} are not steps {RESUME_STEP + 1}-{STEPS} {full.losses()[RESUME_STEP:]}"
+    )
     record["resume_param_diff"] = max_param_diff(resumed.final_model(), full.final_model())
     assert record["resume_param_diff"] == 0.0, f"resumed final parameters differ by {record['resume_param_diff']:.3g}"
 
@@ -303,7 +327,8 @@ def check_works(cell, runs: MatrixRuns, full: Run, record: dict) -> None:
         # 3 of 1,200 for a borderline logit (the step-3 and step-6 models of the DDP cell differ by 5%).
         assert record[f"eval_{which}_accuracy_diff"] <= EVAL_ACC_TOL[precision] / expected["val/examples"], (
             f"dltrain eval --which {which}: val/accuracy {got['val/accuracy']:.4f}, the run logged "
-            f"{expected['val/accuracy']:.4f}")
+            f"{expected['val/accuracy']:.4f}"
+        )
     record["jobs_s"]["export_eval"] = round(time.perf_counter() - t0, 1)
 
 
@@ -332,6 +357,7 @@ def save_record(path: Path, record: dict) -> None:
     with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {"cells": []}
+
         def key(r: dict) -> tuple:
             return r["strategy"], r["compile"], r["precision"]
 
@@ -349,9 +375,19 @@ def save_record(path: Path, record: dict) -> None:
 def test_cell_works_or_is_refused(runs, cell, tmp_path_factory):
     strategy, comp, precision = cell
     t0 = time.perf_counter()
-    record = {"strategy": strategy, "compile": comp, "precision": precision, "outcome": "failed", "reason": "",
-              "loss_diff": None, "param_diff": None, "jobs_s": {}, "commit": _commit(), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    record = {
+        "strategy": strategy,
+        "compile": comp,
+        "precision": precision,
+        "outcome": "failed",
+        "reason": "",
+        "loss_diff": None,
+        "param_diff": None,
+        "jobs_s": {},
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     full = runs.get(cell_id(cell), [*LAUNCH[strategy], *CELL, *AXIS_SETS[comp], *AXIS_SETS[precision]])
     record["jobs_s"]["train"] = round(full.seconds, 1)
     try:

@@ -20,8 +20,15 @@ spec.loader.exec_module(matrix_table)
 
 
 def _record(strategy, comp, precision, outcome, reason=""):
-    return {"strategy": strategy, "compile": comp, "precision": precision, "outcome": outcome, "reason": reason,
-            "commit": "abc1234", "torch": "2.14.1"}
+    return {
+        "strategy": strategy,
+        "compile": comp,
+        "precision": precision,
+        "outcome": outcome,
+        "reason": reason,
+        "commit": "abc1234",
+        "torch": "2.14.1",
+    }
 
 
 RECORDS = [
@@ -34,8 +41,10 @@ RECORDS = [
 def test_the_table_shows_each_cell_by_its_record_and_counts_them():
     table = matrix_table.render(RECORDS, [("*", "*", "fp16")])
     lines = table.splitlines()
-    assert lines[0] == ("| strategy | compile off, fp32 | compile off, bf16 | compile off, fp16 | compile on, fp32 "
-                        "| compile on, bf16 | compile on, fp16 |")
+    assert lines[0] == (
+        "| strategy | compile off, fp32 | compile off, bf16 | compile off, fp16 | compile on, fp32 "
+        "| compile on, bf16 | compile on, fp16 |"
+    )
     assert lines[1] == "|---|---|---|---|---|---|---|"
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:7]}
     assert list(rows) == ["DDP", "FSDP2", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"]
@@ -52,8 +61,10 @@ def test_the_table_shows_each_cell_by_its_record_and_counts_them():
 def test_a_record_wins_over_a_gpu_only_pattern():
     table = matrix_table.render(RECORDS, [("ddp", "off", "*")])
     ddp = next(line for line in table.splitlines() if line.startswith("| DDP |"))
-    assert ddp == ("| DDP | works | GPU-only, untested | failed: train: exit 1: torch._dynamo.exc.Unsupported: "
-                   "Unsupported method call | not run |")
+    assert ddp == (
+        "| DDP | works | GPU-only, untested | failed: train: exit 1: torch._dynamo.exc.Unsupported: "
+        "Unsupported method call | not run |"
+    )
 
 
 def test_the_script_rewrites_only_the_readme_section_between_the_markers(tmp_path):
@@ -62,20 +73,28 @@ def test_the_script_rewrites_only_the_readme_section_between_the_markers(tmp_pat
     readme = tmp_path / "README.md"
     before, after = "# Title\n\n## Strategy combinations\n\nText above.\n\n", "\nText below.\n"
     readme.write_text(f"{before}{matrix_table.BEGIN}\n| an old table |\n{matrix_table.END}{after}")
-    done = subprocess.run([sys.executable, str(SCRIPT), str(results), "--readme", str(readme)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(results), "--readme", str(readme)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     table = matrix_table.render(RECORDS, [("*", "*", "fp16")])  # the file's gpu_only list
     assert done.stdout == table and "GPU-only, untested" in table
     assert readme.read_text() == f"{before}{matrix_table.BEGIN}\n{table}{matrix_table.END}{after}"
     # Run again: the same file (the section is replaced, not appended to).
-    subprocess.run([sys.executable, str(SCRIPT), str(results), "--readme", str(readme)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(results), "--readme", str(readme)], check=True, capture_output=True
+    )
     assert readme.read_text() == f"{before}{matrix_table.BEGIN}\n{table}{matrix_table.END}{after}"
 
 
-@pytest.mark.parametrize("text", ["no markers here\n", f"{matrix_table.END}\n{matrix_table.BEGIN}\n",
-                                  f"{matrix_table.BEGIN}\n{matrix_table.BEGIN}\n{matrix_table.END}\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no markers here\n",
+        f"{matrix_table.END}\n{matrix_table.BEGIN}\n",
+        f"{matrix_table.BEGIN}\n{matrix_table.BEGIN}\n{matrix_table.END}\n",
+    ],
+)
 def test_a_readme_without_one_ordered_pair_of_markers_is_left_alone(tmp_path, text):
     readme = tmp_path / "README.md"
     readme.write_text(text)
@@ -99,8 +118,14 @@ def test_the_readme_table_is_the_committed_results_rendered():
 # rules are shown to pass and to fail here.
 
 from test_distributed import Run  # noqa: E402
-from test_matrix import (CellFailed, MatrixRuns, first_error_line, job_failed,  # noqa: E402
-                         names_the_combination, refusal)
+from test_matrix import (  # noqa: E402
+    CellFailed,
+    MatrixRuns,
+    first_error_line,
+    job_failed,
+    names_the_combination,
+    refusal,
+)
 
 FSDP_COMPILE_BF16 = ("fsdp", "on", "bf16")
 TRACEBACK = """W1207 03:25:01 torch/distributed/run.py: Setting OMP_NUM_THREADS
@@ -143,13 +168,19 @@ def test_a_proper_refusal_gives_its_reason(tmp_path):
     assert refusal(run, FSDP_COMPILE_BF16) == line
 
 
-@pytest.mark.parametrize("stderr, written, why", [
-    ("[rank0]: dltrain: error: compile under FSDP\n[rank1]: dltrain: error: compile under FSDP\n", [],
-     "2 'dltrain: error:' lines"),
-    ("dltrain: error: the recipe is wrong\n", [], "without naming"),
-    ("dltrain: error: compile under FSDP\n", ["metrics.jsonl"], "after training started"),
-    ("usage: dltrain ...\ndltrain: error: unrecognized arguments\n", [], "without naming"),
-])
+@pytest.mark.parametrize(
+    "stderr, written, why",
+    [
+        (
+            "[rank0]: dltrain: error: compile under FSDP\n[rank1]: dltrain: error: compile under FSDP\n",
+            [],
+            "2 'dltrain: error:' lines",
+        ),
+        ("dltrain: error: the recipe is wrong\n", [], "without naming"),
+        ("dltrain: error: compile under FSDP\n", ["metrics.jsonl"], "after training started"),
+        ("usage: dltrain ...\ndltrain: error: unrecognized arguments\n", [], "without naming"),
+    ],
+)
 def test_anything_else_that_exits_2_fails_the_cell(tmp_path, stderr, written, why):
     with pytest.raises(CellFailed, match=why):
         refusal(_exit2(tmp_path, stderr, written), FSDP_COMPILE_BF16)
@@ -158,9 +189,13 @@ def test_anything_else_that_exits_2_fails_the_cell(tmp_path, stderr, written, wh
 def test_a_hung_job_is_killed_with_the_processes_it_started(tmp_path):
     """A cell that hangs must not leave its ranks running: the launcher's whole session is killed."""
     pid_file = tmp_path / "child.pid"
-    hang = [sys.executable, "-c", "import subprocess, sys, time; "
-            f"p = subprocess.Popen(['sleep', '300']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
-            "print('started', flush=True); print('RuntimeError: stuck', file=sys.stderr, flush=True); time.sleep(300)"]
+    hang = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen(['sleep', '300']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+        "print('started', flush=True); print('RuntimeError: stuck', file=sys.stderr, flush=True); time.sleep(300)",
+    ]
     run = MatrixRuns(tmp_path, tmp_path).get("hang", hang, timeout=5)
     assert run.returncode is None and "started" in run.stdout
     child = pid_file.read_text()

@@ -45,11 +45,16 @@ def test_validation_split_is_held_out_and_deterministic(data_dir):
 
 def test_two_rank_training_shards_are_disjoint_and_cover_the_epoch():
     n, micro = 1_000, 25  # 1000 = 20 global batches of 2 x 25
-    shards = [torch.cat(list(train_index_batches(n, micro_batch=micro, grad_accum=1, rank=r, world=2, seed=3, epoch=0))) for r in (0, 1)]
+    shards = [
+        torch.cat(list(train_index_batches(n, micro_batch=micro, grad_accum=1, rank=r, world=2, seed=3, epoch=0)))
+        for r in (0, 1)
+    ]
     assert len(set(shards[0].tolist()) & set(shards[1].tolist())) == 0
     assert sorted(torch.cat(shards).tolist()) == list(range(n))
     # reshuffled per epoch, identically on every rank
-    next_epoch = torch.cat(list(train_index_batches(n, micro_batch=micro, grad_accum=1, rank=0, world=2, seed=3, epoch=1)))
+    next_epoch = torch.cat(
+        list(train_index_batches(n, micro_batch=micro, grad_accum=1, rank=0, world=2, seed=3, epoch=1))
+    )
     assert not torch.equal(shards[0], next_epoch)
 
 
@@ -80,7 +85,9 @@ def test_tensor_and_dataloader_paths_give_the_same_batches(data_dir):
     tensor = cnn.build_data(recipe_for(data_dir, "data.loader=tensor", "data.train_subset=512"))
     torch_path = cnn.build_data(recipe_for(data_dir, "data.loader=torch", "data.train_subset=512"))
     index_batches = list(train_index_batches(512, micro_batch=64, grad_accum=1, rank=0, world=1, seed=0, epoch=0))
-    for (xa, ya), (xb, yb) in zip(tensor.train.batches(index_batches), torch_path.train.batches(index_batches), strict=True):
+    for (xa, ya), (xb, yb) in zip(
+        tensor.train.batches(index_batches), torch_path.train.batches(index_batches), strict=True
+    ):
         assert torch.equal(ya, yb)
         torch.testing.assert_close(xa, xb, rtol=0, atol=1e-6)
 
@@ -151,7 +158,8 @@ def test_an_empty_root_uses_the_cache_and_says_so(tmp_path, filled_cache, capsys
     capsys.readouterr()
     assert cnn.prepare_mnist(empty) == filled_cache.parent.parent
     assert capsys.readouterr().err.splitlines() == [
-        f"dltrain: note: no MNIST files in {empty}/MNIST/raw: using the copy in {filled_cache}"]
+        f"dltrain: note: no MNIST files in {empty}/MNIST/raw: using the copy in {filled_cache}"
+    ]
 
 
 def test_a_root_with_files_is_used_and_checked_even_when_the_cache_has_a_copy(tmp_path, data_dir, filled_cache, capsys):
@@ -166,7 +174,12 @@ def test_a_root_with_files_is_used_and_checked_even_when_the_cache_has_a_copy(tm
         cnn.prepare_mnist(partial.parent.parent)
     cut = tmp_path / "cut" / "MNIST" / "raw"  # unzipped files, cut short: this root is read, and fails
     cut.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (cut / name).write_bytes(bytes(16))
     assert cnn.prepare_mnist(cut.parent.parent) == cut.parent.parent
     with pytest.raises(cnn.DataError, match="cannot be read"):
@@ -185,8 +198,16 @@ def test_flops_per_sample_matches_the_layers():
 @pytest.mark.long
 def test_cnn_cpu_test_profile_reaches_97_percent(tmp_path, data_dir):
     out = tmp_path / "run"
-    result = run_cli("train", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--output-dir", str(out),
-                     env={"DLTRAIN_DATA_DIR": str(data_dir)}, timeout=400)
+    result = run_cli(
+        "train",
+        str(RECIPES / "cnn_mnist.yaml"),
+        "--profile",
+        "cpu_test",
+        "--output-dir",
+        str(out),
+        env={"DLTRAIN_DATA_DIR": str(data_dir)},
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["test/accuracy"] >= 0.97

@@ -25,8 +25,11 @@ def _errors(stderr: str) -> list[str]:
 
 def _tree(path: Path) -> dict[str, str]:
     """Every file under `path` with its sha256: a refusal must leave it the same."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def _run_id(run: Path) -> str:
@@ -73,8 +76,19 @@ def test_resume_auto_of_a_finished_run_without_checkpoints_is_refused(data_dir, 
     run = tmp_path / "run"
     assert train(run, "--set", "checkpoint.every_steps=null", "--set", "train.max_steps=4").returncode == 0
     before = _tree(run)
-    again = train(run, "--resume", "auto", "--set", "checkpoint.every_steps=null", "--set", "train.max_steps=4",
-                  "--set", "train.seed=7", "--set", "train.precision=bf16")
+    again = train(
+        run,
+        "--resume",
+        "auto",
+        "--set",
+        "checkpoint.every_steps=null",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.seed=7",
+        "--set",
+        "train.precision=bf16",
+    )
     assert again.returncode == EXIT_BAD_INPUT, again.stderr[-2000:]
     (line,) = _errors(again.stderr)
     assert "holds a finished run and no checkpoint of it to continue from" in line and "--output-dir" in line
@@ -149,8 +163,11 @@ def test_a_run_forked_from_another_runs_checkpoint_is_a_new_run(finished, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     identity = json.loads((fork / "run.json").read_text())
     assert identity["run_id"] != _run_id(finished)
-    assert identity["forked_from"] == {"checkpoint": str(finished / "checkpoints" / "step_16"),
-                                       "run_id": _run_id(finished), "step": 16}
+    assert identity["forked_from"] == {
+        "checkpoint": str(finished / "checkpoints" / "step_16"),
+        "run_id": _run_id(finished),
+        "step": 16,
+    }
     summary = json.loads((fork / "summary.json").read_text())
     assert summary["run_id"] == identity["run_id"] and summary["forked_from"]["run_id"] == _run_id(finished)
     state = json.loads((fork / "checkpoints" / "step_20" / "trainer_state.json").read_text())
@@ -205,8 +222,10 @@ def test_resumed_with_changes_keeps_every_segments_changes(data_dir, tmp_path):
 # 17. Files read back, checked for shape
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"files": {"model.safetensors": 3}}',
-                                     '{"files": {"../../etc/passwd": {"size": 1, "sha256": "0"}}}'])
+@pytest.mark.parametrize(
+    "content",
+    ["[1, 2]", '{"files": {"model.safetensors": 3}}', '{"files": {"../../etc/passwd": {"size": 1, "sha256": "0"}}}'],
+)
 @pytest.mark.long
 def test_a_manifest_of_the_wrong_shape_skips_its_checkpoint(finished, tmp_path, content):
     run = tmp_path / "copy"
@@ -214,8 +233,9 @@ def test_a_manifest_of_the_wrong_shape_skips_its_checkpoint(finished, tmp_path, 
     (run / "checkpoints" / "step_20" / "manifest.json").write_text(content)
     done = train(run, "--resume", "auto", "--set", "train.epochs=3")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert any("skipping checkpoint" in n and "step_20" in n and "corrupt manifest.json" in n
-               for n in error_lines(done.stderr)), done.stderr[-2000:]
+    assert any(
+        "skipping checkpoint" in n and "step_20" in n and "corrupt manifest.json" in n for n in error_lines(done.stderr)
+    ), done.stderr[-2000:]
     assert "resuming at step 16 " in done.stdout
 
 
@@ -256,13 +276,33 @@ def test_a_signal_to_the_launcher_alone_checkpoints_and_stops_every_worker(data_
     from resume_helpers import TINY
 
     run = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "dltrain", "launch", "--cpu", "--nproc", "2", *TINY,
-                                 "--set", "train.epochs=20", "--output-dir", str(run)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "DLTRAIN_DATA_DIR": str(data_dir)})
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dltrain",
+            "launch",
+            "--cpu",
+            "--nproc",
+            "2",
+            *TINY,
+            "--set",
+            "train.epochs=20",
+            "--output-dir",
+            str(run),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DLTRAIN_DATA_DIR": str(data_dir)},
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and launcher.poll() is None and not (
-            (run / "metrics.jsonl").is_file() and len(losses(run)) >= 3):
+    while (
+        time.time() < deadline
+        and launcher.poll() is None
+        and not ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 3)
+    ):
         time.sleep(0.2)
     workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "dltrain" in " ".join(p.cmdline())]
     assert launcher.poll() is None and workers, "the job did not start"
@@ -276,7 +316,9 @@ def test_a_signal_to_the_launcher_alone_checkpoints_and_stops_every_worker(data_
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr and "the job failed" not in stderr
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
     assert note["step"] < 200  # stopped, not trained to the end (20 epochs of 10 steps)
-    again = train(run, "--resume", "auto", "--set", "train.epochs=20", "--set", "train.max_steps=" + str(note["step"] + 2))
+    again = train(
+        run, "--resume", "auto", "--set", "train.epochs=20", "--set", "train.max_steps=" + str(note["step"] + 2)
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming at step {note['step']} " in again.stdout
 
@@ -298,11 +340,13 @@ def test_an_ipv6_master_is_read_whole_or_refused_naming_the_brackets():
 def test_launch_refuses_resume_auto_without_output_dir_before_starting_anything():
     from conftest import RECIPES, run_cli
 
-    done = run_cli("launch", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--cpu", "--nproc", "2",
-                   "--resume", "auto")
+    done = run_cli(
+        "launch", str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test", "--cpu", "--nproc", "2", "--resume", "auto"
+    )
     assert done.returncode == EXIT_BAD_INPUT
-    assert _errors(done.stderr) == ["dltrain: error: --resume auto continues the run in --output-dir RUN_DIR: give "
-                                    "that directory"]
+    assert _errors(done.stderr) == [
+        "dltrain: error: --resume auto continues the run in --output-dir RUN_DIR: give that directory"
+    ]
 
 
 def test_the_python_api_refuses_resume_auto_without_a_directory_and_takes_one_set_string(tmp_path):
@@ -370,8 +414,18 @@ def test_export_writes_only_into_a_new_or_empty_folder_and_never_into_a_checkpoi
     assert again.returncode == EXIT_BAD_INPUT and "--overwrite" in _errors(again.stderr)[0]
 
 
-@pytest.mark.parametrize("damage", ["truncated-weights", "state-not-json", "recipe-not-yaml", "recipe-a-list",
-                                    "stray-resume-recipe", "bit-flip", "output-folder-missing"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated-weights",
+        "state-not-json",
+        "recipe-not-yaml",
+        "recipe-a-list",
+        "stray-resume-recipe",
+        "bit-flip",
+        "output-folder-missing",
+    ],
+)
 def test_eval_and_export_of_a_damaged_folder_is_one_line(finished, tmp_path, damage):
     run = tmp_path / "copy"
     shutil.copytree(finished, run)
@@ -398,8 +452,9 @@ def test_eval_and_export_of_a_damaged_folder_is_one_line(finished, tmp_path, dam
         weights.write_bytes(bytes(data))
     elif damage == "output-folder-missing":
         extra = ["--output", str(tmp_path / "no" / "such" / "eval.json")]
-    commands = [["eval", str(target), *extra]] + ([["export", str(target), "--output-dir", str(tmp_path / "out")]]
-                                                   if not extra else [])
+    commands = [["eval", str(target), *extra]] + (
+        [["export", str(target), "--output-dir", str(tmp_path / "out")]] if not extra else []
+    )
     for command in commands:
         done = _cli(*command)
         if damage == "stray-resume-recipe":  # not a segment's recipe: ignored, the run's own is read
@@ -417,19 +472,31 @@ def test_eval_and_export_of_a_damaged_folder_is_one_line(finished, tmp_path, dam
 RECORD = "  - name: rnn\n    recipe: recipes/rnn_sine.yaml\n    profile: cpu_test\n"
 
 
-@pytest.mark.parametrize("suite, message", [
-    ("records:\n" + RECORD + "    seeds: [0, 1, 1]\n", "seeds repeat [1]"),
-    ("records:\n" + RECORD + "    seeds: [-3]\n", "seeds are from 0 to 2**32-1"),
-    ("records:\n" + RECORD + "    seeds: [0]\n" + RECORD + "    seeds: [1]\n", "record names must be unique"),
-    ("records:\n" + RECORD + "    seeds: [0]\n    reference: {what: x, baseline: no_such_script}\n",
-     "reference baseline 'no_such_script' is not a baseline script"),
-    ("records:\n  - name: minilm\n    recipe: recipes/bert_sst2_minilm.yaml\n    profile: cpu_test\n"
-     "    overrides: [target.metric=test/accuracy]\n    seeds: [0]\n", "has no test split"),
-    ("entries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test, reference: a}\n",
-     "names itself as its reference"),
-    ("gpu_results: /no/such/dir\nentries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test}\n",
-     "gpu_results /no/such/dir: no summary.json there"),
-])
+@pytest.mark.parametrize(
+    "suite, message",
+    [
+        ("records:\n" + RECORD + "    seeds: [0, 1, 1]\n", "seeds repeat [1]"),
+        ("records:\n" + RECORD + "    seeds: [-3]\n", "seeds are from 0 to 2**32-1"),
+        ("records:\n" + RECORD + "    seeds: [0]\n" + RECORD + "    seeds: [1]\n", "record names must be unique"),
+        (
+            "records:\n" + RECORD + "    seeds: [0]\n    reference: {what: x, baseline: no_such_script}\n",
+            "reference baseline 'no_such_script' is not a baseline script",
+        ),
+        (
+            "records:\n  - name: minilm\n    recipe: recipes/bert_sst2_minilm.yaml\n    profile: cpu_test\n"
+            "    overrides: [target.metric=test/accuracy]\n    seeds: [0]\n",
+            "has no test split",
+        ),
+        (
+            "entries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test, reference: a}\n",
+            "names itself as its reference",
+        ),
+        (
+            "gpu_results: /no/such/dir\nentries:\n  - {name: a, recipe: recipes/rnn_sine.yaml, profile: cpu_test}\n",
+            "gpu_results /no/such/dir: no summary.json there",
+        ),
+    ],
+)
 def test_a_suite_mistake_is_refused_at_load_time_by_a_dry_run(tmp_path, suite, message):
     from conftest import run_cli
 
@@ -456,11 +523,18 @@ def test_a_comm_size_out_of_range_is_one_line(size):
 def test_launch_with_a_config_file_gets_the_same_pre_flight(tmp_path):
     """--config_file skipped every check: a global batch of 3 over 2 ranks crashed both ranks, and a
     garbage config file was a traceback."""
-    from conftest import REPO, RECIPES, run_cli
+    from conftest import RECIPES, REPO, run_cli
 
     cnn = [str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test"]
-    odd = run_cli("launch", *cnn, "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-                  "--set", "train.global_batch_size=3", "--dry-run")
+    odd = run_cli(
+        "launch",
+        *cnn,
+        "--config_file",
+        str(REPO / "launch" / "cpu_2proc.yaml"),
+        "--set",
+        "train.global_batch_size=3",
+        "--dry-run",
+    )
     assert odd.returncode == EXIT_BAD_INPUT
     (line,) = _errors(odd.stderr)
     assert "train.global_batch_size=3 is not divisible by world size 2" in line, line

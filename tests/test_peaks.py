@@ -8,50 +8,59 @@ import torch
 from dltrain import peaks
 
 
-@pytest.mark.parametrize("name, precision, expected", [
-    ("NVIDIA H200", "bf16", 989e12),  # SXM
-    ("NVIDIA H200 NVL", "bf16", 835e12),  # power-capped PCIe card: not the SXM's peak
-    ("NVIDIA GH200 480GB", "bf16", 989e12),  # "GH200" contains "H200": must not read as it either way
-    ("NVIDIA GH200 480GB", "fp32", 66.9e12),
-    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
-    ("NVIDIA H100 NVL", "bf16", 835e12),
-    ("NVIDIA H100 PCIe", "fp16", 756e12),
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
-    ("NVIDIA A10G", "bf16", 70e12),
-    ("NVIDIA A10", "bf16", 125e12),  # not the A100's
-    ("NVIDIA L4", "fp32", 30.3e12),
-    ("NVIDIA L40S", "fp32", 91.6e12),  # not the L4's
-    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
-    ("Tesla V100-PCIE-32GB", "fp16", 112e12),
-])
+@pytest.mark.parametrize(
+    "name, precision, expected",
+    [
+        ("NVIDIA H200", "bf16", 989e12),  # SXM
+        ("NVIDIA H200 NVL", "bf16", 835e12),  # power-capped PCIe card: not the SXM's peak
+        ("NVIDIA GH200 480GB", "bf16", 989e12),  # "GH200" contains "H200": must not read as it either way
+        ("NVIDIA GH200 480GB", "fp32", 66.9e12),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+        ("NVIDIA H100 NVL", "bf16", 835e12),
+        ("NVIDIA H100 PCIe", "fp16", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA A10G", "bf16", 70e12),
+        ("NVIDIA A10", "bf16", 125e12),  # not the A100's
+        ("NVIDIA L4", "fp32", 30.3e12),
+        ("NVIDIA L40S", "fp32", 91.6e12),  # not the L4's
+        ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+        ("Tesla V100-PCIE-32GB", "fp16", 112e12),
+    ],
+)
 def test_datasheet_peaks_by_name(name, precision, expected):
     assert peaks.gpu_peak(name, precision) == expected
 
 
-@pytest.mark.parametrize("name, fp32, tf32", [
-    ("NVIDIA H100 80GB HBM3", 66.9e12, 494.7e12),
-    ("NVIDIA H200", 66.9e12, 494.7e12),
-    ("NVIDIA H100 PCIe", 51.2e12, 378e12),
-    ("NVIDIA H200 NVL", 60e12, 417.5e12),
-    ("NVIDIA A100-PCIE-40GB", 19.5e12, 156e12),
-    ("NVIDIA L40S", 91.6e12, 183e12),
-    ("NVIDIA L4", 30.3e12, 60e12),
-    ("Tesla V100-SXM2-16GB", 15.7e12, 15.7e12),  # no TF32 units: fp32 stays fp32
-    ("Tesla T4", 8.1e12, 8.1e12),
-])
+@pytest.mark.parametrize(
+    "name, fp32, tf32",
+    [
+        ("NVIDIA H100 80GB HBM3", 66.9e12, 494.7e12),
+        ("NVIDIA H200", 66.9e12, 494.7e12),
+        ("NVIDIA H100 PCIe", 51.2e12, 378e12),
+        ("NVIDIA H200 NVL", 60e12, 417.5e12),
+        ("NVIDIA A100-PCIE-40GB", 19.5e12, 156e12),
+        ("NVIDIA L40S", 91.6e12, 183e12),
+        ("NVIDIA L4", 30.3e12, 60e12),
+        ("Tesla V100-SXM2-16GB", 15.7e12, 15.7e12),  # no TF32 units: fp32 stays fp32
+        ("Tesla T4", 8.1e12, 8.1e12),
+    ],
+)
 def test_tf32_switches_the_fp32_peak_only(name, fp32, tf32):
     assert peaks.gpu_peak(name, "fp32", tf32=False) == fp32
     assert peaks.gpu_peak(name, "fp32", tf32=True) == tf32
     assert peaks.gpu_peak(name, "bf16", tf32=True) == peaks.gpu_peak(name, "bf16")
 
 
-@pytest.mark.parametrize("name, precision, tf32", [
-    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False),  # a slice: no whole-GPU peak
-    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "fp32", True),
-    ("NVIDIA RTX 9999", "bf16", False),  # unknown
-    ("Tesla V100-SXM2-16GB", "bf16", False),  # no bf16 rate on its sheet
-    ("NVIDIA A10G", "fp32", True),  # no TF32 figure published
-])
+@pytest.mark.parametrize(
+    "name, precision, tf32",
+    [
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False),  # a slice: no whole-GPU peak
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "fp32", True),
+        ("NVIDIA RTX 9999", "bf16", False),  # unknown
+        ("Tesla V100-SXM2-16GB", "bf16", False),  # no bf16 rate on its sheet
+        ("NVIDIA A10G", "fp32", True),  # no TF32 figure published
+    ],
+)
 def test_no_peak_rather_than_a_wrong_one(name, precision, tf32):
     assert peaks.gpu_peak(name, precision, tf32) is None
 
@@ -126,8 +135,10 @@ def test_measuring_the_cpu_peak_leaves_the_global_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("precision, tf32, rate", [("fp32", True, "tf32"), ("fp32", False, "fp32"),
-                                                   ("bf16", True, "bf16"), ("fp16", False, "fp16")])
+@pytest.mark.parametrize(
+    "precision, tf32, rate",
+    [("fp32", True, "tf32"), ("fp32", False, "fp32"), ("bf16", True, "bf16"), ("fp16", False, "fp16")],
+)
 def test_tf32_counts_only_for_fp32(precision, tf32, rate):
     assert peaks.peak_rate(precision, tf32) == rate
     assert peaks.gpu_peak("NVIDIA A100-SXM4-80GB", precision, tf32) == dict(peaks.GPU_PEAKS)["A100"].get(rate)

@@ -15,8 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _result(config: str, world: int, sps: float, repeat: int = 0, **more) -> Result:
-    return Result(suite="t", config=config, kind="dltrain", entry="cnn", mode="throughput", world_size=world,
-                  precision="fp32", repeat=repeat, samples_per_s=sps, **more)
+    return Result(
+        suite="t",
+        config=config,
+        kind="dltrain",
+        entry="cnn",
+        mode="throughput",
+        world_size=world,
+        precision="fp32",
+        repeat=repeat,
+        samples_per_s=sps,
+        **more,
+    )
 
 
 @pytest.fixture
@@ -34,8 +44,12 @@ def drawn(monkeypatch):
 
 
 def test_throughput_against_world_size_with_its_ideal_line(tmp_path, drawn):
-    results = [_result("cnn-w1", 1, 100.0), _result("cnn-w2", 2, 150.0), _result("cnn-w1", 1, 110.0, repeat=1),
-               _result("cnn-w2", 2, 170.0, repeat=1)]
+    results = [
+        _result("cnn-w1", 1, 100.0),
+        _result("cnn-w2", 2, 150.0),
+        _result("cnn-w1", 1, 110.0, repeat=1),
+        _result("cnn-w2", 2, 170.0, repeat=1),
+    ]
     summary = {"configs": aggregate(results), "comm": []}
     from dltrain.bench.scaling import scaling
 
@@ -48,9 +62,23 @@ def test_throughput_against_world_size_with_its_ideal_line(tmp_path, drawn):
 
 
 def test_bars_are_the_means_over_repeats_with_their_spread(tmp_path, drawn):
-    configs = aggregate([_result("a", 1, 100.0), _result("a", 1, 120.0, repeat=1), _result("b", 1, 50.0),
-                         Result(suite="t", config="c", kind="dltrain", entry="cnn", mode="time_to_target", world_size=1,
-                                precision="fp32", time_to_target_s=9.0)])
+    configs = aggregate(
+        [
+            _result("a", 1, 100.0),
+            _result("a", 1, 120.0, repeat=1),
+            _result("b", 1, 50.0),
+            Result(
+                suite="t",
+                config="c",
+                kind="dltrain",
+                entry="cnn",
+                mode="time_to_target",
+                world_size=1,
+                precision="fp32",
+                time_to_target_s=9.0,
+            ),
+        ]
+    )
     items = plots._figure_items({"configs": configs}, "samples_per_s", mode="throughput")
     assert [(name, mean) for name, mean, _ in items] == [("a", 110.0), ("b", 50.0)]  # c is not a throughput run
     assert items[0][2] == pytest.approx(14.142, rel=1e-3) and items[1][2] == 0.0  # sample std; one run: none
@@ -69,10 +97,12 @@ def test_loss_curves_draw_the_first_repeat_of_each_run_that_finished(tmp_path, d
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         return str(d)
 
-    results = [_result("a", 1, 1.0, run_dir=run_dir("a0", [2.0, 1.0])),
-               _result("a", 1, 1.0, repeat=1, run_dir=run_dir("a1", [9.0, 9.0])),  # a second repeat: not drawn
-               _result("b", 1, 1.0, status="failed", run_dir=run_dir("b0", [5.0])),  # failed: not drawn
-               _result("c", 1, 1.0, run_dir=str(tmp_path / "missing"))]  # no metrics.jsonl: skipped
+    results = [
+        _result("a", 1, 1.0, run_dir=run_dir("a0", [2.0, 1.0])),
+        _result("a", 1, 1.0, repeat=1, run_dir=run_dir("a1", [9.0, 9.0])),  # a second repeat: not drawn
+        _result("b", 1, 1.0, status="failed", run_dir=run_dir("b0", [5.0])),  # failed: not drawn
+        _result("c", 1, 1.0, run_dir=str(tmp_path / "missing")),
+    ]  # no metrics.jsonl: skipped
     path = plots.plot_loss_curves({}, results, tmp_path)
     (line,) = drawn[path.name].axes[0].lines
     assert line.get_label() == "a" and list(line.get_ydata()) == [2.0, 1.0]

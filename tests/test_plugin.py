@@ -26,8 +26,24 @@ def plugin_path(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("plugin")
     src, target = tmp / "src", tmp / "site"
     shutil.copytree(PLUGIN, src)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert list(target.glob("dltrain_blobs_plugin-*.dist-info/entry_points.txt"))
     return target
@@ -36,17 +52,38 @@ def plugin_path(tmp_path_factory) -> Path:
 @pytest.mark.long
 def test_example_plugin_trains_end_to_end_through_its_entry_point(plugin_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(REPO)])}
-    run = subprocess.run([sys.executable, "-m", "dltrain", "train", str(PLUGIN / "blobs.yaml"), "--profile", "cpu_test",
-                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dltrain",
+            "train",
+            str(PLUGIN / "blobs.yaml"),
+            "--profile",
+            "cpu_test",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["workload"] == "blobs" and summary["steps"] == 30
     assert summary["metrics"]["val/accuracy"] > 0.9  # well-separated blobs: 0.33 is chance
     assert summary["flops_per_sample"] == 3 * 2 * (8 * 64 + 64 * 64 + 64 * 3)
     # Without the plugin on the path, the same recipe names an unknown workload, in one line.
-    bare = subprocess.run([sys.executable, "-m", "dltrain", "train", str(PLUGIN / "blobs.yaml")], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, cwd=tmp_path)
+    bare = subprocess.run(
+        [sys.executable, "-m", "dltrain", "train", str(PLUGIN / "blobs.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert bare.returncode == 2 and "unknown workload 'blobs'" in bare.stderr and "dltrain.workloads" in bare.stderr
 
 
@@ -84,8 +121,13 @@ def test_register_workload_adds_a_recipe_schema_and_refuses_mistakes(monkeypatch
     with pytest.raises(TypeError, match="takes a dltrain.Workload"):
         dltrain.register_workload("blobs", object(), replace=True)
     with pytest.raises(TypeError, match="must be callable"):
-        dltrain.Workload(recipe=blobs.recipe, build_model=None, build_data=blobs.build_data, forward=blobs.forward,
-                         flops_per_sample=blobs.flops_per_sample)
+        dltrain.Workload(
+            recipe=blobs.recipe,
+            build_model=None,
+            build_data=blobs.build_data,
+            forward=blobs.forward,
+            flops_per_sample=blobs.flops_per_sample,
+        )
 
 
 def test_a_broken_entry_point_is_one_line_naming_it(monkeypatch):
@@ -95,8 +137,10 @@ def test_a_broken_entry_point_is_one_line_naming_it(monkeypatch):
     from dltrain.recipe import RecipeError
 
     monkeypatch.setattr(registry, "_LOADED", dict(registry._LOADED))
-    eps = {"ghost": EntryPoint("ghost", "no_such_package.mod:WORKLOAD", registry.ENTRY_POINT_GROUP),
-           "notone": EntryPoint("notone", "json:dumps", registry.ENTRY_POINT_GROUP)}
+    eps = {
+        "ghost": EntryPoint("ghost", "no_such_package.mod:WORKLOAD", registry.ENTRY_POINT_GROUP),
+        "notone": EntryPoint("notone", "json:dumps", registry.ENTRY_POINT_GROUP),
+    }
     monkeypatch.setattr(registry, "_entry_points", lambda: eps)
     assert {"ghost", "notone"} <= set(registry.workload_names())
     with pytest.raises(RecipeError, match="'ghost' .*no_such_package.mod:WORKLOAD.* cannot be imported"):
@@ -128,13 +172,20 @@ def test_the_recipe_schema_and_the_package_import_no_workload():
     """recipe.py asks the registry for a workload's schema when a recipe names it: importing
     dltrain or dltrain.recipe imports no workload module (nor torch), and validating a CNN recipe
     imports the CNN's module alone."""
-    code = ("import sys, dltrain, dltrain.recipe\n"
-            "loaded = lambda: sorted(m for m in sys.modules if m.startswith('dltrain.workloads.') or m == 'torch')\n"
-            "before = loaded()\n"
-            f"dltrain.recipe.load_recipe({str(REPO / 'recipes' / 'cnn_mnist.yaml')!r})\n"
-            "print(before, loaded())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, dltrain, dltrain.recipe\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('dltrain.workloads.') or m == 'torch')\n"
+        "before = loaded()\n"
+        f"dltrain.recipe.load_recipe({str(REPO / 'recipes' / 'cnn_mnist.yaml')!r})\n"
+        "print(before, loaded())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "['dltrain.workloads.cnn',", "'torch']"], done.stdout
 
@@ -147,8 +198,11 @@ def test_the_example_plugin_follows_the_workload_signatures(monkeypatch):
     from dltrain.plugin import SIGNATURES, signature_problem
 
     workload = _blobs_module(monkeypatch).WORKLOAD
-    checked = {name: signature_problem(getattr(workload, name), protocol)
-               for name, protocol in SIGNATURES.items() if getattr(workload, name) is not None}
+    checked = {
+        name: signature_problem(getattr(workload, name), protocol)
+        for name, protocol in SIGNATURES.items()
+        if getattr(workload, name) is not None
+    }
     assert set(checked) >= {"build_model", "build_data", "forward", "flops_per_sample", "summarize"}
     assert all(problem is None for problem in checked.values()), checked
 
@@ -159,8 +213,11 @@ def test_the_built_in_workloads_follow_the_workload_signatures(name):
     from dltrain.workload import get_workload
 
     workload = get_workload(name)
-    problems = {field: signature_problem(getattr(workload, field), protocol)
-                for field, protocol in SIGNATURES.items() if getattr(workload, field) is not None}
+    problems = {
+        field: signature_problem(getattr(workload, field), protocol)
+        for field, protocol in SIGNATURES.items()
+        if getattr(workload, field) is not None
+    }
     assert {k: v for k, v in problems.items() if v} == {}
 
 
@@ -171,8 +228,11 @@ def test_a_function_with_the_wrong_signature_is_refused_when_the_workload_is_bui
 
     good = _blobs_module(monkeypatch).WORKLOAD
     fields = {f.name: getattr(good, f.name) for f in dataclasses.fields(good) if f.init and f.name != "name"}
-    with pytest.raises(TypeError, match=r"Workload.build_data \(one_arg\) takes 1 positional arguments; it is "
-                                        r"called with \(recipe, device\): see dltrain.workload.BuildData"):
+    with pytest.raises(
+        TypeError,
+        match=r"Workload.build_data \(one_arg\) takes 1 positional arguments; it is "
+        r"called with \(recipe, device\): see dltrain.workload.BuildData",
+    ):
         Workload(**fields | {"build_data": _named("one_arg", lambda recipe: None)})
     with pytest.raises(TypeError, match=r"Workload.forward \(three\) requires 3 arguments"):
         Workload(**fields | {"forward": _named("three", lambda model, batch, extra: None)})
@@ -205,13 +265,17 @@ def test_load_model_returns_the_recipe_and_the_model(tmp_path):
 # Broken plugins (issue 22, item 11): named in one line; the other workloads keep working
 
 
-@pytest.mark.parametrize("body, message", [
-    ("raise RuntimeError('no GPU driver found')", "importing it raised RuntimeError: no GPU driver found"),
-    ("def broken(:\n    pass", "importing it raised SyntaxError"),
-    ("import sys\nsys.exit(0)", "importing it raised SystemExit"),
-])
-def test_a_plugin_that_fails_while_imported_is_one_line_and_others_still_work(monkeypatch, tmp_path, capsys, body,
-                                                                              message):
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("raise RuntimeError('no GPU driver found')", "importing it raised RuntimeError: no GPU driver found"),
+        ("def broken(:\n    pass", "importing it raised SyntaxError"),
+        ("import sys\nsys.exit(0)", "importing it raised SystemExit"),
+    ],
+)
+def test_a_plugin_that_fails_while_imported_is_one_line_and_others_still_work(
+    monkeypatch, tmp_path, capsys, body, message
+):
     from importlib.metadata import EntryPoint
 
     from dltrain import cli
@@ -235,11 +299,14 @@ def test_a_plugin_that_fails_while_imported_is_one_line_and_others_still_work(mo
     assert "train.global_batch_size" in out and "workload 'broken'" in err
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("colon", ":WORKLOAD", "is not 'package.module:ATTRIBUTE'"),
-    ("bad-name", "blobs_plugin_src:WORKLOAD", "cannot be used: a workload name is an identifier"),
-    ("other", "blobs_plugin_src:WORKLOAD", "cannot be used: workload 'other': its recipe class"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("colon", ":WORKLOAD", "is not 'package.module:ATTRIBUTE'"),
+        ("bad-name", "blobs_plugin_src:WORKLOAD", "cannot be used: a workload name is an identifier"),
+        ("other", "blobs_plugin_src:WORKLOAD", "cannot be used: workload 'other': its recipe class"),
+    ],
+)
 def test_a_plugin_declared_wrongly_is_one_line(monkeypatch, name, value, message):
     from importlib.metadata import EntryPoint
 

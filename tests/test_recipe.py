@@ -36,7 +36,9 @@ def test_profile_is_merged_deeply(tmp_path):
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
     path = write(tmp_path, BASE)
-    recipe = load_recipe(path, overrides=["optim.lr=3e-4", "train.epochs=2", "tracking.tags=[a, b]", "data.loader=torch"])
+    recipe = load_recipe(
+        path, overrides=["optim.lr=3e-4", "train.epochs=2", "tracking.tags=[a, b]", "data.loader=torch"]
+    )
     assert recipe.optim.lr == pytest.approx(3e-4)
     assert recipe.train.epochs == 2 and isinstance(recipe.train.epochs, int)
     assert recipe.tracking.tags == ["a", "b"]

@@ -20,8 +20,7 @@ RNN = RECIPES / "rnn_sine.yaml"
 
 # 0.5 KB: nine levels of nine aliases, 9**9 (387 million) strings once expanded.
 BOMB_LEVELS = "\n".join(
-    [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
-    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
 )
 
 
@@ -75,7 +74,9 @@ def test_an_alias_bomb_is_refused_before_anything_expands_it(tmp_path, field):
 
 
 def test_an_alias_bomb_in_a_set_override_is_refused(tmp_path):
-    levels = ", ".join([f"&a0 [{', '.join(['x'] * 9)}]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)])
+    levels = ", ".join(
+        [f"&a0 [{', '.join(['x'] * 9)}]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    )
     message = _refused_cheaply(lambda: load_recipe(CNN, "cpu_test", [f"description=[{levels}]"]))
     assert "--set" in message and "alias" in message
 
@@ -91,12 +92,15 @@ def test_a_recursive_alias_and_deep_nesting_are_refused(tmp_path):
     assert "nested too deeply" in deeper
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("workload: cnn\ntrain:\n  seed: " + "9" * 5000 + "\n", "digits"),  # PyYAML's int() raises ValueError
-    ("workload: cnn\ntrain:\n  seed: 2024-13-01\n", "month"),  # a date that is not one
-    ("workload: [cnn]\n", "unknown workload"),  # was a TypeError (unhashable list)
-    ("workload: cnn\nprofiles:\n  cpu_test: 3\n", "a profile is a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("workload: cnn\ntrain:\n  seed: " + "9" * 5000 + "\n", "digits"),  # PyYAML's int() raises ValueError
+        ("workload: cnn\ntrain:\n  seed: 2024-13-01\n", "month"),  # a date that is not one
+        ("workload: [cnn]\n", "unknown workload"),  # was a TypeError (unhashable list)
+        ("workload: cnn\nprofiles:\n  cpu_test: 3\n", "a profile is a mapping"),
+    ],
+)
 def test_yaml_that_pyyaml_or_the_loader_chokes_on_is_one_line(tmp_path, text, expected):
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -139,47 +143,50 @@ def test_a_recipe_that_is_not_utf8_is_refused_and_list_skips_it(tmp_path, monkey
 # Bounds of the common sections
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=.inf", "optim.lr"),
-    ("optim.lr=.nan", "optim.lr"),
-    ("optim.weight_decay=.inf", "optim.weight_decay"),
-    ("optim.momentum=.nan", "optim.momentum"),
-    ("optim.betas=[.nan, 0.9]", "optim.betas.0"),
-    ("optim.betas=[0.9, 1]", "optim.betas"),
-    ("schedule.warmup_fraction=.nan", "schedule.warmup_fraction"),
-    ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
-    (f"schedule.warmup_steps={2**70}", "schedule.warmup_steps"),
-    ("train.epochs=0", "train.epochs"),
-    (f"train.max_steps={MAX_COUNT + 1}", "train.max_steps"),
-    (f"train.global_batch_size={2**70}", "train.global_batch_size"),
-    ("train.clip_grad_norm=.inf", "train.clip_grad_norm"),
-    ("train.seed=-1", "train.seed"),
-    (f"train.seed={2**32}", "train.seed"),
-    (f"train.eval_every={2**70}", "train.eval_every"),
-    ("train.log_every=0", "train.log_every"),
-    ("train.sync_every=0", "train.sync_every"),
-    ("train.warmup_steps_excluded=-1", "train.warmup_steps_excluded"),
-    ("tracking.project=a/b", "tracking.project"),
-    ("tracking.project=''", "tracking.project"),
-    ("tracking.project=" + "p" * 129, "tracking.project"),
-    ('tracking.project="a\\nb"', "tracking.project"),
-    ("tracking.tags=['']", "tracking.tags.0"),
-    ("tracking.tags=[ok, " + "t" * 65 + "]", "tracking.tags.1"),
-    (f"checkpoint.keep_last={2**70}", "checkpoint.keep_last"),
-    ("deepspeed.offload_optimizer=cpu", "deepspeed"),  # stage 0 runs without DeepSpeed: dropped silently
-    ("deepspeed.offload_params=cpu", "deepspeed"),  # ZeRO-3 only
-    ("target.value=.nan", "target.value"),
-    ("target.value=.inf", "target.value"),
-    ("name=../escaped", "name"),
-    ("name=a/b", "name"),
-    ("name=/tmp/abs", "name"),
-    ("name=a\\b", "name"),
-    ("name=..", "name"),
-    ("name='  '", "name"),
-    ('name="x\\ny"', "name"),
-    ('name="a\\0b"', "name"),
-    ("name=" + "n" * 201, "name"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("optim.momentum=.nan", "optim.momentum"),
+        ("optim.betas=[.nan, 0.9]", "optim.betas.0"),
+        ("optim.betas=[0.9, 1]", "optim.betas"),
+        ("schedule.warmup_fraction=.nan", "schedule.warmup_fraction"),
+        ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+        (f"schedule.warmup_steps={2**70}", "schedule.warmup_steps"),
+        ("train.epochs=0", "train.epochs"),
+        (f"train.max_steps={MAX_COUNT + 1}", "train.max_steps"),
+        (f"train.global_batch_size={2**70}", "train.global_batch_size"),
+        ("train.clip_grad_norm=.inf", "train.clip_grad_norm"),
+        ("train.seed=-1", "train.seed"),
+        (f"train.seed={2**32}", "train.seed"),
+        (f"train.eval_every={2**70}", "train.eval_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.sync_every=0", "train.sync_every"),
+        ("train.warmup_steps_excluded=-1", "train.warmup_steps_excluded"),
+        ("tracking.project=a/b", "tracking.project"),
+        ("tracking.project=''", "tracking.project"),
+        ("tracking.project=" + "p" * 129, "tracking.project"),
+        ('tracking.project="a\\nb"', "tracking.project"),
+        ("tracking.tags=['']", "tracking.tags.0"),
+        ("tracking.tags=[ok, " + "t" * 65 + "]", "tracking.tags.1"),
+        (f"checkpoint.keep_last={2**70}", "checkpoint.keep_last"),
+        ("deepspeed.offload_optimizer=cpu", "deepspeed"),  # stage 0 runs without DeepSpeed: dropped silently
+        ("deepspeed.offload_params=cpu", "deepspeed"),  # ZeRO-3 only
+        ("target.value=.nan", "target.value"),
+        ("target.value=.inf", "target.value"),
+        ("name=../escaped", "name"),
+        ("name=a/b", "name"),
+        ("name=/tmp/abs", "name"),
+        ("name=a\\b", "name"),
+        ("name=..", "name"),
+        ("name='  '", "name"),
+        ('name="x\\ny"', "name"),
+        ('name="a\\0b"', "name"),
+        ("name=" + "n" * 201, "name"),
+    ],
+)
 def test_values_downstream_code_cannot_take_are_refused_naming_the_key(override, key):
     with pytest.raises(RecipeError) as info:
         load_recipe(CNN, "cpu_test", [override])
@@ -188,8 +195,17 @@ def test_values_downstream_code_cannot_take_are_refused_naming_the_key(override,
 
 
 def test_edges_that_work_are_accepted():
-    recipe = load_recipe(CNN, "cpu_test", ["train.seed=0", f"train.max_steps={MAX_COUNT}", "name=' my run 1 '",
-                                           "tracking.tags=[" + "t" * 64 + "]", "tracking.project=team-proj_1.x"])
+    recipe = load_recipe(
+        CNN,
+        "cpu_test",
+        [
+            "train.seed=0",
+            f"train.max_steps={MAX_COUNT}",
+            "name=' my run 1 '",
+            "tracking.tags=[" + "t" * 64 + "]",
+            "tracking.project=team-proj_1.x",
+        ],
+    )
     assert recipe.name == "my run 1" and recipe.train.max_steps == MAX_COUNT
     assert load_recipe(CNN, "cpu_test", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
 
@@ -208,11 +224,14 @@ def test_an_empty_length_is_refused():
     assert load_recipe(CNN, "cpu_test", ["train.epochs=null", "train.max_steps=5"]).train.max_steps == 5
 
 
-@pytest.mark.parametrize("recipe, good, listed", [
-    (CNN, "val/loss", "val/loss, val/accuracy"),
-    (RNN, "val/mse_ratio", "val/loss, val/mse, val/naive_mse, val/mse_ratio"),
-    (RECIPES / "bert_sst2_minilm.yaml", "val/loss", "val/loss, val/accuracy"),
-])
+@pytest.mark.parametrize(
+    "recipe, good, listed",
+    [
+        (CNN, "val/loss", "val/loss, val/accuracy"),
+        (RNN, "val/mse_ratio", "val/loss, val/mse, val/naive_mse, val/mse_ratio"),
+        (RECIPES / "bert_sst2_minilm.yaml", "val/loss", "val/loss, val/accuracy"),
+    ],
+)
 def test_a_target_metric_the_workload_never_reports_is_refused_with_the_list(recipe, good, listed):
     assert load_recipe(recipe, "cpu_test", [f"target.metric={good}"]).target.metric == good
     with pytest.raises(RecipeError) as info:
@@ -235,11 +254,15 @@ def test_each_workloads_metrics_are_what_its_evaluation_reports():
 
     from dltrain.workload import get_workload
 
-    batches = {"cnn": (torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])),
-               "rnn": (torch.randn(4, 10, 1), torch.randn(4))}
+    batches = {
+        "cnn": (torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])),
+        "rnn": (torch.randn(4, 10, 1), torch.randn(4)),
+    }
     for name, batch in batches.items():
         module = get_workload(name)
-        model = module.build_model(load_recipe(RECIPES / f"{ {'cnn': 'cnn_mnist', 'rnn': 'rnn_sine'}[name]}.yaml", "cpu_test"))
+        model = module.build_model(
+            load_recipe(RECIPES / f"{ {'cnn': 'cnn_mnist', 'rnn': 'rnn_sine'}[name] }.yaml", "cpu_test")
+        )
         with torch.no_grad():
             stats = module.forward(model.eval(), batch).stats  # as evaluate() calls it
         sums = {k: v.sum().item() for k, v in stats.items()} | {"count": 4.0}

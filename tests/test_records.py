@@ -12,21 +12,52 @@ from dltrain.bench.result import Result, Stats
 
 
 def _run(seed, metric, train_s, wall_s, ok=True, name="test/accuracy"):
-    return Result(suite="t", config="cnn", entry="cnn", kind="dltrain", mode="record", world_size=1, precision="fp32",
-                  seed=seed, status="ok" if ok else "failed", train_s=train_s, wall_s=wall_s,
-                  target={"metric": name, "value": 0.99, "mode": "max"}, metrics={name: metric} if ok else {})
+    return Result(
+        suite="t",
+        config="cnn",
+        entry="cnn",
+        kind="dltrain",
+        mode="record",
+        world_size=1,
+        precision="fp32",
+        seed=seed,
+        status="ok" if ok else "failed",
+        train_s=train_s,
+        wall_s=wall_s,
+        target={"metric": name, "value": 0.99, "mode": "max"},
+        metrics={name: metric} if ok else {},
+    )
 
 
 def _row(runs, target=0.99, mode="max", reference=None, name="test/accuracy") -> RecordRow:
-    row = RecordRow(name="cnn fast", recipe="r.yaml", seeds=[r.seed for r in runs], metric_name=name, target=target,
-                    mode=mode, config=aggregate(runs)["cnn"], runs=runs, reference=reference)
+    row = RecordRow(
+        name="cnn fast",
+        recipe="r.yaml",
+        seeds=[r.seed for r in runs],
+        metric_name=name,
+        target=target,
+        mode=mode,
+        config=aggregate(runs)["cnn"],
+        runs=runs,
+        reference=reference,
+    )
     return row.model_copy(update={"met": verdict(row)})
 
 
 def _reference(train_s, note, metric=None):
-    return Result(suite="t", config="cnn-reference", entry="cnn", kind="reference", mode="record", world_size=1,
-                  precision="fp32", train_s=train_s, note=note, target={"metric": "val/accuracy", "value": 0.99},
-                  metrics={} if metric is None else {"val/accuracy": metric})
+    return Result(
+        suite="t",
+        config="cnn-reference",
+        entry="cnn",
+        kind="reference",
+        mode="record",
+        world_size=1,
+        precision="fp32",
+        train_s=train_s,
+        note=note,
+        target={"metric": "val/accuracy", "value": 0.99},
+        metrics={} if metric is None else {"val/accuracy": metric},
+    )
 
 
 def test_mean_and_sample_std_with_every_value():
@@ -48,8 +79,12 @@ def test_aggregate_keeps_failed_seeds_out_of_the_mean_and_refuses_a_record():
 
 
 def test_verdict_follows_the_mode_on_the_mean():
-    row = _row([_run(0, 0.004, 1.0, 2.0, name="test/mse_ratio"), _run(1, 0.012, 1.0, 2.0, name="test/mse_ratio")],
-               target=0.01, mode="min", name="test/mse_ratio")
+    row = _row(
+        [_run(0, 0.004, 1.0, 2.0, name="test/mse_ratio"), _run(1, 0.012, 1.0, 2.0, name="test/mse_ratio")],
+        target=0.01,
+        mode="min",
+        name="test/mse_ratio",
+    )
     assert row.metric.mean == pytest.approx(0.008)
     assert verdict(row) is True  # one seed above the target: the mean is what counts
     assert verdict(row.model_copy(update={"target": 0.005})) is False
@@ -57,8 +92,10 @@ def test_verdict_follows_the_mode_on_the_mean():
 
 
 def test_table_shows_both_clocks_each_seed_and_the_speed_up():
-    row = _row([_run(0, 0.9901, 20.0, 30.0), _run(1, 0.9911, 22.0, 32.0)],
-               reference=_reference(157.5, "10 epochs, batch 64, to 99% val"))
+    row = _row(
+        [_run(0, 0.9901, 20.0, 30.0), _run(1, 0.9911, 22.0, 32.0)],
+        reference=_reference(157.5, "10 epochs, batch 64, to 99% val"),
+    )
     lines = table([row])
     assert len(lines) == 3
     row = lines[2]
@@ -69,6 +106,11 @@ def test_table_shows_both_clocks_each_seed_and_the_speed_up():
 
 def test_a_reference_short_of_the_target_gives_a_bound_not_a_speed_up():
     runs = [_run(0, 0.991, 28.0, 33.0)]
-    assert "> 5.9x (reference short of the target)" in table([_row(runs, reference=_reference(164.5, "original", 0.9875))])[2]
-    assert "n/a (reference short of the target)" in table([_row(runs, reference=_reference(0.1, "original", 0.9875))])[2]
+    assert (
+        "> 5.9x (reference short of the target)"
+        in table([_row(runs, reference=_reference(164.5, "original", 0.9875))])[2]
+    )
+    assert (
+        "n/a (reference short of the target)" in table([_row(runs, reference=_reference(0.1, "original", 0.9875))])[2]
+    )
     assert "| 5.9x |" in table([_row(runs, reference=_reference(164.5, "original", 0.991))])[2]

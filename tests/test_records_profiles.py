@@ -15,8 +15,12 @@ RECORDS = {
     "cnn_mnist.yaml": ("test/accuracy", 0.99, "max"),
     "rnn_sine.yaml": ("test/mse_ratio", 0.01, "min"),
 }
-PROFILES = [(name, profile) for name in RECORDS for profile in read_yaml(RECIPES / name)["profiles"]
-            if profile.startswith("fast")]
+PROFILES = [
+    (name, profile)
+    for name in RECORDS
+    for profile in read_yaml(RECIPES / name)["profiles"]
+    if profile.startswith("fast")
+]
 
 
 def test_each_record_recipe_has_a_fast_profile():
@@ -42,8 +46,7 @@ def test_fast_profile_validates_only_at_the_end(name, profile):
     # eval_every 0 would validate after every epoch (wall time); a step count past the run's
     # last step leaves one validation, at the end.
     data = fast.data
-    n_train = (60_000 * (1 - data.val_fraction) if fast.workload == "cnn"
-               else data.num_sequences * data.train_fraction)
+    n_train = 60_000 * (1 - data.val_fraction) if fast.workload == "cnn" else data.num_sequences * data.train_fraction
     total_steps = fast.train.epochs * int(n_train) // fast.train.global_batch_size
     assert fast.train.eval_every > total_steps
 
@@ -62,8 +65,18 @@ def test_the_rnn_fast_profile_keeps_the_test_split():
 @pytest.mark.long
 def test_the_cnn_fast_profile_trains_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
-    result = run_cli("train", str(RECIPES / "cnn_mnist.yaml"), "--profile", "fast", "--set", "train.max_steps=3",
-                     "--output-dir", str(out), env={"DLTRAIN_DATA_DIR": str(data_dir)}, timeout=300)
+    result = run_cli(
+        "train",
+        str(RECIPES / "cnn_mnist.yaml"),
+        "--profile",
+        "fast",
+        "--set",
+        "train.max_steps=3",
+        "--output-dir",
+        str(out),
+        env={"DLTRAIN_DATA_DIR": str(data_dir)},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["test/examples"] == 10_000 and "test/accuracy" in summary["metrics"]

@@ -48,11 +48,20 @@ def test_target_is_the_value_after_the_inputs():
     assert torch.allclose((two_cos * s2 - s1)[keep], y.double()[keep], atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.val_fraction=0.0001"], r"data.num_sequences=4000 x data.val_fraction=0.0001 leaves the validation split empty"),
-    (["data.num_sequences=2"], "leaves the validation split empty"),  # 2 x 0.15 rounds to 0
-    (["data.num_sequences=3", "data.train_fraction=0.5", "data.val_fraction=0.49"], "no sequence for the test split"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.val_fraction=0.0001"],
+            r"data.num_sequences=4000 x data.val_fraction=0.0001 leaves the validation split empty",
+        ),
+        (["data.num_sequences=2"], "leaves the validation split empty"),  # 2 x 0.15 rounds to 0
+        (
+            ["data.num_sequences=3", "data.train_fraction=0.5", "data.val_fraction=0.49"],
+            "no sequence for the test split",
+        ),
+    ],
+)
 def test_splits_that_round_to_nothing_are_refused_naming_the_keys(overrides, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(RECIPE, "cpu_test", overrides)

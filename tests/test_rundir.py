@@ -30,9 +30,13 @@ def _start_paused(run: Path, log: Path, *extra: str) -> subprocess.Popen:
     """A run that stops half-way through writing its first checkpoint (step 4) and waits there,
     holding its run directory."""
     err = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", *TINY, "--output-dir", str(run), *extra],
-                            stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
-                            env={**os.environ, "DLTRAIN_TEST_PAUSE_IN_SAVE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dltrain", "train", *TINY, "--output-dir", str(run), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        cwd=REPO,
+        env={**os.environ, "DLTRAIN_TEST_PAUSE_IN_SAVE": "1"},
+    )
     deadline = time.time() + 240
     while "paused while writing" not in log.read_text() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -76,8 +80,9 @@ def test_a_second_job_on_a_live_run_directory_is_refused_and_a_killed_one_does_n
 def test_two_jobs_started_together_on_one_directory_one_trains(data_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dltrain", "train", *TINY, "--output-dir", str(run)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, EXIT_BAD_INPUT], [err[-1500:] for _, err in results]
@@ -104,30 +109,50 @@ def stopped_at_8(data_dir, tmp_path) -> Path:
 def test_resume_applies_allowed_changes_and_records_them(stopped_at_8):
     run = stopped_at_8
     recipe_before = (run / "recipe.yaml").read_text()
-    done = train(run, "--resume", "auto", "--set", "optim.lr=0.0003", "--set", "optim.weight_decay=0.01",
-                 "--set", "train.epochs=3", "--set", "checkpoint.every_steps=10")
+    done = train(
+        run,
+        "--resume",
+        "auto",
+        "--set",
+        "optim.lr=0.0003",
+        "--set",
+        "optim.weight_decay=0.01",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "checkpoint.every_steps=10",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dltrain: resuming with changes: " in done.stdout
     summary = json.loads((run / "summary.json").read_text())
     changed = {c["key"]: (c["from"], c["to"]) for c in summary["resumed_with_changes"]}
-    assert changed == {"optim.lr": (0.001, 0.0003), "optim.weight_decay": (0.0, 0.01), "train.epochs": (2, 3),
-                       "checkpoint.every_steps": (4, 10)}
+    assert changed == {
+        "optim.lr": (0.001, 0.0003),
+        "optim.weight_decay": (0.0, 0.01),
+        "train.epochs": (2, 3),
+        "checkpoint.every_steps": (4, 10),
+    }
     assert summary["steps"] == 30  # the third epoch was trained
     # applied, not just recorded: the optimizer the last checkpoint holds runs at the new values
     import torch
 
     opt = torch.load(run / "checkpoints" / "step_30" / "optimizer.bin", weights_only=True)
     assert [(g["lr"], g["weight_decay"]) for g in opt["param_groups"]] == [(0.0003, 0.01)]
-    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-           if "train/lr" in r}
+    lrs = {
+        r["step"]: r["train/lr"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "train/lr" in r
+    }
     assert lrs[8] == 0.001 and lrs[9] == 0.0003
     # each segment's recipe is kept
     assert (run / "recipe.yaml").read_text() == recipe_before
     assert "lr: 0.0003" in (run / "recipe.resume-8.yaml").read_text()
 
 
-@pytest.mark.parametrize("change, key", [("optim.name=sgd", "optim.name"), ("train.seed=7", "train.seed"),
-                                         ("data.train_subset=1280", "data.train_subset")])
+@pytest.mark.parametrize(
+    "change, key",
+    [("optim.name=sgd", "optim.name"), ("train.seed=7", "train.seed"), ("data.train_subset=1280", "data.train_subset")],
+)
 def test_resume_refuses_changes_to_the_model_data_or_optimizer_type(stopped_at_8, change, key):
     run = stopped_at_8
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
@@ -157,19 +182,38 @@ def test_checkpoint_dir_is_confined_and_pruning_spares_other_runs(data_dir, tmp_
     # opted in: a shared folder that already holds another run's checkpoints (and a stray step_N)
     shared = tmp_path / "shared_ckpts"
     other = run.parent / "b"
-    done = train(other, "--set", f"checkpoint.dir={shared}", "--set", "checkpoint.outside_run_dir=true",
-                 "--set", "train.max_steps=8")
+    done = train(
+        other,
+        "--set",
+        f"checkpoint.dir={shared}",
+        "--set",
+        "checkpoint.outside_run_dir=true",
+        "--set",
+        "train.max_steps=8",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (shared / "step_2").mkdir()
-    done = train(run, "--set", f"checkpoint.dir={shared}", "--set", "checkpoint.outside_run_dir=true",
-                 "--set", "checkpoint.every_steps=6")
+    done = train(
+        run,
+        "--set",
+        f"checkpoint.dir={shared}",
+        "--set",
+        "checkpoint.outside_run_dir=true",
+        "--set",
+        "checkpoint.every_steps=6",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     # Each run writes into its own folder of the shared one, run-<run_id>: ours holds steps 12 and
     # 18 (keep_last=2 pruned step_6), the other run's steps 4 and 8 and the stray folder are untouched.
     ours, theirs = (json.loads((r / "run.json").read_text())["run_id"] for r in (run, other))
     names = {str(p.relative_to(shared)) for p in shared.glob("*/step_*")} | {p.name for p in shared.glob("step_*")}
-    assert names == {f"run-{ours}/step_12", f"run-{ours}/step_18", f"run-{theirs}/step_4", f"run-{theirs}/step_8",
-                     "step_2"}, names
+    assert names == {
+        f"run-{ours}/step_12",
+        f"run-{ours}/step_18",
+        f"run-{theirs}/step_4",
+        f"run-{theirs}/step_8",
+        "step_2",
+    }, names
     assert json.loads((shared / f"run-{ours}" / "step_12" / "manifest.json").read_text())["run_id"] == ours
 
 
@@ -195,8 +239,12 @@ def test_a_cut_off_metrics_line_and_stale_temporaries_do_not_block_resume(stoppe
 
 def _tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.parametrize("how", ["injected", "tmpfs"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from conftest import RECIPES, REPO
 from test_distributed import LOSS_ATOL, PARAM_ATOL, SMALL, max_param_diff
 
@@ -31,14 +32,41 @@ pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "launch" / "slurm.sbatch"
 DLTRAIN = [sys.executable, "-m", "dltrain"]
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 # The tiny CNN of the resume tests for 300 steps (30 epochs of 10 steps of 64), a loss record per step
 # and a checkpoint every 4 steps: the run the preemption and scancel jobs train, interrupted.
-LONG = [str(RECIPES / "cnn_mnist.yaml"), "--profile", "cpu_test",
-        *[a for kv in ("data.train_subset=640", "data.val_fraction=0.01", "train.epochs=30", "train.log_every=1",
-                       "checkpoint.every_steps=4", "checkpoint.keep_last=2", "model.conv1_channels=8",
-                       "model.conv2_channels=16", "model.hidden=32", "tracking.plots=false") for a in ("--set", kv)]]
+LONG = [
+    str(RECIPES / "cnn_mnist.yaml"),
+    "--profile",
+    "cpu_test",
+    *[
+        a
+        for kv in (
+            "data.train_subset=640",
+            "data.val_fraction=0.01",
+            "train.epochs=30",
+            "train.log_every=1",
+            "checkpoint.every_steps=4",
+            "checkpoint.keep_last=2",
+            "model.conv1_channels=8",
+            "model.conv2_channels=16",
+            "model.hidden=32",
+            "tracking.plots=false",
+        )
+        for a in ("--set", kv)
+    ],
+]
 LONG_STEPS = 300
 
 
@@ -85,23 +113,39 @@ class Job:
             if info.get("JobState") in states:
                 return info
             time.sleep(2)
-        raise AssertionError(f"job {self.id} not in {sorted(states)} after {timeout:.0f} s: {self.info()}\n"
-                             f"{self.text()[-3000:]}")
+        raise AssertionError(
+            f"job {self.id} not in {sorted(states)} after {timeout:.0f} s: {self.info()}\n{self.text()[-3000:]}"
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 
 
-def submit(where: Path, train_args: list[str], *sbatch_options: str, env: dict | None = None,
-           run: Path | None = None) -> Job:
+def submit(
+    where: Path, train_args: list[str], *sbatch_options: str, env: dict | None = None, run: Path | None = None
+) -> Job:
     """`sbatch --nodes=2 OPTIONS launch/slurm.sbatch TRAIN_ARGS` from `where`, its log in where/job.out."""
     where.mkdir(parents=True, exist_ok=True)
     run = run or where / "run"
     log = where / "job.out"
-    job_env = {**os.environ, "PYTHONPATH": str(REPO), "DLTRAIN": " ".join(DLTRAIN), "OMP_NUM_THREADS": "1",
-               "WANDB_MODE": "offline", "MASTER_PORT": str(_free_port()), "OUTPUT_DIR": str(run), **(env or {})}
-    done = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", *sbatch_options, str(SBATCH),
-                           *train_args], capture_output=True, text=True, cwd=where, env=job_env, timeout=60)
+    job_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DLTRAIN": " ".join(DLTRAIN),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "MASTER_PORT": str(_free_port()),
+        "OUTPUT_DIR": str(run),
+        **(env or {}),
+    }
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--output={log}", *sbatch_options, str(SBATCH), *train_args],
+        capture_output=True,
+        text=True,
+        cwd=where,
+        env=job_env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     job = Job(done.stdout.strip().split(";")[0], log, run)
     print(f"\nslurm: submitted job {job.id}: {' '.join(sbatch_options)} ({where.name})")
@@ -132,17 +176,27 @@ def preempted_job(cluster, tmp_path_factory) -> Job:
     """Submitted first, so the other tests' jobs run while SLURM holds this one after its requeue.
     --time=4 with --signal=USR1@120: SIGUSR1 60-120 s into the job (SLURM may send it up to a minute
     early), while the first start's 300 slow steps take 180 s after a start-up of 10-40 s."""
-    return submit(tmp_path_factory.mktemp("preempt"), LONG, "--time=4", "--signal=USR1@120",
-                  env={"DLTRAIN_TEST_STEP_SLEEP": "0.6"})
+    return submit(
+        tmp_path_factory.mktemp("preempt"),
+        LONG,
+        "--time=4",
+        "--signal=USR1@120",
+        env={"DLTRAIN_TEST_STEP_SLEEP": "0.6"},
+    )
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """The LONG run on two local processes (`dltrain launch --cpu --nproc 2`), never stopped."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    done = subprocess.run([*DLTRAIN, "launch", "--cpu", "--nproc", "2", *LONG, "--output-dir", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [*DLTRAIN, "launch", "--cpu", "--nproc", "2", *LONG, "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -154,8 +208,10 @@ def _same_training(run: Path, reference: Path, what: str) -> None:
     theirs = {r["step"]: r["train/loss"] for r in records(reference) if "train/loss" in r}
     loss = max(abs(ours[s] - theirs[s]) for s in theirs)
     param = max_param_diff(final_model(run), final_model(reference))
-    print(f"slurm: {what}: {len(steps)} step records, max |loss diff| {loss:.3g}, max |param diff| {param:.3g} "
-          "vs an uninterrupted 2-process run")
+    print(
+        f"slurm: {what}: {len(steps)} step records, max |loss diff| {loss:.3g}, max |param diff| {param:.3g} "
+        "vs an uninterrupted 2-process run"
+    )
     assert loss <= LOSS_ATOL and param <= PARAM_ATOL
 
 
@@ -165,8 +221,14 @@ def _same_training(run: Path, reference: Path, what: str) -> None:
 def test_two_nodes_train_like_one_process_with_the_global_batch(cluster, preempted_job, tmp_path):
     job = submit(tmp_path, SMALL["cnn"])
     one = tmp_path / "one"
-    done = subprocess.run([*DLTRAIN, "train", *SMALL["cnn"], "--output-dir", str(one)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [*DLTRAIN, "train", *SMALL["cnn"], "--output-dir", str(one)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     info = job.wait(900)
     log = job.text()
@@ -179,30 +241,35 @@ def test_two_nodes_train_like_one_process_with_the_global_batch(cluster, preempt
     assert len(ours) == len(theirs) == 6
     loss = max(abs(a - b) for a, b in zip(ours, theirs))
     param = max_param_diff(final_model(job.run), final_model(one))
-    print(f"slurm: job {job.id} (2 nodes x 1 process) vs 1 process, global batch 64, 6 steps: "
-          f"max |loss diff| {loss:.3g}, max |param diff| {param:.3g}")
+    print(
+        f"slurm: job {job.id} (2 nodes x 1 process) vs 1 process, global batch 64, 6 steps: "
+        f"max |loss diff| {loss:.3g}, max |param diff| {param:.3g}"
+    )
     assert loss <= LOSS_ATOL and param <= PARAM_ATOL
 
 
 def test_a_rank_that_fails_on_one_node_ends_the_whole_job(cluster, preempted_job, tmp_path):
     # Rank 1 (on n2) raises after step 3; unstopped, the job would take 300 s (1 s steps).
-    job = submit(tmp_path, LONG, env={"DLTRAIN_TEST_STEP_SLEEP": "1", "DLTRAIN_TEST_FAIL_AT_STEP": "3",
-                                      "DLTRAIN_TEST_FAIL_RANK": "1"})
+    job = submit(
+        tmp_path,
+        LONG,
+        env={"DLTRAIN_TEST_STEP_SLEEP": "1", "DLTRAIN_TEST_FAIL_AT_STEP": "3", "DLTRAIN_TEST_FAIL_RANK": "1"},
+    )
     job.wait(900, states={"RUNNING"} | ENDED)
     info = job.wait(150)  # generous, and half of what the job would run
     log = job.text()
     assert info["JobState"] == "FAILED", log[-3000:]
     assert "injected failure on rank 1 at step 3" in log
-    print(f"slurm: job {job.id}: rank 1 failed at step 3 -> job {info['JobState']} ({info['ExitCode']}) "
-          f"after {info.get('RunTime')}")
+    print(
+        f"slurm: job {job.id}: rank 1 failed at step 3 -> job {info['JobState']} ({info['ExitCode']}) "
+        f"after {info.get('RunTime')}"
+    )
 
 
-def test_scancel_writes_a_checkpoint_and_resume_auto_continues_exactly(cluster, preempted_job, uninterrupted,
-                                                                          tmp_path):
+def test_scancel_writes_a_checkpoint_and_resume_auto_continues_exactly(cluster, preempted_job, uninterrupted, tmp_path):
     job = submit(tmp_path / "first", LONG, env={"DLTRAIN_TEST_STEP_SLEEP": "0.5"}, run=tmp_path / "run")
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and not (
-            (job.run / "metrics.jsonl").is_file() and len(loss_steps(job.run)) >= 5):
+    while time.monotonic() < deadline and not ((job.run / "metrics.jsonl").is_file() and len(loss_steps(job.run)) >= 5):
         assert job.info().get("JobState") not in ENDED, job.text()[-3000:]
         time.sleep(1)
     subprocess.run(["scancel", job.id], check=True, timeout=30)
@@ -222,12 +289,19 @@ def test_scancel_writes_a_checkpoint_and_resume_auto_continues_exactly(cluster, 
 def test_bench_comm_between_the_two_nodes(cluster, preempted_job, tmp_path):
     out = tmp_path / "comm"
     port = _free_port()
-    wrap = (f"srun --kill-on-bad-exit=1 bash -c '{' '.join(DLTRAIN)} bench comm --nproc 1 --nnodes 2 "
-            f"--node-rank $SLURM_NODEID --master n1:{port} --ops all_reduce --max-bytes 16M --output-dir {out}'")
+    wrap = (
+        f"srun --kill-on-bad-exit=1 bash -c '{' '.join(DLTRAIN)} bench comm --nproc 1 --nnodes 2 "
+        f"--node-rank $SLURM_NODEID --master n1:{port} --ops all_reduce --max-bytes 16M --output-dir {out}'"
+    )
     log = tmp_path / "comm.out"
-    done = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--exclusive", f"--output={log}", "--wrap", wrap],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--exclusive", f"--output={log}", "--wrap", wrap],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     job = Job(done.stdout.strip().split(";")[0], log, out)
     info = job.wait(900)
@@ -236,8 +310,10 @@ def test_bench_comm_between_the_two_nodes(cluster, preempted_job, tmp_path):
     assert result["world_size"] == 2 and result["nnodes"] == 2 and result["backend"] == "gloo"
     fits = [f for f in result["fits"] if f["op"] == "all_reduce"]
     assert fits and all(f["busbw"] > 0 for f in fits)
-    print(f"slurm: job {job.id} bench comm all_reduce, 2 nodes x 1 process, gloo: " + ", ".join(
-        f"{f['range']} busbw {f['busbw'] / 1e9:.2f} GB/s alpha {f['alpha_s'] * 1e6:.0f} us" for f in fits))
+    print(
+        f"slurm: job {job.id} bench comm all_reduce, 2 nodes x 1 process, gloo: "
+        + ", ".join(f"{f['range']} busbw {f['busbw'] / 1e9:.2f} GB/s alpha {f['alpha_s'] * 1e6:.0f} us" for f in fits)
+    )
     assert "busbw" in (out / "report.md").read_text()
 
 
@@ -248,8 +324,10 @@ def test_preemption_checkpoints_requeues_resumes_and_finishes_clean(preempted_jo
     assert info["JobState"] == "COMPLETED", log[-4000:]
     preemptions = [int(s) for s in re.findall(r"dltrain: preempted at step (\d+), requeued", log)]
     resumes = [int(s) for s in re.findall(r"resuming at step (\d+) ", log)]
-    print(f"slurm: job {job.id}: restarts {info['Restarts']}, preempted at steps {preemptions}, "
-          f"resumed at steps {resumes}")
+    print(
+        f"slurm: job {job.id}: restarts {info['Restarts']}, preempted at steps {preemptions}, "
+        f"resumed at steps {resumes}"
+    )
     assert preemptions and resumes == preemptions and int(info["Restarts"]) == len(preemptions)
     assert "preempted by SIGUSR1 at step" in log
     assert clean(log), [line for line in log.splitlines() if not clean(line)]

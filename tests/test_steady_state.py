@@ -33,8 +33,13 @@ SYNC_EVERY = 50
 
 
 def run_driver(workload: str, out, *extra: str) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "steady_driver.py"), workload, "--output-dir", str(out),
-                           *extra], capture_output=True, text=True, timeout=900, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "steady_driver.py"), workload, "--output-dir", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -45,8 +50,9 @@ def steady(request, tmp_path_factory):
 
     def get(workload: str) -> dict:
         if workload not in cache:
-            cache[workload] = run_driver(workload, tmp_path_factory.mktemp(workload) / "run",
-                                         "--set", f"train.sync_every={SYNC_EVERY}")
+            cache[workload] = run_driver(
+                workload, tmp_path_factory.mktemp(workload) / "run", "--set", f"train.sync_every={SYNC_EVERY}"
+            )
         return cache[workload]
 
     return get
@@ -66,14 +72,18 @@ def _needs(request, workload: str) -> None:
 def test_first_losses_match_the_golden_curve(steady, workload, request):
     _needs(request, workload)
     path = golden_path(workload)
-    assert path.is_file(), (f"no golden curve for this CPU's kernels ({path.name}): record one on a clean tree with "
-                            f"`python tests/steady_driver.py {workload} --write-golden --output-dir DIR` and commit it")
+    assert path.is_file(), (
+        f"no golden curve for this CPU's kernels ({path.name}): record one on a clean tree with "
+        f"`python tests/steady_driver.py {workload} --write-golden --output-dir DIR` and commit it"
+    )
     golden = json.loads(path.read_text())["losses"]
     got = steady(workload)["losses"][:GOLDEN_STEPS]
     assert len(golden) == len(got) == GOLDEN_STEPS
     worst = max(range(GOLDEN_STEPS), key=lambda i: abs(got[i] - golden[i]) / abs(golden[i]))
     rel = abs(got[worst] - golden[worst]) / abs(golden[worst])
-    assert rel <= RTOL, f"step {worst + 1}: loss {got[worst]!r}, golden {golden[worst]!r} (relative difference {rel:.2e})"
+    assert rel <= RTOL, (
+        f"step {worst + 1}: loss {got[worst]!r}, golden {golden[worst]!r} (relative difference {rel:.2e})"
+    )
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
@@ -83,15 +93,27 @@ def test_steady_steps_read_from_the_device_only_at_sync_points_and_log_records(s
     # An evaluation (its own reads are not the step's) is preceded by a sync point of its own.
     allowed = math.ceil(run["counted_steps"] / SYNC_EVERY) + run["records_in_window"] + run["evals_in_window"]
     assert run["records_in_window"] >= 1
-    assert run["host_reads"] <= allowed, f"{run['host_reads']} host reads in 100 steps (allowed {allowed}): {run['read_sites']}"
+    assert run["host_reads"] <= allowed, (
+        f"{run['host_reads']} host reads in 100 steps (allowed {allowed}): {run['read_sites']}"
+    )
 
 
 def test_a_slow_step_end_shows_in_samples_per_s_and_the_clocks_agree(tmp_path):
     """Every record sleeps 20 ms in the log sink, one record per step: each step must take at
     least that long on the clock, and the steady rate must match samples / busy wall time."""
     sleep_s = 0.02
-    run = run_driver("rnn", tmp_path / "run", "--steps", "160", "--count", "0", "--slow-log-s", str(sleep_s),
-                     "--set", "train.log_every=1")
+    run = run_driver(
+        "rnn",
+        tmp_path / "run",
+        "--steps",
+        "160",
+        "--count",
+        "0",
+        "--slow-log-s",
+        str(sleep_s),
+        "--set",
+        "train.log_every=1",
+    )
     t = run["throughput"]
     assert t["step_time_ms_p50"] >= 1e3 * sleep_s, t
     assert t["train_samples_per_s"] <= 64 / sleep_s, t  # global batch 64

@@ -10,8 +10,20 @@ import pytest
 import torch
 
 from dltrain.bench.comm import parse_size, sizes_between
-from dltrain.bench.perfmodel import (LOSS_REDUCE_BYTES, Bucket, CollectiveCost, CommModel, Fit, NcclModel, bus_factor,
-                                     ddp_buckets, fit_alpha_beta, overlap, predict_step, slowest_of)
+from dltrain.bench.perfmodel import (
+    LOSS_REDUCE_BYTES,
+    Bucket,
+    CollectiveCost,
+    CommModel,
+    Fit,
+    NcclModel,
+    bus_factor,
+    ddp_buckets,
+    fit_alpha_beta,
+    overlap,
+    predict_step,
+    slowest_of,
+)
 from dltrain.bench.result import Config, Stats
 from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections
 from dltrain.recipe import RecipeError
@@ -30,9 +42,15 @@ def test_bus_bandwidth_factors_are_those_of_nccl_tests():
 def test_the_fit_recovers_alpha_and_bandwidth_from_synthetic_timings():
     rng = random.Random(0)
     alpha, busbw, world = 50e-6, 2e9, 2
-    rows = [{"op": "all_reduce", "world_size": world, "bytes": n,
-             "time_us": (alpha + bus_factor("all_reduce", world) * n / busbw) * 1e6 * (1 + rng.uniform(-0.02, 0.02))}
-            for n in sizes_between(4096, 512 * 2**20)]
+    rows = [
+        {
+            "op": "all_reduce",
+            "world_size": world,
+            "bytes": n,
+            "time_us": (alpha + bus_factor("all_reduce", world) * n / busbw) * 1e6 * (1 + rng.uniform(-0.02, 0.02)),
+        }
+        for n in sizes_between(4096, 512 * 2**20)
+    ]
     fits = fit_alpha_beta(rows)
     assert {f.range for f in fits} == {"small", "medium", "large"}
     small = next(f for f in fits if f.range == "small")
@@ -73,7 +91,6 @@ def test_world_size_one_has_no_communication():
     assert NcclModel(1).time("all_reduce", 10**9) == 0.0
 
 
-
 def test_both_communication_models_answer_the_step_models_one_question():
     """The step model takes either cost model: the fits of this host's collectives or NCCL's links."""
     fitted, nccl = CommModel([one_fit(8, 1e-5, 1e9)], 8), NcclModel(8)
@@ -82,6 +99,7 @@ def test_both_communication_models_answer_the_step_models_one_question():
         assert 0 < model.time("all_reduce", 2**20) < model.time("all_reduce", 2**26)
     profile = {"backward_s": 0.01, "grads": [(2**20, 0.01)], "buffer_bytes": 0}
     assert predict_step(0.05, profile, fitted)["step_s"] > predict_step(0.05, profile, nccl)["step_s"] > 0.05
+
 
 def test_early_buckets_hide_behind_backward_and_late_ones_do_not():
     cost = lambda nbytes: nbytes / 1e9  # noqa: E731  1 GB/s, no latency
@@ -141,8 +159,14 @@ def test_nccl_model_latency_grows_with_the_ring_and_bandwidth_bounds_large_messa
 
 
 def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
-    profile = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_bytes": 0,
-               "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
+    profile = {
+        "forward_s": 0.01,
+        "backward_s": 0.02,
+        "optimizer_s": 0.002,
+        "buffer_bytes": 0,
+        "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)],
+        "bucket_cap_mb": 25.0,
+    }
     flops = {"bert": {"flops_per_sample_measured": 3e9, "micro_batch": 32, "step_profile": profile}}
     rows = projection(flops)
     assert [r["world_size"] for r in rows] == [8, 16, 32, 64, 128, 256, 512, 1024]
@@ -150,7 +174,9 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
     assert rows[0]["compute_ms"] == pytest.approx(3e9 * 32 / (989e12 * 0.4) * 1e3)
     assert all(0 < r["efficiency"] <= 1 for r in rows)
     # A workload whose step-model check missed on this host is not projected at all.
-    refused = refused_projections([{"entry": "bert", "world_size": 2, "error": -0.25}, {"entry": "cnn", "world_size": 2, "error": 0.02}])
+    refused = refused_projections(
+        [{"entry": "bert", "world_size": 2, "error": -0.25}, {"entry": "cnn", "world_size": 2, "error": 0.02}]
+    )
     assert list(refused) == ["bert"] and "missed its measured 2-process step by -25%" in refused["bert"]
     assert projection(flops, refused=refused) == []
     (tmp_path / "summary.json").write_text(json.dumps({"environment": {"device": "cpu"}, "configs": {}}))
@@ -177,24 +203,44 @@ def test_small_collectives_are_timed_back_to_back_between_marks(tmp_path, monkey
     monkeypatch.setattr(comm, "_mark", mark)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        median, mean, calls = comm.time_op(lambda: timeline.append("call"), torch.device("cpu"), target_s=1.0,
-                                           group=comm.group_for(torch.device("cuda")))
+        median, mean, calls = comm.time_op(
+            lambda: timeline.append("call"),
+            torch.device("cpu"),
+            target_s=1.0,
+            group=comm.group_for(torch.device("cuda")),
+        )
     finally:
         dist.destroy_process_group()
     groups = "".join("|" if t == "mark" else "c" for t in timeline).split("|")[1:-1]  # after the untimed warm-up calls
-    assert len(groups) >= comm.MIN_GROUPS and set(groups) == {"c" * comm.GROUP}  # only calls between marks, GROUP of them
+    assert len(groups) >= comm.MIN_GROUPS and set(groups) == {
+        "c" * comm.GROUP
+    }  # only calls between marks, GROUP of them
     assert calls == len(groups) * comm.GROUP and median == mean == pytest.approx(10 / comm.GROUP)
     assert comm.GROUP >= 10 and comm.group_for(torch.device("cpu")) == 1
 
 
-PROFILE = {"forward_s": 0.01, "backward_s": 0.02, "optimizer_s": 0.002, "buffer_bytes": 0,
-           "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)], "bucket_cap_mb": 25.0}
+PROFILE = {
+    "forward_s": 0.01,
+    "backward_s": 0.02,
+    "optimizer_s": 0.002,
+    "buffer_bytes": 0,
+    "grads": [(4 * 2**20, 0.001), (90 * 2**20, 0.02)],
+    "bucket_cap_mb": 25.0,
+}
 
 
 def _gpu_row(shape: dict, precision: str = "bf16", entry: str = "cnn") -> Config:
-    return Config(entry=entry, kind="dltrain", mode="throughput", world_size=1, nnodes=1, precision=precision,
-                  compile=shape["compile"]["enabled"], shape=shape,
-                  figures={"step_time_ms_p50": Stats.of([2.0]), "samples_per_s": Stats.of([128_000.0])})
+    return Config(
+        entry=entry,
+        kind="dltrain",
+        mode="throughput",
+        world_size=1,
+        nnodes=1,
+        precision=precision,
+        compile=shape["compile"]["enabled"],
+        shape=shape,
+        figures={"step_time_ms_p50": Stats.of([2.0]), "samples_per_s": Stats.of([128_000.0])},
+    )
 
 
 def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configuration():
@@ -229,11 +275,18 @@ def test_a_datasheet_step_below_the_launch_floor_is_refused_with_its_reason():
 
 def test_the_slowest_of_n_ranks_is_the_half_to_the_one_over_n_quantile():
     def config(p50: float, percentiles: list[float] | None = None) -> Config:
-        return Config(kind="dltrain", entry="x", mode="throughput", world_size=1, precision="fp32",
-                      figures={"step_time_ms_p50": Stats.of([p50])}, step_time_ms_percentiles=percentiles)
+        return Config(
+            kind="dltrain",
+            entry="x",
+            mode="throughput",
+            world_size=1,
+            precision="fp32",
+            figures={"step_time_ms_p50": Stats.of([p50])},
+            step_time_ms_percentiles=percentiles,
+        )
 
     cfg = config(50.0, [float(k) for k in range(1, 100)])  # the k-th percentile is k ms
     assert slowest_of(cfg, 1) == pytest.approx(0.050)
-    assert slowest_of(cfg, 2) == pytest.approx(100 * 0.5 ** 0.5 / 1e3)  # p70.7: P(both below) = 0.5
+    assert slowest_of(cfg, 2) == pytest.approx(100 * 0.5**0.5 / 1e3)  # p70.7: P(both below) = 0.5
     assert slowest_of(cfg, 1024) == pytest.approx(0.099)  # beyond the recorded p99: clamped
     assert slowest_of(config(20.0), 8) == pytest.approx(0.020)  # no distribution

@@ -48,12 +48,24 @@ def _ddp(runs: Runs):
 
 @pytest.mark.long
 def test_ddp_settings_reach_the_wrapped_module_and_change_nothing(runs):
-    run = runs.ok("cnn-ddp-settings", [*LAUNCH2, *CNN, *_sets(
-        "distributed.bucket_cap_mb=0.25", "distributed.gradient_as_bucket_view=true", "distributed.static_graph=true",
-        "distributed.find_unused_parameters=true")])
+    run = runs.ok(
+        "cnn-ddp-settings",
+        [
+            *LAUNCH2,
+            *CNN,
+            *_sets(
+                "distributed.bucket_cap_mb=0.25",
+                "distributed.gradient_as_bucket_view=true",
+                "distributed.static_graph=true",
+                "distributed.find_unused_parameters=true",
+            ),
+        ],
+    )
     # Read from the DistributedDataParallel module of rank 0 after accelerator.prepare.
-    assert ("DDP: bucket_cap 0.25 MB, gradient_as_bucket_view True, static_graph True, find_unused_parameters True, "
-            "comm hook none") in run.stdout
+    assert (
+        "DDP: bucket_cap 0.25 MB, gradient_as_bucket_view True, static_graph True, find_unused_parameters True, "
+        "comm hook none"
+    ) in run.stdout
     ddp = _ddp(runs)
     assert "DDP: bucket_cap 25 MB, gradient_as_bucket_view False, static_graph False" in ddp.stdout
     # Same sums, other buckets: for two processes the all-reduce adds the same two numbers.
@@ -96,8 +108,16 @@ def test_fsdp_resumes_exactly_from_sharded_and_full_checkpoints(runs):
     optimizer and RNG states."""
     wrap = _sets("distributed.fsdp.auto_wrap=[Linear]")
     a = runs.ok("cnn-fsdp", [*FSDP, *wrap, *_sets("checkpoint.every_steps=3")])
-    b = runs.ok("cnn-fsdp-full", [*FSDP, *wrap, *_sets("checkpoint.every_steps=2", "distributed.fsdp.state_dict_type=full"),
-                                  "--resume", str(a.out / "checkpoints" / "step_3")])
+    b = runs.ok(
+        "cnn-fsdp-full",
+        [
+            *FSDP,
+            *wrap,
+            *_sets("checkpoint.every_steps=2", "distributed.fsdp.state_dict_type=full"),
+            "--resume",
+            str(a.out / "checkpoints" / "step_3"),
+        ],
+    )
     step4 = b.out / "checkpoints" / "step_4"
     assert (step4 / "model.safetensors").is_file() and (step4 / "fsdp_optimizer.pt").is_file()
     c = runs.ok("cnn-fsdp-from-full", [*FSDP, *wrap, "--resume", str(step4)])
@@ -122,9 +142,21 @@ def test_a_nan_step_under_zero_is_skipped_by_the_engine_and_counted_once(runs, s
     """Step 3's loss (and so its gradients) is made NaN on both ranks: the engine skips that
     update, dltrain counts it once and trains on (max_nonfinite_steps=1), and the weights stay
     finite. Had the NaN update been applied, every later loss would be NaN and the run would stop."""
-    run = runs.ok(f"cnn-zero{stage}-nan", [*DLTRAIN, "launch", "--cpu", "--nproc", "2", "--deepspeed", str(stage), *CNN,
-                                           *_sets("train.max_nonfinite_steps=1")],
-                  env={"DLTRAIN_TEST_NONFINITE_AT_STEP": "3"})
+    run = runs.ok(
+        f"cnn-zero{stage}-nan",
+        [
+            *DLTRAIN,
+            "launch",
+            "--cpu",
+            "--nproc",
+            "2",
+            "--deepspeed",
+            str(stage),
+            *CNN,
+            *_sets("train.max_nonfinite_steps=1"),
+        ],
+        env={"DLTRAIN_TEST_NONFINITE_AT_STEP": "3"},
+    )
     records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/nonfinite_steps"]) for r in records if "train/nonfinite_steps" in r] == [(3, 1)]
     losses = run.losses()
@@ -162,5 +194,6 @@ def test_a_planted_pickle_in_a_sharded_checkpoint_is_refused_not_run(runs, tmp_p
     assert done.returncode != 0, done.stderr[-3000:]  # each rank exits 2; the launcher reports the job failed
     assert not marker.exists()
     refusals = [line for line in done.stderr.splitlines() if "dltrain: error:" in line]
-    assert len(refusals) == 2 and all("asks to load posix.system, which a dltrain checkpoint never holds" in line
-                                      for line in refusals), done.stderr[-3000:]
+    assert len(refusals) == 2 and all(
+        "asks to load posix.system, which a dltrain checkpoint never holds" in line for line in refusals
+    ), done.stderr[-3000:]

@@ -30,7 +30,9 @@ def _import_graph() -> dict[str, set[str]]:
     modules = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(REPO).with_suffix("").parts
-        if path.resolve().parent != path.parent.resolve() or any(p in ("recipes", "suites", "baselines") for p in parts):
+        if path.resolve().parent != path.parent.resolve() or any(
+            p in ("recipes", "suites", "baselines") for p in parts
+        ):
             continue
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         modules[name] = path
@@ -103,11 +105,24 @@ def test_the_loop_and_storage_never_ask_which_backend_they_hold():
     import io
     import tokenize
 
-    banned = {"DistributedType", "distributed_type", "fsdp", "deepspeed", "DeepSpeed", "FSDP", "DDP",
-              "DistributedDataParallel", "zero_stage", "unwrap_model", "is_sharded"}
+    banned = {
+        "DistributedType",
+        "distributed_type",
+        "fsdp",
+        "deepspeed",
+        "DeepSpeed",
+        "FSDP",
+        "DDP",
+        "DistributedDataParallel",
+        "zero_stage",
+        "unwrap_model",
+        "is_sharded",
+    }
     for name in ("trainer", "checkpoint", "export", "run", "state"):
         source = (REPO / "dltrain" / f"{name}.py").read_text()
-        names = {tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.NAME}
+        names = {
+            tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.NAME
+        }
         assert "strategy" in names or name == "state" or "Loop" in names, name  # the file was read
         assert not names & banned, f"dltrain/{name}.py names {sorted(names & banned)}"
 
@@ -221,12 +236,20 @@ def test_sync_debug_takes_torchs_modes_and_refuses_others(monkeypatch):
 # Combinations refused before any process starts
 
 
-@pytest.mark.parametrize("overrides, world, device, message", [
-    (["distributed.strategy=fsdp"], 1, "cpu", "shards over several processes and this run has one"),
-    (["distributed.strategy=fsdp", "train.precision=fp16"], 2, "cuda", "fsdp with train.precision=fp16 needs a sharded"),
-    (["deepspeed.zero_stage=3", "train.compile.enabled=true"], 2, "cpu", "zero_stage=3 with train.compile"),
-    (["train.precision=fp16"], 1, "cpu", "fp16 needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, device, message",
+    [
+        (["distributed.strategy=fsdp"], 1, "cpu", "shards over several processes and this run has one"),
+        (
+            ["distributed.strategy=fsdp", "train.precision=fp16"],
+            2,
+            "cuda",
+            "fsdp with train.precision=fp16 needs a sharded",
+        ),
+        (["deepspeed.zero_stage=3", "train.compile.enabled=true"], 2, "cpu", "zero_stage=3 with train.compile"),
+        (["train.precision=fp16"], 1, "cpu", "fp16 needs a CUDA GPU"),
+    ],
+)
 def test_combinations_that_cannot_run_are_refused_in_one_line(overrides, world, device, message):
     from dltrain import strategy
 
@@ -238,9 +261,12 @@ def test_combinations_that_cannot_run_are_refused_in_one_line(overrides, world, 
 def test_combinations_that_run_are_not_refused():
     from dltrain import strategy
 
-    for overrides in (["train.compile.enabled=true"], ["distributed.strategy=fsdp", "train.compile.enabled=true",
-                                                       "train.precision=bf16"],
-                      ["deepspeed.zero_stage=2", "train.compile.enabled=true"], ["deepspeed.zero_stage=3"]):
+    for overrides in (
+        ["train.compile.enabled=true"],
+        ["distributed.strategy=fsdp", "train.compile.enabled=true", "train.precision=bf16"],
+        ["deepspeed.zero_stage=2", "train.compile.enabled=true"],
+        ["deepspeed.zero_stage=3"],
+    ):
         recipe = load_recipe(CNN, "cpu_test", overrides)
         assert strategy.check(recipe, 2, "cpu").name == recipe.distributed.strategy
 
@@ -249,11 +275,25 @@ def test_the_launcher_refuses_a_combination_before_any_process_starts(tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "run"
-    done = run_cli("launch", str(CNN), "--profile", "cpu_test", "--cpu", "--nproc", "2", "--deepspeed", "3",
-                   "--set", "train.compile.enabled=true", "--output-dir", str(out))
+    done = run_cli(
+        "launch",
+        str(CNN),
+        "--profile",
+        "cpu_test",
+        "--cpu",
+        "--nproc",
+        "2",
+        "--deepspeed",
+        "3",
+        "--set",
+        "train.compile.enabled=true",
+        "--output-dir",
+        str(out),
+    )
     assert done.returncode == 2
     assert [line for line in done.stderr.splitlines() if line.startswith("dltrain: error:")] == [
-        line for line in done.stderr.splitlines() if line.strip()]
+        line for line in done.stderr.splitlines() if line.strip()
+    ]
     assert "zero_stage=3 with train.compile" in done.stderr
     assert not out.exists()
 
@@ -271,11 +311,15 @@ def test_the_rnns_recurrent_layers_leave_bf16_autocast_and_the_summary_says_so()
     from dltrain.workload import get_workload
     from dltrain.workloads import rnn
 
-    with mock.patch.object(torch, "is_autocast_enabled", lambda device=None: device == "cuda"), \
-            mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.bfloat16):
+    with (
+        mock.patch.object(torch, "is_autocast_enabled", lambda device=None: device == "cuda"),
+        mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.bfloat16),
+    ):
         assert rnn.recurrent_in_fp32("cuda") and not rnn.recurrent_in_fp32("cpu")
-    with mock.patch.object(torch, "is_autocast_enabled", lambda device=None: True), \
-            mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.float16):
+    with (
+        mock.patch.object(torch, "is_autocast_enabled", lambda device=None: True),
+        mock.patch.object(torch, "get_autocast_dtype", lambda device: torch.float16),
+    ):
         assert not rnn.recurrent_in_fp32("cuda")
     workload = get_workload("rnn")
     bf16 = load_recipe(RECIPES / "rnn_sine.yaml", "cpu_test", ["train.precision=bf16"])

@@ -16,8 +16,11 @@ from dltrain.recipe import RecipeError, load_recipe
 from dltrain.workloads import bert
 
 MINILM = RECIPES / "bert_sst2_minilm.yaml"
-WORDS = {"sports": ["match", "goal", "team", "coach", "league"], "food": ["bread", "soup", "spice", "oven", "salad"],
-         "music": ["guitar", "song", "drum", "choir", "piano"]}
+WORDS = {
+    "sports": ["match", "goal", "team", "coach", "league"],
+    "food": ["bread", "soup", "spice", "oven", "salad"],
+    "music": ["guitar", "song", "drum", "choir", "piano"],
+}
 
 
 def _topics_csv(path, n: int, seed: int):
@@ -33,9 +36,20 @@ def _topics_csv(path, n: int, seed: int):
 
 def _recipe(minilm_dir, tmp_path, *sets):
     train, val = _topics_csv(tmp_path / "train.csv", 96, 0), _topics_csv(tmp_path / "val.csv", 48, 1)
-    return load_recipe(MINILM, "cpu_test", [f"model.name_or_path={minilm_dir}", f"data.train_file={train}",
-                                            f"data.eval_file={val}", "data.text_column=text", "data.label_column=topic",
-                                            "data.train_subset=null", "data.label_names=null", *sets])
+    return load_recipe(
+        MINILM,
+        "cpu_test",
+        [
+            f"model.name_or_path={minilm_dir}",
+            f"data.train_file={train}",
+            f"data.eval_file={val}",
+            "data.text_column=text",
+            "data.label_column=topic",
+            "data.train_subset=null",
+            "data.label_names=null",
+            *sets,
+        ],
+    )
 
 
 def test_multiclass_csv_with_string_labels_trains_and_saves_id2label(tmp_path, minilm_dir, monkeypatch):
@@ -44,9 +58,15 @@ def test_multiclass_csv_with_string_labels_trains_and_saves_id2label(tmp_path, m
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     recipe = _recipe(minilm_dir, tmp_path, "data.label_names=[food,music,sports]")
     assert recipe.model.num_labels == 3  # from data.label_names
-    result = dltrain.train(recipe, output_dir=tmp_path / "run", train={"max_steps": 12, "global_batch_size": 16},
-                           optim={"lr": 5e-4}, checkpoint={"save_best": False, "save_final_model": True},
-                           target={"value": 0.9}, tracking={"plots": False})
+    result = dltrain.train(
+        recipe,
+        output_dir=tmp_path / "run",
+        train={"max_steps": 12, "global_batch_size": 16},
+        optim={"lr": 5e-4},
+        checkpoint={"save_best": False, "save_final_model": True},
+        target={"value": 0.9},
+        tracking={"plots": False},
+    )
     assert result.summary["steps"] == 12 and result.metrics["val/examples"] == 48
     assert result.metrics["val/accuracy"] > 0.6, result.metrics  # chance is 1/3; the words give the topic away
     config = json.loads((result.run_dir / "final_model" / "config.json").read_text())
@@ -88,11 +108,18 @@ def test_sentence_pairs_get_segment_ids_from_json_parquet_and_a_dataset_folder(t
     (tmp_path / "folder_src").mkdir()  # load_dataset's own layout: dev.parquet is the "validation" split
     for split in ("train", "dev"):
         ds.to_parquet(tmp_path / "folder_src" / f"{split}.parquet")
-    pair = ["data.text_column=premise", "data.text_pair_column=hypothesis", "data.label_names=[a,b,c]", "data.train_subset=null",
-            f"model.name_or_path={minilm_dir}"]
-    sources = {"jsonl": [f"data.train_file={tmp_path / 'pairs.jsonl'}", f"data.eval_file={tmp_path / 'pairs.jsonl'}"],
-               "parquet": [f"data.train_file={tmp_path / 'pairs.parquet'}", f"data.eval_file={tmp_path / 'pairs.parquet'}"],
-               "folder": [f"data.dataset={tmp_path / 'folder_src'}"]}
+    pair = [
+        "data.text_column=premise",
+        "data.text_pair_column=hypothesis",
+        "data.label_names=[a,b,c]",
+        "data.train_subset=null",
+        f"model.name_or_path={minilm_dir}",
+    ]
+    sources = {
+        "jsonl": [f"data.train_file={tmp_path / 'pairs.jsonl'}", f"data.eval_file={tmp_path / 'pairs.jsonl'}"],
+        "parquet": [f"data.train_file={tmp_path / 'pairs.parquet'}", f"data.eval_file={tmp_path / 'pairs.parquet'}"],
+        "folder": [f"data.dataset={tmp_path / 'folder_src'}"],
+    }
     tokenizer = bert.load_tokenizer(str(minilm_dir))
     for name, sets in sources.items():
         batch = bert.build_data(load_recipe(MINILM, "cpu_test", [*pair, *sets])).train.fetch(torch.arange(2))
@@ -103,8 +130,9 @@ def test_sentence_pairs_get_segment_ids_from_json_parquet_and_a_dataset_folder(t
         assert types == [0] * 5 + [1] * 4, (name, types)  # [CLS] a cat sits [SEP] | an animal sits [SEP]
         assert batch["token_type_ids"].shape == batch["input_ids"].shape
     with pytest.raises(DataError, match="cannot load split 'nope' of data.dataset"):
-        bert.load_splits(load_recipe(MINILM, "cpu_test", [*pair, f"data.dataset={tmp_path / 'folder_src'}",
-                                                          "data.eval_split=nope"]))
+        bert.load_splits(
+            load_recipe(MINILM, "cpu_test", [*pair, f"data.dataset={tmp_path / 'folder_src'}", "data.eval_split=nope"])
+        )
 
 
 def test_cached_tokens_are_checked_against_model_num_labels(tmp_path, minilm_dir, monkeypatch):
@@ -129,17 +157,28 @@ def test_numbers_in_a_text_column_are_text(tmp_path, minilm_dir, monkeypatch):
     JSON number as one; the tokenizer took neither. A number where a text belongs is the text as written."""
     monkeypatch.setenv("DLTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "numbers.csv").write_text("text,topic\n123,0\n007,1\n1.50,0\n")
-    (tmp_path / "mixed.jsonl").write_text('{"text": "good", "topic": 1}\n{"text": 5, "topic": 0}\n{"text": 2.5, "topic": 0}\n')
+    (tmp_path / "mixed.jsonl").write_text(
+        '{"text": "good", "topic": 1}\n{"text": 5, "topic": 0}\n{"text": 2.5, "topic": 0}\n'
+    )
     (tmp_path / "numbers.jsonl").write_text('{"text": 5, "topic": 1}\n{"text": 6, "topic": 0}\n')
     tokenizer = bert.load_tokenizer(str(minilm_dir))
-    expected = {"numbers.csv": ["123", "007", "1. 50"], "mixed.jsonl": ["good", "5", "2. 5"], "numbers.jsonl": ["5", "6"]}
+    expected = {
+        "numbers.csv": ["123", "007", "1. 50"],
+        "mixed.jsonl": ["good", "5", "2. 5"],
+        "numbers.jsonl": ["5", "6"],
+    }
     for name, texts in expected.items():
         files = [f"data.train_file={tmp_path / name}", f"data.eval_file={tmp_path / name}"]
         assert _texts(bert.load_splits(_recipe(minilm_dir, tmp_path, *files))["train"], tokenizer) == texts, name
     import dltrain
 
-    result = dltrain.train(_recipe(minilm_dir, tmp_path, *files), output_dir=tmp_path / "run", tracking={"plots": False},
-                           train={"max_steps": 2, "global_batch_size": 2}, checkpoint={"save_best": False})
+    result = dltrain.train(
+        _recipe(minilm_dir, tmp_path, *files),
+        output_dir=tmp_path / "run",
+        tracking={"plots": False},
+        train={"max_steps": 2, "global_batch_size": 2},
+        checkpoint={"save_best": False},
+    )
     assert result.summary["steps"] == 2  # and the loop takes them: the numbers trained as texts
 
 

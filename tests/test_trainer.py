@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from conftest import RECIPES
-from dltrain.recipe import load_recipe
 from dltrain.optim import build_optimizer
+from dltrain.recipe import load_recipe
 
 
 def test_fused_optimizer_by_default_not_under_deepspeed_and_overridable():
@@ -93,7 +93,9 @@ def test_cnn_and_rnn_training_forward_compile_without_graph_breaks():
     from dltrain.workloads import cnn, rnn
 
     torch.manual_seed(0)
-    for workload, recipe_file, batch in ((cnn, "cnn_mnist.yaml", (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))),
-                                         (rnn, "rnn_sine.yaml", (torch.randn(8, 10, 1), torch.randn(8)))):
+    for workload, recipe_file, batch in (
+        (cnn, "cnn_mnist.yaml", (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))),
+        (rnn, "rnn_sine.yaml", (torch.randn(8, 10, 1), torch.randn(8))),
+    ):
         model = workload.build_model(load_recipe(RECIPES / recipe_file, "cpu_test")).train()
         assert compiles_whole(workload.forward, model, batch), recipe_file

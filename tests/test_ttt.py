@@ -6,11 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import RECIPES, run_cli
 
-TINY_CNN = ["data.train_subset=640", "data.val_fraction=0.01", "model.conv1_channels=8", "model.conv2_channels=16",
-            "model.hidden=32", "tracking.plots=false", "train.eval_every=1000", "target.metric=test/accuracy",
-            "target.value=0.05", "target.stop=false"]
+TINY_CNN = [
+    "data.train_subset=640",
+    "data.val_fraction=0.01",
+    "model.conv1_channels=8",
+    "model.conv2_channels=16",
+    "model.hidden=32",
+    "tracking.plots=false",
+    "train.eval_every=1000",
+    "target.metric=test/accuracy",
+    "target.value=0.05",
+    "target.stop=false",
+]
 
 
 def _suite(tmp_path, reference: str) -> str:
@@ -21,7 +31,7 @@ description: two seeds of a few steps, and a reference
 cpu_threads: 1
 records:
   - name: cnn
-    recipe: {RECIPES / 'cnn_mnist.yaml'}
+    recipe: {RECIPES / "cnn_mnist.yaml"}
     profile: cpu_test
     overrides: [{sets}, train.max_steps=4]
     seeds: [0, 1]
@@ -33,19 +43,25 @@ records:
 
 @pytest.mark.long
 def test_a_tiny_record_suite_runs_every_seed_and_the_reference_and_writes_the_table(data_dir, tmp_path):
-    ref = f"      what: the same, twice as many steps\n      profile: cpu_test\n      overrides: [{', '.join(TINY_CNN)}, train.max_steps=8]"
+    ref = (
+        "      what: the same, twice as many steps\n      profile: cpu_test\n      overrides: "
+        f"[{', '.join(TINY_CNN)}, train.max_steps=8]"
+    )
     out = tmp_path / "out"
     done = run_cli("bench", _suite(tmp_path, ref), "--output-dir", str(out), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [(x["kind"], x["seed"]) for x in lines] == [("dltrain", 0), ("dltrain", 1), ("reference", None)]
     for x in lines:
-        assert x["status"] == "ok" and 0 < x["train_s"] < x["wall_s"], x  # the process clock covers imports and data as well
+        assert x["status"] == "ok" and 0 < x["train_s"] < x["wall_s"], (
+            x
+        )  # the process clock covers imports and data as well
     assert [x["steps"] for x in lines] == [4, 4, 8]
     (row,) = json.loads((out / "records.json").read_text())
     figures = row["config"]["figures"]
-    assert row["metric_name"] == "test/accuracy" and [r["metrics"]["test/accuracy"] for r in row["runs"]] == \
-        [x["metrics"]["test/accuracy"] for x in lines[:2]]
+    assert row["metric_name"] == "test/accuracy" and [r["metrics"]["test/accuracy"] for r in row["runs"]] == [
+        x["metrics"]["test/accuracy"] for x in lines[:2]
+    ]
     assert figures["test/accuracy"]["n"] == 2 and figures["train_s"]["n"] == 2
     assert figures["wall_s"]["mean"] > figures["train_s"]["mean"]
     assert row["met"] in (True, False) and row["reference"]["train_s"] == lines[2]["train_s"]
@@ -83,7 +99,10 @@ def test_a_record_suite_with_a_recipe_without_target_is_refused(tmp_path):
     from dltrain.recipe import RecipeError
 
     path = tmp_path / "s.yaml"
-    path.write_text(f"records:\n  - name: x\n    recipe: {RECIPES / 'rnn_sine.yaml'}\n    overrides: [target=null]\n    seeds: [0]\n")
+    path.write_text(
+        f"records:\n  - name: x\n    recipe: {RECIPES / 'rnn_sine.yaml'}\n    overrides: [target=null]\n    "
+        "seeds: [0]\n"
+    )
     import pytest
 
     with pytest.raises(RecipeError, match="record x: its recipe has no target"):
@@ -105,7 +124,10 @@ def test_an_in_process_record_suite_starts_no_process_for_its_seeds(data_dir, tm
     (row,) = ttt.run_records(suite, tmp_path / "out")
     assert launched == []
     lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [(x["seed"], x["status"], x["steps"], x["in_process"]) for x in lines] == [(0, "ok", 4, True), (1, "ok", 4, True)]
+    assert [(x["seed"], x["status"], x["steps"], x["in_process"]) for x in lines] == [
+        (0, "ok", 4, True),
+        (1, "ok", 4, True),
+    ]
     assert row.config.figures["train_s"].n == 2
     assert "in the harness process" in (tmp_path / "out" / "report.md").read_text()
 
@@ -124,13 +146,27 @@ def test_a_record_suite_cut_by_the_budget_still_writes_the_table_of_what_finishe
     def train_run(suite, recipe, profile, sets, run_dir, log, **facts):
         if "train.seed=1" in sets:
             raise KeyboardInterrupt  # timeout --signal=INT during the second seed
-        return Result(suite=suite.name, kind="dltrain", mode="record", world_size=1, precision="fp32", train_s=1.0,
-                      wall_s=2.0, steps=4, run_dir="x", target={"metric": "test/accuracy", "value": 0.05},
-                      metrics={"test/accuracy": 0.5}, **facts)
+        return Result(
+            suite=suite.name,
+            kind="dltrain",
+            mode="record",
+            world_size=1,
+            precision="fp32",
+            train_s=1.0,
+            wall_s=2.0,
+            steps=4,
+            run_dir="x",
+            target={"metric": "test/accuracy", "value": 0.05},
+            metrics={"test/accuracy": 0.5},
+            **facts,
+        )
 
     monkeypatch.setattr(ttt, "train_run", train_run)
     with pytest.raises(ttt.RecordsInterrupted) as cut:
         ttt.run_records(suite, tmp_path / "out")
     (row,) = json.loads((tmp_path / "out" / "records.json").read_text())
     assert row["interrupted"] and row["seeds"] == [0] and row["reference"] is None and cut.value.rows[0].name == "cnn"
-    assert "Interrupted (the time budget ran out): cnn over the seeds that finished" in (tmp_path / "out" / "report.md").read_text()
+    assert (
+        "Interrupted (the time budget ran out): cnn over the seeds that finished"
+        in (tmp_path / "out" / "report.md").read_text()
+    )

@@ -108,7 +108,19 @@ def sync() -> None:
 def report(name: str, args, batch: int, precision: str, timing: Timing, **extra) -> None:
     times = timing.step_times_s
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    print(json.dumps({"baseline": name, "steps": len(times), "batch": batch, "precision": precision,
-                      "train_samples_per_s": len(times) * batch / timing.window_s, "window_s": timing.window_s,
-                      "step_time_ms_p50": 1e3 * statistics.median(times), "step_time_ms_p90": 1e3 * q[8],
-                      **extra}), flush=True)
+    print(
+        json.dumps(
+            {
+                "baseline": name,
+                "steps": len(times),
+                "batch": batch,
+                "precision": precision,
+                "train_samples_per_s": len(times) * batch / timing.window_s,
+                "window_s": timing.window_s,
+                "step_time_ms_p50": 1e3 * statistics.median(times),
+                "step_time_ms_p90": 1e3 * q[8],
+                **extra,
+            }
+        ),
+        flush=True,
+    )

@@ -14,7 +14,6 @@ So the step makes no host read, as dltrain's makes none.
 
 from __future__ import annotations
 
-
 import torch
 from bare_common import load, parse_args, report, timed
 
@@ -29,10 +28,20 @@ def batch_stream(recipe, split, device):
     """dltrain's batches at world size 1, epoch after epoch, as its training loop asks for them."""
     epoch = 0
     while True:
-        yield from split.batches(train_index_batches(
-            len(split), micro_batch=recipe.train.global_batch_size, grad_accum=1, rank=0, world=1,
-            seed=recipe.train.seed, epoch=epoch, device=device,
-            lengths=getattr(split, "order_lengths", None), group=getattr(split, "group", 0)))
+        yield from split.batches(
+            train_index_batches(
+                len(split),
+                micro_batch=recipe.train.global_batch_size,
+                grad_accum=1,
+                rank=0,
+                world=1,
+                seed=recipe.train.seed,
+                epoch=epoch,
+                device=device,
+                lengths=getattr(split, "order_lengths", None),
+                group=getattr(split, "group", 0),
+            )
+        )
         epoch += 1
 
 
@@ -58,8 +67,12 @@ def main() -> None:
     data = bert.build_data(recipe, device)
     model = bert.build_model(recipe).to(device).train()
     # dltrain's parameter groups (no decay for biases and norms when the recipe says so), so the same update.
-    opt = torch.optim.AdamW(param_groups(recipe.optim, model), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
-                            fused=use_fused(recipe.optim))
+    opt = torch.optim.AdamW(
+        param_groups(recipe.optim, model),
+        lr=recipe.optim.lr,
+        weight_decay=recipe.optim.weight_decay,
+        fused=use_fused(recipe.optim),
+    )
     step = make_step(recipe, model, opt, data.train, device)
     batch = recipe.train.global_batch_size
     report("bert_bare", args, batch, recipe.train.precision, timed(step, args.steps, args.warmup, device))

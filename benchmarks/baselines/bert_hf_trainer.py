@@ -59,23 +59,39 @@ def main() -> None:
     fixed = recipe.data.padding == "fixed"
     # bucket: the longest text of the batch rounded up to a multiple of data.bucket_multiple
     multiple = getattr(recipe.data, "bucket_multiple", None) if recipe.data.padding == "bucket" else None
-    collator = DataCollatorWithPadding(tokenizer, padding="max_length" if fixed else "longest",
-                                       max_length=recipe.data.max_length if fixed else None, pad_to_multiple_of=multiple)
+    collator = DataCollatorWithPadding(
+        tokenizer,
+        padding="max_length" if fixed else "longest",
+        max_length=recipe.data.max_length if fixed else None,
+        pad_to_multiple_of=multiple,
+    )
     clock = StepClock(args.warmup, args.steps, device)
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
-            learning_rate=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_steps=args.warmup + args.steps,
+            learning_rate=recipe.optim.lr,
+            weight_decay=recipe.optim.weight_decay,
             # transformers 5 reads a float warmup_steps below 1 as a fraction of all steps.
-            lr_scheduler_type="linear", warmup_steps=recipe.schedule.warmup_steps or recipe.schedule.warmup_fraction,
-            bf16=recipe.train.precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-            dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
+            lr_scheduler_type="linear",
+            warmup_steps=recipe.schedule.warmup_steps or recipe.schedule.warmup_fraction,
+            bf16=recipe.train.precision == "bf16",
+            use_cpu=device.type == "cpu",
+            seed=args.seed,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            train_sampling_strategy="sequential",
             optim="adamw_torch_fused" if use_fused(recipe.optim) else "adamw_torch",  # as dltrain
         )
         torch.manual_seed(args.seed)
-        trainer = Trainer(model=bert.build_model(recipe), args=targs, train_dataset=train,
-                          data_collator=collator, callbacks=[clock])
+        trainer = Trainer(
+            model=bert.build_model(recipe), args=targs, train_dataset=train, data_collator=collator, callbacks=[clock]
+        )
         trainer.train()
     report("bert_hf_trainer", args, batch, recipe.train.precision, clock.timing)
 

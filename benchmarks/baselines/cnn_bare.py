@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from bare_common import report, sync_debug, timed
 
 from dltrain.data import data_root
-from dltrain.recipe import load_recipe
 from dltrain.optim import use_fused
+from dltrain.recipe import load_recipe
 from dltrain.workloads import cnn
 
 RECIPE = "cnn_mnist"  # a shipped recipe, found by name (dltrain.shipped)
@@ -53,6 +53,7 @@ def main() -> None:
         opt.step()
 
     report("cnn_bare", args, args.batch, args.precision, timed(step, args.steps, args.warmup, device))
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ and precision; no Accelerate, no metrics, no logging.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from bare_common import load, parse_args, report, timed

@@ -37,8 +37,14 @@ def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None) ->
     return summary
 
 
-def bench(suite_path: str, output_dir: str | None = None, repeats: int | None = None,
-          dry_run: bool = False, only: list[str] = (), report: bool = True) -> int:
+def bench(
+    suite_path: str,
+    output_dir: str | None = None,
+    repeats: int | None = None,
+    dry_run: bool = False,
+    only: list[str] = (),
+    report: bool = True,
+) -> int:
     from dltrain.bench.runner import node_info, run_suite
     from dltrain.bench.suite import load_suite, resolve_path, select
     from dltrain.recipe import RecipeError, read_yaml
@@ -76,12 +82,18 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
     if set(only) - known:
         from dltrain.recipe import RecipeError
 
-        raise RecipeError(f"suite {suite.name}: no record {', '.join(sorted(set(only) - known))} (records: {', '.join(sorted(known))})")
+        raise RecipeError(
+            f"suite {suite.name}: no record {', '.join(sorted(set(only) - known))} (records: "
+            f"{', '.join(sorted(known))})"
+        )
     if dry_run:
         for rec in suite.records:
             sets = [*rec.overrides, "train.seed=S"]
-            print(f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe}"
-                  + (f" --profile {rec.profile}" if rec.profile else "") + "".join(f" --set {s}" for s in sets))
+            print(
+                f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe}"
+                + (f" --profile {rec.profile}" if rec.profile else "")
+                + "".join(f" --set {s}" for s in sets)
+            )
         return 0
     out_dir = Path(output_dir) if output_dir else default_output_dir(suite.name)
     check_output_dir(out_dir)
@@ -109,28 +121,46 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark suite (`bench SUITE`), or compare two (`bench compare OLD NEW`)",
-                       description="`dltrain bench SUITE`: run a suite (a name under benchmarks/suites/ or a YAML path). "
-                                   "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.",
-                       epilog=f"exit codes: 0 every run ok; {EXIT_RUNS_FAILED} a run failed, timed out or was cut short "
-                              "(results and report written all the same); 2 bad input; 1 (compare) a regression.")
-    p.add_argument("suite", metavar="SUITE|compare|report|comm",
-                   help="suite name or file; `compare OLD_DIR NEW_DIR`; `report DIR` to rebuild a report; "
-                        "`comm` to time collectives")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (`bench SUITE`), or compare two (`bench compare OLD NEW`)",
+        description="`dltrain bench SUITE`: run a suite (a name under benchmarks/suites/ or a YAML path). "
+        "`dltrain bench compare OLD_DIR NEW_DIR`: per-figure ratios, exit 1 on a regression beyond noise.",
+        epilog=f"exit codes: 0 every run ok; {EXIT_RUNS_FAILED} a run failed, timed out or was cut short "
+        "(results and report written all the same); 2 bad input; 1 (compare) a regression.",
+    )
+    p.add_argument(
+        "suite",
+        metavar="SUITE|compare|report|comm",
+        help="suite name or file; `compare OLD_DIR NEW_DIR`; `report DIR` to rebuild a report; "
+        "`comm` to time collectives",
+    )
     p.add_argument("dirs", nargs="*", metavar="DIR", help="with compare: the two output directories; with report: one")
     p.add_argument("--output-dir", help="where results go (default: runs/bench/<suite>-<time>)")
     p.add_argument("--repeats", type=int, help="run every job N times (default: the suite's repeats)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this entry or configuration (repeatable)")
+    p.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="only this entry or configuration (repeatable)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print each job's command instead of running it")
     p.add_argument("--no-report", action="store_true", help="run the jobs only; `bench report DIR` builds the report")
-    p.add_argument("--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)")
-    p.add_argument("--gpu-results", metavar="DIR", help="report: a GPU suite's output directory, the compute of the GPU projection")
+    p.add_argument(
+        "--tolerance", type=float, default=0.10, help="compare: smallest relative change flagged (default 0.10)"
+    )
+    p.add_argument(
+        "--gpu-results", metavar="DIR", help="report: a GPU suite's output directory, the compute of the GPU projection"
+    )
     c = p.add_argument_group("`dltrain bench comm`: collective timings and the alpha-beta fit")
-    c.add_argument("--nproc", type=int, default=2, help="processes on this node (default 2; at most its GPUs, or its cores)")
-    c.add_argument("--nnodes", type=int, default=1, help="number of nodes, each running this command (as `dltrain launch`)")
+    c.add_argument(
+        "--nproc", type=int, default=2, help="processes on this node (default 2; at most its GPUs, or its cores)"
+    )
+    c.add_argument(
+        "--nnodes", type=int, default=1, help="number of nodes, each running this command (as `dltrain launch`)"
+    )
     c.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1; node 0 writes the results")
     c.add_argument("--master", metavar="ADDR:PORT", help="node 0's address and rendezvous port (several nodes)")
-    c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast", help="comma-separated collectives")
+    c.add_argument(
+        "--ops", default="all_reduce,all_gather,reduce_scatter,broadcast", help="comma-separated collectives"
+    )
     c.add_argument("--min-bytes", default="4K", help="smallest message (default 4K)")
     c.add_argument("--max-bytes", default="512M", help="largest message (default 512M)")
 
@@ -176,14 +206,23 @@ def cmd_comm(args) -> int:
     if (out_dir / "comm.json").exists():
         raise RecipeError(f"{out_dir} already holds communication results: choose another --output-dir")
     check_output_dir(out_dir)
-    result = run_comm(out_dir, args.nproc, tuple(o.strip() for o in args.ops.split(",") if o.strip()),
-                      parse_size(args.min_bytes), parse_size(args.max_bytes),
-                      nnodes=args.nnodes, node_rank=args.node_rank, master=args.master)
+    result = run_comm(
+        out_dir,
+        args.nproc,
+        tuple(o.strip() for o in args.ops.split(",") if o.strip()),
+        parse_size(args.min_bytes),
+        parse_size(args.max_bytes),
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master=args.master,
+    )
     if result is None:
         print(f"dltrain bench comm: node {args.node_rank} done; node 0 writes the results")
         return 0
     plot = plot_comm([result], out_dir)
-    lines = ["# dltrain bench comm", "", *comm_section([result])] + ([f"![busbw]({plot.relative_to(out_dir)})", ""] if plot else [])
+    lines = ["# dltrain bench comm", "", *comm_section([result])] + (
+        [f"![busbw]({plot.relative_to(out_dir)})", ""] if plot else []
+    )
     (out_dir / "report.md").write_text("\n".join(lines))
     print(f"dltrain bench comm: report in {out_dir / 'report.md'}")
     return 0

@@ -37,6 +37,7 @@ from dltrain.bench.perfmodel import KiB, MiB, bus_factor, fit_alpha_beta
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
+
 def sizes_between(lo: int, hi: int) -> list[int]:
     """Powers of two from lo to hi bytes (both rounded to a power of two)."""
     out, size = [], 1 << max(0, (lo - 1).bit_length())
@@ -57,8 +58,9 @@ def parse_size(text: str) -> int:
     if not 0 < size <= 2**40:
         from dltrain.recipe import RecipeError
 
-        raise RecipeError(f"message size {text!r}: give bytes or a number with K, M or G, from 1 byte to 1T "
-                          "(e.g. 4K, 512M)") from None
+        raise RecipeError(
+            f"message size {text!r}: give bytes or a number with K, M or G, from 1 byte to 1T (e.g. 4K, 512M)"
+        ) from None
     return size
 
 
@@ -175,13 +177,27 @@ def worker(argv: list[str] | None = None) -> int:
             for size in sizes_between(args.min_bytes, args.max_bytes):
                 seconds, mean, calls = time_op(_call(op, size, world, device), device, args.target_s)
                 algbw = size / seconds
-                rows.append({"op": op, "bytes": size, "world_size": world, "backend": dist.get_backend(),
-                             "device": device.type, "dtype": "float32", "calls": calls, "time_us": seconds * 1e6,
-                             "mean_us": mean * 1e6,
-                             "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * bus_factor(op, world) / 1e9})
+                rows.append(
+                    {
+                        "op": op,
+                        "bytes": size,
+                        "world_size": world,
+                        "backend": dist.get_backend(),
+                        "device": device.type,
+                        "dtype": "float32",
+                        "calls": calls,
+                        "time_us": seconds * 1e6,
+                        "mean_us": mean * 1e6,
+                        "algbw_GBps": algbw / 1e9,
+                        "busbw_GBps": algbw * bus_factor(op, world) / 1e9,
+                    }
+                )
                 if rank == 0:
-                    print(f"  {op:15s} {size / KiB:>10,.0f} KiB {seconds * 1e6:>12,.1f} us "
-                          f"busbw {rows[-1]['busbw_GBps']:7.3f} GB/s ({calls} calls)", flush=True)
+                    print(
+                        f"  {op:15s} {size / KiB:>10,.0f} KiB {seconds * 1e6:>12,.1f} us "
+                        f"busbw {rows[-1]['busbw_GBps']:7.3f} GB/s ({calls} calls)",
+                        flush=True,
+                    )
                 torch.cuda.empty_cache() if cuda else None
     finally:
         dist.barrier()
@@ -210,8 +226,10 @@ def check_options(nproc: int, nnodes: int, node_rank: int, master: str | None, c
     devices = (os.cpu_count() or 1) if cpu else torch.cuda.device_count()
     if nproc > devices:
         what = f"{devices} CPU cores" if cpu else f"{devices} visible GPU(s)"
-        raise RecipeError(f"--nproc {nproc}: this node has {what}, one process each: give --nproc {devices} or fewer "
-                          "(and --nnodes for more)")
+        raise RecipeError(
+            f"--nproc {nproc}: this node has {what}, one process each: give --nproc {devices} or fewer "
+            "(and --nnodes for more)"
+        )
     if not 0 <= node_rank < nnodes:
         raise RecipeError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
     if nnodes > 1:
@@ -224,9 +242,18 @@ def check_options(nproc: int, nnodes: int, node_rank: int, master: str | None, c
             raise RecipeError(str(exc)) from None
 
 
-def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_bytes: int = 4 * KiB,
-             max_bytes: int = 512 * MiB, cpu: bool | None = None, target_s: float = 0.2,
-             nnodes: int = 1, node_rank: int = 0, master: str | None = None) -> dict | None:
+def run_comm(
+    out_dir: Path,
+    nproc: int = 2,
+    ops: tuple[str, ...] = OPS,
+    min_bytes: int = 4 * KiB,
+    max_bytes: int = 512 * MiB,
+    cpu: bool | None = None,
+    target_s: float = 0.2,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master: str | None = None,
+) -> dict | None:
     """Launch this node's workers, fit, write comm.jsonl (one row per op and size) and comm.json
     (fits). On several nodes every node runs this with its own node_rank; node 0 writes the
     results and returns them, the others return None."""
@@ -250,9 +277,25 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
 
         host, port = parse_master(master)
         layout = [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={host}", f"--master_port={port}"]
-    argv = [sys.executable, "-m", "torch.distributed.run", *layout, f"--nproc_per_node={nproc}",
-            "-m", "dltrain.bench.comm", "--out", str(rows_path), "--ops", ",".join(ops),
-            "--min-bytes", str(min_bytes), "--max-bytes", str(max_bytes), "--target-s", str(target_s)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *layout,
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dltrain.bench.comm",
+        "--out",
+        str(rows_path),
+        "--ops",
+        ",".join(ops),
+        "--min-bytes",
+        str(min_bytes),
+        "--max-bytes",
+        str(max_bytes),
+        "--target-s",
+        str(target_s),
+    ]
     from dltrain import shipped
 
     path = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
@@ -260,8 +303,11 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
     nodes = f" x {nnodes} nodes (this is node {node_rank})" if nnodes > 1 else ""
-    print(f"dltrain bench comm: {nproc} processes{nodes}, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
-          f"{min_bytes / KiB:,.0f} KiB .. {max_bytes / MiB:,.0f} MiB", flush=True)
+    print(
+        f"dltrain bench comm: {nproc} processes{nodes}, {'gloo (CPU)' if cpu else 'NCCL'}, {', '.join(ops)}, "
+        f"{min_bytes / KiB:,.0f} KiB .. {max_bytes / MiB:,.0f} MiB",
+        flush=True,
+    )
     rc = subprocess.run(argv, env=env).returncode
     if rc == 0 and node_rank > 0:
         return None  # global rank 0, on node 0, wrote the rows
@@ -269,8 +315,15 @@ def run_comm(out_dir: Path, nproc: int = 2, ops: tuple[str, ...] = OPS, min_byte
         raise RecipeError(f"the communication benchmark failed (exit code {rc}); its output is above")
     rows = [json.loads(ln) for ln in rows_path.read_text().splitlines() if ln.strip()]
     fits = fit_alpha_beta(rows)
-    result = {"world_size": nproc * nnodes, "nnodes": nnodes, "backend": rows[0]["backend"], "device": rows[0]["device"],
-              "fits": [f.__dict__ for f in fits], "rows": rows, "environment": _environment()}
+    result = {
+        "world_size": nproc * nnodes,
+        "nnodes": nnodes,
+        "backend": rows[0]["backend"],
+        "device": rows[0]["device"],
+        "fits": [f.__dict__ for f in fits],
+        "rows": rows,
+        "environment": _environment(),
+    }
     (out_dir / "comm.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -282,8 +335,15 @@ def run_for_suite(section, out_dir: Path, cpu: bool) -> None:
 
     for n in section.world_sizes:
         try:
-            run_comm(out_dir / f"w{n}", n, tuple(section.ops), parse_size(section.min_bytes),
-                     parse_size(section.max_bytes), cpu=cpu, target_s=section.target_s)
+            run_comm(
+                out_dir / f"w{n}",
+                n,
+                tuple(section.ops),
+                parse_size(section.min_bytes),
+                parse_size(section.max_bytes),
+                cpu=cpu,
+                target_s=section.target_s,
+            )
         except RecipeError as exc:
             print(f"dltrain bench comm: world size {n}: {exc}", file=sys.stderr, flush=True)
 
@@ -293,9 +353,13 @@ def _environment() -> dict:
 
     import torch
 
-    return {"host": platform.node(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    return {
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
 
 
 if __name__ == "__main__":

@@ -19,8 +19,16 @@ from dltrain.bench.result import read_summary
 from dltrain.recipe import RecipeError, _first_error
 
 EXIT_REGRESSION = 1
-COMPARED = ["samples_per_s", "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "mfu", "time_to_target_s",
-            "val/accuracy", "test/accuracy"]
+COMPARED = [
+    "samples_per_s",
+    "tokens_per_s",
+    "step_time_ms_p50",
+    "step_time_ms_p90",
+    "mfu",
+    "time_to_target_s",
+    "val/accuracy",
+    "test/accuracy",
+]
 
 
 def load_summary(path: Path) -> dict:
@@ -50,8 +58,17 @@ def compare(old: dict, new: dict, tolerance: float = 0.10) -> list[dict]:
             noise = 3 * math.hypot(a.std, b.std) / abs(a.mean)
             allowed = max(tolerance, noise)
             worse = (1 - ratio) if key in HIGHER_IS_BETTER else (ratio - 1)
-            rows.append({"config": name, "figure": key, "old": a.mean, "new": b.mean, "ratio": ratio,
-                         "allowed": allowed, "regression": worse > allowed})
+            rows.append(
+                {
+                    "config": name,
+                    "figure": key,
+                    "old": a.mean,
+                    "new": b.mean,
+                    "ratio": ratio,
+                    "allowed": allowed,
+                    "regression": worse > allowed,
+                }
+            )
     return rows
 
 
@@ -63,8 +80,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'config':<{width}}  {'figure':<18} {'old':>12} {'new':>12} {'new/old':>8}  noise")
     for r in rows:
         flag = "  REGRESSION" if r["regression"] else ""
-        print(f"{r['config']:<{width}}  {r['figure']:<18} {r['old']:>12.4g} {r['new']:>12.4g} {r['ratio']:>8.3f}  "
-              f"±{100 * r['allowed']:.0f}%{flag}")
+        print(
+            f"{r['config']:<{width}}  {r['figure']:<18} {r['old']:>12.4g} {r['new']:>12.4g} {r['ratio']:>8.3f}  "
+            f"±{100 * r['allowed']:.0f}%{flag}"
+        )
 
 
 def run_compare(old_dir: str, new_dir: str, tolerance: float = 0.10) -> int:

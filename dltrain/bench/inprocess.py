@@ -38,8 +38,13 @@ class JobTimeout(BaseException):
 
 
 def eligible(job, suite) -> bool:
-    return (suite.in_process and job.kind in ("dltrain", *VARIANT_KINDS) and job.world == 1 and job.nnodes == 1
-            and job.deepspeed is None)
+    return (
+        suite.in_process
+        and job.kind in ("dltrain", *VARIANT_KINDS)
+        and job.world == 1
+        and job.nnodes == 1
+        and job.deepspeed is None
+    )
 
 
 @contextlib.contextmanager
@@ -70,6 +75,7 @@ def _warnings_of_this_job():
     show none of the host-sync warnings (torch.cuda.set_sync_debug_mode) the first one showed.
     catch_warnings() invalidates every site's registry on entry; the filter and the printer are
     set here because a caller (pytest) may record warnings instead of printing them."""
+
     def show(message, category, filename, lineno, file=None, line=None):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -102,6 +108,7 @@ def _environment(env: dict[str, str], threads: int | None):
 def _time_limit(seconds: int):
     """SIGALRM raises JobTimeout in this (the main) thread; a long kernel or compile delays it
     until control returns to Python."""
+
     def expire(signum, frame):
         raise JobTimeout()
 

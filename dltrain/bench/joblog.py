@@ -15,7 +15,9 @@ import signal
 from pathlib import Path
 
 # The last line of a Python traceback: `pkg.module.SomeError: message` (or the name alone).
-_RAISED = re.compile(r"^(?P<name>(?:[A-Za-z_]\w*\.)*(?P<cls>[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)))(?::\s*(?P<msg>.*))?$")
+_RAISED = re.compile(
+    r"^(?P<name>(?:[A-Za-z_]\w*\.)*(?P<cls>[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)))(?::\s*(?P<msg>.*))?$"
+)
 # dltrain's errors a user can fix: the message names the problem and the fix, the class adds nothing.
 USER_ERRORS = {"RecipeError", "DataError", "LaunchError", "StorageError", "TrainingError"}
 

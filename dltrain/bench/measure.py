@@ -22,7 +22,6 @@ import torch
 
 from dltrain.precision import DTYPES
 
-
 # The data keys that set a sample's length (text: tokens; RNN: time steps); with the workload, the
 # model section, the micro-batch and compile they decide what one step computes.
 SHAPE_DATA_KEYS = ("max_length", "padding", "bucket_multiple", "seq_len")
@@ -31,12 +30,18 @@ SHAPE_DATA_KEYS = ("max_length", "padding", "bucket_multiple", "seq_len")
 def compute_shape(recipe, micro_batch: int | None) -> dict:
     """What one step computes, as a comparable dict: two runs with equal shapes do the same work per
     step whatever their entry names (the projection borrows a GPU run's step time only then)."""
+
     def dump(section):  # a plugin workload's recipe need not have every section
         return section.model_dump(mode="json") if section is not None else None
 
     data = dump(getattr(recipe, "data", None)) or {}
-    return {"workload": recipe.workload, "micro_batch": micro_batch, "compile": dump(recipe.train.compile),
-            "model": dump(getattr(recipe, "model", None)), **{k: data[k] for k in SHAPE_DATA_KEYS if k in data}}
+    return {
+        "workload": recipe.workload,
+        "micro_batch": micro_batch,
+        "compile": dump(recipe.train.compile),
+        "model": dump(getattr(recipe, "model", None)),
+        **{k: data[k] for k in SHAPE_DATA_KEYS if k in data},
+    }
 
 
 def _count(model, workload, batch) -> int:
@@ -98,8 +103,9 @@ def measure_workload(recipe, micro_batch: int, device: str = "cpu") -> dict:
     return out
 
 
-def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3,
-                 before_first_step=None, wrap=None) -> dict:
+def profile_step(
+    recipe, micro_batch: int, device: str = "cpu", steps: int = 8, warmup: int = 3, before_first_step=None, wrap=None
+) -> dict:
     """Forward, backward and optimizer seconds of one training step on a real micro-batch (medians
     over `steps` after `warmup`), and when each gradient became ready, relative to the start of
     backward (a post-accumulate-grad hook per parameter): what dltrain.bench.perfmodel needs to
@@ -124,7 +130,9 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
         p.register_post_accumulate_grad_hook(lambda _, name=name: marks.__setitem__(name, _record(stamp)))
     run = wrap(model) if wrap is not None else model  # e.g. DDP: its hooks and bucket copies in the timings
     low = recipe.train.precision != "fp32"  # bf16 and fp16 run under autocast, fp32 as it is
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=DTYPES[recipe.train.precision])) if low else nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.split(":")[0], dtype=DTYPES[recipe.train.precision])) if low else nullcontext
+    )
     phases, ready = [], {n: [] for n in params}
     if before_first_step is not None:
         before_first_step()
@@ -147,11 +155,20 @@ def profile_step(recipe, micro_batch: int, device: str = "cpu", steps: int = 8, 
             for n, m in marks.items():
                 ready[n].append(elapsed(t1, m))
     fwd, bwd, opt = (statistics.median(p[k] for p in phases) for k in range(3))
-    grads = sorted(([p.numel() * p.element_size(), statistics.median(ready[n])] for n, p in params.items() if ready[n]),
-                   key=lambda g: g[1])
-    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "grads": grads,
-            "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
-            "threads": torch.get_num_threads(), "device": device, "precision": recipe.train.precision}
+    grads = sorted(
+        ([p.numel() * p.element_size(), statistics.median(ready[n])] for n, p in params.items() if ready[n]),
+        key=lambda g: g[1],
+    )
+    return {
+        "forward_s": fwd,
+        "backward_s": bwd,
+        "optimizer_s": opt,
+        "grads": grads,
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "precision": recipe.train.precision,
+    }
 
 
 def _record(stamp):
@@ -163,8 +180,13 @@ def _record(stamp):
     return mark
 
 
-def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | None = None,
-                 colocate: tuple[str, str | None, list[str], int] | None = None) -> dict:
+def measure_step(
+    recipe,
+    micro_batch: int,
+    device: str = "cpu",
+    threads: int | None = None,
+    colocate: tuple[str, str | None, list[str], int] | None = None,
+) -> dict:
     """profile_step at `threads` CPU threads (the suite's per-process count), with what the step
     model needs beside it: the per-device batch and DDP's bucket cap. With `colocate` (recipe
     path, profile, overrides, N) on a CPU, also the same profile in N processes at once: the
@@ -181,8 +203,10 @@ def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | N
     profile["bucket_cap_mb"] = getattr(dist, "bucket_cap_mb", None)  # None: DDP's default
     if colocate and device == "cpu" and colocate[3] > 1:
         alone = profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]
-        together = [p["forward_s"] + p["backward_s"] + p["optimizer_s"]
-                    for p in colocated_profiles(*colocate, micro_batch, threads or 1)]
+        together = [
+            p["forward_s"] + p["backward_s"] + p["optimizer_s"]
+            for p in colocated_profiles(*colocate, micro_batch, threads or 1)
+        ]
         profile["colocated"] = {str(colocate[3]): statistics.fmean(together) / alone}
     return {"micro_batch": micro_batch, "step_profile": profile}
 
@@ -190,8 +214,9 @@ def measure_step(recipe, micro_batch: int, device: str = "cpu", threads: int | N
 PROFILE_STEPS = 20
 
 
-def colocated_profiles(path: str, profile: str | None, overrides: list[str], n: int, micro_batch: int,
-                       threads: int) -> list[dict]:
+def colocated_profiles(
+    path: str, profile: str | None, overrides: list[str], n: int, micro_batch: int, threads: int
+) -> list[dict]:
     """profile_step in n processes, each with its model in DDP on a group of its own, that wait
     for each other before their first step (a file barrier), so that their steps overlap."""
     import json
@@ -203,11 +228,26 @@ def colocated_profiles(path: str, profile: str | None, overrides: list[str], n: 
     from dltrain import shipped
 
     with tempfile.TemporaryDirectory() as barrier:
-        argv = [sys.executable, "-m", "dltrain.bench.measure", path, "--micro", str(micro_batch), "--barrier", barrier,
-                "--parties", str(n), *(["--profile", profile] if profile else []), *(a for s in overrides for a in ("--set", s))]
+        argv = [
+            sys.executable,
+            "-m",
+            "dltrain.bench.measure",
+            path,
+            "--micro",
+            str(micro_batch),
+            "--barrier",
+            barrier,
+            "--parties",
+            str(n),
+            *(["--profile", profile] if profile else []),
+            *(a for s in overrides for a in ("--set", s)),
+        ]
         root = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": root}
-        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True) for _ in range(n)]
+        procs = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+            for _ in range(n)
+        ]
         outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a co-located step profile failed (exit codes {[p.returncode for p in procs]})")
@@ -244,10 +284,18 @@ def _profile_main() -> None:
 
     cap = getattr(getattr(recipe, "distributed", None), "bucket_cap_mb", None)
     kwargs = {"bucket_cap_mb": cap} if cap not in (None, 25) else {}  # as Accelerate passes it
-    dist.init_process_group("gloo", init_method=f"file://{Path(args.barrier) / 'store'}.{os.getpid()}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{Path(args.barrier) / 'store'}.{os.getpid()}", rank=0, world_size=1
+    )
     try:
-        out = profile_step(recipe, args.micro, "cpu", steps=PROFILE_STEPS, before_first_step=wait_for_all,
-                           wrap=lambda model: DistributedDataParallel(model, **kwargs))
+        out = profile_step(
+            recipe,
+            args.micro,
+            "cpu",
+            steps=PROFILE_STEPS,
+            before_first_step=wait_for_all,
+            wrap=lambda model: DistributedDataParallel(model, **kwargs),
+        )
     finally:
         dist.destroy_process_group()
     print(json.dumps({k: out[k] for k in ("forward_s", "backward_s", "optimizer_s")}))

@@ -11,10 +11,11 @@ loop does). DDP all-reduces gradients in buckets: torch's own assignment
 (`torch.distributed._compute_bucket_assignment_by_size`) over the parameters in the order their
 gradients became ready, which is how DDP rebuilds its buckets after the first step; the caps are
 DDP's: a first bucket of 1 MiB then 25 MiB when no bucket_cap_mb is given (Accelerate passes none
-when it is its default, 25), else bucket_cap_mb for every bucket (torch's _BucketCapacityConfig). A bucket's all-reduce starts when its last gradient is
-ready and the previous bucket's has finished (one communication stream), and takes
-alpha + 2(N-1)/N x bytes / busbw (the fits below). Whatever runs past the end of
-backward is exposed: the last buckets (often the embeddings, ready last) cannot overlap anything.
+when it is its default, 25), else bucket_cap_mb for every bucket (torch's _BucketCapacityConfig).
+A bucket's all-reduce starts when its last gradient is ready and the previous bucket's has
+finished (one communication stream), and takes alpha + 2(N-1)/N x bytes / busbw (the fits below).
+Whatever runs past the end of backward is exposed: the last buckets (often the embeddings, ready
+last) cannot overlap anything.
 
 Per step, dltrain itself all-reduces one scalar when N > 1 (the sum of the losses, so that every
 rank takes the same decision on a non-finite loss); DDP broadcasts the module's buffers from rank 0
@@ -70,8 +71,9 @@ def ddp_buckets(grads: list[tuple[int, float]], bucket_cap_mb: float | None = No
     cap = int((bucket_cap_mb or DEFAULT_BUCKET_CAP_MB) * 2**20)
     order = sorted(grads, key=lambda g: g[1])
     tensors = [torch.empty(max(1, nbytes // 4), device="meta") for nbytes, _ in order]
-    groups, _ = dist._compute_bucket_assignment_by_size(tensors, [FIRST_BUCKET_BYTES if default else cap, cap],
-                                                       [False] * len(tensors))
+    groups, _ = dist._compute_bucket_assignment_by_size(
+        tensors, [FIRST_BUCKET_BYTES if default else cap, cap], [False] * len(tensors)
+    )
     buckets = [Bucket(sum(order[i][0] for i in g), max(order[i][1] for i in g)) for g in groups]
     return sorted(buckets, key=lambda b: b.ready_s)
 
@@ -96,8 +98,14 @@ def predict_step(step1_s: float, profile: dict, comm: CollectiveCost, bucket_cap
     ov = overlap(buckets, profile["backward_s"], lambda nbytes: comm.time("all_reduce", nbytes))
     buffers = comm.time("broadcast", profile["buffer_bytes"]) if profile.get("buffer_bytes") else 0.0
     own = comm.time("all_reduce", LOSS_REDUCE_BYTES)
-    return {"step_s": step1_s + ov["exposed_s"] + buffers + own, "exposed_s": ov["exposed_s"], "comm_s": ov["comm_s"],
-            "buffers_s": buffers, "own_s": own, "buckets": len(buckets)}
+    return {
+        "step_s": step1_s + ov["exposed_s"] + buffers + own,
+        "exposed_s": ov["exposed_s"],
+        "comm_s": ov["comm_s"],
+        "buffers_s": buffers,
+        "own_s": own,
+        "buckets": len(buckets),
+    }
 
 
 def slowest_of(cfg: Config, n: int) -> float:
@@ -127,8 +135,12 @@ def bus_factor(op: str, world: int) -> float:
     """busbw / algbw for `op` over `world` ranks (nccl-tests' definitions)."""
     if world == 1:
         return 0.0
-    return {"all_reduce": 2 * (world - 1) / world, "all_gather": (world - 1) / world,
-            "reduce_scatter": (world - 1) / world, "broadcast": 1.0}[op]
+    return {
+        "all_reduce": 2 * (world - 1) / world,
+        "all_gather": (world - 1) / world,
+        "reduce_scatter": (world - 1) / world,
+        "broadcast": 1.0,
+    }[op]
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,11 @@ def fit_alpha_beta(rows: list[dict]) -> list[Fit]:
     for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
         factor = bus_factor(op, world)
         for name, (lo, hi) in SIZE_RANGES.items():
-            pts = [(factor * r["bytes"], r["time_us"] / 1e6) for r in rows
-                   if r["op"] == op and r["world_size"] == world and lo <= r["bytes"] <= hi]
+            pts = [
+                (factor * r["bytes"], r["time_us"] / 1e6)
+                for r in rows
+                if r["op"] == op and r["world_size"] == world and lo <= r["bytes"] <= hi
+            ]
             if len(pts) < 2 or factor == 0:
                 continue
             alpha, slope = _fit_relative(pts)
@@ -227,8 +242,10 @@ class NcclModel:
     """
 
     BASE = {("ring", "LL"): 3.6, ("ring", "Simple"): 8.4, ("tree", "LL"): 4.4, ("tree", "Simple"): 0.0}
-    HOP = {"nvlink": {("ring", "LL"): 0.47, ("ring", "Simple"): 3.4, ("tree", "LL"): 0.52, ("tree", "Simple"): 28.0},
-           "net": {("ring", "LL"): 2.7, ("ring", "Simple"): 9.6, ("tree", "LL"): 5.0, ("tree", "Simple"): 50.0}}
+    HOP = {
+        "nvlink": {("ring", "LL"): 0.47, ("ring", "Simple"): 3.4, ("tree", "LL"): 0.52, ("tree", "Simple"): 28.0},
+        "net": {("ring", "LL"): 2.7, ("ring", "Simple"): 9.6, ("tree", "LL"): 5.0, ("tree", "Simple"): 50.0},
+    }
     NVLINK_BUSBW = 450e9
     NIC_BW, NICS_PER_NODE, NET_EFFICIENCY = 50e9, 8, 0.9
 
@@ -238,8 +255,11 @@ class NcclModel:
         self.nodes = math.ceil(world_size / gpus_per_node)
         inter = self.NICS_PER_NODE * self.NIC_BW * self.NET_EFFICIENCY
         self.busbw = self.NVLINK_BUSBW if self.nodes == 1 else min(self.NVLINK_BUSBW, inter)
-        self.link = ("NVLink 4 / NVSwitch, 450 GB/s busbw" if self.nodes == 1 else
-                     f"{self.nodes} nodes: NDR IB, 8 x 50 GB/s NICs x 0.9 = {self.busbw / 1e9:.0f} GB/s busbw")
+        self.link = (
+            "NVLink 4 / NVSwitch, 450 GB/s busbw"
+            if self.nodes == 1
+            else f"{self.nodes} nodes: NDR IB, 8 x 50 GB/s NICs x 0.9 = {self.busbw / 1e9:.0f} GB/s busbw"
+        )
 
     def latency_s(self, algo: str, proto: str, op: str = "all_reduce") -> float:
         n, nodes, intra, net = self.world_size, self.nodes, self.HOP["nvlink"], self.HOP["net"]
@@ -256,7 +276,12 @@ class NcclModel:
         if n == 1 or size <= 0:
             return 0.0
         ring_factor = 2 * (n - 1) / n if op == "all_reduce" else 1.0
-        options = [self.latency_s("ring", p, op) + ring_factor * size / (self.busbw * s) for p, s in (("LL", 0.25), ("Simple", 1.0))]
+        options = [
+            self.latency_s("ring", p, op) + ring_factor * size / (self.busbw * s)
+            for p, s in (("LL", 0.25), ("Simple", 1.0))
+        ]
         if op == "all_reduce":  # trees are for all-reduce only
-            options += [self.latency_s("tree", p) + 2 * size / (self.busbw * s) for p, s in (("LL", 1 / 3.8), ("Simple", 0.9))]
+            options += [
+                self.latency_s("tree", p) + 2 * size / (self.busbw * s) for p, s in (("LL", 1 / 3.8), ("Simple", 0.9))
+            ]
         return min(options)

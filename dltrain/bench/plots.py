@@ -33,10 +33,14 @@ def plot_scaling(summary: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(f"{r['entry']} {r['precision']}" + (f" ZeRO-{r['deepspeed_stage']}" if r["deepspeed_stage"] is not None else ""), []).append(r)
+        groups.setdefault(
+            f"{r['entry']} {r['precision']}"
+            + (f" ZeRO-{r['deepspeed_stage']}" if r["deepspeed_stage"] is not None else ""),
+            [],
+        ).append(r)
     for label, rs in groups.items():
         xs = [r["world_size"] for r in rs]
-        line, = ax.plot(xs, [r["samples_per_s"] for r in rs], "o-", label=label)
+        (line,) = ax.plot(xs, [r["samples_per_s"] for r in rs], "o-", label=label)
         base = next(r["samples_per_s"] for r in rs if r["world_size"] == 1)
         ax.plot(xs, [base * x for x in xs], "--", color=line.get_color(), alpha=0.5, label=f"{label} ideal")
     ax.set_xticks(sorted({r["world_size"] for r in rows}))
@@ -61,9 +65,14 @@ def _bars(items: list[tuple[str, float, float]], ylabel: str, title: str, path: 
     return _save(fig, path)
 
 
-def _figure_items(summary: dict, key: str, scale: float = 1.0, mode: str | None = None) -> list[tuple[str, float, float]]:
-    return [(name, c.figures[key].mean * scale, c.figures[key].std * scale)
-            for name, c in summary["configs"].items() if key in c.figures and (mode is None or c.mode == mode)]
+def _figure_items(
+    summary: dict, key: str, scale: float = 1.0, mode: str | None = None
+) -> list[tuple[str, float, float]]:
+    return [
+        (name, c.figures[key].mean * scale, c.figures[key].std * scale)
+        for name, c in summary["configs"].items()
+        if key in c.figures and (mode is None or c.mode == mode)
+    ]
 
 
 def plot_loss_curves(summary: dict, results: list[Result], out: Path) -> Path | None:
@@ -75,7 +84,9 @@ def plot_loss_curves(summary: dict, results: list[Result], out: Path) -> Path | 
         path = Path(res.run_dir) / "metrics.jsonl"
         if not res.ok or res.repeat or not res.run_dir or not path.is_file():
             continue
-        pts = [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]
+        pts = [
+            (r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r
+        ]
         if pts:
             ax.plot(*zip(*pts), label=res.config)
             drawn += 1
@@ -101,7 +112,9 @@ def plot_comm(comm: list[dict], out_dir: Path) -> Path | None:
     for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
         pts = sorted((r["bytes"], r["busbw_GBps"]) for r in rows if (r["op"], r["world_size"]) == (op, world))
         ax.plot([b for b, _ in pts], [g for _, g in pts], marker="o", ms=3, label=f"{op}, N={world}")
-    ax.set(xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth GB/s", title="Collectives (measured)")
+    ax.set(
+        xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth GB/s", title="Collectives (measured)"
+    )
     ax.legend(fontsize=8)
     return _save(fig, out_dir / "plots" / "comm_busbw.png")
 
@@ -112,9 +125,21 @@ def make_plots(summary: dict, results: list[Result], out_dir: Path) -> list[Path
     paths = [
         plot_comm(summary.get("comm", []), out_dir),
         plot_scaling(summary, out),
-        _bars(_figure_items(summary, "mfu", 100), "MFU %", "Model FLOPs utilization per configuration", out / "mfu.png"),
-        _bars(_figure_items(summary, "samples_per_s", mode="throughput"), "train samples/s", "Steady-state throughput", out / "throughput.png"),
-        _bars(_figure_items(summary, "time_to_target_s", mode="time_to_target"), "seconds", "Time to target", out / "time_to_target.png"),
+        _bars(
+            _figure_items(summary, "mfu", 100), "MFU %", "Model FLOPs utilization per configuration", out / "mfu.png"
+        ),
+        _bars(
+            _figure_items(summary, "samples_per_s", mode="throughput"),
+            "train samples/s",
+            "Steady-state throughput",
+            out / "throughput.png",
+        ),
+        _bars(
+            _figure_items(summary, "time_to_target_s", mode="time_to_target"),
+            "seconds",
+            "Time to target",
+            out / "time_to_target.png",
+        ),
         plot_loss_curves(summary, results, out),
     ]
     return [p for p in paths if p is not None]
@@ -132,10 +157,22 @@ def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
 
     keys = ["samples_per_s", "tokens_per_s", "step_time_ms_p50", "mfu", "time_to_target_s"]
     columns = ["config", "kind", "workload", "mode", "world_size", "precision", "runs", "failed"] + keys
-    rows = [[name, c.kind, c.workload, c.mode, c.world_size, c.precision, c.runs, c.failed] + [c.mean(k) for k in keys]
-            for name, c in summary["configs"].items()]
-    run = wandb.init(project="dltrain-bench", name=f"bench-{summary['suite']}", job_type="benchmark", dir=str(out_dir),
-                     mode=mode, config={"suite": summary["suite"], "repeats": summary.get("repeats"), "environment": summary.get("environment")})
+    rows = [
+        [name, c.kind, c.workload, c.mode, c.world_size, c.precision, c.runs, c.failed] + [c.mean(k) for k in keys]
+        for name, c in summary["configs"].items()
+    ]
+    run = wandb.init(
+        project="dltrain-bench",
+        name=f"bench-{summary['suite']}",
+        job_type="benchmark",
+        dir=str(out_dir),
+        mode=mode,
+        config={
+            "suite": summary["suite"],
+            "repeats": summary.get("repeats"),
+            "environment": summary.get("environment"),
+        },
+    )
     try:
         payload = {"results": wandb.Table(columns=columns, data=rows)}
         payload |= {f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}

@@ -70,8 +70,11 @@ def _pm(stats: Stats | None, fmt: str) -> str:
 
 def table(rows: list[RecordRow]) -> list[str]:
     """Markdown lines: one row per record config."""
-    out = ["| record | n | metric (mean ± std) | every seed | target | met | train_s | wall_s | reference train_s | speed-up |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| record | n | metric (mean ± std) | every seed | target | met | train_s | wall_s | reference train_s | "
+        "speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         metric, ref = row.metric, row.reference
         train_s, wall_s = row.config.figures.get("train_s"), row.config.figures.get("wall_s")
@@ -86,13 +89,18 @@ def table(rows: list[RecordRow]) -> list[str]:
         reached = ref.target_value if ref else None
         short = reached is not None and not (reached >= row.target if row.mode == "max" else reached <= row.target)
         if short and speedup != "-":  # the reference never got there: its time is a lower bound, if anything
-            speedup = f"> {speedup} (reference short of the target)" if ref_s >= train_s.mean else \
-                "n/a (reference short of the target)"
+            speedup = (
+                f"> {speedup} (reference short of the target)"
+                if ref_s >= train_s.mean
+                else "n/a (reference short of the target)"
+            )
         reached_text = f", {ref.target['metric']} {reached:.4g}" if reached is not None else ""
         ref_text = f"{ref_s:.1f} s ({ref.note}{reached_text})" if ref_s else "-"
-        out.append(f"| {row.name} | {metric.n if metric else 0} | {row.metric_name} {_pm(metric, fmt)} | {each} "
-                   f"| {sign} {row.target:g} | {met} | {_pm(train_s, '.1f')} s | {_pm(wall_s, '.1f')} s "
-                   f"| {ref_text} | {speedup} |")
+        out.append(
+            f"| {row.name} | {metric.n if metric else 0} | {row.metric_name} {_pm(metric, fmt)} | {each} "
+            f"| {sign} {row.target:g} | {met} | {_pm(train_s, '.1f')} s | {_pm(wall_s, '.1f')} s "
+            f"| {ref_text} | {speedup} |"
+        )
     return out
 
 
@@ -101,18 +109,32 @@ def report_lines(suite, rows: list[RecordRow], interrupted: bool = False) -> lis
     env = next((r.environment for r in rows if r.environment), {})
     host = ", ".join(f"{k} {env[k]}" for k in ("cpu", "gpu", "torch", "git_commit") if env.get(k))
     host += " (uncommitted changes)" if env.get("git_dirty") else ""
-    lines = [f"# Time-to-accuracy records: {suite.name}", "", suite.description, "",
-             f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
-             f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
-             "train_s: first batch to the end of the last step, evaluation excluded; wall_s: "
-             + ("the call to its return, in the harness process (imports and interpreter start paid once, outside it). "
-                if suite.in_process else "process start to exit. ")
-             + "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.", ""]
+    lines = [
+        f"# Time-to-accuracy records: {suite.name}",
+        "",
+        suite.description,
+        "",
+        f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
+        f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+        "",
+        "train_s: first batch to the end of the last step, evaluation excluded; wall_s: "
+        + (
+            "the call to its return, in the harness process (imports and interpreter start paid once, outside it). "
+            if suite.in_process
+            else "process start to exit. "
+        )
+        + "Mean ± sample std over the seeds; the speed-up is the reference's train_s over the record's mean.",
+        "",
+    ]
     lines += table(rows)
     if interrupted:
         cut = [row.name for row in rows if row.interrupted]
-        lines += ["", "Interrupted (the time budget ran out): " + (f"{', '.join(cut)} over the seeds that finished; " if cut else "")
-                  + "records not listed did not run."]
+        lines += [
+            "",
+            "Interrupted (the time budget ran out): "
+            + (f"{', '.join(cut)} over the seeds that finished; " if cut else "")
+            + "records not listed did not run.",
+        ]
     for row in rows:
         cmd = f"dltrain train {row.recipe}" + (f" --profile {row.profile}" if row.profile else "")
         cmd += "".join(f" --set {s}" for s in row.overrides) + " --set train.seed=S"

@@ -13,16 +13,52 @@ from pydantic import BaseModel
 
 from dltrain.bench.result import Config, Result, Stats, read_results
 
-FIGURES = ["samples_per_s", "tokens_per_s", "padded_tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
-           "data_wait_share", "achieved_flops_per_s", "mfu", "time_to_target_s", "peak_memory_mb", "wall_s",
-           # outside the steady clock
-           "eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s", "clock_agreement",
-           # a record suite's training clock
-           "train_s"]
-HIGHER_IS_BETTER = {"samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s", "mfu",
-                    "overall_samples_per_s", "val/accuracy", "test/accuracy", "train/accuracy"}
-DESCRIPTORS = ["kind", "entry", "workload", "mode", "pair", "reference", "world_size", "nnodes", "precision", "deepspeed_stage",
-               "compile", "shape"]  # what a configuration is: equal in every run of it
+FIGURES = [
+    "samples_per_s",
+    "tokens_per_s",
+    "padded_tokens_per_s",
+    "step_time_ms_p50",
+    "step_time_ms_p90",
+    "data_wait_share",
+    "achieved_flops_per_s",
+    "mfu",
+    "time_to_target_s",
+    "peak_memory_mb",
+    "wall_s",
+    # outside the steady clock
+    "eval_s",
+    "checkpoint_s",
+    "train_wall_s",
+    "overall_samples_per_s",
+    "clock_agreement",
+    # a record suite's training clock
+    "train_s",
+]
+HIGHER_IS_BETTER = {
+    "samples_per_s",
+    "tokens_per_s",
+    "padded_tokens_per_s",
+    "achieved_flops_per_s",
+    "mfu",
+    "overall_samples_per_s",
+    "val/accuracy",
+    "test/accuracy",
+    "train/accuracy",
+}
+DESCRIPTORS = [
+    "kind",
+    "entry",
+    "workload",
+    "mode",
+    "pair",
+    "reference",
+    "world_size",
+    "nnodes",
+    "precision",
+    "deepspeed_stage",
+    "compile",
+    "shape",
+]  # what a configuration is: equal in every run of it
 
 
 def _figures(result: Result) -> dict[str, float]:
@@ -78,15 +114,30 @@ def variants(results: list[Result], configs: dict[str, Config]) -> list[dict]:
     axes = ("world_size", "nnodes", "precision", "mode", "kind")
     rows = []
     for name, cfg in configs.items():
-        ref = next((n for n, c in configs.items() if cfg.reference and c.entry == cfg.reference
-                    and all(getattr(c, a) == getattr(cfg, a) for a in axes)), None)
+        ref = next(
+            (
+                n
+                for n, c in configs.items()
+                if cfg.reference and c.entry == cfg.reference and all(getattr(c, a) == getattr(cfg, a) for a in axes)
+            ),
+            None,
+        )
         if ref is None:
             continue
-        ratios = [res.samples_per_s / ok[(ref, rep)].samples_per_s for (c, rep), res in ok.items()
-                  if c == name and (ref, rep) in ok]
-        rows.append({"config": name, "reference_config": ref, "samples_per_s": cfg.mean("samples_per_s"),
-                     "reference_samples_per_s": configs[ref].mean("samples_per_s"),
-                     "ratio": Stats.of(ratios) if ratios else None})
+        ratios = [
+            res.samples_per_s / ok[(ref, rep)].samples_per_s
+            for (c, rep), res in ok.items()
+            if c == name and (ref, rep) in ok
+        ]
+        rows.append(
+            {
+                "config": name,
+                "reference_config": ref,
+                "samples_per_s": cfg.mean("samples_per_s"),
+                "reference_samples_per_s": configs[ref].mean("samples_per_s"),
+                "ratio": Stats.of(ratios) if ratios else None,
+            }
+        )
     return rows
 
 
@@ -107,12 +158,20 @@ def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[d
                 if res.step_time_ms_p50 and ours.step_time_ms_p50:
                     p50_ratios.append(res.step_time_ms_p50 / ours.step_time_ms_p50)
         pair = configs.get(cfg.pair)
-        rows.append({"config": name, "baseline": cfg.kind, "entry": cfg.entry, "precision": cfg.precision,
-                     "dltrain_config": cfg.pair, "dltrain_samples_per_s": pair.mean("samples_per_s") if pair else None,
-                     "baseline_samples_per_s": cfg.mean("samples_per_s"),
-                     "ratio": Stats.of(ratios) if ratios else None,
-                     "ratio_p50_step": Stats.of(p50_ratios) if p50_ratios else None,
-                     "target": 0.95 if cfg.kind == "bare" else None})
+        rows.append(
+            {
+                "config": name,
+                "baseline": cfg.kind,
+                "entry": cfg.entry,
+                "precision": cfg.precision,
+                "dltrain_config": cfg.pair,
+                "dltrain_samples_per_s": pair.mean("samples_per_s") if pair else None,
+                "baseline_samples_per_s": cfg.mean("samples_per_s"),
+                "ratio": Stats.of(ratios) if ratios else None,
+                "ratio_p50_step": Stats.of(p50_ratios) if p50_ratios else None,
+                "target": 0.95 if cfg.kind == "bare" else None,
+            }
+        )
     return rows
 
 
@@ -127,8 +186,9 @@ def rescale_cpu_mfu(results: list[Result], peaks: dict[str, float]) -> None:
 
 def read_comm(out_dir: Path) -> list[dict]:
     """What `dltrain bench comm` (or a suite's comm section) wrote under out_dir: one entry per world size."""
-    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("comm/*/comm.json"))] + \
-        ([json.loads((out_dir / "comm.json").read_text())] if (out_dir / "comm.json").is_file() else [])
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("comm/*/comm.json"))] + (
+        [json.loads((out_dir / "comm.json").read_text())] if (out_dir / "comm.json").is_file() else []
+    )
 
 
 def _plain(obj):
@@ -138,7 +198,14 @@ def _plain(obj):
 
 def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     from dltrain.bench.perfmodel import Fit
-    from dltrain.bench.scaling import compute_refusals, projection, read_gpu_configs, refused_projections, scaling, validation
+    from dltrain.bench.scaling import (
+        compute_refusals,
+        projection,
+        read_gpu_configs,
+        refused_projections,
+        scaling,
+        validation,
+    )
 
     results = read_results(out_dir)
     meta_path = out_dir / "bench_meta.json"
@@ -165,7 +232,9 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "scaling": scaling(configs),
         "comm": comm,
         "validation": (checks := validation(configs, meta.get("flops", {}), fits)),
-        "projection_refused": (refused := refused_projections(checks) | compute_refusals(meta.get("flops", {}), gpu_configs)),
+        "projection_refused": (
+            refused := refused_projections(checks) | compute_refusals(meta.get("flops", {}), gpu_configs)
+        ),
         "projection": projection(meta.get("flops", {}), gpu_configs, refused),
         "gpu_results": str(gpu_results) if gpu_results else None,
         "runs": len(results),

@@ -57,8 +57,15 @@ def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[
     else:
         args = train_args(job, suite, run_dir)
         node_rank, master = node_info()
-        argv, env = build_command(nproc=job.world // job.nnodes, nnodes=job.nnodes, node_rank=node_rank,
-                                  master=master, cpu=suite.device == "cpu", deepspeed=job.deepspeed, train_args=args)
+        argv, env = build_command(
+            nproc=job.world // job.nnodes,
+            nnodes=job.nnodes,
+            node_rank=node_rank,
+            master=master,
+            cpu=suite.device == "cpu",
+            deepspeed=job.deepspeed,
+            train_args=args,
+        )
     if suite.device == "cpu":
         env["OMP_NUM_THREADS"] = str(cpu_threads(job, suite))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
@@ -82,8 +89,20 @@ def baseline_command(job: Job, suite: Suite) -> list[str]:
     if job.kind not in workload.baselines:
         raise LaunchError(f"the {recipe.workload} workload has no '{job.kind}' baseline script")
     script = BASELINES / workload.baselines[job.kind]  # an absolute path stays as it is
-    argv = [sys.executable, str(script), "--steps", str(job.steps - suite.warmup_steps), "--warmup", str(suite.warmup_steps),
-            "--batch", str(recipe.train.global_batch_size), "--precision", job.precision, "--seed", str(recipe.train.seed)]
+    argv = [
+        sys.executable,
+        str(script),
+        "--steps",
+        str(job.steps - suite.warmup_steps),
+        "--warmup",
+        str(suite.warmup_steps),
+        "--batch",
+        str(recipe.train.global_batch_size),
+        "--precision",
+        job.precision,
+        "--seed",
+        str(recipe.train.seed),
+    ]
     if workload.baseline_takes_recipe:
         argv += ["--recipe", e.recipe, *(["--profile", e.profile] if e.profile else [])]
         argv += [arg for s in e.overrides for arg in ("--set", s)]
@@ -105,8 +124,9 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
     t0 = time.perf_counter()
     with log.open("w") as out:
         try:
-            rc = subprocess.run(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                timeout=suite.timeout_s).returncode
+            rc = subprocess.run(
+                argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, timeout=suite.timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0
@@ -137,24 +157,61 @@ def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[di
 def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None, meta: dict) -> Result:
     """The Result of one run of `job`: `summary` its summary.json (None when it failed), `meta` the
     harness's facts about the run (repeat, run_dir, wall_s, command ...)."""
-    result = Result(suite=suite.name, config=job.config, kind=job.kind, entry=job.entry.name, mode=job.mode, pair=job.pair,
-                    reference=job.entry.reference, world_size=job.world, nnodes=job.nnodes, precision=job.precision,
-                    deepspeed_stage=job.deepspeed, compile=job.compile, status="failed" if error else "ok", error=error,
-                    tf32=bool(getattr(job.recipe.train, "tf32", False)), **meta)
+    result = Result(
+        suite=suite.name,
+        config=job.config,
+        kind=job.kind,
+        entry=job.entry.name,
+        mode=job.mode,
+        pair=job.pair,
+        reference=job.entry.reference,
+        world_size=job.world,
+        nnodes=job.nnodes,
+        precision=job.precision,
+        deepspeed_stage=job.deepspeed,
+        compile=job.compile,
+        status="failed" if error else "ok",
+        error=error,
+        tf32=bool(getattr(job.recipe.train, "tf32", False)),
+        **meta,
+    )
     if summary is None:
         return result
     tput = summary.get("throughput", {})
-    figures = {k: tput.get(k) for k in ("step_time_ms_p50", "step_time_ms_p90", "step_time_ms_percentiles", "data_wait_share",
-                                       "steady_steps", "eval_s", "checkpoint_s", "train_wall_s", "overall_samples_per_s",
-                                       "clock_agreement", "tokens_per_s", "padded_tokens_per_s")}
+    figures = {
+        k: tput.get(k)
+        for k in (
+            "step_time_ms_p50",
+            "step_time_ms_p90",
+            "step_time_ms_percentiles",
+            "data_wait_share",
+            "steady_steps",
+            "eval_s",
+            "checkpoint_s",
+            "train_wall_s",
+            "overall_samples_per_s",
+            "clock_agreement",
+            "tokens_per_s",
+            "padded_tokens_per_s",
+        )
+    }
     batch = summary.get("batch")
-    return result.model_copy(update={
-        **figures, "workload": summary.get("workload"), "samples_per_s": tput.get("train_samples_per_s"),
-        "run_mfu": tput.get("mfu"), "time_to_target_s": summary.get("time_to_target_s"), "target": summary.get("target"),
-        "metrics": summary.get("metrics", {}), "batch": batch, "memory": summary.get("memory"),
-        "environment": summary.get("environment"), "wandb_run_id": summary.get("wandb_run_id"),
-        "shape": compute_shape(job.recipe, (batch or {}).get("micro")) if job.kind == "dltrain" else None,
-    })
+    return result.model_copy(
+        update={
+            **figures,
+            "workload": summary.get("workload"),
+            "samples_per_s": tput.get("train_samples_per_s"),
+            "run_mfu": tput.get("mfu"),
+            "time_to_target_s": summary.get("time_to_target_s"),
+            "target": summary.get("target"),
+            "metrics": summary.get("metrics", {}),
+            "batch": batch,
+            "memory": summary.get("memory"),
+            "environment": summary.get("environment"),
+            "wandb_run_id": summary.get("wandb_run_id"),
+            "shape": compute_shape(job.recipe, (batch or {}).get("micro")) if job.kind == "dltrain" else None,
+        }
+    )
 
 
 def add_flops(result: Result, measured: dict | None, cpu_peaks: dict[str, float]) -> None:
@@ -166,7 +223,9 @@ def add_flops(result: Result, measured: dict | None, cpu_peaks: dict[str, float]
     if not 0.5 <= measured["flops_measured_over_analytic"] <= 2:
         # The counter misses ops without a FLOP formula (e.g. the fused LSTM kernels): trust the
         # analytic count then, and say so.
-        result.flops_source = "analytic (FlopCounterMode saw {:.0%} of it)".format(measured["flops_measured_over_analytic"])
+        result.flops_source = "analytic (FlopCounterMode saw {:.0%} of it)".format(
+            measured["flops_measured_over_analytic"]
+        )
         result.achieved_flops_per_s = measured["flops_per_sample_analytic"] * sps
         result.flops_basis = "samples, analytic FLOPs"
     elif "flops_per_padded_token_measured" in measured:
@@ -220,15 +279,18 @@ def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
                 # the entry's jobs put on one node: only that check uses it
                 per_node = max(j.world // j.nnodes for j in jobs if j.entry is entry)
                 colocate = (entry.recipe, entry.profile, list(entry.overrides), per_node) if suite.comm else None
-                counted[key] |= measure_step(recipe, micro, device, suite.cpu_threads if device == "cpu" else None,
-                                             colocate=colocate)
+                counted[key] |= measure_step(
+                    recipe, micro, device, suite.cpu_threads if device == "cpu" else None, colocate=colocate
+                )
             except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
                 print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
                 counted[key] = None
         if counted[key] is not None:
             # its first dltrain job's shape (compile is a job axis): what a GPU row must match to lend it its step time
             job = next((j for j in jobs if j.entry is entry and j.kind == "dltrain"), None)
-            out[entry.name] = counted[key] | ({"shape": compute_shape(job.recipe, counted[key]["micro_batch"])} if job else {})
+            out[entry.name] = counted[key] | (
+                {"shape": compute_shape(job.recipe, counted[key]["micro_batch"])} if job else {}
+            )
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -259,13 +321,28 @@ def _run_or_note_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run:
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         if results is not None:
-            append_result(results, make_result(job, suite, None, "interrupted (the time budget ran out)",
-                                               meta_run | {"wall_s": time.perf_counter() - t0, "command": ""}))
+            append_result(
+                results,
+                make_result(
+                    job,
+                    suite,
+                    None,
+                    "interrupted (the time budget ran out)",
+                    meta_run | {"wall_s": time.perf_counter() - t0, "command": ""},
+                ),
+            )
         raise
 
 
-def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_run: bool = False, only: list[str] = (),
-              jobs: list[Job] | None = None) -> list[Result]:
+def run_suite(
+    suite: Suite,
+    out_dir: Path,
+    *,
+    repeats: int | None = None,
+    dry_run: bool = False,
+    only: list[str] = (),
+    jobs: list[Job] | None = None,
+) -> list[Result]:
     """Run the plan (`jobs`, else the suite's, kept to `only`) `repeats` times; one Result per run."""
     jobs = select(suite, only) if jobs is None else jobs
     repeats = repeats or suite.repeats
@@ -274,7 +351,9 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
         for job in jobs:
             try:
                 where = "(in process, as) " if inprocess.eligible(job, suite) else ""
-                print(f"[{job.config}] {where}{format_command(*command_for(job, suite, out_dir / 'runs' / job.config))}")
+                print(
+                    f"[{job.config}] {where}{format_command(*command_for(job, suite, out_dir / 'runs' / job.config))}"
+                )
             except LaunchError as exc:
                 print(f"[{job.config}] cannot launch here: {exc}")
         return []
@@ -284,8 +363,13 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
     print(f"dltrain bench: suite {suite.name}: {len(jobs)} jobs x {repeats} repeats -> {out_dir}", flush=True)
     measured = measure_entries(suite, jobs) if node_rank == 0 else {}
     peaks = measure_cpu_peaks(suite, jobs)
-    meta = {"suite": suite.model_dump(mode="json"), "cpu_peak_flops_per_s": peaks, "flops": measured, "repeats": repeats,
-            "gpu_results": suite.gpu_results}
+    meta = {
+        "suite": suite.model_dump(mode="json"),
+        "cpu_peak_flops_per_s": peaks,
+        "flops": measured,
+        "repeats": repeats,
+        "gpu_results": suite.gpu_results,
+    }
     if node_rank == 0:
         (out_dir / "bench_meta.json").write_text(json.dumps(meta, indent=2, default=str))
     if suite.comm is not None and node_rank == 0:
@@ -300,13 +384,18 @@ def run_suite(suite: Suite, out_dir: Path, *, repeats: int | None = None, dry_ru
             name = f"{job.config}-r{r}"
             run_dir = out_dir / "runs" / name
             print(f"[{r * len(jobs) + i}/{len(jobs) * repeats}] {name} ...", end=" ", flush=True)
-            meta_run = {"repeat": r, "run_dir": str(run_dir), "warmup_steps": suite.warmup_steps,
-                        "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None}
+            meta_run = {
+                "repeat": r,
+                "run_dir": str(run_dir),
+                "warmup_steps": suite.warmup_steps,
+                "cpu_threads": suite.cpu_threads if suite.device == "cpu" else None,
+            }
             if job.nnodes > 1 and not master:
                 summary, error, wall, cmd = None, "several nodes need DLTRAIN_MASTER=ADDR:PORT on every node", 0.0, ""
             else:
-                summary, error, wall, cmd = _run_or_note_cut(job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run,
-                                                               results if node_rank == 0 else None)
+                summary, error, wall, cmd = _run_or_note_cut(
+                    job, suite, run_dir, out_dir / "logs" / f"{name}.log", meta_run, results if node_rank == 0 else None
+                )
             print(f"failed: {error}" if error else f"{wall:.0f} s", flush=True)
             result = make_result(job, suite, summary, error, meta_run | {"wall_s": wall, "command": cmd})
             # A shared machine depresses any one peak measurement: sample it again after every job

@@ -42,9 +42,20 @@ def scaling(configs: dict[str, Config]) -> list[dict]:
         t1 = base.mean("samples_per_s")
         for name, c in sorted(cfgs, key=lambda nc: (nc[1].world_size, nc[1].nnodes)):
             speedup = c.mean("samples_per_s") / t1
-            rows.append({"entry": key[0], "precision": key[1], "deepspeed_stage": key[2], "compile": key[3],
-                         "config": name, "world_size": c.world_size, "nnodes": c.nnodes,
-                         "samples_per_s": c.mean("samples_per_s"), "speedup": speedup, "efficiency": speedup / c.world_size})
+            rows.append(
+                {
+                    "entry": key[0],
+                    "precision": key[1],
+                    "deepspeed_stage": key[2],
+                    "compile": key[3],
+                    "config": name,
+                    "world_size": c.world_size,
+                    "nnodes": c.nnodes,
+                    "samples_per_s": c.mean("samples_per_s"),
+                    "speedup": speedup,
+                    "efficiency": speedup / c.world_size,
+                }
+            )
     return rows
 
 
@@ -65,13 +76,28 @@ def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fi
             step1 = slowest * shared
             pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
             measured = c.mean("step_time_ms_p50") / 1e3
-            rows.append({"entry": entry, "precision": precision, "compile": compiled, "config": name, "world_size": n,
-                         "world1_p50_ms": base.mean("step_time_ms_p50"), "slowest_of_n_ms": slowest * 1e3,
-                         "colocated_factor": shared, "step1_ms": step1 * 1e3, "comm_ms": pred["comm_s"] * 1e3, "exposed_ms": pred["exposed_s"] * 1e3,
-                         "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3, "buckets": pred["buckets"],
-                         "backward_ms": profile["backward_s"] * 1e3, "predicted_ms": pred["step_s"] * 1e3,
-                         "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
-                         "measured_ms": measured * 1e3, "error": pred["step_s"] / measured - 1})
+            rows.append(
+                {
+                    "entry": entry,
+                    "precision": precision,
+                    "compile": compiled,
+                    "config": name,
+                    "world_size": n,
+                    "world1_p50_ms": base.mean("step_time_ms_p50"),
+                    "slowest_of_n_ms": slowest * 1e3,
+                    "colocated_factor": shared,
+                    "step1_ms": step1 * 1e3,
+                    "comm_ms": pred["comm_s"] * 1e3,
+                    "exposed_ms": pred["exposed_s"] * 1e3,
+                    "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3,
+                    "buckets": pred["buckets"],
+                    "backward_ms": profile["backward_s"] * 1e3,
+                    "predicted_ms": pred["step_s"] * 1e3,
+                    "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
+                    "measured_ms": measured * 1e3,
+                    "error": pred["step_s"] / measured - 1,
+                }
+            )
     return rows
 
 
@@ -98,28 +124,47 @@ def gpu_compute(entry: str, flops: dict, gpu_configs: dict[str, Config] | None):
     entry name or workload with another shape is refused, not borrowed. Else from the datasheet
     (no distribution: every step alike), refused below LAUNCH_FLOOR_S."""
     want = flops.get("shape")
-    rows = [(name, cfg) for name, cfg in (gpu_configs or {}).items()
-            if (cfg.kind, cfg.mode, cfg.world_size) == ("dltrain", "throughput", 1)
-            and cfg.mean("step_time_ms_p50") and cfg.mean("samples_per_s")]
+    rows = [
+        (name, cfg)
+        for name, cfg in (gpu_configs or {}).items()
+        if (cfg.kind, cfg.mode, cfg.world_size) == ("dltrain", "throughput", 1)
+        and cfg.mean("step_time_ms_p50")
+        and cfg.mean("samples_per_s")
+    ]
     same = sorted(((n, c) for n, c in rows if want and c.shape == want), key=lambda nc: nc[1].precision != "bf16")
     if same:
         name, cfg = same[0]
         p50 = cfg.mean("step_time_ms_p50") / 1e3
-        return (lambda n, cfg=cfg: slowest_of(cfg, n)), round(cfg.mean("samples_per_s") * p50), f"measured on a GPU ({name})"
-    kin = [(n, c) for n, c in rows if c.entry == entry or (want and (c.shape or {}).get("workload") == want["workload"])]
+        return (
+            (lambda n, cfg=cfg: slowest_of(cfg, n)),
+            round(cfg.mean("samples_per_s") * p50),
+            f"measured on a GPU ({name})",
+        )
+    kin = [
+        (n, c) for n, c in rows if c.entry == entry or (want and (c.shape or {}).get("workload") == want["workload"])
+    ]
     if kin:
         name, cfg = kin[0]
-        return (f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.shape)}): "
-                "its step time is not this entry's; run the GPU suite with this entry's configuration")
+        return (
+            f"the GPU results' {name} computes another step than this entry ({_shape_diff(want, cfg.shape)}): "
+            "its step time is not this entry's; run the GPU suite with this entry's configuration"
+        )
     per_sample = flops.get("flops_per_sample_measured") or flops.get("flops_per_sample_analytic")
     batch = flops.get("micro_batch")
     if not per_sample or not batch:
         return None
     step = per_sample * batch / (GPU_PEAK_BF16 * ASSUMED_MFU)
     if step < LAUNCH_FLOOR_S:
-        return (f"its datasheet compute is {step * 1e6:.1f} µs per step, below the {LAUNCH_FLOOR_S * 1e6:.0f} µs launch floor "
-                "(a step that short is bound by kernel launches, not FLOPs): give a measured GPU run (--gpu-results)")
-    return (lambda n: step), batch, f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})"
+        return (
+            f"its datasheet compute is {step * 1e6:.1f} µs per step, below the {LAUNCH_FLOOR_S * 1e6:.0f} µs "
+            "launch floor "
+            "(a step that short is bound by kernel launches, not FLOPs): give a measured GPU run (--gpu-results)"
+        )
+    return (
+        (lambda n: step),
+        batch,
+        f"datasheet: FLOPs / ({GPU} bf16 {GPU_PEAK_BF16 / 1e12:.0f} TFLOP/s x assumed MFU {ASSUMED_MFU})",
+    )
 
 
 def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, Config] | None) -> dict[str, str]:
@@ -138,13 +183,17 @@ CHECK_TOLERANCE = 0.15  # a workload whose predicted step missed its measured on
 def refused_projections(checks: list[dict]) -> dict[str, str]:
     """Entries whose step-model check on this host missed by more than CHECK_TOLERANCE: the model
     is wrong for them, and projecting them would extrapolate the error."""
-    return {r["entry"]: f"the step model missed its measured {r['world_size']}-process step by {r['error']:+.0%} "
-                        f"(tolerance {CHECK_TOLERANCE:.0%}): not projected"
-            for r in checks if abs(r["error"]) > CHECK_TOLERANCE}
+    return {
+        r["entry"]: f"the step model missed its measured {r['world_size']}-process step by {r['error']:+.0%} "
+        f"(tolerance {CHECK_TOLERANCE:.0%}): not projected"
+        for r in checks
+        if abs(r["error"]) > CHECK_TOLERANCE
+    }
 
 
-def projection(flops: dict[str, dict], gpu_configs: dict[str, Config] | None = None,
-               refused: dict[str, str] | None = None) -> list[dict]:
+def projection(
+    flops: dict[str, dict], gpu_configs: dict[str, Config] | None = None, refused: dict[str, str] | None = None
+) -> list[dict]:
     """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
     Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
     share of the GPU step the profile's share too (both stated with every row). Entries in
@@ -161,15 +210,31 @@ def projection(flops: dict[str, dict], gpu_configs: dict[str, Config] | None = N
         share = profile["backward_s"] / total
         for n in PROJECTED_WORLDS:
             step1 = step_at(n)
-            scaled = {"backward_s": step1 * share, "buffer_bytes": profile["buffer_bytes"],
-                      "grads": [(b, r / profile["backward_s"] * step1 * share) for b, r in profile["grads"]]}
+            scaled = {
+                "backward_s": step1 * share,
+                "buffer_bytes": profile["buffer_bytes"],
+                "grads": [(b, r / profile["backward_s"] * step1 * share) for b, r in profile["grads"]],
+            }
             links = NcclModel(n)
             pred = predict_step(step1, scaled, links, profile.get("bucket_cap_mb"))
-            rows.append({"entry": entry, "world_size": n, "nodes": links.nodes, "link": links.link, "compute_source": source,
-                         "compute_ms": step1 * 1e3, "backward_share": share, "comm_ms": pred["comm_s"] * 1e3,
-                         "exposed_ms": (pred["step_s"] - step1) * 1e3, "step_ms": pred["step_s"] * 1e3,
-                         "efficiency": step_at(1) / pred["step_s"], "samples_per_s": n * batch / pred["step_s"],
-                         "grad_mb": sum(b for b, _ in profile["grads"]) / 2**20, "label": "PROJECTED"})
+            rows.append(
+                {
+                    "entry": entry,
+                    "world_size": n,
+                    "nodes": links.nodes,
+                    "link": links.link,
+                    "compute_source": source,
+                    "compute_ms": step1 * 1e3,
+                    "backward_share": share,
+                    "comm_ms": pred["comm_s"] * 1e3,
+                    "exposed_ms": (pred["step_s"] - step1) * 1e3,
+                    "step_ms": pred["step_s"] * 1e3,
+                    "efficiency": step_at(1) / pred["step_s"],
+                    "samples_per_s": n * batch / pred["step_s"],
+                    "grad_mb": sum(b for b, _ in profile["grads"]) / 2**20,
+                    "label": "PROJECTED",
+                }
+            )
     return rows
 
 
@@ -181,8 +246,13 @@ def read_gpu_configs(gpu_results: str | Path | None) -> dict[str, Config] | None
 
     path = Path(gpu_results) / "summary.json"
     if not path.is_file():
-        raise RecipeError(f"--gpu-results {gpu_results}: no summary.json there (give a `dltrain bench gpu_single` output directory)")
+        raise RecipeError(
+            f"--gpu-results {gpu_results}: no summary.json there (give a `dltrain bench gpu_single` output directory)"
+        )
     summary = read_summary(path)
     if (summary.get("environment") or {}).get("device") != "cuda":
-        raise RecipeError(f"--gpu-results {gpu_results}: its runs did not run on a GPU; projecting CPU compute onto GPU links is refused")
+        raise RecipeError(
+            f"--gpu-results {gpu_results}: its runs did not run on a GPU; projecting CPU compute onto GPU links "
+            "is refused"
+        )
     return summary["configs"]

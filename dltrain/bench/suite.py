@@ -25,7 +25,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dltrain import shipped
 from dltrain.recipe import MAX_COUNT, RecipeError, _first_error, check_name, load_recipe, read_yaml
@@ -68,7 +77,12 @@ class CommSection(Closed):
     inputs of the step model that the report checks against the suite's multi-process runs."""
 
     world_sizes: list[Annotated[int, Field(ge=2, le=1024)]] = [2]
-    ops: list[Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast"]] = ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
+    ops: list[Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast"]] = [
+        "all_reduce",
+        "all_gather",
+        "reduce_scatter",
+        "broadcast",
+    ]
     min_bytes: str = "4K"  # 4K, 512M, 1G or a number of bytes
     max_bytes: str = "512M"
     target_s: float = Field(0.2, gt=0, le=60, description="seconds of calls timed per size")
@@ -92,7 +106,9 @@ class Suite(Closed):
     mode: Mode = "throughput"
     repeats: PositiveInt = 1
     throughput_steps: PositiveInt = Field(50, le=MAX_COUNT)  # optimizer steps per throughput run
-    warmup_steps: int = Field(5, ge=0, le=MAX_COUNT, description="first steps left out of the clock (train.warmup_steps_excluded)")
+    warmup_steps: int = Field(
+        5, ge=0, le=MAX_COUNT, description="first steps left out of the clock (train.warmup_steps_excluded)"
+    )
     world_sizes: list[PositiveInt] = [1]
     nodes: list[PositiveInt] = [1]  # world size N on M nodes runs N/M processes per node
     max_procs_per_node: PositiveInt | None = None  # e.g. 8 GPUs: world 16 only on 2+ nodes
@@ -227,11 +243,15 @@ def check_host(suite: Suite, jobs: list[Job]) -> None:
         return
     cores = os.cpu_count() or 1
     if suite.cpu_threads is not None and suite.cpu_threads > 4 * cores:
-        raise RecipeError(f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)")
+        raise RecipeError(
+            f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)"
+        )
     most = max((j.world // j.nnodes for j in jobs), default=1)
     if most > 4 * cores:
-        raise RecipeError(f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
-                          f"this host ({cores} cores): lower world_sizes or spread them over `nodes`")
+        raise RecipeError(
+            f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
+            f"this host ({cores} cores): lower world_sizes or spread them over `nodes`"
+        )
 
 
 def _recipe_path(recipe: str, suite_dir: Path) -> Path:
@@ -270,8 +290,14 @@ def train_sets(job: Job, suite: Suite) -> list[str]:
     if job.mode == "throughput":
         # A fixed number of steps; evaluation only at the end (and out of the clock); no exports,
         # no per-run plots (the report plots every run's curves).
-        sets += [f"train.max_steps={job.steps}", f"train.eval_every={job.steps}", f"train.log_every={max(1, job.steps // 10)}",
-                 "checkpoint.save_final_model=false", "checkpoint.save_best=false", "tracking.plots=false"]
+        sets += [
+            f"train.max_steps={job.steps}",
+            f"train.eval_every={job.steps}",
+            f"train.log_every={max(1, job.steps // 10)}",
+            "checkpoint.save_final_model=false",
+            "checkpoint.save_best=false",
+            "tracking.plots=false",
+        ]
     else:
         sets += ["target.stop=true"]
     if job.kind in VARIANT_KINDS:
@@ -287,8 +313,10 @@ def _variant_sets(job: Job) -> list[str]:
     name = entry_recipe(job.entry).workload
     sets = get_workload(name).bench_variants.get(job.kind)
     if sets is None:
-        raise RecipeError(f"entry {job.entry.name}: the {name} workload has no '{job.kind}' baseline "
-                          "(its Workload.bench_variants): remove it from the entry's baselines")
+        raise RecipeError(
+            f"entry {job.entry.name}: the {name} workload has no '{job.kind}' baseline "
+            "(its Workload.bench_variants): remove it from the entry's baselines"
+        )
     return list(sets)
 
 
@@ -319,14 +347,40 @@ def _axes(suite: Suite) -> list[Job]:
             if suite.scale_batch and world > 1:
                 common.append(f"train.global_batch_size={base_batch * world}")
             config = config_name(entry.name, world, nnodes, precision, stage, compiled, m)
-            jobs.append(Job(config=config, entry=entry, kind="dltrain", mode=m, world=world, nnodes=nnodes, precision=precision,
-                            deepspeed=stage, compile=compiled, steps=steps if m == "throughput" else None, overrides=common))
+            jobs.append(
+                Job(
+                    config=config,
+                    entry=entry,
+                    kind="dltrain",
+                    mode=m,
+                    world=world,
+                    nnodes=nnodes,
+                    precision=precision,
+                    deepspeed=stage,
+                    compile=compiled,
+                    steps=steps if m == "throughput" else None,
+                    overrides=common,
+                )
+            )
             wanted = entry.baseline_precisions or [precision]
             if m == "throughput" and world == 1 and stage is None and not compiled and precision in wanted:
                 for kind in entry.baselines:
-                    baselines.append(Job(config=f"{entry.name}-{kind}-{precision}", entry=entry, kind=kind, mode=m, world=1,
-                                         nnodes=1, precision=precision, deepspeed=None, compile=False, steps=steps,
-                                         overrides=list(common), pair=config))
+                    baselines.append(
+                        Job(
+                            config=f"{entry.name}-{kind}-{precision}",
+                            entry=entry,
+                            kind=kind,
+                            mode=m,
+                            world=1,
+                            nnodes=1,
+                            precision=precision,
+                            deepspeed=None,
+                            compile=False,
+                            steps=steps,
+                            overrides=list(common),
+                            pair=config,
+                        )
+                    )
         jobs += baselines
     return jobs
 

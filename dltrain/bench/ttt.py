@@ -111,9 +111,13 @@ def load_record_suite(path: Path, raw: dict | None = None) -> RecordSuite:
         if rec.reference and rec.reference.baseline is None:
             load_recipe(_path(rec.recipe), rec.reference.profile, rec.reference.overrides)
         elif rec.reference and not (shipped.folder("baselines") / f"{rec.reference.baseline}.py").is_file():
-            known = ", ".join(sorted(p.stem for p in shipped.folder("baselines").glob("*.py") if not p.stem.endswith("common")))
-            raise RecipeError(f"{path}: record {rec.name}: reference baseline {rec.reference.baseline!r} is not a "
-                              f"baseline script (known: {known})")
+            known = ", ".join(
+                sorted(p.stem for p in shipped.folder("baselines").glob("*.py") if not p.stem.endswith("common"))
+            )
+            raise RecipeError(
+                f"{path}: record {rec.name}: reference baseline {rec.reference.baseline!r} is not a "
+                f"baseline script (known: {known})"
+            )
     return suite
 
 
@@ -136,15 +140,17 @@ def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None,
     t0 = time.perf_counter()
     with log.open("w") as out:
         try:
-            rc = subprocess.run(argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT,
-                                timeout=suite.timeout_s).returncode
+            rc = subprocess.run(
+                argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT, timeout=suite.timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = None
     return rc, time.perf_counter() - t0
 
 
-def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path,
-              **facts) -> Result:
+def train_run(
+    suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path, **facts
+) -> Result:
     """One `dltrain train` run (a process, or a call with in_process): its Result, with both clocks
     (`wall_s` around the run, `train_s` its own), or its error. `facts`: the Result's config, entry,
     seed ... as the caller names the run."""
@@ -157,21 +163,46 @@ def train_run(suite: RecordSuite, recipe: str, profile: str | None, sets: list[s
         why = inprocess.run(parsed, run_dir, log, env={}, threads=suite.cpu_threads, timeout_s=suite.timeout_s)
         wall = time.perf_counter() - t0
     else:
-        argv = [sys.executable, "-m", "dltrain", "train", str(_path(recipe)), *(["--profile", profile] if profile else [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "dltrain",
+            "train",
+            str(_path(recipe)),
+            *(["--profile", profile] if profile else []),
+        ]
         argv += [a for s in sets for a in ("--set", s)]
         rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
         why = None if rc == 0 else f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
-    result = Result(suite=suite.name, kind="dltrain", mode="record", world_size=1, precision=parsed.train.precision,
-                    cpu_threads=suite.cpu_threads, wall_s=wall, in_process=suite.in_process, run_dir=str(run_dir),
-                    target=parsed.target.model_dump(mode="json") if parsed.target else None, **facts)
+    result = Result(
+        suite=suite.name,
+        kind="dltrain",
+        mode="record",
+        world_size=1,
+        precision=parsed.train.precision,
+        cpu_threads=suite.cpu_threads,
+        wall_s=wall,
+        in_process=suite.in_process,
+        run_dir=str(run_dir),
+        target=parsed.target.model_dump(mode="json") if parsed.target else None,
+        **facts,
+    )
     summary_path = run_dir / "summary.json"
     if why is not None or not summary_path.is_file():
         return result.model_copy(update={"status": "failed", "error": why or "no summary.json"})
     summary = json.loads(summary_path.read_text())
-    result = result.model_copy(update={
-        "workload": summary.get("workload"), "metrics": summary.get("metrics", {}), "target": summary.get("target") or result.target,
-        "train_s": summary["throughput"].get("train_s"), "samples_per_s": summary["throughput"].get("train_samples_per_s"),
-        "steps": summary["steps"], "time_to_target_s": summary.get("time_to_target_s"), "environment": summary.get("environment")})
+    result = result.model_copy(
+        update={
+            "workload": summary.get("workload"),
+            "metrics": summary.get("metrics", {}),
+            "target": summary.get("target") or result.target,
+            "train_s": summary["throughput"].get("train_s"),
+            "samples_per_s": summary["throughput"].get("train_samples_per_s"),
+            "steps": summary["steps"],
+            "time_to_target_s": summary.get("time_to_target_s"),
+            "environment": summary.get("environment"),
+        }
+    )
     if result.target_value is None:  # a seed without its metric cannot count towards the record
         return result.model_copy(update={"status": "failed", "error": f"the run reported no {result.target['metric']}"})
     return result
@@ -188,16 +219,31 @@ def reference_run(suite: RecordSuite, rec: Record, out_dir: Path, precision: str
     script = shipped.folder("baselines") / f"{ref.baseline}.py"
     rc, wall = _launch([sys.executable, str(script), *ref.baseline_args], suite, log)
     summary = baseline_summary(log, rec.name) if rc == 0 else None
-    result = Result(suite=suite.name, kind="reference", mode="record", world_size=1, precision=precision, wall_s=wall,
-                    cpu_threads=suite.cpu_threads, note=ref.what, command=format_command([sys.executable, str(script),
-                                                                                         *ref.baseline_args], {}), **facts)
+    result = Result(
+        suite=suite.name,
+        kind="reference",
+        mode="record",
+        world_size=1,
+        precision=precision,
+        wall_s=wall,
+        cpu_threads=suite.cpu_threads,
+        note=ref.what,
+        command=format_command([sys.executable, str(script), *ref.baseline_args], {}),
+        **facts,
+    )
     if summary is None:
-        return result.model_copy(update={"status": "failed", "error": "timed out" if rc is None else error_line(log, rc)})
+        return result.model_copy(
+            update={"status": "failed", "error": "timed out" if rc is None else error_line(log, rc)}
+        )
     rate = summary["throughput"]["train_samples_per_s"]
     projected = ref.full_samples / rate if ref.full_samples else None
-    return result.model_copy(update={
-        "train_s": projected, "samples_per_s": rate,
-        "note": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s"})
+    return result.model_copy(
+        update={
+            "train_s": projected,
+            "samples_per_s": rate,
+            "note": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s",
+        }
+    )
 
 
 def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list[RecordRow]:
@@ -219,17 +265,30 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
             done += 1
             print(f"[{done}/{total}] {rec.name} seed {seed} ...", end=" ", flush=True)
             try:
-                run = train_run(suite, rec.recipe, rec.profile, [*rec.overrides, f"train.seed={seed}"],
-                                out_dir / "runs" / f"{rec.name}-s{seed}", out_dir / "logs" / f"{rec.name}-s{seed}.log",
-                                config=rec.name, entry=rec.name, seed=seed, repeat=i)
+                run = train_run(
+                    suite,
+                    rec.recipe,
+                    rec.profile,
+                    [*rec.overrides, f"train.seed={seed}"],
+                    out_dir / "runs" / f"{rec.name}-s{seed}",
+                    out_dir / "logs" / f"{rec.name}-s{seed}.log",
+                    config=rec.name,
+                    entry=rec.name,
+                    seed=seed,
+                    repeat=i,
+                )
             except KeyboardInterrupt:
                 print("interrupted: the table holds the runs that finished", flush=True)
                 interrupted = True
                 break
             runs.append(run)
             append_result(out_dir / "results.jsonl", run)
-            print(f"{target.metric} {run.target_value:.4g}, train {run.train_s:.1f} s, wall {run.wall_s:.1f} s"
-                  if run.ok else f"failed: {run.error}", flush=True)
+            print(
+                f"{target.metric} {run.target_value:.4g}, train {run.train_s:.1f} s, wall {run.wall_s:.1f} s"
+                if run.ok
+                else f"failed: {run.error}",
+                flush=True,
+            )
         if not runs:
             break
         ref = None
@@ -239,10 +298,21 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
             ref = reference_run(suite, rec, out_dir, recipe.train.precision)
             append_result(out_dir / "results.jsonl", ref)
             print(f"train {ref.train_s:.1f} s" if ref.ok and ref.train_s else f"failed: {ref.error}", flush=True)
-        row = RecordRow(name=rec.name, recipe=rec.recipe, profile=rec.profile, overrides=rec.overrides, seeds=rec.seeds[:len(runs)],
-                        metric_name=target.metric, target=target.value, mode=target.mode, config=aggregate(runs)[rec.name],
-                        runs=runs, reference=ref if ref and ref.ok else None, reference_failed=bool(ref and not ref.ok),
-                        interrupted=interrupted)
+        row = RecordRow(
+            name=rec.name,
+            recipe=rec.recipe,
+            profile=rec.profile,
+            overrides=rec.overrides,
+            seeds=rec.seeds[: len(runs)],
+            metric_name=target.metric,
+            target=target.value,
+            mode=target.mode,
+            config=aggregate(runs)[rec.name],
+            runs=runs,
+            reference=ref if ref and ref.ok else None,
+            reference_failed=bool(ref and not ref.ok),
+            interrupted=interrupted,
+        )
         rows.append(row.model_copy(update={"met": verdict(row)}))
     (out_dir / "records.json").write_text(json.dumps([r.model_dump(mode="json") for r in rows], indent=1) + "\n")
     (out_dir / "report.md").write_text("\n".join(report_lines(suite, rows, interrupted)) + "\n")

@@ -39,8 +39,10 @@ def check(recipe, world: int, device_type: str) -> type[Strategy]:
     """The backend for this recipe, or RecipeError (one line) for a combination that cannot run."""
     if recipe.train.precision == "fp16" and device_type != "cuda":
         # Accelerate silently runs fp16 in float32 on a CPU; refuse rather than report fake fp16 numbers.
-        raise RecipeError(f"train.precision=fp16 needs a CUDA GPU (this run is on {device_type}, where fp16 autocast "
-                          "is ignored): use --set train.precision=bf16 or fp32")
+        raise RecipeError(
+            f"train.precision=fp16 needs a CUDA GPU (this run is on {device_type}, where fp16 autocast "
+            "is ignored): use --set train.precision=bf16 or fp32"
+        )
     cls = strategy_class(recipe)
     why = cls.refusal(recipe, world, device_type)
     if why:

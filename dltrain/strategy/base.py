@@ -10,8 +10,8 @@ modules call these methods and never ask which backend they hold.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

@@ -82,9 +82,11 @@ class DDP(Strategy):
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             return None
         hooks = [getattr(h, "__name__", type(h).__name__) for h, _ in getattr(model, "_comm_hooks", [])] or ["none"]
-        return (f"DDP: bucket_cap {model.bucket_bytes_cap / 2**20:g} MB, gradient_as_bucket_view "
-                f"{model.gradient_as_bucket_view}, static_graph {model.static_graph}, find_unused_parameters "
-                f"{model.find_unused_parameters}, comm hook {', '.join(hooks)}")
+        return (
+            f"DDP: bucket_cap {model.bucket_bytes_cap / 2**20:g} MB, gradient_as_bucket_view "
+            f"{model.gradient_as_bucket_view}, static_graph {model.static_graph}, find_unused_parameters "
+            f"{model.find_unused_parameters}, comm hook {', '.join(hooks)}"
+        )
 
 
 def scale_dropped(scaler, scale_before: torch.Tensor) -> torch.Tensor:
@@ -99,8 +101,15 @@ def ddp_kwargs(dist):
     DistributedDataParallel and registers the compression hook on the wrapped model."""
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
-    hook = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
-            "fp16": DDPCommunicationHookType.FP16}[dist.comm_hook]
-    return DistributedDataParallelKwargs(bucket_cap_mb=dist.bucket_cap_mb, gradient_as_bucket_view=dist.gradient_as_bucket_view,
-                                         static_graph=dist.static_graph, find_unused_parameters=dist.find_unused_parameters,
-                                         comm_hook=hook)
+    hook = {
+        "none": DDPCommunicationHookType.NO,
+        "bf16": DDPCommunicationHookType.BF16,
+        "fp16": DDPCommunicationHookType.FP16,
+    }[dist.comm_hook]
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=dist.bucket_cap_mb,
+        gradient_as_bucket_view=dist.gradient_as_bucket_view,
+        static_graph=dist.static_graph,
+        find_unused_parameters=dist.find_unused_parameters,
+        comm_hook=hook,
+    )

@@ -31,8 +31,11 @@ class DeepSpeed(Strategy):
         if recipe.train.compile.enabled and stage_of(recipe) == 3:
             # ZeRO-3 gathers each module's parameters in hooks of its own, which a compiled forward
             # would have to trace; DeepSpeed's own engine.compile() is the way, and dltrain does not use it.
-            return ("deepspeed.zero_stage=3 with train.compile: ZeRO-3's parameter-gathering hooks run inside every "
-                    "module's forward, which dltrain does not compile: set train.compile.enabled=false, or use ZeRO 1/2 or fsdp")
+            return (
+                "deepspeed.zero_stage=3 with train.compile: ZeRO-3's parameter-gathering hooks run inside every "
+                "module's forward, which dltrain does not compile: set train.compile.enabled=false, or use ZeRO "
+                "1/2 or fsdp"
+            )
         return None
 
     @classmethod
@@ -59,7 +62,9 @@ class DeepSpeed(Strategy):
             # DeepSpeed's bf16/fp16 modes cast the parameters, not the inputs (no autocast): a
             # float batch would meet half-precision weights in the first layer. Floating inputs are
             # cast on the way in, outside any compiled code; integer inputs (token ids) stay.
-            model.register_forward_pre_hook(lambda module, args, kwargs: _cast_floats(args, kwargs, low), with_kwargs=True)
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs: _cast_floats(args, kwargs, low), with_kwargs=True
+            )
         self.model, self.optimizer = self.accelerator.prepare(model, make_optimizer(model))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -109,18 +114,26 @@ def build_plugin(recipe, plan):
     from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
 
     if not is_deepspeed_available():
-        raise RecipeError("the recipe asks for DeepSpeed (deepspeed.zero_stage > 0) but it is not installed: "
-                          "pip install deepspeed, or set deepspeed.zero_stage=0")
+        raise RecipeError(
+            "the recipe asks for DeepSpeed (deepspeed.zero_stage > 0) but it is not installed: "
+            "pip install deepspeed, or set deepspeed.zero_stage=0"
+        )
     if "LOCAL_RANK" not in os.environ:  # plain `python -m dltrain`: DeepSpeed finds no process group
         raise RecipeError("DeepSpeed runs under a launcher: use `dltrain launch RECIPE --deepspeed STAGE ...`")
     ds = recipe.deepspeed
     config_file = config_file_of(recipe)
     if config_file != "none":  # a DeepSpeed JSON: the recipe's deepspeed.config_file, or the launcher's
-        plugin = DeepSpeedPlugin(hf_ds_config=config_file, gradient_accumulation_steps=plan.grad_accum,
-                                 gradient_clipping=recipe.train.clip_grad_norm or 0.0, zero3_save_16bit_model=True)
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=config_file,
+            gradient_accumulation_steps=plan.grad_accum,
+            gradient_clipping=recipe.train.clip_grad_norm or 0.0,
+            zero3_save_16bit_model=True,
+        )
         if ds is not None and ds.zero_stage > 0 and ds.zero_stage != plugin.zero_stage:
-            raise RecipeError(f"{config_file} sets ZeRO stage {plugin.zero_stage} but the recipe has "
-                              f"deepspeed.zero_stage={ds.zero_stage}: make them agree (or drop the recipe's)")
+            raise RecipeError(
+                f"{config_file} sets ZeRO stage {plugin.zero_stage} but the recipe has "
+                f"deepspeed.zero_stage={ds.zero_stage}: make them agree (or drop the recipe's)"
+            )
     else:
         stage = ds.zero_stage if ds is not None else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
         plugin = DeepSpeedPlugin(
@@ -142,8 +155,10 @@ def build_plugin(recipe, plan):
     for key, value in ours.items():
         given = plugin.deepspeed_config.get(key, "auto")
         if given != "auto" and float(given) != float(value):
-            raise RecipeError(f"DeepSpeed config {config_file}: {key}={given} but the recipe and world size give {value}: "
-                              f'set it to "auto" there')
+            raise RecipeError(
+                f"DeepSpeed config {config_file}: {key}={given} but the recipe and world size give {value}: "
+                f'set it to "auto" there'
+            )
         plugin.deepspeed_config[key] = value
     plugin.gradient_accumulation_steps = plan.grad_accum
     return plugin
@@ -161,10 +176,15 @@ def config_file_of(recipe) -> str:
         with open(path) as f:
             json.load(f)
     except OSError as exc:
-        raise RecipeError(f"deepspeed.config_file={ours}: cannot read it ({exc.strerror}): give the path of a DeepSpeed JSON") from None
+        raise RecipeError(
+            f"deepspeed.config_file={ours}: cannot read it ({exc.strerror}): give the path of a DeepSpeed JSON"
+        ) from None
     except ValueError as exc:
         raise RecipeError(f"deepspeed.config_file={ours} is not JSON ({exc}): give a DeepSpeed JSON config") from None
     if launcher != "none" and os.path.abspath(launcher) != path and os.environ.get("RANK", "0") == "0":
-        print(f"dltrain: warning: the recipe's deepspeed.config_file={ours} overrides the launcher's {launcher}",
-              file=sys.stderr, flush=True)
+        print(
+            f"dltrain: warning: the recipe's deepspeed.config_file={ours} overrides the launcher's {launcher}",
+            file=sys.stderr,
+            flush=True,
+        )
     return path

@@ -33,14 +33,20 @@ class FSDP(Strategy):
     @classmethod
     def refusal(cls, recipe, world: int, device_type: str) -> str | None:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            return ("distributed.strategy=fsdp but the launcher is configured for DeepSpeed (ACCELERATE_USE_DEEPSPEED): "
-                    "use `dltrain launch --fsdp`, or strategy deepspeed")
+            return (
+                "distributed.strategy=fsdp but the launcher is configured for DeepSpeed (ACCELERATE_USE_DEEPSPEED): "
+                "use `dltrain launch --fsdp`, or strategy deepspeed"
+            )
         if world == 1:
-            return ("distributed.strategy=fsdp shards over several processes and this run has one: "
-                    "use `dltrain launch RECIPE --fsdp --nproc N` with N >= 2, or strategy ddp")
+            return (
+                "distributed.strategy=fsdp shards over several processes and this run has one: "
+                "use `dltrain launch RECIPE --fsdp --nproc N` with N >= 2, or strategy ddp"
+            )
         if recipe.train.precision == "fp16":
-            return ("distributed.strategy=fsdp with train.precision=fp16 needs a sharded loss scaler, which dltrain "
-                    "does not have: use train.precision=bf16 (or strategy ddp for fp16)")
+            return (
+                "distributed.strategy=fsdp with train.precision=fp16 needs a sharded loss scaler, which dltrain "
+                "does not have: use train.precision=bf16 (or strategy ddp for fp16)"
+            )
         return None
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
@@ -105,12 +111,18 @@ class FSDP(Strategy):
     def load(self, path: Path) -> None:
         """Whichever format the checkpoint holds (a change of state_dict_type between segments only
         changes how later checkpoints are written)."""
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         if not (path / SHARDED_DIR).is_dir() and not (path / FULL_OPTIMIZER).is_file():
-            raise RecipeError(f"checkpoint {path} holds no FSDP state ({SHARDED_DIR}/ or {FULL_OPTIMIZER}): it was written "
-                              "by another strategy; resume it with that strategy's recipe")
+            raise RecipeError(
+                f"checkpoint {path} holds no FSDP state ({SHARDED_DIR}/ or {FULL_OPTIMIZER}): it was written "
+                "by another strategy; resume it with that strategy's recipe"
+            )
         self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
         model, optimizer = self.model, self.optimizer
         if (path / SHARDED_DIR).is_dir():
@@ -128,8 +140,9 @@ class FSDP(Strategy):
 
             options = _options(True)  # every rank reads the whole file and keeps its shard
             set_model_state_dict(model, load_file(str(path / FULL_MODEL)), options=options)
-            set_optimizer_state_dict(model, optimizer, torch.load(path / FULL_OPTIMIZER, weights_only=True),
-                                     options=options)
+            set_optimizer_state_dict(
+                model, optimizer, torch.load(path / FULL_OPTIMIZER, weights_only=True), options=options
+            )
 
     def describe(self) -> str | None:
         from torch.distributed.fsdp import FSDPModule
@@ -139,8 +152,10 @@ class FSDP(Strategy):
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         kinds = sorted({type(m).__name__.removeprefix("FSDP") for m in inner})
-        return (f"FSDP2: {len(inner)} unit(s){' (' + ', '.join(kinds) + ')' if kinds else ''} + root; "
-                f"this rank holds {local:,} of {total:,} parameters")
+        return (
+            f"FSDP2: {len(inner)} unit(s){' (' + ', '.join(kinds) + ')' if kinds else ''} + root; "
+            f"this rank holds {local:,} of {total:,} parameters"
+        )
 
 
 def mp_policy(recipe):
@@ -166,8 +181,10 @@ def units(model: nn.Module, auto_wrap) -> list[nn.Module]:
     missing = names - {type(m).__name__ for m in found}
     if missing:
         classes = sorted({type(m).__name__ for m in model.modules()})
-        raise RecipeError(f"distributed.fsdp.auto_wrap: no module of class {', '.join(sorted(missing))} in this model "
-                          f"(its classes: {', '.join(classes)[:300]})")
+        raise RecipeError(
+            f"distributed.fsdp.auto_wrap: no module of class {', '.join(sorted(missing))} in this model "
+            f"(its classes: {', '.join(classes)[:300]})"
+        )
     return found[::-1]  # innermost first: a unit's parameters are taken before its parent's
 
 
@@ -203,8 +220,12 @@ def _options(full: bool):
 # code on every rank at `--resume`. dltrain's readers take only what its own checkpoints hold.
 
 
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint._extension",
+)
 
 
 def _allowed(module: str, name: str):
@@ -237,8 +258,10 @@ def _safe_unpickler():
         def find_class(self, module: str, name: str):
             obj = _allowed(module, name)
             if obj is None:
-                raise RecipeError(f"{SHARDED_DIR}/.metadata asks to load {module}.{name}, which a dltrain checkpoint "
-                                  "never holds: the file was not written by dltrain; refusing to read it")
+                raise RecipeError(
+                    f"{SHARDED_DIR}/.metadata asks to load {module}.{name}, which a dltrain checkpoint "
+                    "never holds: the file was not written by dltrain; refusing to read it"
+                )
             return obj
 
     return Unpickler
@@ -255,7 +278,9 @@ def _check_metadata(folder: Path) -> None:
     except RecipeError:
         raise
     except Exception as exc:  # noqa: BLE001 - a cut-off or foreign file: one line
-        raise RecipeError(f"{folder}/.metadata cannot be read ({type(exc).__name__}): the checkpoint is damaged") from None
+        raise RecipeError(
+            f"{folder}/.metadata cannot be read ({type(exc).__name__}): the checkpoint is damaged"
+        ) from None
     if not isinstance(metadata, Metadata):
         raise RecipeError(f"{folder}/.metadata is not a checkpoint's metadata: refusing to read it")
 
@@ -288,8 +313,10 @@ def _SafePlanner():
             try:
                 loaded = torch.load(value, weights_only=True)
             except Exception as exc:  # noqa: BLE001 - an unpickling refusal: one line, never run it
-                raise RecipeError(f"{SHARDED_DIR}: entry {read_item.dest_index.fqn} is not plain data "
-                                  f"({type(exc).__name__}): refusing to read it") from None
+                raise RecipeError(
+                    f"{SHARDED_DIR}: entry {read_item.dest_index.fqn} is not plain data "
+                    f"({type(exc).__name__}): refusing to read it"
+                ) from None
             value = io.BytesIO()
             torch.save(loaded, value)
             value.seek(0)

@@ -34,7 +34,11 @@ from dltrain.workloads import bert_data
 from dltrain.workloads.bert_data import TokenSplit, tokenized_split  # noqa: F401 - public names of this workload
 from dltrain.workloads.text_config import DataConfig
 
-METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example"))  # test/: with data.test_file
+METRICS = tuple(
+    f"{split}/{m}"
+    for split in ("val", "test")
+    for m in ("loss", "accuracy", "tokens_per_example", "padded_tokens_per_example")
+)  # test/: with data.test_file
 REQUIRES = {"transformers": "nlp", "datasets": "nlp"}  # module -> the pip extra that installs it (dltrain.extras)
 
 # ----------------------------------------------------------------------------------------------
@@ -64,24 +68,30 @@ class Recipe(RecipeBase):
         if self.model.num_labels is None:
             self.model = self.model.model_copy(update={"num_labels": len(names) if names else 2})
         elif names and self.model.num_labels != len(names):
-            raise ValueError(f"data.label_names lists {len(names)} labels but model.num_labels is {self.model.num_labels}: "
-                             "make them agree (or set model.num_labels to null)")
+            raise ValueError(
+                f"data.label_names lists {len(names)} labels but model.num_labels is {self.model.num_labels}: "
+                "make them agree (or set model.num_labels to null)"
+            )
         return self
 
     @model_validator(mode="after")
     def _a_test_metric_needs_a_test_split(self) -> Recipe:
         metric = self.target.metric if self.target is not None else ""
         if metric.startswith("test/") and not (self.data.test_file or (self.data.dataset and self.data.test_split)):
-            raise ValueError(f"target.metric={metric} but this recipe has no test split (SST-2's test set has no "
-                             "labels): give data.test_file (or data.dataset with data.test_split), or a val/ metric")
+            raise ValueError(
+                f"target.metric={metric} but this recipe has no test split (SST-2's test set has no "
+                "labels): give data.test_file (or data.dataset with data.test_split), or a val/ metric"
+            )
         return self
 
     @model_validator(mode="after")
     def _compile_needs_few_lengths(self) -> Recipe:
         if self.train.compile.enabled and self.train.compile.dynamic is False and self.data.padding == "dynamic":
-            raise ValueError("train.compile with data.padding=dynamic compiles again for every new batch length and "
-                             "torch stops after 8 (FailOnRecompileLimitHit): set data.padding=bucket (or fixed), "
-                             "or train.compile.dynamic=true")
+            raise ValueError(
+                "train.compile with data.padding=dynamic compiles again for every new batch length and "
+                "torch stops after 8 (FailOnRecompileLimitHit): set data.padding=bucket (or fixed), "
+                "or train.compile.dynamic=true"
+            )
         return self
 
 
@@ -160,9 +170,12 @@ def build_model(recipe: Recipe) -> nn.Module:
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     try:
         with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
-            return AutoModelForSequenceClassification.from_pretrained(resolve(cfg.name_or_path), num_labels=cfg.num_labels,
-                                                                      attn_implementation="sdpa",  # forward() relies on it
-                                                                      **labels)
+            return AutoModelForSequenceClassification.from_pretrained(
+                resolve(cfg.name_or_path),
+                num_labels=cfg.num_labels,
+                attn_implementation="sdpa",  # forward() relies on it
+                **labels,
+            )
     except (OSError, ValueError) as exc:
         raise _load_error("model", cfg.name_or_path, exc) from None
     finally:
@@ -176,8 +189,11 @@ def forward(model: nn.Module, batch: dict) -> Output:
     # masking_utils._ignore_bidirectional_mask_sdpa), a host read that stalls every step on a GPU.
     # The values are those it would build; a bool mask suits SDPA only, hence build_model's choice.
     # token_type_ids: sentence pairs only (segment A/B); single texts leave the model's default zeros.
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask[:, None, None, :].bool(),
-                   token_type_ids=batch.get("token_type_ids")).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask[:, None, None, :].bool(),
+        token_type_ids=batch.get("token_type_ids"),
+    ).logits
     out = classification_output(logits, batch["labels"])
     # Tokens per example, real and as padded: tokens/s, padded tokens/s and FLOPs (flops_of).
     out.stats["tokens"] = mask.sum(dim=1).float()
@@ -237,8 +253,10 @@ def flops_of(recipe: Recipe, sums: dict[str, float]) -> dict[str, float]:
         return {"flops": 0.0, "flops_real": 0.0}
     config = _cached_config(recipe.model.name_or_path, recipe.model.num_labels)
     padded, real = sums["padded_tokens"], sums["tokens"]
-    return {"flops": padded * flops_per_token(config, padded / count),
-            "flops_real": real * flops_per_token(config, real / count)}
+    return {
+        "flops": padded * flops_per_token(config, padded / count),
+        "flops_real": real * flops_per_token(config, real / count),
+    }
 
 
 def label_names(recipe: Recipe) -> list[str] | None:
@@ -270,28 +288,36 @@ def checked_tokenizer(recipe: Recipe):
     tokenizer, n = tokenizer_for(recipe), recipe.data.max_length
     specials = tokenizer.num_special_tokens_to_add()
     if n <= specials:
-        raise RecipeError(f"data.max_length={n} leaves no room for text after the tokenizer's {specials} special "
-                          "tokens: raise it")
+        raise RecipeError(
+            f"data.max_length={n} leaves no room for text after the tokenizer's {specials} special tokens: raise it"
+        )
     config = _cached_config(recipe.model.name_or_path, recipe.model.num_labels)
     positions = getattr(config, "max_position_embeddings", None)
     if positions and n > positions:
-        raise RecipeError(f"data.max_length={n} is more than the {positions} positions of {recipe.model.name_or_path}: "
-                          f"lower it to {positions} or less")
+        raise RecipeError(
+            f"data.max_length={n} is more than the {positions} positions of {recipe.model.name_or_path}: "
+            f"lower it to {positions} or less"
+        )
     return tokenizer
 
 
 def load_splits(recipe: Recipe) -> dict:
     """split name -> tokenized datasets.Dataset (train, val, and test for user files that have one)."""
-    return bert_data.tokenized_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, recipe.model.num_labels)
+    return bert_data.tokenized_splits(
+        recipe.data, checked_tokenizer(recipe), recipe.train.seed, recipe.model.num_labels
+    )
 
 
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits:
-    return bert_data.device_splits(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device, recipe.model.num_labels)
+    return bert_data.device_splits(
+        recipe.data, checked_tokenizer(recipe), recipe.train.seed, device, recipe.model.num_labels
+    )
 
 
 def build_split(recipe: Recipe, device: torch.device | str, split: str) -> bert_data.TokenSplit | None:
-    return bert_data.device_split(recipe.data, checked_tokenizer(recipe), recipe.train.seed, device,
-                                  recipe.model.num_labels, split)
+    return bert_data.device_split(
+        recipe.data, checked_tokenizer(recipe), recipe.train.seed, device, recipe.model.num_labels, split
+    )
 
 
 def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
@@ -299,8 +325,12 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
     tokenizer = tokenizer_for(recipe)
     ds = load_splits(recipe)["val"]
     rows = ds.select(range(min(n, len(ds))))
-    lines = [f"# {recipe.name}: {len(rows)} of {len(ds)} validation examples", "",
-             "| # | label | tokens | text (decoded from the token ids) |", "| ---: | ---: | ---: | --- |"]
+    lines = [
+        f"# {recipe.name}: {len(rows)} of {len(ds)} validation examples",
+        "",
+        "| # | label | tokens | text (decoded from the token ids) |",
+        "| ---: | ---: | ---: | --- |",
+    ]
     names = recipe.data.label_names
     for i, (ids, label) in enumerate(zip(rows["input_ids"], rows["labels"])):
         text = tokenizer.decode(ids, skip_special_tokens=True).replace("|", "\\|")
@@ -328,9 +358,20 @@ def tokens_of(batch: dict) -> int:
 
 WORKLOAD = Workload(
     requires=REQUIRES,
-    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
-    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, flops_of=flops_of,
-    save_model=save_model, write_samples=write_samples, build_split=build_split, label_names=label_names,
-    flops_batch=flops_batch, tokens_of=tokens_of,
+    recipe=Recipe,
+    build_model=build_model,
+    build_data=build_data,
+    forward=forward,
+    summarize=summarize,
+    batch_size_of=batch_size_of,
+    flops_per_sample=flops_per_sample,
+    metrics=METRICS,
+    flops_of=flops_of,
+    save_model=save_model,
+    write_samples=write_samples,
+    build_split=build_split,
+    label_names=label_names,
+    flops_batch=flops_batch,
+    tokens_of=tokens_of,
     baselines={"bare": "bert_bare.py", "hf_trainer": "bert_hf_trainer.py"},
 )

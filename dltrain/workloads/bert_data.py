@@ -31,9 +31,6 @@ from dltrain.data import DataError, DataSplits, Split, cache_dir, data_root, say
 from dltrain.workloads.text_config import DataConfig
 from dltrain.workloads.text_rows import check, check_label_ids, read_file
 
-
-
-
 TOKENIZE_CALLS = 0  # how many splits were tokenized (not loaded from the cache) in this process
 # bump when the tokenized format or the key changes (2: a completion marker in each folder; 3: keys
 # from the contents of the data file and the tokenizer, not their paths, so a cache copied to
@@ -46,9 +43,10 @@ _HOW_TO_DATA = (
 )
 
 
-
 def _offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DLTRAIN_OFFLINE"))
+    return any(
+        os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DLTRAIN_OFFLINE")
+    )
 
 
 def _source_files(cfg: DataConfig, only: tuple[str, ...] | None = None) -> dict[str, Path] | None:
@@ -58,7 +56,9 @@ def _source_files(cfg: DataConfig, only: tuple[str, ...] | None = None) -> dict[
         return None
     if cfg.train_file or cfg.eval_file:
         if not (cfg.train_file and cfg.eval_file):
-            raise DataError("data.train_file and data.eval_file go together: give both (eval_file is the validation set)")
+            raise DataError(
+                "data.train_file and data.eval_file go together: give both (eval_file is the validation set)"
+            )
         files = {"train": cfg.train_file, "val": cfg.eval_file} | ({"test": cfg.test_file} if cfg.test_file else {})
         files = {k: Path(v).expanduser() for k, v in files.items() if only is None or k in only}
         for key, path in files.items():
@@ -80,21 +80,32 @@ def _read_hub(split: str, dataset: str | None = None, config: str | None = None)
     from datasets import load_dataset
 
     try:
-        return load_dataset(dataset or "nyu-mll/glue", config if dataset else "sst2", split=split,
-                            cache_dir=str(cache_dir() / "hf_datasets"))
+        return load_dataset(
+            dataset or "nyu-mll/glue",
+            config if dataset else "sst2",
+            split=split,
+            cache_dir=str(cache_dir() / "hf_datasets"),
+        )
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if dataset is None:
             raise DataError(f"SST-2 download from the hub failed ({reason}): {_HOW_TO_DATA}") from None
-        raise DataError(f"cannot load split {split!r} of data.dataset {dataset!r}"
-                        + (f" (config {config!r})" if config else "") + f" ({reason}): check data.dataset, data.config "
-                        "and the split names (data.train_split, eval_split, test_split), or load it once while online") from None
+        raise DataError(
+            f"cannot load split {split!r} of data.dataset {dataset!r}"
+            + (f" (config {config!r})" if config else "")
+            + f" ({reason}): check data.dataset, data.config "
+            "and the split names (data.train_split, eval_split, test_split), or load it once while online"
+        ) from None
 
 
 def _cache_key(source: str, cfg: DataConfig, tokenizer) -> str:
     ident = {
-        "source": source, "text": cfg.text_column, "label": cfg.label_column, "max_length": cfg.max_length,
-        "tokenizer": [_tokenizer_ident(tokenizer), type(tokenizer).__name__, len(tokenizer)], "v": _CACHE_VERSION,
+        "source": source,
+        "text": cfg.text_column,
+        "label": cfg.label_column,
+        "max_length": cfg.max_length,
+        "tokenizer": [_tokenizer_ident(tokenizer), type(tokenizer).__name__, len(tokenizer)],
+        "v": _CACHE_VERSION,
     }
     # Only when set, so that the keys of single-text, integer-label caches stay as they were.
     if cfg.text_pair_column:
@@ -158,8 +169,9 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: Path |
         def encode(rows):
             texts = [rows[cfg.text_column]] + ([rows[cfg.text_pair_column]] if cfg.text_pair_column else [])
             labels = rows[cfg.label_column]
-            return (tokenizer(*texts, truncation=True, max_length=cfg.max_length)
-                    | {"labels": [label_ids[v] for v in labels] if label_ids else labels})
+            return tokenizer(*texts, truncation=True, max_length=cfg.max_length) | {
+                "labels": [label_ids[v] for v in labels] if label_ids else labels
+            }
 
         ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {where}")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -173,7 +185,9 @@ def tokenized_split(read, source: str, cfg: DataConfig, tokenizer, where: Path |
 
 
 def _fingerprint(folder: Path) -> dict[str, list]:
-    return {p.name: [p.stat().st_size, sha256_of(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DONE}
+    return {
+        p.name: [p.stat().st_size, sha256_of(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DONE
+    }
 
 
 def _damage(folder: Path) -> str | None:
@@ -238,8 +252,11 @@ class TokenSplit(Split):
         sizes = [len(idx) for idx in index_batches]  # the last evaluation batch may be shorter
         rows = torch.cat(index_batches).to(self.ids.device)  # one copy per call if they come from the host
         for idx, T in zip(rows.split(sizes), self.padded_lengths(rows, sizes)):
-            batch = {"input_ids": self.ids[idx, :T], "attention_mask": (self.positions[:T] < self.lengths[idx, None]).long(),
-                     "labels": self.labels[idx]}
+            batch = {
+                "input_ids": self.ids[idx, :T],
+                "attention_mask": (self.positions[:T] < self.lengths[idx, None]).long(),
+                "labels": self.labels[idx],
+            }
             if self.types is not None:
                 batch["token_type_ids"] = self.types[idx, :T]
             yield batch
@@ -285,20 +302,32 @@ def _subset(ds, n: int | None, seed: int):
 def _hub_sources(cfg: DataConfig) -> dict[str, tuple]:
     """split -> (reader, cache identity, name in messages) for SST-2 from the hub or data.dataset."""
     if not cfg.dataset:  # SST-2's test split has no labels: train and validation only
-        return {split: (functools.partial(_read_hub, hub_split), f"hub:nyu-mll/glue/sst2/{hub_split}", f"SST-2 {hub_split}")
-                for split, hub_split in (("train", "train"), ("val", "validation"))}
+        return {
+            split: (functools.partial(_read_hub, hub_split), f"hub:nyu-mll/glue/sst2/{hub_split}", f"SST-2 {hub_split}")
+            for split, hub_split in (("train", "train"), ("val", "validation"))
+        }
     names = {"train": cfg.train_split, "val": cfg.eval_split} | ({"test": cfg.test_split} if cfg.test_split else {})
     folder = Path(cfg.dataset).expanduser()
     # A local folder's identity includes its files' sizes and times: an edited file is a new cache entry.
-    ident = (f"dir:{_file_ident(folder)}:" + ",".join(_file_ident(p) for p in sorted(folder.rglob("*")) if p.is_file())
-             if folder.is_dir() else f"hub:{cfg.dataset}")
+    ident = (
+        f"dir:{_file_ident(folder)}:" + ",".join(_file_ident(p) for p in sorted(folder.rglob("*")) if p.is_file())
+        if folder.is_dir()
+        else f"hub:{cfg.dataset}"
+    )
     shown = cfg.dataset + (f"/{cfg.config}" if cfg.config else "")
-    return {split: (functools.partial(_read_hub, name, cfg.dataset, cfg.config), f"{ident}/{cfg.config}/{name}", f"{shown} {name}")
-            for split, name in names.items()}
+    return {
+        split: (
+            functools.partial(_read_hub, name, cfg.dataset, cfg.config),
+            f"{ident}/{cfg.config}/{name}",
+            f"{shown} {name}",
+        )
+        for split, name in names.items()
+    }
 
 
-def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2,
-                     only: tuple[str, ...] | None = None) -> dict:
+def tokenized_splits(
+    cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2, only: tuple[str, ...] | None = None
+) -> dict:
     """split name -> tokenized datasets.Dataset (train, val, and test where the source has one;
     with `only`, those of them alone); the subsets are drawn by `seed`."""
     files = _source_files(cfg, only)
@@ -306,11 +335,15 @@ def tokenized_splits(cfg: DataConfig, tokenizer, seed: int, num_labels: int = 2,
         sources = _hub_sources(cfg)
     else:
         texts = [cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else [])]
-        sources = {split: (functools.partial(read_file, path, texts), _content_ident(path), path)
-                   for split, path in files.items()}
+        sources = {
+            split: (functools.partial(read_file, path, texts), _content_ident(path), path)
+            for split, path in files.items()
+        }
     sources = {k: v for k, v in sources.items() if only is None or k in only}
-    out = {split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
-           for split, (read, ident, where) in sources.items()}
+    out = {
+        split: tokenized_split(read, ident, cfg, tokenizer, where, num_labels)
+        for split, (read, ident, where) in sources.items()
+    }
     for split, n in (("train", cfg.train_subset), ("val", cfg.eval_subset)):
         if split in out:
             out[split] = _subset(out[split], n, seed)
@@ -324,9 +357,13 @@ def device_split(cfg: DataConfig, tokenizer, seed: int, device, num_labels: int,
     return TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device) if ds is not None else None
 
 
-def device_splits(cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu", num_labels: int = 2) -> DataSplits:
-    splits = {k: TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device)  # the rows a subset selects
-              for k, ds in tokenized_splits(cfg, tokenizer, seed, num_labels).items()}
+def device_splits(
+    cfg: DataConfig, tokenizer, seed: int, device: torch.device | str = "cpu", num_labels: int = 2
+) -> DataSplits:
+    splits = {
+        k: TokenSplit(ds.with_format("arrow")[:], tokenizer.pad_token_id, cfg, device)  # the rows a subset selects
+        for k, ds in tokenized_splits(cfg, tokenizer, seed, num_labels).items()
+    }
     if cfg.order == "length_grouped":  # read by the training loop's index stream
         splits["train"].order_lengths, splits["train"].group = splits["train"].lengths, cfg.group_batches
     return DataSplits(train=splits["train"], val=splits["val"], test=splits.get("test"))

@@ -17,7 +17,12 @@ from dltrain.plugin import Output, classification_output, classification_summary
 from dltrain.recipe import LocalPath, RecipeBase, Section
 from dltrain.workload import Workload
 
-METRICS = ("val/loss", "val/accuracy", "test/loss", "test/accuracy")  # what evaluation reports (recipe.validate checks target.metric)
+METRICS = (
+    "val/loss",
+    "val/accuracy",
+    "test/loss",
+    "test/accuracy",
+)  # what evaluation reports (recipe.validate checks target.metric)
 REQUIRES = {"torchvision": "vision"}  # module -> the pip extra that installs it (dltrain.extras)
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +69,12 @@ class Net(nn.Module):
         super().__init__()
         c1, c2 = cfg.conv1_channels, cfg.conv2_channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 28x28 -> 14x14
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14 -> 7x7
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28x28 -> 14x14
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14x14 -> 7x7
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c2 * 7 * 7, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.num_classes)
@@ -117,9 +126,7 @@ _FILES = {  # name -> (md5 of the .gz, as torchvision checks them; bytes unzippe
     "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", 7_840_016),
     "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", 10_008),
 }
-_HOW_TO = (
-    "put the four MNIST .gz files in <root>/MNIST/raw/ and point data.root or DLTRAIN_DATA_DIR at <root>"
-)
+_HOW_TO = "put the four MNIST .gz files in <root>/MNIST/raw/ and point data.root or DLTRAIN_DATA_DIR at <root>"
 
 
 def _offline() -> bool:
@@ -148,7 +155,9 @@ def prepare_mnist(root: Path) -> Path:
         missing = [name for name in _FILES if name not in plain and name not in zipped]
         if missing:
             raise DataError(f"MNIST in {raw} is incomplete: {missing[0]}(.gz) is missing; {_HOW_TO}")
-        raise DataError(f"MNIST in {raw} holds some files unzipped and others as .gz: give all four in one form; {_HOW_TO}")
+        raise DataError(
+            f"MNIST in {raw} holds some files unzipped and others as .gz: give all four in one form; {_HOW_TO}"
+        )
     if raw.resolve() != target.resolve() and all(_unzipped_ok(target / name) for name in _FILES):
         say("note", f"no MNIST files in {raw}: using the copy in {target}")
         return cached
@@ -241,7 +250,9 @@ class TorchLoaderSplit(Split):
         # still waits for the copy. So the loader pins its batches when they go to a GPU.
         pin = torch.device(self.device).type == "cuda"
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in index_batches], num_workers=self.num_workers,
+            self.dataset,
+            batch_sampler=[idx.tolist() for idx in index_batches],
+            num_workers=self.num_workers,
             pin_memory=pin,
         )
         for x, y in loader:
@@ -255,8 +266,10 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
     test_x, test_y = read_mnist(root, train=False)
     train_ids, val_ids = split_train_val(len(train_x), cfg.val_fraction, recipe.train.seed)
     if len(val_ids) == 0:  # evaluation would have nothing to average
-        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of the {len(train_x):,} in the train "
-                        f"set: raise it to {1 / len(train_x):.1e} or more")
+        raise DataError(
+            f"data.val_fraction={cfg.val_fraction} holds out no image of the {len(train_x):,} in the train "
+            f"set: raise it to {1 / len(train_x):.1e} or more"
+        )
     if cfg.train_subset:
         train_ids = train_ids[: cfg.train_subset]
     test_ids = torch.arange(len(test_x))
@@ -278,7 +291,6 @@ def sample_inputs(recipe: Recipe, n: int = 16):
     root = prepare_mnist(data_root(recipe.data.root))
     images, labels = read_mnist(root, train=True)
     return images[:n], labels[:n]
-
 
 
 def write_samples(recipe: Recipe, out_dir: Path, n: int = 16) -> list[Path]:
@@ -309,10 +321,19 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 16) -> list[Path]:
 
 WORKLOAD = Workload(
     requires=REQUIRES,
-    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
-    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples, label_names=label_names,
+    recipe=Recipe,
+    build_model=build_model,
+    build_data=build_data,
+    forward=forward,
+    summarize=summarize,
+    batch_size_of=batch_size_of,
+    flops_per_sample=flops_per_sample,
+    metrics=METRICS,
+    write_samples=write_samples,
+    label_names=label_names,
     # The bare loop builds the default MNIST recipe itself: it takes no --recipe.
-    baselines={"bare": "cnn_bare.py"}, baseline_takes_recipe=False,
+    baselines={"bare": "cnn_bare.py"},
+    baseline_takes_recipe=False,
     # The original notebook: the same model and loop fed by torchvision's DataLoader pipeline.
     bench_variants={"notebook": ["data.loader=torch"]},
 )

@@ -22,7 +22,9 @@ from dltrain.plugin import Output
 from dltrain.recipe import RecipeBase, Section
 from dltrain.workload import Workload
 
-METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in ("loss", "mse", "naive_mse", "mse_ratio"))  # what evaluation reports
+METRICS = tuple(
+    f"{split}/{m}" for split in ("val", "test") for m in ("loss", "mse", "naive_mse", "mse_ratio")
+)  # what evaluation reports
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -70,11 +72,15 @@ class DataConfig(Section):
         n_train, n_val, n_test = split_sizes(self)
         for n, split, key in ((n_train, "train", "train_fraction"), (n_val, "validation", "val_fraction")):
             if n == 0:
-                raise ValueError(f"data.num_sequences={self.num_sequences} x data.{key}={getattr(self, key)} "
-                                 f"leaves the {split} split empty: raise either")
+                raise ValueError(
+                    f"data.num_sequences={self.num_sequences} x data.{key}={getattr(self, key)} "
+                    f"leaves the {split} split empty: raise either"
+                )
         if n_test < 1:
-            raise ValueError(f"data.num_sequences={self.num_sequences} leaves no sequence for the test split after "
-                             "data.train_fraction and data.val_fraction: raise it or lower them")
+            raise ValueError(
+                f"data.num_sequences={self.num_sequences} leaves no sequence for the test split after "
+                "data.train_fraction and data.val_fraction: raise it or lower them"
+            )
         return self
 
 
@@ -113,8 +119,11 @@ def recurrent_in_fp32(device_type: str) -> bool:
     casts its inputs and weights to half): a "bf16" run would be fp16 without a loss scaler. Under
     bf16 autocast the recurrent layers therefore run outside it, in fp32, and the summary says so
     (`compute_dtypes`); fp16 autocast keeps cuDNN's fp16, which is what it asked for."""
-    return (device_type == "cuda" and torch.is_autocast_enabled("cuda")
-            and torch.get_autocast_dtype("cuda") != torch.float16)
+    return (
+        device_type == "cuda"
+        and torch.is_autocast_enabled("cuda")
+        and torch.get_autocast_dtype("cuda") != torch.float16
+    )
 
 
 def compute_dtypes(recipe: Recipe, device_type: str) -> dict[str, str]:
@@ -235,7 +244,15 @@ def write_samples(recipe: Recipe, out_dir: Path, n: int = 12) -> list[Path]:
 # What the registry hands the trainer, `inspect` and the bench harness (dltrain.workload)
 
 WORKLOAD = Workload(
-    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward, summarize=summarize,
-    batch_size_of=batch_size_of, flops_per_sample=flops_per_sample, metrics=METRICS, write_samples=write_samples,
-    baselines={"bare": "rnn_bare.py"}, compute_dtypes=compute_dtypes,
+    recipe=Recipe,
+    build_model=build_model,
+    build_data=build_data,
+    forward=forward,
+    summarize=summarize,
+    batch_size_of=batch_size_of,
+    flops_per_sample=flops_per_sample,
+    metrics=METRICS,
+    write_samples=write_samples,
+    baselines={"bare": "rnn_bare.py"},
+    compute_dtypes=compute_dtypes,
 )

@@ -31,7 +31,8 @@ class DataConfig(Section):
     """second text of a sentence pair (e.g. NLI's hypothesis); tokenized as [CLS] a [SEP] b [SEP]"""
     label_column: str = Field("label", min_length=1)
     label_names: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        None, min_length=2, max_length=100_000)
+        None, min_length=2, max_length=100_000
+    )
     """names of the label ids 0, 1, ... in order: string labels are mapped by them, and they are saved
     with the model as id2label"""
     max_length: PositiveInt = 128

@@ -37,7 +37,9 @@ def read_file(path: Path, text_columns: list[str]):
     suffix = path.suffix.lower()
     if suffix in FORMATS:  # json, jsonl, parquet: datasets' own readers
         try:
-            return load_dataset(FORMATS[suffix], data_files=str(path), split="train", cache_dir=str(cache_dir() / "hf_datasets"))
+            return load_dataset(
+                FORMATS[suffix], data_files=str(path), split="train", cache_dir=str(cache_dir() / "hf_datasets")
+            )
         except Exception as exc:  # pyarrow raises many types for malformed files
             found = _not_utf8(path) or _not_json(path) if suffix != ".parquet" else None
             raise (found or DataError(f"cannot read {path} ({str(exc).splitlines()[0][:200]})")) from None
@@ -47,9 +49,15 @@ def read_file(path: Path, text_columns: list[str]):
         # keep_default_na=False keeps a text such as "null" or "nan" a string; converters keep
         # every value of a text column the string it is in the file (pandas infers a type per
         # 10,000-row chunk, and the tokenizer takes no numbers).
-        return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
-                            converters={column: str for column in text_columns},
-                            cache_dir=str(cache_dir() / "hf_datasets"), **_dialect(path))
+        return load_dataset(
+            "csv",
+            data_files=str(path),
+            split="train",
+            keep_default_na=False,
+            converters={column: str for column in text_columns},
+            cache_dir=str(cache_dir() / "hf_datasets"),
+            **_dialect(path),
+        )
     except Exception as exc:  # pandas and pyarrow raise many types for malformed files
         if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
             raise DataError(f"{path}: no rows (the file holds a header only): give a file with examples") from None
@@ -81,8 +89,10 @@ def _check_rows(path: Path, separator: str) -> None:
             for row in reader:
                 if row and len(row) != len(header):  # pandas skips blank lines too
                     fields = f"{len(row)} {separator}-separated field{'s' * (len(row) != 1)}"
-                    raise DataError(f"{path}, line {reader.line_num}: {fields} where the header has {len(header)}: "
-                                    "fix or remove that row")
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: {fields} where the header has {len(header)}: "
+                        "fix or remove that row"
+                    )
         except csv.Error as exc:
             raise DataError(f"{path}, line {reader.line_num}: {exc}: fix that row") from None
         except UnicodeDecodeError:  # decoded in blocks: the line is found by _not_utf8
@@ -96,8 +106,10 @@ def _not_utf8(path: Path) -> DataError | None:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return DataError(f"{path}, line {n}: not UTF-8 text (byte 0x{line[exc.start]:02x}; a latin-1 or "
-                                 "Windows-1252 file?): save it as UTF-8, e.g. iconv -f latin1 -t utf-8 OLD > NEW")
+                return DataError(
+                    f"{path}, line {n}: not UTF-8 text (byte 0x{line[exc.start]:02x}; a latin-1 or "
+                    "Windows-1252 file?): save it as UTF-8, e.g. iconv -f latin1 -t utf-8 OLD > NEW"
+                )
     return None
 
 
@@ -117,11 +129,15 @@ def _not_json(path: Path) -> DataError | None:
         try:
             row = json.loads(line)
         except ValueError as exc:
-            return DataError(f"{path}, line {n}: not JSON ({exc.msg}, column {exc.colno}): fix that line "
-                             "(JSON Lines hold one {...} object per line)")
+            return DataError(
+                f"{path}, line {n}: not JSON ({exc.msg}, column {exc.colno}): fix that line "
+                "(JSON Lines hold one {...} object per line)"
+            )
         if not isinstance(row, dict):
-            return DataError(f"{path}, line {n}: not a JSON object but a {type(row).__name__} {line.strip()[:40]!r}: "
-                             "give each row as one {\"column\": value, ...} object per line")
+            return DataError(
+                f"{path}, line {n}: not a JSON object but a {type(row).__name__} {line.strip()[:40]!r}: "
+                'give each row as one {"column": value, ...} object per line'
+            )
     return None
 
 
@@ -160,7 +176,9 @@ def check(ds, cfg: DataConfig, where: Path | str, num_labels: int):
     if missing:
         raise DataError(
             f"{where}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_column" + (", data.text_pair_column" if cfg.text_pair_column else "") + " and data.label_column"
+            "set data.text_column"
+            + (", data.text_pair_column" if cfg.text_pair_column else "")
+            + " and data.label_column"
         )
     if len(ds) == 0:
         raise DataError(f"{where}: no rows")
@@ -188,8 +206,11 @@ def _as_text(ds, column: str, where):
     import pyarrow.compute as pc
 
     def refuse(index: int, value):
-        found = (f"no text in column {column!r} (null)" if value is None else
-                 f"a JSON {'list' if isinstance(value, list) else 'object'} in column {column!r}, not a text")
+        found = (
+            f"no text in column {column!r} (null)"
+            if value is None
+            else f"a JSON {'list' if isinstance(value, list) else 'object'} in column {column!r}, not a text"
+        )
         raise DataError(f"{where}, {row_name(where, index)}: {found}: give every row a text, or remove that row")
 
     values = ds.data.column(column)
@@ -215,8 +236,10 @@ def _label_ids(ds, cfg: DataConfig, where, num_labels: int) -> dict | None:
     values = ds.data.column(name)
 
     def refuse_missing(index: int):  # a csv's empty field, a JSON null
-        raise DataError(f"{where}, {row_name(where, index)}: no label in column {name!r}: give every row a label, "
-                        "or remove that row")
+        raise DataError(
+            f"{where}, {row_name(where, index)}: no label in column {name!r}: give every row a label, "
+            "or remove that row"
+        )
 
     if values.null_count:
         refuse_missing(_first(pc.is_null(values)))
@@ -229,24 +252,35 @@ def _label_ids(ds, cfg: DataConfig, where, num_labels: int) -> dict | None:
         decoded = ds[name]
         if None in decoded:
             refuse_missing(decoded.index(None))
-        kind = ["a name" if isinstance(v, str) else "an id" if isinstance(v, (int, float)) else "neither" for v in decoded]
+        kind = [
+            "a name" if isinstance(v, str) else "an id" if isinstance(v, (int, float)) else "neither" for v in decoded
+        ]
         odd = next((i for i, k in enumerate(kind) if k != kind[0] or k == "neither"), None)
         if odd is not None:
-            found = (f"{decoded[odd]!r} is not an id or a name" if kind[odd] == "neither"
-                     else f"{decoded[odd]!r} is {kind[odd]} where {row_name(where, 0)} has {kind[0]} ({decoded[0]!r})")
-            raise DataError(f"{where}, {row_name(where, odd)}: label {found}: give every label as an id "
-                            "(0, 1, ...), or every one as a name listed in data.label_names")
+            found = (
+                f"{decoded[odd]!r} is not an id or a name"
+                if kind[odd] == "neither"
+                else f"{decoded[odd]!r} is {kind[odd]} where {row_name(where, 0)} has {kind[0]} ({decoded[0]!r})"
+            )
+            raise DataError(
+                f"{where}, {row_name(where, odd)}: label {found}: give every label as an id "
+                "(0, 1, ...), or every one as a name listed in data.label_names"
+            )
         labels = set(decoded)
     shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
     if any(isinstance(v, str) for v in labels):
         if not cfg.label_names:
-            raise DataError(f"{where}: the labels are strings ({shown}): name them in id order in data.label_names, "
-                            f"e.g. --set 'data.label_names=[{', '.join(map(_yaml_item, sorted(map(str, labels))[:5]))}]'")
+            raise DataError(
+                f"{where}: the labels are strings ({shown}): name them in id order in data.label_names, "
+                f"e.g. --set 'data.label_names=[{', '.join(map(_yaml_item, sorted(map(str, labels))[:5]))}]'"
+            )
         unknown = sorted(map(str, labels - set(cfg.label_names)))
         if unknown:
             first = decoded.index(unknown[0]) if decoded is not None else _first(pc.equal(values, unknown[0]))
-            raise DataError(f"{where}, {row_name(where, first)}: label {unknown[0]!r} is not in data.label_names "
-                            f"({', '.join(cfg.label_names)}): add it, or fix that row")
+            raise DataError(
+                f"{where}, {row_name(where, first)}: label {unknown[0]!r} is not in data.label_names "
+                f"({', '.join(cfg.label_names)}): add it, or fix that row"
+            )
         return {label: i for i, label in enumerate(cfg.label_names)}
     check_label_ids(labels, where, num_labels)
     return None
@@ -270,5 +304,7 @@ def check_label_ids(labels: set, where, num_labels: int) -> None:
     if not labels <= set(range(num_labels)):
         shown = ", ".join(repr(v) for v in sorted(labels, key=str)[:5])
         allowed = "0 or 1 (binary classification)" if num_labels == 2 else f"integers 0 to {num_labels - 1}"
-        raise DataError(f"{where}: labels must be {allowed}, found {shown}: set model.num_labels (or data.label_names) "
-                        "to the number of classes")
+        raise DataError(
+            f"{where}: labels must be {allowed}, found {shown}: set model.num_labels (or data.label_names) "
+            "to the number of classes"
+        )

@@ -20,8 +20,16 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from dltrain.plugin import (DataSplits, Output, RecipeBase, Section, Split, Workload, classification_output,
-                            classification_summary)
+from dltrain.plugin import (
+    DataSplits,
+    Output,
+    RecipeBase,
+    Section,
+    Split,
+    Workload,
+    classification_output,
+    classification_summary,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe schema: the common sections (train, optim, ...) come from RecipeBase; `model` and `data`
@@ -104,7 +112,11 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
 # The workload: what the entry point names
 
 WORKLOAD = Workload(
-    recipe=Recipe, build_model=build_model, build_data=build_data, forward=forward,
-    flops_per_sample=flops_per_sample, summarize=classification_summary,
+    recipe=Recipe,
+    build_model=build_model,
+    build_data=build_data,
+    forward=forward,
+    flops_per_sample=flops_per_sample,
+    summarize=classification_summary,
     metrics=("val/loss", "val/accuracy"),  # recipe validation checks target.metric against these
 )
