@@ -35,13 +35,13 @@ lint: install
 TEST_WORKERS ?= 2
 test: install lint
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not long and not slurm" tests
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not long and not slurm" tests
 
 # The long tier (marker `long`: a test that takes 15 s or more here, such as a training to its accuracy
 # target or a multi-job end-to-end), kept out of make test to hold it under 15 minutes on 2 cores.
 test-long: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m long tests
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m long tests
 
 # The strategy x compile x precision matrix off make test's diagonal (tests/test_matrix.py): 15 cells
 # of 2-process jobs, its own CI step. Each cell's outcome is merged into $(MATRIX_RESULTS), which

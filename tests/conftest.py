@@ -85,16 +85,19 @@ def run_cli(
 
 
 # Files whose tests take minutes, run first: `make test` hands whole files to its two workers
-# (--dist loadfile) in collection order, and a long file that starts last keeps one worker busy
+# (--dist loadfile, --no-loadscope-reorder: xdist would otherwise put files with many tests first)
+# in collection order, and a long file that starts last keeps one worker busy
 # while the other idles (the combination matrix's diagonal alone is several minutes).
 LONGEST_FIRST = (
     "test_matrix.py",
+    "test_bad_input.py",
     "test_bert.py",
     "test_distributed.py",
-    "test_steady_state.py",
     "test_nothing_lost.py",
     "test_strategies.py",
     "test_checkpoint.py",
+    "test_rundir.py",
+    "test_steady_state.py",
     "test_bench.py",
 )
 
