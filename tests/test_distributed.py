@@ -248,31 +248,22 @@ def test_a_rank_that_raises_stops_the_whole_job_quickly(runs):
     assert "dltrain launch: the job failed" in run.stderr
 
 
+def _accelerate_two_processes(*train_args: str) -> list[str]:
+    """`accelerate launch --multi_gpu` of `dltrain train` on 2 processes, the form the README names."""
+    return [
+        accelerate_executable(),
+        *("launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dltrain", "train", *train_args),
+    ]
+
+
 def test_multi_gpu_launch_on_a_cpu_still_connects_the_processes(runs):
     """`accelerate launch --multi_gpu` without ACCELERATE_USE_CPU starts two processes that each see
     world=1 in a plain Accelerate script; dltrain creates its Accelerator with cpu=True when there is
     no GPU, so they form one world of 2 (and the world guard would stop them otherwise)."""
     if torch.cuda.is_available():
         pytest.skip("a CPU-only behaviour")
-    argv = [
-        accelerate_executable(),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "dltrain",
-        "train",
-        *SMALL["rnn"],
-    ]
+    argv = _accelerate_two_processes(*SMALL["rnn"])
     run = runs.get("rnn-raw-multi-gpu", argv, env={"ACCELERATE_USE_CPU": None})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "world 2 x micro-batch" in run.stdout and "parameters identical on all 2 ranks" in run.stdout
@@ -281,26 +272,7 @@ def test_multi_gpu_launch_on_a_cpu_still_connects_the_processes(runs):
 
 def test_deepspeed_recipe_under_accelerate_use_cpu_fails_loudly(runs):
     """ACCELERATE_USE_CPU makes Accelerate drop a DeepSpeed plugin silently; dltrain refuses to go on."""
-    argv = [
-        accelerate_executable(),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "dltrain",
-        "train",
-        *SMALL["cnn"],
-        *_sets("deepspeed.zero_stage=2"),
-    ]
+    argv = _accelerate_two_processes(*SMALL["cnn"], *_sets("deepspeed.zero_stage=2"))
     run = runs.get("cnn-ds-dropped", argv, env={"ACCELERATE_USE_CPU": "true"}, timeout=120)
     assert run.returncode != 0
     assert "the recipe asks for DeepSpeed but Accelerate set up MULTI_CPU" in run.stderr
