@@ -43,23 +43,23 @@ test-long: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m long tests
 
-# The strategy x compile x precision matrix off make test's diagonal (tests/test_matrix.py): 15 cells
+# The strategy x compile x precision matrix off make test's diagonal (tests/distributed/test_matrix.py): 15 cells
 # of 2-process jobs, its own CI step. Each cell's outcome is merged into $(MATRIX_RESULTS), which
 # benchmarks/matrix_table.py renders (and writes into README.md with --readme README.md).
 MATRIX_RESULTS ?= $(abspath runs/matrix.json)
 test-matrix: install
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
 		DLTRAIN_MATRIX=full DLTRAIN_MATRIX_RESULTS=$${DLTRAIN_MATRIX_RESULTS:-$(MATRIX_RESULTS)} \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m matrix_full --durations=0 tests/test_matrix.py
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m matrix_full --durations=0 tests/distributed/test_matrix.py
 
-# The SLURM tests (tests/test_slurm.py): the shipped launch/slurm.sbatch on a real two-node cluster on
+# The SLURM tests (tests/distributed/test_slurm.py): the shipped launch/slurm.sbatch on a real two-node cluster on
 # this host, brought up before (slurm-wlm and munge installed when missing: root, or sudo) and down after,
 # whatever the tests did. Their own CI step: a requeued job waits about two minutes to start again.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-slurm: install
 	$(SUDO) tests/slurm/cluster.sh up
 	DLTRAIN_DATA_DIR=$${DLTRAIN_DATA_DIR:-$(DATA_DIR)} DLTRAIN_MODELS_DIR=$${DLTRAIN_MODELS_DIR:-$(MODELS_DIR)} \
-		DLTRAIN_SLURM=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -s -m slurm --durations=0 tests/test_slurm.py; \
+		DLTRAIN_SLURM=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -s -m slurm --durations=0 tests/distributed/test_slurm.py; \
 		status=$$?; $(SUDO) tests/slurm/cluster.sh down; exit $$status
 
 test-fast: install

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The strategy x compile x precision table of tests/test_matrix.py's results, in markdown.
+"""The strategy x compile x precision table of tests/distributed/test_matrix.py's results, in markdown.
 
     python benchmarks/matrix_table.py RESULTS.json                      # print the table
     python benchmarks/matrix_table.py RESULTS.json --readme README.md   # and rewrite its section
@@ -10,7 +10,7 @@ Rows are strategies, columns compile x precision. A cell reads "works", "refused
 pattern (STRATEGY:COMPILE:PRECISION, `*` for any; from --gpu-only or the file's "gpu_only" list)
 reads "GPU-only, untested", and one matching nothing "not run". README.md's table lives between the
 two marker comments below and is only ever written by this script, from
-benchmarks/results/matrix.json (tests/test_matrix_table.py renders that file again and compares).
+benchmarks/results/matrix.json (tests/distributed/test_matrix_table.py renders that file again and compares).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def rewrite_readme(readme: Path, table: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="the JSON tests/test_matrix.py wrote (DLTRAIN_MATRIX_RESULTS)")
+    parser.add_argument("results", help="the JSON tests/distributed/test_matrix.py wrote (DLTRAIN_MATRIX_RESULTS)")
     parser.add_argument("--readme", help="rewrite this file's section between the matrix-table markers")
     parser.add_argument(
         "--gpu-only",

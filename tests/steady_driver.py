@@ -9,7 +9,7 @@
 
     python tests/steady_driver.py cnn [--steps 106] [--count 100] [--set KEY=VALUE ...]
 
-Used by tests/test_steady_state.py (golden loss curves and host reads per step) and to write the
+Used by tests/integration/test_steady_state.py (golden loss curves and host reads per step) and to write the
 golden files: `python tests/steady_driver.py cnn --write-golden`.
 """
 

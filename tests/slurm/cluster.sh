@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real two-node SLURM cluster on this one host, for tests/test_slurm.py (`make test-slurm`):
+# A real two-node SLURM cluster on this one host, for tests/distributed/test_slurm.py (`make test-slurm`):
 #
 #   sudo tests/slurm/cluster.sh up     # install slurm-wlm + munge if missing, start munged, slurmctld, slurmd n1, n2
 #   sudo tests/slurm/cluster.sh down   # stop the daemons this script started

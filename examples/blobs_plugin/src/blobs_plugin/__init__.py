@@ -9,7 +9,7 @@ in a notebook, `dltrain.register_workload("blobs", WORKLOAD)` does the same with
 Everything imported from dltrain comes from `dltrain.plugin`, which documents it. Each function
 follows the Protocol of its Workload field (dltrain.plugin.BuildModel, BuildData, Forward,
 FlopsPerSample, Summarize): `Workload(...)` below checks them when the module is imported, and
-tests/test_plugin.py checks them too.
+tests/integration/test_plugin.py checks them too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `distributed` recipe section without training: strategy resolution and contradictions, what
 a resume may change, the launcher's --fsdp, FSDP's units and precision policy (the same on a CPU
-and a GPU: tests/test_strategies.py trains it)."""
+and a GPU: tests/distributed/test_strategies.py trains it)."""
 
 from __future__ import annotations
 

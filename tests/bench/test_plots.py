@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from dltrain.bench import plots
 from dltrain.bench.report import aggregate, build_summary
 from dltrain.bench.result import Result, append_result
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _result(config: str, world: int, sps: float, repeat: int = 0, **more) -> Result:

@@ -1,6 +1,6 @@
 """The `distributed` recipe section on 2 CPU processes (gloo): DDP's settings reach the wrapped
 module, compressed gradients stay near the fp32 run, and FSDP2 trains like DDP and resumes exactly
-from its sharded and full checkpoints. The same short CNN run as tests/test_distributed.py (6 Adam
+from its sharded and full checkpoints. The same short CNN run as tests/distributed/test_distributed.py (6 Adam
 steps with warm-up and clipping), compared with a plain DDP run of it.
 
 Measured on 2026-11-30 (torch 2.14.1, gloo, 2 processes, this 6-step run against plain DDP): the
@@ -16,7 +16,6 @@ import math
 
 import pytest
 import torch
-
 from test_distributed import DLTRAIN, LOSS_ATOL, PARAM_ATOL, SMALL, Runs, _sets, max_diff, max_param_diff
 
 pytestmark = pytest.mark.distributed
@@ -128,7 +127,7 @@ def test_fsdp_resumes_exactly_from_sharded_and_full_checkpoints(runs):
 
 # Compile under two processes (issue 19, defect b: fullgraph failed at step 1 under DDP and FSDP2
 # with `torch._dynamo.exc.Unsupported` while dynamo traced the wrappers' own code) is a cell of the
-# combination matrix (tests/test_matrix.py: DDP in make test's diagonal, FSDP2 in make test-matrix).
+# combination matrix (tests/distributed/test_matrix.py: DDP in make test's diagonal, FSDP2 in make test-matrix).
 
 
 # ----------------------------------------------------------------------------------------------

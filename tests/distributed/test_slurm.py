@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_distributed import LOSS_ATOL, PARAM_ATOL, SMALL, max_param_diff
 
 from conftest import RECIPES, REPO
-from test_distributed import LOSS_ATOL, PARAM_ATOL, SMALL, max_param_diff
 
 pytestmark = pytest.mark.slurm
 

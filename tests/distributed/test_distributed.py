@@ -309,7 +309,7 @@ def test_cnn_bf16_on_two_processes_learns_mnist(runs):
     assert summary["metrics"]["test/accuracy"] >= 0.95
 
 
-# The RNN cpu_test bar of tests/test_rnn.py: test MSE under a tenth of the repeat-last-value predictor's.
+# The RNN cpu_test bar of tests/integration/test_rnn.py: test MSE under a tenth of the repeat-last-value predictor's.
 RNN_CPU_TEST_MSE_RATIO = 0.1
 
 

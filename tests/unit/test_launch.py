@@ -240,7 +240,7 @@ FAKE_SCONTROL = """#!/bin/bash
 def test_the_readme_slurm_example_launches_at_4_nodes_x_8_gpus(tmp_path):
     # The line the README gives, one launcher per node with its rank, the rendezvous on the first
     # host (the old line, batch 16 over 32 GPUs, is refused in one line before any process starts:
-    # tests/test_package.py).
+    # tests/integration/test_package.py).
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(0o755)

@@ -1,5 +1,5 @@
 """benchmarks/matrix_table.py on a small synthetic results file (the markdown it writes, the README
-section it replaces), and tests/test_matrix.py's judge on synthetic job ends. No training: seconds."""
+section it replaces), and tests/distributed/test_matrix.py's judge on synthetic job ends. No training: seconds."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_the_readme_table_is_the_committed_results_rendered():
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_matrix.py's judge, on synthetic job ends: no cell is refused today, so the refusal
+# tests/distributed/test_matrix.py's judge, on synthetic job ends: no cell is refused today, so the refusal
 # rules are shown to pass and to fail here.
 
 from test_distributed import Run  # noqa: E402

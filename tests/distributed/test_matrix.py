@@ -7,7 +7,7 @@ error line of the job that broke.
 * refused: `dltrain launch` exits 2 with exactly one `dltrain: error:` line that names the
   combination (see `names_the_combination`), and no training process started: the run directory
   is absent or empty (no metrics.jsonl, no recipe.yaml).
-* works: one job trains the short CNN run of tests/test_distributed.py (6 Adam steps, warm-up,
+* works: one job trains the short CNN run of tests/distributed/test_distributed.py (6 Adam steps, warm-up,
   clipping that bites) with a checkpoint and an evaluation at step 3 and save_best on; then
     - its losses and final parameters match one process of the same compile and precision
       (LOSS_TOL / PARAM_TOL below);
@@ -42,8 +42,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import REPO
 from test_distributed import (
     DLTRAIN,
     LOSS_ATOL,
@@ -56,6 +54,8 @@ from test_distributed import (
     max_param_diff,
 )
 from test_strategies import HOOK_PARAM_ATOL
+
+from conftest import REPO
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 COMPILE = ("off", "on")
