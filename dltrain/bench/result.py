@@ -95,7 +95,7 @@ class Result(_Row):
     steps: int | None = None
     in_process: bool = False
     note: str | None = None
-    # from the harness's FLOP count and peak (dltrain.bench.runner.add_flops)
+    # from the harness's FLOP count and peak (dltrain.bench.flops.add_flops)
     flops: dict[str, Any] | None = None
     flops_source: str | None = None
     flops_basis: str | None = None

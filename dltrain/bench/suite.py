@@ -171,14 +171,16 @@ class Job(BaseModel):
     """One run of the plan. `overrides`: the job's axes as `--set` assignments; `sets`: every
     assignment its `dltrain train` gets (the entry's, the axes', the mode's); `recipe`: the entry's
     recipe with `sets` applied, parsed once when the plan is made. `pair` names the dltrain config
-    a baseline is compared with."""
+    a baseline is compared with. A record suite's jobs (mode `record`, dltrain.bench.ttt) are its
+    seeds (`seed`) and references (kind `reference`: a dltrain run, or a baseline script run as
+    `baseline_argv` gives it)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     config: str
     entry: Entry
-    kind: Literal["dltrain", "bare", "hf_trainer", "notebook"]
-    mode: Literal["throughput", "time_to_target"]
+    kind: Literal["dltrain", "bare", "hf_trainer", "notebook", "reference"]
+    mode: Literal["throughput", "time_to_target", "record"]
     world: int
     nnodes: int
     precision: str
@@ -189,6 +191,13 @@ class Job(BaseModel):
     pair: str | None = None
     sets: list[str] = []
     recipe: Any = Field(None, exclude=True, repr=False)
+    seed: int | None = None  # a record's seed (train.seed, also in `sets`)
+    baseline_argv: list[str] | None = None  # a record's baseline script and its flags, as the suite gives them
+
+    @property
+    def script(self) -> bool:
+        """A baseline script's run (its printed JSON line is its summary), not `dltrain train`."""
+        return self.kind in BASELINE_KINDS or self.baseline_argv is not None
 
 
 def resolve_path(name_or_path: str) -> Path:
