@@ -14,6 +14,7 @@ typed results; `dltrain bench compare` gates on regressions. The modules by stag
     report        result.py     the typed rows: Result (one run), Config (a configuration's runs), Stats
                   report.py     results aggregated, baseline ratios, variants, scaling -> summary.json
                   records.py    a record's row (RecordRow), its verdict and its table
-    render        markdown.py   report.md;  plots.py  PNG plots and the W&B summary run
+    render        markdown.py   report.md; markdown_scaling.py its scaling, comm, step-model and projection
+                  cells.py      report.md's cells and tables;  plots.py  PNG plots and the W&B summary run
                   compare.py    two summaries, figure by figure: regressions beyond noise
 """

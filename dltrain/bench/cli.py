@@ -196,7 +196,7 @@ def cmd_bench(args) -> int:
 def cmd_comm(args) -> int:
     """`dltrain bench comm`: time the collectives, fit alpha and busbw, write comm.json and report.md."""
     from dltrain.bench.comm import parse_size, run_comm
-    from dltrain.bench.markdown import comm_section
+    from dltrain.bench.markdown_scaling import comm_section
     from dltrain.bench.plots import plot_comm
     from dltrain.recipe import RecipeError
 
