@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dltrain.bench.cells import fig, num, stats, table
 from dltrain.bench.markdown_scaling import model_sections, scaling_section
+from dltrain.bench.report import Summary
 from dltrain.bench.result import Config
 from dltrain.bench.suite import VARIANT_KINDS
 
@@ -54,13 +55,13 @@ def _mfu(cfg: Config) -> str:
     return f"{cell} ({cfg.flops_basis})" if cell != "-" and cfg.flops_basis else cell
 
 
-def render(summary: dict, out_dir: Path) -> str:
-    configs, env = summary["configs"], summary.get("environment") or {}
+def render(summary: Summary, out_dir: Path) -> str:
+    configs, env = summary.configs, summary.environment
     lines = [
-        f"# Benchmark report: suite `{summary['suite']}`",
+        f"# Benchmark report: suite `{summary.suite}`",
         "",
-        f"Created {summary['created_utc']}; {summary['runs']} runs ({summary['failed']} failed), "
-        f"{summary.get('repeats') or 1} repeat(s): figures are mean ± std over repeats.",
+        f"Created {summary.created_utc}; {summary.runs} runs ({summary.failed} failed), "
+        f"{summary.repeats or 1} repeat(s): figures are mean ± std over repeats.",
         "",
         f"Environment: {env.get('gpu') or env.get('cpu', '?')} ({env.get('device', '?')}), torch "
         f"{env.get('torch', '?')}, "
@@ -68,16 +69,12 @@ def render(summary: dict, out_dir: Path) -> str:
         f"{str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}.",
         "",
     ]
-    peaks = summary.get("cpu_peak_flops_per_s") or {}
+    peaks = summary.cpu_peak_flops_per_s
     if peaks:
         lines += [
             "CPU peak, **measured** in this run by a matmul microbenchmark (up to 1024²; bf16: the better of the "
             "bf16 and fp32 rates; the best sampled before and after every job, "
-            + (
-                f"{summary['cpu_threads']} thread(s), times the processes of a job"
-                if summary.get("cpu_threads")
-                else "all cores"
-            )
+            + (f"{summary.cpu_threads} thread(s), times the processes of a job" if summary.cpu_threads else "all cores")
             + "): "
             + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items())
             + ". CPU MFU is against it.",
@@ -122,7 +119,7 @@ def render(summary: dict, out_dir: Path) -> str:
                 f"{v['params']:,}",
                 num(v["grad_bytes"] / 2**20),
             ]
-            for k, v in (summary.get("flops") or {}).items()
+            for k, v in summary.flops.items()
         ],
     )
     lines += _ttt_section(configs) + _accuracy_section(configs)
@@ -138,21 +135,21 @@ def render(summary: dict, out_dir: Path) -> str:
         ["baseline", "dltrain config", "dltrain samples/s", "baseline samples/s", "ratio", "p50 ratio", "target"],
         [
             [
-                b["config"],
-                b["dltrain_config"],
-                num(b["dltrain_samples_per_s"]),
-                num(b["baseline_samples_per_s"]),
-                stats(b.get("ratio")),
-                stats(b.get("ratio_p50_step")),
-                (f">= {b['target']} " + ("met" if b["ratio"] and b["ratio"].mean >= b["target"] else "NOT met"))
-                if b["target"]
+                b.config,
+                b.dltrain_config,
+                num(b.dltrain_samples_per_s),
+                num(b.baseline_samples_per_s),
+                stats(b.ratio),
+                stats(b.ratio_p50_step),
+                (f">= {b.target} " + ("met" if b.ratio and b.ratio.mean >= b.target else "NOT met"))
+                if b.target
                 else "-",
             ]
-            for b in summary["baselines"]
+            for b in summary.baselines
         ],
     )
     lines += scaling_section(summary)
-    if summary.get("variants"):
+    if summary.variants:
         lines += [
             "## Settings against their reference (same world size, precision, mode; per repeat, then averaged)",
             "",
@@ -160,13 +157,13 @@ def render(summary: dict, out_dir: Path) -> str:
                 ["config", "reference", "samples/s", "reference samples/s", "ratio"],
                 [
                     [
-                        v["config"],
-                        v["reference_config"],
-                        num(v["samples_per_s"]),
-                        num(v["reference_samples_per_s"]),
-                        stats(v["ratio"]),
+                        v.config,
+                        v.reference_config,
+                        num(v.samples_per_s),
+                        num(v.reference_samples_per_s),
+                        stats(v.ratio),
                     ]
-                    for v in summary["variants"]
+                    for v in summary.variants
                 ],
             ),
         ]
@@ -255,7 +252,7 @@ def _failures(configs: dict[str, Config]) -> list[str]:
     return ["## Failed runs", "", *table(["config", "failed", "last error"], rows)] if rows else []
 
 
-def write_report(summary: dict, out_dir: Path) -> Path:
+def write_report(summary: Summary, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text(render(summary, out_dir))
     return path

@@ -5,45 +5,43 @@ projection to many GPUs with the entries refused one."""
 from __future__ import annotations
 
 from dltrain.bench.cells import num, size, table
+from dltrain.bench.report import Summary
+from dltrain.bench.result import CommRun, ProjectionRow, ValidationRow
 
 
-def scaling_section(summary: dict) -> list[str]:
-    lines: list[str] = []
-    lines += [
+def scaling_section(summary: Summary) -> list[str]:
+    head = [
         "## Scaling (measured, constant per-device batch)",
         "",
         "efficiency = throughput(N) / (N x throughput(1)).",
         "",
     ]
-    lines += table(
+    return head + table(
         ["config", "world", "nodes", "samples/s", "speedup", "efficiency"],
         [
             [
-                s["config"],
-                str(s["world_size"]),
-                str(s["nnodes"]),
-                num(s["samples_per_s"]),
-                f"{s['speedup']:.2f}",
-                f"{s['efficiency']:.2f}",
+                s.config,
+                str(s.world_size),
+                str(s.nnodes),
+                num(s.samples_per_s),
+                f"{s.speedup:.2f}",
+                f"{s.efficiency:.2f}",
             ]
-            for s in summary["scaling"]
+            for s in summary.scaling
         ],
     )
-    return lines
 
 
-def model_sections(summary: dict) -> list[str]:
+def model_sections(summary: Summary) -> list[str]:
     """Communication, the step model's check, the projection and what it refused."""
-    lines = comm_section(summary.get("comm", []))
-    lines += _validation_section(summary.get("validation", []))
-    lines += _projection_section(summary["projection"])
-    lines += [f"Not projected: {entry}: {why}." for entry, why in (summary.get("projection_refused") or {}).items()] + [
-        ""
-    ]
+    lines = comm_section(summary.comm)
+    lines += _validation_section(summary.validation)
+    lines += _projection_section(summary.projection)
+    lines += [f"Not projected: {entry}: {why}." for entry, why in summary.projection_refused.items()] + [""]
     return lines
 
 
-def comm_section(comm: list[dict]) -> list[str]:
+def comm_section(comm: list[CommRun]) -> list[str]:
     """The collective timings and the alpha-beta fits of each world size measured."""
     if not comm:
         return []
@@ -57,9 +55,9 @@ def comm_section(comm: list[dict]) -> list[str]:
         "",
     ]
     for c in comm:
-        env = c.get("environment") or {}
+        env = c.environment
         out += [
-            f"### {c['backend']} on {c['device']}, {c['world_size']} processes ({env.get('host', '?')}, torch "
+            f"### {c.backend} on {c.device}, {c.world_size} processes ({env.get('host', '?')}, torch "
             f"{env.get('torch', '?')}, {env.get('date_utc', '?')} UTC)",
             "",
         ]
@@ -67,30 +65,28 @@ def comm_section(comm: list[dict]) -> list[str]:
             ["range", "op", "alpha us", "busbw GB/s", "worst miss", "points"],
             [
                 [
-                    f["range"],
-                    f["op"],
-                    num(f["alpha_s"] * 1e6),
-                    num(f["busbw"] / 1e9) if f["busbw"] < 1e14 else "inf",
-                    f"{f['max_rel_err']:.0%}",
-                    str(f["points"]),
+                    f.range,
+                    f.op,
+                    num(f.alpha_s * 1e6),
+                    num(f.busbw / 1e9) if f.busbw < 1e14 else "inf",
+                    f"{f.max_rel_err:.0%}",
+                    str(f.points),
                 ]
-                for f in sorted(c["fits"], key=lambda f: (f["op"], f["lo"]))
+                for f in sorted(c.fits, key=lambda f: (f.op, f.lo))
             ],
         )
-        sizes = sorted({r["bytes"] for r in c.get("rows", [])})
+        sizes = sorted({r.bytes for r in c.rows})
         ops = [
-            op
-            for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
-            if any(r["op"] == op for r in c.get("rows", []))
+            op for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast") if any(r.op == op for r in c.rows)
         ]
-        by = {(r["op"], r["bytes"]): r for r in c.get("rows", [])}
+        by = {(r.op, r.bytes): r for r in c.rows}
         out += table(
             ["bytes", *(f"{op} us / busbw GB/s" for op in ops)],
             [
                 [
                     size(n),
                     *(
-                        f"{num(by[op, n]['time_us'])} / {num(by[op, n]['busbw_GBps'])}" if (op, n) in by else "-"
+                        f"{num(by[op, n].time_us)} / {num(by[op, n].busbw_GBps)}" if (op, n) in by else "-"
                         for op in ops
                     ),
                 ]
@@ -100,7 +96,7 @@ def comm_section(comm: list[dict]) -> list[str]:
     return out
 
 
-def _validation_section(rows: list[dict]) -> list[str]:
+def _validation_section(rows: list[ValidationRow]) -> list[str]:
     head = [
         "## The step model against measured runs",
         "",
@@ -135,28 +131,28 @@ def _validation_section(rows: list[dict]) -> list[str]:
         ],
         [
             [
-                r["config"],
-                str(r["world_size"]),
-                num(r.get("world1_p50_ms")),
-                num(r.get("slowest_of_n_ms")),
-                f"{r.get('colocated_factor', 1.0):.3f}",
-                num(r["step1_ms"]),
-                str(r["buckets"]),
-                num(r["comm_ms"]),
-                num(r["exposed_ms"]),
-                num(r["other_collectives_ms"]),
-                num(r["predicted_ms"]),
-                num(r["no_overlap_ms"]),
-                num(r["measured_ms"]),
-                f"{r['error']:+.1%}",
+                r.config,
+                str(r.world_size),
+                num(r.world1_p50_ms),
+                num(r.slowest_of_n_ms),
+                f"{r.colocated_factor:.3f}",
+                num(r.step1_ms),
+                str(r.buckets),
+                num(r.comm_ms),
+                num(r.exposed_ms),
+                num(r.other_collectives_ms),
+                num(r.predicted_ms),
+                num(r.no_overlap_ms),
+                num(r.measured_ms),
+                f"{r.error:+.1%}",
             ]
             for r in rows
         ],
     )
 
 
-def _projection_section(rows: list[dict]) -> list[str]:
-    sources = sorted({r["compute_source"] for r in rows})
+def _projection_section(rows: list[ProjectionRow]) -> list[str]:
+    sources = sorted({r.compute_source for r in rows})
     head = [
         "## Projection to 8..1024 GPUs (PROJECTED, not measured)",
         "",
@@ -173,16 +169,16 @@ def _projection_section(rows: list[dict]) -> list[str]:
         ["entry", "N", "nodes", "compute ms", "comm ms", "exposed ms", "step ms", "efficiency", "samples/s", "label"],
         [
             [
-                r["entry"],
-                str(r["world_size"]),
-                str(r["nodes"]),
-                num(r["compute_ms"]),
-                num(r["comm_ms"]),
-                num(r["exposed_ms"]),
-                num(r["step_ms"]),
-                f"{r['efficiency']:.3f}",
-                num(r["samples_per_s"]),
-                r["label"],
+                r.entry,
+                str(r.world_size),
+                str(r.nodes),
+                num(r.compute_ms),
+                num(r.comm_ms),
+                num(r.exposed_ms),
+                num(r.step_ms),
+                f"{r.efficiency:.3f}",
+                num(r.samples_per_s),
+                r.label,
             ]
             for r in rows
         ],
