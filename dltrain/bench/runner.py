@@ -28,7 +28,7 @@ from dltrain.bench.flops import add_flops, measure_cpu_peaks, measure_entries
 from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.measure import compute_shape
 from dltrain.bench.result import Result, append_result
-from dltrain.bench.suite import BASELINE_KINDS, Job, Suite, check_host, select
+from dltrain.bench.suite import BASELINE_KINDS, Job, Suite, select
 from dltrain.launch import LaunchError, build_command, format_command
 from dltrain.recipe import RecipeError
 
@@ -229,6 +229,29 @@ def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None,
             "shape": compute_shape(job.recipe, (batch or {}).get("micro")) if job.kind == "dltrain" else None,
         }
     )
+
+
+def check_host(suite: Suite, jobs: list[Job]) -> None:
+    """What this host can run, before the first job: a GPU suite needs CUDA (never a GPU suite's
+    figures measured on the CPU); a CPU suite at most 4 processes per core, and threads per
+    process likewise (torch.set_num_threads overflows past 2**31; far before, the host thrashes)."""
+    if suite.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
+        return
+    cores = os.cpu_count() or 1
+    if suite.cpu_threads is not None and suite.cpu_threads > 4 * cores:
+        raise RecipeError(
+            f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)"
+        )
+    most = max((j.world // j.nnodes for j in jobs), default=1)
+    if most > 4 * cores:
+        raise RecipeError(
+            f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
+            f"this host ({cores} cores): lower world_sizes or spread them over `nodes`"
+        )
 
 
 def _run_or_note_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):
