@@ -22,7 +22,7 @@ def default_output_dir(suite_name: str) -> Path:
     return Path("runs") / "bench" / f"{suite_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None) -> dict:
+def finish(out_dir: Path, wandb: bool = True, gpu_results: str | None = None):
     """summary.json, report.md, plots and the W&B summary run from the results in out_dir."""
     from dltrain.bench.markdown import write_report
     from dltrain.bench.plots import log_wandb, make_plots
@@ -196,8 +196,9 @@ def cmd_bench(args) -> int:
 def cmd_comm(args) -> int:
     """`dltrain bench comm`: time the collectives, fit alpha and busbw, write comm.json and report.md."""
     from dltrain.bench.comm import parse_size, run_comm
-    from dltrain.bench.markdown import comm_section
+    from dltrain.bench.markdown_scaling import comm_section
     from dltrain.bench.plots import plot_comm
+    from dltrain.bench.result import CommRun
     from dltrain.recipe import RecipeError
 
     if args.dirs:
@@ -219,8 +220,9 @@ def cmd_comm(args) -> int:
     if result is None:
         print(f"dltrain bench comm: node {args.node_rank} done; node 0 writes the results")
         return 0
-    plot = plot_comm([result], out_dir)
-    lines = ["# dltrain bench comm", "", *comm_section([result])] + (
+    measured = CommRun.model_validate(result)
+    plot = plot_comm([measured], out_dir)
+    lines = ["# dltrain bench comm", "", *comm_section([measured])] + (
         [f"![busbw]({plot.relative_to(out_dir)})", ""] if plot else []
     )
     (out_dir / "report.md").write_text("\n".join(lines))

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from dltrain.bench.result import Result
+from dltrain.bench.report import Summary
+from dltrain.bench.result import CommRun, Result, ScalingRow
 
 
 def _plt():
@@ -25,25 +26,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_scaling(summary: dict, out: Path) -> Path | None:
-    rows = summary["scaling"]
+def plot_scaling(summary: Summary, out: Path) -> Path | None:
+    rows = summary.scaling
     if not rows:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[ScalingRow]] = {}
     for r in rows:
         groups.setdefault(
-            f"{r['entry']} {r['precision']}"
-            + (f" ZeRO-{r['deepspeed_stage']}" if r["deepspeed_stage"] is not None else ""),
-            [],
+            f"{r.entry} {r.precision}" + (f" ZeRO-{r.deepspeed_stage}" if r.deepspeed_stage is not None else ""), []
         ).append(r)
     for label, rs in groups.items():
-        xs = [r["world_size"] for r in rs]
-        (line,) = ax.plot(xs, [r["samples_per_s"] for r in rs], "o-", label=label)
-        base = next(r["samples_per_s"] for r in rs if r["world_size"] == 1)
+        xs = [r.world_size for r in rs]
+        (line,) = ax.plot(xs, [r.samples_per_s for r in rs], "o-", label=label)
+        base = next(r.samples_per_s for r in rs if r.world_size == 1)
         ax.plot(xs, [base * x for x in xs], "--", color=line.get_color(), alpha=0.5, label=f"{label} ideal")
-    ax.set_xticks(sorted({r["world_size"] for r in rows}))
+    ax.set_xticks(sorted({r.world_size for r in rows}))
     ax.set_xlabel("world size (processes)")
     ax.set_ylabel("train samples/s")
     ax.set_title("Throughput vs world size (dashed: ideal linear)")
@@ -66,16 +65,16 @@ def _bars(items: list[tuple[str, float, float]], ylabel: str, title: str, path: 
 
 
 def _figure_items(
-    summary: dict, key: str, scale: float = 1.0, mode: str | None = None
+    summary: Summary, key: str, scale: float = 1.0, mode: str | None = None
 ) -> list[tuple[str, float, float]]:
     return [
         (name, c.figures[key].mean * scale, c.figures[key].std * scale)
-        for name, c in summary["configs"].items()
+        for name, c in summary.configs.items()
         if key in c.figures and (mode is None or c.mode == mode)
     ]
 
 
-def plot_loss_curves(summary: dict, results: list[Result], out: Path) -> Path | None:
+def plot_loss_curves(summary: Summary, results: list[Result], out: Path) -> Path | None:
     """Training loss against step for the first repeat of each configuration."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -102,15 +101,15 @@ def plot_loss_curves(summary: dict, results: list[Result], out: Path) -> Path | 
     return _save(fig, out / "loss_curves.png")
 
 
-def plot_comm(comm: list[dict], out_dir: Path) -> Path | None:
+def plot_comm(comm: list[CommRun], out_dir: Path) -> Path | None:
     """Bus bandwidth against message size, one line per collective and world size."""
-    rows = [r for c in comm for r in c.get("rows", [])]
+    rows = [r for c in comm for r in c.rows]
     if not rows:
         return None
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     fig, ax = _plt().subplots(figsize=(7, 4))
-    for op, world in sorted({(r["op"], r["world_size"]) for r in rows}):
-        pts = sorted((r["bytes"], r["busbw_GBps"]) for r in rows if (r["op"], r["world_size"]) == (op, world))
+    for op, world in sorted({(r.op, r.world_size) for r in rows}):
+        pts = sorted((r.bytes, r.busbw_GBps) for r in rows if (r.op, r.world_size) == (op, world))
         ax.plot([b for b, _ in pts], [g for _, g in pts], marker="o", ms=3, label=f"{op}, N={world}")
     ax.set(
         xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth GB/s", title="Collectives (measured)"
@@ -119,11 +118,11 @@ def plot_comm(comm: list[dict], out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "plots" / "comm_busbw.png")
 
 
-def make_plots(summary: dict, results: list[Result], out_dir: Path) -> list[Path]:
+def make_plots(summary: Summary, results: list[Result], out_dir: Path) -> list[Path]:
     out = out_dir / "plots"
     out.mkdir(exist_ok=True)
     paths = [
-        plot_comm(summary.get("comm", []), out_dir),
+        plot_comm(summary.comm, out_dir),
         plot_scaling(summary, out),
         _bars(
             _figure_items(summary, "mfu", 100), "MFU %", "Model FLOPs utilization per configuration", out / "mfu.png"
@@ -145,7 +144,7 @@ def make_plots(summary: dict, results: list[Result], out_dir: Path) -> list[Path
     return [p for p in paths if p is not None]
 
 
-def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
+def log_wandb(summary: Summary, plots: list[Path], out_dir: Path) -> str | None:
     """One W&B run per suite: the per-config table, the headline figures, the plots as images."""
     from dltrain.tracking import wandb_mode
 
@@ -159,31 +158,31 @@ def log_wandb(summary: dict, plots: list[Path], out_dir: Path) -> str | None:
     columns = ["config", "kind", "workload", "mode", "world_size", "precision", "runs", "failed"] + keys
     rows = [
         [name, c.kind, c.workload, c.mode, c.world_size, c.precision, c.runs, c.failed] + [c.mean(k) for k in keys]
-        for name, c in summary["configs"].items()
+        for name, c in summary.configs.items()
     ]
     run = wandb.init(
         project="dltrain-bench",
-        name=f"bench-{summary['suite']}",
+        name=f"bench-{summary.suite}",
         job_type="benchmark",
         dir=str(out_dir),
         mode=mode,
         config={
-            "suite": summary["suite"],
-            "repeats": summary.get("repeats"),
-            "environment": summary.get("environment"),
+            "suite": summary.suite,
+            "repeats": summary.repeats,
+            "environment": summary.environment,
         },
     )
     try:
         payload = {"results": wandb.Table(columns=columns, data=rows)}
         payload |= {f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}
         run.log(payload)
-        for name, c in summary["configs"].items():
+        for name, c in summary.configs.items():
             for k in keys:
                 if k in c.figures:
                     run.summary[f"{name}/{k}"] = c.figures[k].mean
-        for b in summary["baselines"]:
-            if b["ratio"]:
-                run.summary[f"{b['config']}/ratio"] = b["ratio"].mean
+        for b in summary.baselines:
+            if b.ratio:
+                run.summary[f"{b.config}/ratio"] = b.ratio.mean
         return run.id
     finally:
         run.finish()

@@ -1,5 +1,6 @@
 """From results.jsonl to summary.json: repeats aggregated, baseline ratios, scaling, the step model's
-check against measured runs, the communication fits, and GPU projections (dltrain.bench.scaling).
+check against measured runs, the communication fits, and GPU projections (dltrain.bench.scaling),
+built once into a typed Summary that the render stage (markdown, plots) reads by attribute.
 """
 
 from __future__ import annotations
@@ -8,10 +9,22 @@ import json
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from dltrain.bench.result import Config, Result, Stats, read_results
+from dltrain.bench.result import (
+    BaselineRow,
+    CommRun,
+    Config,
+    ProjectionRow,
+    Result,
+    ScalingRow,
+    Stats,
+    ValidationRow,
+    VariantRow,
+    read_results,
+)
 
 FIGURES = [
     "samples_per_s",
@@ -107,7 +120,7 @@ def aggregate(results: list[Result]) -> dict[str, Config]:
     return configs
 
 
-def variants(results: list[Result], configs: dict[str, Config]) -> list[dict]:
+def variants(results: list[Result], configs: dict[str, Config]) -> list[VariantRow]:
     """Each config of an entry with a `reference` against the reference entry's config of the same
     world size, precision and mode: samples/s over the reference's, per repeat, then averaged."""
     ok = {(r.config, r.repeat): r for r in results if r.ok and r.samples_per_s}
@@ -130,18 +143,18 @@ def variants(results: list[Result], configs: dict[str, Config]) -> list[dict]:
             if c == name and (ref, rep) in ok
         ]
         rows.append(
-            {
-                "config": name,
-                "reference_config": ref,
-                "samples_per_s": cfg.mean("samples_per_s"),
-                "reference_samples_per_s": configs[ref].mean("samples_per_s"),
-                "ratio": Stats.of(ratios) if ratios else None,
-            }
+            VariantRow(
+                config=name,
+                reference_config=ref,
+                samples_per_s=cfg.mean("samples_per_s"),
+                reference_samples_per_s=configs[ref].mean("samples_per_s"),
+                ratio=Stats.of(ratios) if ratios else None,
+            )
         )
     return rows
 
 
-def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[dict]:
+def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[BaselineRow]:
     """dltrain samples/s over each baseline's, per repeat (the two ran back to back), then averaged.
     Also the ratio of median step times (baseline p50 / dltrain p50): the same comparison, but
     deaf to bursts of a shared machine that a mean over a short window catches on one side only."""
@@ -159,18 +172,18 @@ def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[d
                     p50_ratios.append(res.step_time_ms_p50 / ours.step_time_ms_p50)
         pair = configs.get(cfg.pair)
         rows.append(
-            {
-                "config": name,
-                "baseline": cfg.kind,
-                "entry": cfg.entry,
-                "precision": cfg.precision,
-                "dltrain_config": cfg.pair,
-                "dltrain_samples_per_s": pair.mean("samples_per_s") if pair else None,
-                "baseline_samples_per_s": cfg.mean("samples_per_s"),
-                "ratio": Stats.of(ratios) if ratios else None,
-                "ratio_p50_step": Stats.of(p50_ratios) if p50_ratios else None,
-                "target": 0.95 if cfg.kind == "bare" else None,
-            }
+            BaselineRow(
+                config=name,
+                baseline=cfg.kind,
+                entry=cfg.entry,
+                precision=cfg.precision,
+                dltrain_config=cfg.pair,
+                dltrain_samples_per_s=pair.mean("samples_per_s") if pair else None,
+                baseline_samples_per_s=cfg.mean("samples_per_s"),
+                ratio=Stats.of(ratios) if ratios else None,
+                ratio_p50_step=Stats.of(p50_ratios) if p50_ratios else None,
+                target=0.95 if cfg.kind == "bare" else None,
+            )
         )
     return rows
 
@@ -184,20 +197,41 @@ def rescale_cpu_mfu(results: list[Result], peaks: dict[str, float]) -> None:
             res.mfu = res.achieved_flops_per_s / res.peak_flops_per_s
 
 
-def read_comm(out_dir: Path) -> list[dict]:
+def read_comm(out_dir: Path) -> list[CommRun]:
     """What `dltrain bench comm` (or a suite's comm section) wrote under out_dir: one entry per world size."""
-    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("comm/*/comm.json"))] + (
-        [json.loads((out_dir / "comm.json").read_text())] if (out_dir / "comm.json").is_file() else []
+    paths = sorted(out_dir.glob("comm/*/comm.json")) + (
+        [out_dir / "comm.json"] if (out_dir / "comm.json").is_file() else []
     )
+    return [CommRun.model_validate_json(p.read_text()) for p in paths]
 
 
-def _plain(obj):
-    """summary.json's encoder for what the pipeline holds typed (Config, Stats)."""
-    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else str(obj)
+class Summary(BaseModel):
+    """summary.json: the suite's configurations and every table derived from them, built once by
+    build_summary and read by attribute by the render stage (markdown, plots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suite: str | None = None
+    created_utc: str = ""
+    repeats: int | None = None
+    environment: dict[str, Any] = {}
+    cpu_peak_flops_per_s: dict[str, float] = {}
+    cpu_threads: int | None = None
+    flops: dict[str, Any] = {}  # the harness's FLOP count and step profile per entry (dltrain.bench.flops)
+    configs: dict[str, Config] = {}
+    baselines: list[BaselineRow] = []
+    variants: list[VariantRow] = []
+    scaling: list[ScalingRow] = []
+    comm: list[CommRun] = []
+    validation: list[ValidationRow] = []
+    projection_refused: dict[str, str] = {}  # entry -> why it is not projected
+    projection: list[ProjectionRow] = []
+    gpu_results: str | None = None
+    runs: int = 0
+    failed: int = 0
 
 
-def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
-    from dltrain.bench.perfmodel import Fit
+def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> Summary:
     from dltrain.bench.scaling import (
         compute_refusals,
         projection,
@@ -213,32 +247,32 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
     rescale_cpu_mfu(results, meta.get("cpu_peak_flops_per_s", {}))
     configs = aggregate(results)
     comm = read_comm(out_dir)
-    fits = [Fit(**f) for c in comm for f in c["fits"]]
+    fits = [f for c in comm for f in c.fits]
     gpu_results = gpu_results or meta.get("gpu_results")
     env = next((r.environment for r in results if r.environment), {})
     # A GPU suite's own world-1 runs are GPU compute; a CPU suite's never are.
     gpu_configs = read_gpu_configs(gpu_results) if gpu_results else (configs if env.get("device") == "cuda" else None)
-    summary = {
-        "suite": (meta.get("suite") or {}).get("name") or (results[0].suite if results else None),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "repeats": meta.get("repeats"),
-        "environment": env,
-        "cpu_peak_flops_per_s": meta.get("cpu_peak_flops_per_s", {}),
-        "cpu_threads": (meta.get("suite") or {}).get("cpu_threads"),
-        "flops": meta.get("flops", {}),
-        "configs": configs,
-        "baselines": baseline_ratios(results, configs),
-        "variants": variants(results, configs),
-        "scaling": scaling(configs),
-        "comm": comm,
-        "validation": (checks := validation(configs, meta.get("flops", {}), fits)),
-        "projection_refused": (
+    summary = Summary(
+        suite=(meta.get("suite") or {}).get("name") or (results[0].suite if results else None),
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        repeats=meta.get("repeats"),
+        environment=env,
+        cpu_peak_flops_per_s=meta.get("cpu_peak_flops_per_s", {}),
+        cpu_threads=(meta.get("suite") or {}).get("cpu_threads"),
+        flops=meta.get("flops", {}),
+        configs=configs,
+        baselines=baseline_ratios(results, configs),
+        variants=variants(results, configs),
+        scaling=scaling(configs),
+        comm=comm,
+        validation=(checks := validation(configs, meta.get("flops", {}), fits)),
+        projection_refused=(
             refused := refused_projections(checks) | compute_refusals(meta.get("flops", {}), gpu_configs)
         ),
-        "projection": projection(meta.get("flops", {}), gpu_configs, refused),
-        "gpu_results": str(gpu_results) if gpu_results else None,
-        "runs": len(results),
-        "failed": sum(not r.ok for r in results),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
+        projection=projection(meta.get("flops", {}), gpu_configs, refused),
+        gpu_results=str(gpu_results) if gpu_results else None,
+        runs=len(results),
+        failed=sum(not r.ok for r in results),
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n")
     return summary

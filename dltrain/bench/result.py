@@ -1,7 +1,9 @@
 """The typed rows the pipeline writes and reads back: a Result is one run (one line of
 results.jsonl), a Config the Results of one configuration aggregated over its repeats (summary.json's
-`configs`), Stats the mean, spread and range of one figure. Every stage after the run (report,
-render, plots, scaling, compare) takes these types, never a dict of string keys.
+`configs`), Stats the mean, spread and range of one figure, and one row type per table the report
+derives from them (BaselineRow, VariantRow, ScalingRow, ValidationRow, ProjectionRow, CommRun).
+Every stage after the run (report, render, plots, scaling, compare) takes these types, never a dict
+of string keys.
 
 Words: a *job* is a planned run (dltrain.bench.suite.Job), a *result* what one run of a job gave, a
 *config* a job's results over the repeats, a *figure* one number of a result (samples/s, MFU ...).
@@ -14,7 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from dltrain.bench.perfmodel import Fit
 
 
 class _Row(BaseModel):
@@ -95,7 +99,7 @@ class Result(_Row):
     steps: int | None = None
     in_process: bool = False
     note: str | None = None
-    # from the harness's FLOP count and peak (dltrain.bench.runner.add_flops)
+    # from the harness's FLOP count and peak (dltrain.bench.flops.add_flops)
     flops: dict[str, Any] | None = None
     flops_source: str | None = None
     flops_basis: str | None = None
@@ -173,3 +177,120 @@ def read_summary(path: Path) -> dict:
     summary = json.loads(path.read_text())
     summary["configs"] = {name: Config.model_validate(c) for name, c in summary.get("configs", {}).items()}
     return summary
+
+
+# The summary's derived tables (dltrain.bench.report.build_summary), one row type per table: built
+# once from the Configs, written to summary.json in this field order, read by attribute by the
+# render stage (markdown, plots).
+
+
+class BaselineRow(_Row):
+    """dltrain against one of its baselines at one precision: samples/s over the baseline's per
+    repeat, and the baseline's median step time over dltrain's (report.baseline_ratios)."""
+
+    config: str
+    baseline: str
+    entry: str
+    precision: str
+    dltrain_config: str
+    dltrain_samples_per_s: float | None
+    baseline_samples_per_s: float | None
+    ratio: Stats | None
+    ratio_p50_step: Stats | None
+    target: float | None  # the ratio dltrain must reach, if any
+
+
+class VariantRow(_Row):
+    """A setting against its reference entry at the same world size, precision and mode (report.variants)."""
+
+    config: str
+    reference_config: str
+    samples_per_s: float | None
+    reference_samples_per_s: float | None
+    ratio: Stats | None
+
+
+class ScalingRow(_Row):
+    """Measured scaling of one configuration against its world-1 run (scaling.scaling)."""
+
+    entry: str
+    precision: str
+    deepspeed_stage: int | None
+    compile: bool
+    config: str
+    world_size: int
+    nnodes: int
+    samples_per_s: float
+    speedup: float
+    efficiency: float  # speedup / world_size
+
+
+class ValidationRow(_Row):
+    """The step model's prediction of a measured world-N step beside the measurement (scaling.validation)."""
+
+    entry: str
+    precision: str
+    compile: bool
+    config: str
+    world_size: int
+    world1_p50_ms: float | None
+    slowest_of_n_ms: float
+    colocated_factor: float = 1.0
+    step1_ms: float
+    comm_ms: float
+    exposed_ms: float
+    other_collectives_ms: float
+    buckets: int
+    backward_ms: float
+    predicted_ms: float
+    no_overlap_ms: float
+    measured_ms: float
+    error: float  # predicted / measured - 1
+
+
+class ProjectionRow(_Row):
+    """One entry's step at one GPU count, PROJECTED (scaling.projection)."""
+
+    entry: str
+    world_size: int
+    nodes: int
+    link: str
+    compute_source: str
+    compute_ms: float
+    backward_share: float
+    comm_ms: float
+    exposed_ms: float
+    step_ms: float
+    efficiency: float
+    samples_per_s: float
+    grad_mb: float
+    label: str
+
+
+class CommTiming(_Row):
+    """One collective at one message size, timed by `dltrain bench comm` (a line of its comm.jsonl)."""
+
+    op: str
+    bytes: int
+    world_size: int
+    backend: str
+    device: str
+    dtype: str
+    calls: int
+    time_us: float  # the slowest rank's median call
+    mean_us: float
+    algbw_GBps: float
+    busbw_GBps: float
+
+
+class CommRun(_Row):
+    """What `dltrain bench comm` measured at one world size (its comm.json): the timings and the
+    alpha-beta fits the step model reads (dltrain.bench.perfmodel.Fit)."""
+
+    world_size: int
+    nnodes: int | None = Field(None, exclude_if=lambda n: n is None)  # absent from results before several nodes
+    backend: str
+    device: str
+    fits: list[Fit]
+    rows: list[CommTiming]
+    environment: dict[str, Any] = {}

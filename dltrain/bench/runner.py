@@ -24,12 +24,12 @@ from pathlib import Path
 
 from dltrain import allocator, shipped
 from dltrain.bench import inprocess
+from dltrain.bench.flops import add_flops, measure_cpu_peaks, measure_entries
 from dltrain.bench.joblog import baseline_summary, error_line
-from dltrain.bench.measure import compute_shape, measure_step, measure_workload
+from dltrain.bench.measure import compute_shape
 from dltrain.bench.result import Result, append_result
-from dltrain.bench.suite import BASELINE_KINDS, Job, Suite, check_host, entry_recipe, select
+from dltrain.bench.suite import BASELINE_KINDS, Job, Suite, select
 from dltrain.launch import LaunchError, build_command, format_command
-from dltrain.peaks import cpu_peak, gpu_peak, peak_rate
 from dltrain.recipe import RecipeError
 
 BASELINES = shipped.folder("baselines")
@@ -50,7 +50,10 @@ def train_args(job: Job, suite: Suite, run_dir: Path) -> list[str]:
 
 
 def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    if job.kind in BASELINE_KINDS:
+    """(argv, extra environment) of a job. `suite`: a Suite, or a record suite (dltrain.bench.ttt)."""
+    if job.baseline_argv is not None:  # a record's reference script, with the flags its suite gives
+        argv, env = [sys.executable, *job.baseline_argv], {}
+    elif job.kind in BASELINE_KINDS:
         # The allocator settings dltrain applies to itself (dltrain.allocator), so that the ratio
         # to a baseline measures the training loop and not malloc.
         argv, env = baseline_command(job, suite), ({} if allocator.describe_env() else dict(allocator.ENV))
@@ -66,8 +69,8 @@ def command_for(job: Job, suite: Suite, run_dir: Path) -> tuple[list[str], dict[
             deepspeed=job.deepspeed,
             train_args=args,
         )
-    if suite.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(cpu_threads(job, suite))
+    if threads := omp_threads(job, suite):
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shipped.import_root()), os.environ.get("PYTHONPATH", "")) if p)
     return argv, env
 
@@ -76,6 +79,14 @@ def cpu_threads(job: Job, suite: Suite) -> int:
     """Processes on one host share its cores: each gets its share, so world size 2 on 2 cores is
     2 x 1 thread, not 2 x 2 threads fighting over the same cores."""
     return suite.cpu_threads or max(1, (os.cpu_count() or 1) // (job.world // job.nnodes))
+
+
+def omp_threads(job: Job, suite: Suite) -> int | None:
+    """A job's threads per process: on a CPU suite its share (cpu_threads); a suite without a device
+    (a record suite's runs use what they find) only those it names; a GPU suite none."""
+    if suite.device == "cpu":
+        return cpu_threads(job, suite)
+    return suite.cpu_threads if suite.device is None else None
 
 
 def baseline_command(job: Job, suite: Suite) -> list[str]:
@@ -118,7 +129,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
     except LaunchError as exc:
         return None, f"cannot launch: {exc}", 0.0, ""
     cmd = format_command(argv, env)
-    if job.kind in BASELINE_KINDS and not Path(argv[1]).is_file():
+    if job.script and not Path(argv[1]).is_file():
         return None, f"baseline script {argv[1]} not found", 0.0, cmd
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -130,7 +141,7 @@ def run_job(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[dict | No
         except subprocess.TimeoutExpired:
             return None, f"timed out after {suite.timeout_s} s (suite timeout_s)", time.perf_counter() - t0, cmd
     wall = time.perf_counter() - t0
-    if job.kind in BASELINE_KINDS:
+    if job.script:
         summary = baseline_summary(log, job.recipe.workload) if rc == 0 else None
         return summary, None if summary else error_line(log, rc), wall, cmd
     summary_path = run_dir / "summary.json"
@@ -143,7 +154,7 @@ def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[di
     """The same job as run_job's launched `python -m dltrain train`, inside this process."""
     args = train_args(job, suite, run_dir)
     env = {"ACCELERATE_USE_CPU": "true"} if suite.device == "cpu" else {}
-    threads = cpu_threads(job, suite) if suite.device == "cpu" else None
+    threads = omp_threads(job, suite)
     cmd = "(in process) " + format_command(["dltrain", "train", *args], env)
     t0 = time.perf_counter()
     error = inprocess.run(job.recipe, run_dir, log, env=env, threads=threads, timeout_s=suite.timeout_s)
@@ -156,7 +167,9 @@ def run_in_process(job: Job, suite: Suite, run_dir: Path, log: Path) -> tuple[di
 
 def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None, meta: dict) -> Result:
     """The Result of one run of `job`: `summary` its summary.json (None when it failed), `meta` the
-    harness's facts about the run (repeat, run_dir, wall_s, command ...)."""
+    harness's facts about the run (repeat, run_dir, wall_s, command ...). A record's run (mode
+    `record`) also has its seed, its target even when it failed, its own training clock and steps."""
+    record = job.mode == "record"
     result = Result(
         suite=suite.name,
         config=job.config,
@@ -173,6 +186,8 @@ def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None,
         status="failed" if error else "ok",
         error=error,
         tf32=bool(getattr(job.recipe.train, "tf32", False)),
+        seed=job.seed,
+        target=job.recipe.target.model_dump(mode="json") if record and job.recipe.target else None,
         **meta,
     )
     if summary is None:
@@ -196,6 +211,8 @@ def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None,
         )
     }
     batch = summary.get("batch")
+    if record:
+        figures |= {"train_s": tput.get("train_s"), "steps": summary.get("steps")}
     return result.model_copy(
         update={
             **figures,
@@ -203,7 +220,7 @@ def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None,
             "samples_per_s": tput.get("train_samples_per_s"),
             "run_mfu": tput.get("mfu"),
             "time_to_target_s": summary.get("time_to_target_s"),
-            "target": summary.get("target"),
+            "target": summary.get("target") or result.target,
             "metrics": summary.get("metrics", {}),
             "batch": batch,
             "memory": summary.get("memory"),
@@ -214,101 +231,27 @@ def make_result(job: Job, suite: Suite, summary: dict | None, error: str | None,
     )
 
 
-def add_flops(result: Result, measured: dict | None, cpu_peaks: dict[str, float]) -> None:
-    """Achieved FLOP/s and MFU of `result` from its throughput and the harness's FLOP count."""
-    sps = result.samples_per_s
-    if not measured or not sps:
+def check_host(suite: Suite, jobs: list[Job]) -> None:
+    """What this host can run, before the first job: a GPU suite needs CUDA (never a GPU suite's
+    figures measured on the CPU); a CPU suite at most 4 processes per core, and threads per
+    process likewise (torch.set_num_threads overflows past 2**31; far before, the host thrashes)."""
+    if suite.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
         return
-    result.flops = measured
-    if not 0.5 <= measured["flops_measured_over_analytic"] <= 2:
-        # The counter misses ops without a FLOP formula (e.g. the fused LSTM kernels): trust the
-        # analytic count then, and say so.
-        result.flops_source = "analytic (FlopCounterMode saw {:.0%} of it)".format(
-            measured["flops_measured_over_analytic"]
+    cores = os.cpu_count() or 1
+    if suite.cpu_threads is not None and suite.cpu_threads > 4 * cores:
+        raise RecipeError(
+            f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)"
         )
-        result.achieved_flops_per_s = measured["flops_per_sample_analytic"] * sps
-        result.flops_basis = "samples, analytic FLOPs"
-    elif "flops_per_padded_token_measured" in measured:
-        if not result.padded_tokens_per_s:
-            return  # text without token counts (the baseline scripts): FLOPs per sample unknown
-        result.achieved_flops_per_s = measured["flops_per_padded_token_measured"] * result.padded_tokens_per_s
-        # The work done, padding included: higher than a padding-free run's MFU, and the report says so.
-        result.flops_basis = "padded tokens"
-    else:
-        result.achieved_flops_per_s = measured["flops_per_sample_measured"] * sps
-        result.flops_basis = "samples"
-    env = result.environment or {}
-    if env.get("device") == "cuda":
-        per_device = gpu_peak(env.get("gpu", ""), result.precision, result.tf32)
-        if per_device is None:
-            return  # unknown GPU or a MIG slice: no MFU rather than a wrong one
-        rate = peak_rate(result.precision, result.tf32)
-        result.peak_flops_per_s = per_device * result.world_size
-        result.peak_source = f"datasheet {env.get('gpu')} {rate} x {result.world_size}"
-    elif result.precision in cpu_peaks:
-        threads = result.cpu_threads
-        procs = result.world_size // result.nnodes if threads else 1
-        where = f"{threads} thread(s) x {procs} process(es)" if threads else "all cores of this host"
-        result.peak_procs = procs
-        result.peak_flops_per_s = cpu_peaks[result.precision] * procs
-        result.peak_source = f"measured (CPU matmul, {where})"
-    else:
-        return
-    result.mfu = result.achieved_flops_per_s / result.peak_flops_per_s
-
-
-def measure_entries(suite: Suite, jobs: list[Job]) -> dict[str, dict]:
-    """FLOPs per entry, counted once per distinct recipe (entries that differ only in their axes,
-    e.g. a compiled and an eager entry of one recipe, share a count). On a GPU suite the count runs
-    on the GPU: bert-base at a large batch takes tens of seconds on a CPU."""
-    import torch
-
-    device = "cuda" if suite.device == "gpu" and torch.cuda.is_available() else "cpu"
-    out, counted = {}, {}
-    for entry in suite.entries:
-        if not any(j.entry is entry for j in jobs):
-            continue
-        key = (entry.recipe, entry.profile, tuple(entry.overrides))
-        if key not in counted:
-            recipe = entry_recipe(entry)
-            micro = recipe.train.micro_batch_size or recipe.train.global_batch_size // (recipe.train.grad_accum or 1)
-            try:
-                counted[key] = measure_workload(recipe, micro, device)
-                # forward/backward/optimizer and gradient readiness, for the step model (dltrain.bench.scaling);
-                # with a comm section (the model's check), on a CPU also with as many processes at once as
-                # the entry's jobs put on one node: only that check uses it
-                per_node = max(j.world // j.nnodes for j in jobs if j.entry is entry)
-                colocate = (entry.recipe, entry.profile, list(entry.overrides), per_node) if suite.comm else None
-                counted[key] |= measure_step(
-                    recipe, micro, device, suite.cpu_threads if device == "cpu" else None, colocate=colocate
-                )
-            except Exception as exc:  # a workload whose data is missing fails its jobs, not the harness
-                print(f"dltrain bench: FLOP count for '{entry.name}' failed: {exc}", file=sys.stderr)
-                counted[key] = None
-        if counted[key] is not None:
-            # its first dltrain job's shape (compile is a job axis): what a GPU row must match to lend it its step time
-            job = next((j for j in jobs if j.entry is entry and j.kind == "dltrain"), None)
-            out[entry.name] = counted[key] | (
-                {"shape": compute_shape(job.recipe, counted[key]["micro_batch"])} if job else {}
-            )
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-def measure_cpu_peaks(suite: Suite, jobs: list[Job], seconds: float = 1.5) -> dict[str, float]:
-    if suite.device != "cpu":
-        return {}
-    import torch
-
-    # With cpu_threads, each process has that many threads: the peak of one such process, times
-    # the processes of a job. Without, the job's processes share all cores: the host's peak.
-    before = torch.get_num_threads()
-    torch.set_num_threads(suite.cpu_threads or os.cpu_count() or 1)
-    try:
-        return {p: cpu_peak(p, seconds=seconds) for p in sorted({j.precision for j in jobs} & {"fp32", "bf16"})}
-    finally:
-        torch.set_num_threads(before)
+    most = max((j.world // j.nnodes for j in jobs), default=1)
+    if most > 4 * cores:
+        raise RecipeError(
+            f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
+            f"this host ({cores} cores): lower world_sizes or spread them over `nodes`"
+        )
 
 
 def _run_or_note_cut(job: Job, suite: Suite, run_dir: Path, log: Path, meta_run: dict, results: Path | None):

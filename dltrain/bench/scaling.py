@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dltrain.bench.perfmodel import CommModel, Fit, NcclModel, predict_step, slowest_of
-from dltrain.bench.result import Config, read_summary
+from dltrain.bench.result import Config, ProjectionRow, ScalingRow, ValidationRow, read_summary
 
 PROJECTED_WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
 ASSUMED_MFU = 0.40  # datasheet path only: a well-tuned dense transformer step; small models reach far less
@@ -33,7 +33,7 @@ def _throughput_groups(configs: dict[str, Config]) -> dict[tuple, list[tuple[str
     return groups
 
 
-def scaling(configs: dict[str, Config]) -> list[dict]:
+def scaling(configs: dict[str, Config]) -> list[ScalingRow]:
     rows = []
     for key, cfgs in _throughput_groups(configs).items():
         base = next((c for _, c in cfgs if c.world_size == 1), None)
@@ -43,23 +43,23 @@ def scaling(configs: dict[str, Config]) -> list[dict]:
         for name, c in sorted(cfgs, key=lambda nc: (nc[1].world_size, nc[1].nnodes)):
             speedup = c.mean("samples_per_s") / t1
             rows.append(
-                {
-                    "entry": key[0],
-                    "precision": key[1],
-                    "deepspeed_stage": key[2],
-                    "compile": key[3],
-                    "config": name,
-                    "world_size": c.world_size,
-                    "nnodes": c.nnodes,
-                    "samples_per_s": c.mean("samples_per_s"),
-                    "speedup": speedup,
-                    "efficiency": speedup / c.world_size,
-                }
+                ScalingRow(
+                    entry=key[0],
+                    precision=key[1],
+                    deepspeed_stage=key[2],
+                    compile=key[3],
+                    config=name,
+                    world_size=c.world_size,
+                    nnodes=c.nnodes,
+                    samples_per_s=c.mean("samples_per_s"),
+                    speedup=speedup,
+                    efficiency=speedup / c.world_size,
+                )
             )
     return rows
 
 
-def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fit]) -> list[dict]:
+def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fit]) -> list[ValidationRow]:
     """Predicted vs measured step time at each measured world size N > 1 on one node (plain DDP)."""
     rows = []
     for (entry, precision, stage, compiled), cfgs in _throughput_groups(configs).items():
@@ -77,26 +77,26 @@ def validation(configs: dict[str, Config], flops: dict[str, dict], fits: list[Fi
             pred = predict_step(step1, profile, CommModel(fits, n), profile.get("bucket_cap_mb"))
             measured = c.mean("step_time_ms_p50") / 1e3
             rows.append(
-                {
-                    "entry": entry,
-                    "precision": precision,
-                    "compile": compiled,
-                    "config": name,
-                    "world_size": n,
-                    "world1_p50_ms": base.mean("step_time_ms_p50"),
-                    "slowest_of_n_ms": slowest * 1e3,
-                    "colocated_factor": shared,
-                    "step1_ms": step1 * 1e3,
-                    "comm_ms": pred["comm_s"] * 1e3,
-                    "exposed_ms": pred["exposed_s"] * 1e3,
-                    "other_collectives_ms": (pred["buffers_s"] + pred["own_s"]) * 1e3,
-                    "buckets": pred["buckets"],
-                    "backward_ms": profile["backward_s"] * 1e3,
-                    "predicted_ms": pred["step_s"] * 1e3,
-                    "no_overlap_ms": (step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
-                    "measured_ms": measured * 1e3,
-                    "error": pred["step_s"] / measured - 1,
-                }
+                ValidationRow(
+                    entry=entry,
+                    precision=precision,
+                    compile=compiled,
+                    config=name,
+                    world_size=n,
+                    world1_p50_ms=base.mean("step_time_ms_p50"),
+                    slowest_of_n_ms=slowest * 1e3,
+                    colocated_factor=shared,
+                    step1_ms=step1 * 1e3,
+                    comm_ms=pred["comm_s"] * 1e3,
+                    exposed_ms=pred["exposed_s"] * 1e3,
+                    other_collectives_ms=(pred["buffers_s"] + pred["own_s"]) * 1e3,
+                    buckets=pred["buckets"],
+                    backward_ms=profile["backward_s"] * 1e3,
+                    predicted_ms=pred["step_s"] * 1e3,
+                    no_overlap_ms=(step1 + pred["comm_s"] + pred["buffers_s"] + pred["own_s"]) * 1e3,
+                    measured_ms=measured * 1e3,
+                    error=pred["step_s"] / measured - 1,
+                )
             )
     return rows
 
@@ -180,20 +180,20 @@ def compute_refusals(flops: dict[str, dict], gpu_configs: dict[str, Config] | No
 CHECK_TOLERANCE = 0.15  # a workload whose predicted step missed its measured one by more is not projected
 
 
-def refused_projections(checks: list[dict]) -> dict[str, str]:
+def refused_projections(checks: list[ValidationRow]) -> dict[str, str]:
     """Entries whose step-model check on this host missed by more than CHECK_TOLERANCE: the model
     is wrong for them, and projecting them would extrapolate the error."""
     return {
-        r["entry"]: f"the step model missed its measured {r['world_size']}-process step by {r['error']:+.0%} "
+        r.entry: f"the step model missed its measured {r.world_size}-process step by {r.error:+.0%} "
         f"(tolerance {CHECK_TOLERANCE:.0%}): not projected"
         for r in checks
-        if abs(r["error"]) > CHECK_TOLERANCE
+        if abs(r.error) > CHECK_TOLERANCE
     }
 
 
 def projection(
     flops: dict[str, dict], gpu_configs: dict[str, Config] | None = None, refused: dict[str, str] | None = None
-) -> list[dict]:
+) -> list[ProjectionRow]:
     """PROJECTED rows per entry and GPU count; see NcclModel and gpu_compute for the inputs.
     Readiness of the gradients is the CPU profile's, as fractions of backward, and backward's
     share of the GPU step the profile's share too (both stated with every row). Entries in
@@ -218,22 +218,22 @@ def projection(
             links = NcclModel(n)
             pred = predict_step(step1, scaled, links, profile.get("bucket_cap_mb"))
             rows.append(
-                {
-                    "entry": entry,
-                    "world_size": n,
-                    "nodes": links.nodes,
-                    "link": links.link,
-                    "compute_source": source,
-                    "compute_ms": step1 * 1e3,
-                    "backward_share": share,
-                    "comm_ms": pred["comm_s"] * 1e3,
-                    "exposed_ms": (pred["step_s"] - step1) * 1e3,
-                    "step_ms": pred["step_s"] * 1e3,
-                    "efficiency": step_at(1) / pred["step_s"],
-                    "samples_per_s": n * batch / pred["step_s"],
-                    "grad_mb": sum(b for b, _ in profile["grads"]) / 2**20,
-                    "label": "PROJECTED",
-                }
+                ProjectionRow(
+                    entry=entry,
+                    world_size=n,
+                    nodes=links.nodes,
+                    link=links.link,
+                    compute_source=source,
+                    compute_ms=step1 * 1e3,
+                    backward_share=share,
+                    comm_ms=pred["comm_s"] * 1e3,
+                    exposed_ms=(pred["step_s"] - step1) * 1e3,
+                    step_ms=pred["step_s"] * 1e3,
+                    efficiency=step_at(1) / pred["step_s"],
+                    samples_per_s=n * batch / pred["step_s"],
+                    grad_mb=sum(b for b, _ in profile["grads"]) / 2**20,
+                    label="PROJECTED",
+                )
             )
     return rows
 

@@ -21,7 +21,6 @@ recipe into several entries when its rows have different priorities).
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -171,14 +170,16 @@ class Job(BaseModel):
     """One run of the plan. `overrides`: the job's axes as `--set` assignments; `sets`: every
     assignment its `dltrain train` gets (the entry's, the axes', the mode's); `recipe`: the entry's
     recipe with `sets` applied, parsed once when the plan is made. `pair` names the dltrain config
-    a baseline is compared with."""
+    a baseline is compared with. A record suite's jobs (mode `record`, dltrain.bench.ttt) are its
+    seeds (`seed`) and references (kind `reference`: a dltrain run, or a baseline script run as
+    `baseline_argv` gives it)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     config: str
     entry: Entry
-    kind: Literal["dltrain", "bare", "hf_trainer", "notebook"]
-    mode: Literal["throughput", "time_to_target"]
+    kind: Literal["dltrain", "bare", "hf_trainer", "notebook", "reference"]
+    mode: Literal["throughput", "time_to_target", "record"]
     world: int
     nnodes: int
     precision: str
@@ -189,6 +190,13 @@ class Job(BaseModel):
     pair: str | None = None
     sets: list[str] = []
     recipe: Any = Field(None, exclude=True, repr=False)
+    seed: int | None = None  # a record's seed (train.seed, also in `sets`)
+    baseline_argv: list[str] | None = None  # a record's baseline script and its flags, as the suite gives them
+
+    @property
+    def script(self) -> bool:
+        """A baseline script's run (its printed JSON line is its summary), not `dltrain train`."""
+        return self.kind in BASELINE_KINDS or self.baseline_argv is not None
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -229,29 +237,6 @@ def entry_recipe(entry: Entry):
     if entry._recipe is None:
         entry._recipe = load_recipe(entry.recipe, entry.profile, entry.overrides)
     return entry._recipe
-
-
-def check_host(suite: Suite, jobs: list[Job]) -> None:
-    """What this host can run, before the first job: a GPU suite needs CUDA (never a GPU suite's
-    figures measured on the CPU); a CPU suite at most 4 processes per core, and threads per
-    process likewise (torch.set_num_threads overflows past 2**31; far before, the host thrashes)."""
-    if suite.device == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RecipeError(f"suite {suite.name} is a GPU suite (device: gpu) but CUDA is not available here")
-        return
-    cores = os.cpu_count() or 1
-    if suite.cpu_threads is not None and suite.cpu_threads > 4 * cores:
-        raise RecipeError(
-            f"suite {suite.name}: cpu_threads {suite.cpu_threads} is over 4 per core of this host ({cores} cores)"
-        )
-    most = max((j.world // j.nnodes for j in jobs), default=1)
-    if most > 4 * cores:
-        raise RecipeError(
-            f"suite {suite.name}: world_sizes asks for {most} processes on one node, over 4 per core of "
-            f"this host ({cores} cores): lower world_sizes or spread them over `nodes`"
-        )
 
 
 def _recipe_path(recipe: str, suite_dir: Path) -> Path:

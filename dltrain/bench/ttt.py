@@ -1,8 +1,9 @@
 """`dltrain bench ttt`: time-to-accuracy records. A record suite (a YAML file with `records:`
 instead of `entries:`) is the record mode of the bench pipeline: its plan is each record's seeds and
-reference; every run is a Result in results.jsonl, as a suite's; the seeds are aggregated by
-dltrain.bench.report.aggregate into a RecordRow (records.json), rendered by dltrain.bench.records
-into report.md.
+reference as Jobs (mode `record`, record_jobs); they run through dltrain.bench.runner.run_job as a
+suite's jobs do (the same command, environment, log and timeout handling), each a Result in
+results.jsonl; the seeds are aggregated by dltrain.bench.report.aggregate into a RecordRow
+(records.json), rendered by dltrain.bench.records into report.md.
 
 A record config is a recipe and profile whose `target` names the held-out metric and the value to
 reach (e.g. `test/accuracy` >= 0.99); the schedule is fixed (`target.stop` on a test metric is
@@ -24,21 +25,16 @@ says.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator
 
 from dltrain import shipped
-from dltrain.bench.joblog import baseline_summary, error_line
 from dltrain.bench.records import RecordRow, report_lines, verdict
 from dltrain.bench.report import aggregate
 from dltrain.bench.result import Result, append_result
-from dltrain.bench.suite import Closed
-from dltrain.launch import format_command
+from dltrain.bench.suite import Closed, Entry, Job
 from dltrain.recipe import RecipeError, _first_error, check_name, load_recipe, read_yaml
 
 
@@ -72,6 +68,8 @@ class Record(Closed):
 class RecordSuite(Closed):
     name: str = ""
     description: str = ""
+    # cpu: every run on the CPU (ACCELERATE_USE_CPU, as a CPU suite's); gpu: CUDA; None: what each run finds
+    device: Literal["cpu", "gpu"] | None = None
     cpu_threads: PositiveInt | None = None  # CPU threads per run (OMP_NUM_THREADS); None: all cores
     in_process: bool = False  # seeds inside the harness process (see the module docstring); references stay launched
     plan_s: PositiveInt | None = None  # expected seconds of the whole suite, for benchmarks/device_check.sh's plan
@@ -126,121 +124,80 @@ def _path(recipe: str) -> Path:
     return shipped.resolve(recipe).absolute()
 
 
-def _env(suite: RecordSuite) -> dict:
-    root = str(shipped.import_root())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    if suite.cpu_threads:
-        env["OMP_NUM_THREADS"] = str(suite.cpu_threads)
-    return env
+# Every record run's: no W&B run, no exported model (a record is timed, not kept).
+RUN_SETS = ["tracking.wandb=false", "checkpoint.save_final_model=false"]
 
 
-def _launch(argv: list[str], suite: RecordSuite, log: Path) -> tuple[int | None, float]:
-    """(exit code or None on timeout, wall seconds from process start to exit)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        try:
-            rc = subprocess.run(
-                argv, env=_env(suite), stdout=out, stderr=subprocess.STDOUT, timeout=suite.timeout_s
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
-    return rc, time.perf_counter() - t0
+def record_jobs(rec: Record) -> list[Job]:
+    """A record's plan: one job per seed, then its reference's, each with its recipe parsed here.
+    They run as a suite's jobs do (dltrain.bench.runner.run_job: the same command, environment, log
+    and timeout); a reference that is a dltrain run stays a launched process with in_process."""
+    recipe = str(_path(rec.recipe))
+    entry = Entry(name=rec.name, recipe=recipe, profile=rec.profile, overrides=rec.overrides)
+    jobs = [_job(rec.name, entry, [*rec.overrides, f"train.seed={seed}"], seed=seed) for seed in rec.seeds]
+    ref = rec.reference
+    if ref is not None and ref.baseline is None:
+        ref_entry = Entry(name=rec.name, recipe=recipe, profile=ref.profile, overrides=ref.overrides)
+        jobs.append(_job(f"{rec.name}-reference", ref_entry, list(ref.overrides), kind="reference", pair=rec.name))
+    elif ref is not None:  # the script as the suite gives it; precision and workload are the record's
+        script = shipped.folder("baselines") / f"{ref.baseline}.py"
+        job = _job(f"{rec.name}-reference", entry, list(rec.overrides), kind="reference", pair=rec.name)
+        jobs.append(job.model_copy(update={"baseline_argv": [str(script), *ref.baseline_args]}))
+    return jobs
 
 
-def train_run(
-    suite: RecordSuite, recipe: str, profile: str | None, sets: list[str], run_dir: Path, log: Path, **facts
-) -> Result:
-    """One `dltrain train` run (a process, or a call with in_process): its Result, with both clocks
-    (`wall_s` around the run, `train_s` its own), or its error. `facts`: the Result's config, entry,
-    seed ... as the caller names the run."""
-    sets = [*sets, "tracking.wandb=false", "checkpoint.save_final_model=false"]
-    parsed = load_recipe(_path(recipe), profile, sets)
-    if suite.in_process:
-        from dltrain.bench import inprocess
-
-        t0 = time.perf_counter()
-        why = inprocess.run(parsed, run_dir, log, env={}, threads=suite.cpu_threads, timeout_s=suite.timeout_s)
-        wall = time.perf_counter() - t0
-    else:
-        argv = [
-            sys.executable,
-            "-m",
-            "dltrain",
-            "train",
-            str(_path(recipe)),
-            *(["--profile", profile] if profile else []),
-        ]
-        argv += [a for s in sets for a in ("--set", s)]
-        rc, wall = _launch([*argv, "--output-dir", str(run_dir)], suite, log)
-        why = None if rc == 0 else f"timed out after {suite.timeout_s} s" if rc is None else error_line(log, rc)
-    result = Result(
-        suite=suite.name,
-        kind="dltrain",
+def _job(config: str, entry: Entry, sets: list[str], kind: str = "dltrain", **fields) -> Job:
+    sets = [*sets, *RUN_SETS]
+    recipe = load_recipe(entry.recipe, entry.profile, sets)
+    return Job(
+        config=config,
+        entry=entry,
+        kind=kind,
         mode="record",
-        world_size=1,
-        precision=parsed.train.precision,
-        cpu_threads=suite.cpu_threads,
-        wall_s=wall,
-        in_process=suite.in_process,
-        run_dir=str(run_dir),
-        target=parsed.target.model_dump(mode="json") if parsed.target else None,
-        **facts,
+        world=1,
+        nnodes=1,
+        precision=recipe.train.precision,
+        deepspeed=None,
+        compile=recipe.train.compile.enabled,
+        steps=None,
+        sets=sets,
+        recipe=recipe,
+        **fields,
     )
-    summary_path = run_dir / "summary.json"
-    if why is not None or not summary_path.is_file():
-        return result.model_copy(update={"status": "failed", "error": why or "no summary.json"})
-    summary = json.loads(summary_path.read_text())
-    result = result.model_copy(
-        update={
-            "workload": summary.get("workload"),
-            "metrics": summary.get("metrics", {}),
-            "target": summary.get("target") or result.target,
-            "train_s": summary["throughput"].get("train_s"),
-            "samples_per_s": summary["throughput"].get("train_samples_per_s"),
-            "steps": summary["steps"],
-            "time_to_target_s": summary.get("time_to_target_s"),
-            "environment": summary.get("environment"),
-        }
-    )
-    if result.target_value is None:  # a seed without its metric cannot count towards the record
+
+
+def run_record_job(job: Job, suite: RecordSuite, out_dir: Path, name: str, repeat: int = 0) -> Result:
+    """One record job through the suite pipeline's runner: its Result, with both clocks (`wall_s`
+    around the run, `train_s` its own), or its error. A dltrain run without its target metric
+    cannot count towards the record: it is failed."""
+    from dltrain.bench import inprocess, runner
+
+    run_dir = out_dir / "runs" / name
+    summary, error, wall, cmd = runner.run_job(job, suite, run_dir, out_dir / "logs" / f"{name}.log")
+    meta = {
+        "repeat": repeat,
+        "run_dir": str(run_dir),
+        "cpu_threads": suite.cpu_threads,
+        "in_process": inprocess.eligible(job, suite),
+        "wall_s": wall,
+        "command": cmd,
+    }
+    result = runner.make_result(job, suite, summary, error, meta)
+    if result.ok and not job.script and result.target_value is None:
         return result.model_copy(update={"status": "failed", "error": f"the run reported no {result.target['metric']}"})
     return result
 
 
-def reference_run(suite: RecordSuite, rec: Record, out_dir: Path, precision: str) -> Result:
-    ref = rec.reference
-    name = f"{rec.name}-reference"
-    facts = {"config": name, "entry": rec.name, "pair": rec.name}
-    log = out_dir / "logs" / f"{name}.log"
-    if ref.baseline is None:
-        out = train_run(suite, rec.recipe, ref.profile, ref.overrides, out_dir / "runs" / name, log, **facts)
-        return out.model_copy(update={"kind": "reference", "note": ref.what})
-    script = shipped.folder("baselines") / f"{ref.baseline}.py"
-    rc, wall = _launch([sys.executable, str(script), *ref.baseline_args], suite, log)
-    summary = baseline_summary(log, rec.name) if rc == 0 else None
-    result = Result(
-        suite=suite.name,
-        kind="reference",
-        mode="record",
-        world_size=1,
-        precision=precision,
-        wall_s=wall,
-        cpu_threads=suite.cpu_threads,
-        note=ref.what,
-        command=format_command([sys.executable, str(script), *ref.baseline_args], {}),
-        **facts,
-    )
-    if summary is None:
-        return result.model_copy(
-            update={"status": "failed", "error": "timed out" if rc is None else error_line(log, rc)}
-        )
-    rate = summary["throughput"]["train_samples_per_s"]
-    projected = ref.full_samples / rate if ref.full_samples else None
+def reference_result(result: Result, ref: Reference) -> Result:
+    """A reference's Result as the report names it; a baseline script's steady throughput projected
+    to its full schedule (`full_samples`) is its train_s."""
+    result = result.model_copy(update={"note": ref.what})
+    if ref.baseline is None or not result.ok or not (ref.full_samples and result.samples_per_s):
+        return result
+    rate = result.samples_per_s
     return result.model_copy(
         update={
-            "train_s": projected,
-            "samples_per_s": rate,
+            "train_s": ref.full_samples / rate,
             "note": f"{ref.what}; projected: {ref.full_samples:,} samples at its measured {rate:.1f} samples/s",
         }
     )
@@ -253,30 +210,21 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[RecordRow] = []
     records = [r for r in suite.records if not only or r.name in only]
-    total = sum(len(r.seeds) + (r.reference is not None) for r in records)
+    plan = {rec.name: record_jobs(rec) for rec in records}
+    total = sum(map(len, plan.values()))
     done, interrupted = 0, False
     for rec in records:
         if interrupted:
             break
-        recipe = load_recipe(_path(rec.recipe), rec.profile, rec.overrides)
-        target = recipe.target
+        seeds = [j for j in plan[rec.name] if j.kind != "reference"]
+        ref_job = next((j for j in plan[rec.name] if j.kind == "reference"), None)
+        target = seeds[0].recipe.target
         runs: list[Result] = []
-        for i, seed in enumerate(rec.seeds):
+        for i, job in enumerate(seeds):
             done += 1
-            print(f"[{done}/{total}] {rec.name} seed {seed} ...", end=" ", flush=True)
+            print(f"[{done}/{total}] {rec.name} seed {job.seed} ...", end=" ", flush=True)
             try:
-                run = train_run(
-                    suite,
-                    rec.recipe,
-                    rec.profile,
-                    [*rec.overrides, f"train.seed={seed}"],
-                    out_dir / "runs" / f"{rec.name}-s{seed}",
-                    out_dir / "logs" / f"{rec.name}-s{seed}.log",
-                    config=rec.name,
-                    entry=rec.name,
-                    seed=seed,
-                    repeat=i,
-                )
+                run = run_record_job(job, suite, out_dir, f"{rec.name}-s{job.seed}", repeat=i)
             except KeyboardInterrupt:
                 print("interrupted: the table holds the runs that finished", flush=True)
                 interrupted = True
@@ -292,10 +240,10 @@ def run_records(suite: RecordSuite, out_dir: Path, only: list[str] = ()) -> list
         if not runs:
             break
         ref = None
-        if rec.reference is not None and not interrupted:
+        if ref_job is not None and not interrupted:
             done += 1
             print(f"[{done}/{total}] {rec.name} reference ...", end=" ", flush=True)
-            ref = reference_run(suite, rec, out_dir, recipe.train.precision)
+            ref = reference_result(run_record_job(ref_job, suite, out_dir, ref_job.config), rec.reference)
             append_result(out_dir / "results.jsonl", ref)
             print(f"train {ref.train_s:.1f} s" if ref.ok and ref.train_s else f"failed: {ref.error}", flush=True)
         row = RecordRow(

@@ -839,8 +839,8 @@ def test_a_setting_is_compared_with_its_reference_entry_repeat_by_repeat():
         rec("hook", 1, 180.0, reference="ddp"),
     ]
     (row,) = variants(records, aggregate(records))
-    assert row["config"] == "hook-w2" and row["reference_config"] == "ddp-w2"  # the same world size only
-    assert row["ratio"].mean == pytest.approx((1.1 + 0.9) / 2) and row["ratio"].n == 2
+    assert row.config == "hook-w2" and row.reference_config == "ddp-w2"  # the same world size only
+    assert row.ratio.mean == pytest.approx((1.1 + 0.9) / 2) and row.ratio.n == 2
 
 
 def test_peak_memory_is_the_runs_own_not_its_parents():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from dltrain.bench import plots
-from dltrain.bench.report import aggregate, build_summary
+from dltrain.bench.report import Summary, aggregate, build_summary
 from dltrain.bench.result import Result, append_result
 
 
@@ -48,10 +48,10 @@ def test_throughput_against_world_size_with_its_ideal_line(tmp_path, drawn):
         _result("cnn-w1", 1, 110.0, repeat=1),
         _result("cnn-w2", 2, 170.0, repeat=1),
     ]
-    summary = {"configs": aggregate(results), "comm": []}
     from dltrain.bench.scaling import scaling
 
-    summary["scaling"] = scaling(summary["configs"])
+    summary = Summary(configs=aggregate(results))
+    summary.scaling = scaling(summary.configs)
     path = plots.plot_scaling(summary, tmp_path)
     assert path == tmp_path / "throughput_vs_world.png" and path.stat().st_size > 0
     measured, ideal = drawn[path.name].axes[0].lines
@@ -77,7 +77,7 @@ def test_bars_are_the_means_over_repeats_with_their_spread(tmp_path, drawn):
             ),
         ]
     )
-    items = plots._figure_items({"configs": configs}, "samples_per_s", mode="throughput")
+    items = plots._figure_items(Summary(configs=configs), "samples_per_s", mode="throughput")
     assert [(name, mean) for name, mean, _ in items] == [("a", 110.0), ("b", 50.0)]  # c is not a throughput run
     assert items[0][2] == pytest.approx(14.142, rel=1e-3) and items[1][2] == 0.0  # sample std; one run: none
     path = plots._bars(items, "train samples/s", "t", tmp_path / "bars.png")
@@ -119,4 +119,4 @@ def test_a_committed_result_directory_plots_what_it_holds(tmp_path, drawn):
     paths = plots.make_plots(summary, [Result.model_validate_json(x) for x in committed.read_text().splitlines()], out)
     assert sorted(p.name for p in paths) == ["mfu.png", "throughput.png", "throughput_vs_world.png"]
     mfu = [b.get_height() for b in drawn["mfu.png"].axes[0].patches]
-    assert mfu == pytest.approx([100 * c.mean("mfu") for c in summary["configs"].values() if c.mean("mfu") is not None])
+    assert mfu == pytest.approx([100 * c.mean("mfu") for c in summary.configs.values() if c.mean("mfu") is not None])

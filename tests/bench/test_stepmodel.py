@@ -24,7 +24,7 @@ from dltrain.bench.perfmodel import (
     predict_step,
     slowest_of,
 )
-from dltrain.bench.result import Config, Stats
+from dltrain.bench.result import Config, Stats, ValidationRow
 from dltrain.bench.scaling import projection, read_gpu_configs, refused_projections
 from dltrain.recipe import RecipeError
 
@@ -169,14 +169,14 @@ def test_the_projection_is_labelled_and_never_uses_cpu_compute(tmp_path):
     }
     flops = {"bert": {"flops_per_sample_measured": 3e9, "micro_batch": 32, "step_profile": profile}}
     rows = projection(flops)
-    assert [r["world_size"] for r in rows] == [8, 16, 32, 64, 128, 256, 512, 1024]
-    assert all(r["label"] == "PROJECTED" and "assumed MFU" in r["compute_source"] for r in rows)
-    assert rows[0]["compute_ms"] == pytest.approx(3e9 * 32 / (989e12 * 0.4) * 1e3)
-    assert all(0 < r["efficiency"] <= 1 for r in rows)
+    assert [r.world_size for r in rows] == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert all(r.label == "PROJECTED" and "assumed MFU" in r.compute_source for r in rows)
+    assert rows[0].compute_ms == pytest.approx(3e9 * 32 / (989e12 * 0.4) * 1e3)
+    assert all(0 < r.efficiency <= 1 for r in rows)
     # A workload whose step-model check missed on this host is not projected at all.
-    refused = refused_projections(
-        [{"entry": "bert", "world_size": 2, "error": -0.25}, {"entry": "cnn", "world_size": 2, "error": 0.02}]
-    )
+    misses = (("bert", -0.25), ("cnn", 0.02))
+    checks = [ValidationRow.model_construct(entry=e, world_size=2, error=err) for e, err in misses]
+    refused = refused_projections(checks)
     assert list(refused) == ["bert"] and "missed its measured 2-process step by -25%" in refused["bert"]
     assert projection(flops, refused=refused) == []
     (tmp_path / "summary.json").write_text(json.dumps({"environment": {"device": "cpu"}, "configs": {}}))
@@ -257,7 +257,7 @@ def test_a_gpu_run_lends_its_step_time_only_to_an_entry_with_the_same_configurat
     # a run of the same configuration, whatever its entry name, is used
     gpu["cnn_eager-w1-bf16-tput"] = _gpu_row(shape, entry="cnn_eager")
     rows = projection(flops, gpu)
-    assert rows and all(r["compute_source"] == "measured on a GPU (cnn_eager-w1-bf16-tput)" for r in rows)
+    assert rows and all(r.compute_source == "measured on a GPU (cnn_eager-w1-bf16-tput)" for r in rows)
     assert compute_refusals(flops, gpu) == {}
 
 

@@ -112,15 +112,15 @@ def test_a_record_suite_with_a_recipe_without_target_is_refused(tmp_path):
 def test_an_in_process_record_suite_starts_no_process_for_its_seeds(data_dir, tmp_path, monkeypatch):
     """device_check.sh's records on a lent GPU: every seed in the harness process, so imports and
     the CUDA start are paid once, not once per seed."""
-    from dltrain.bench import ttt
+    from dltrain.bench import runner, ttt
 
     path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
     path = ttt.Path(path)
     text = path.read_text().replace("cpu_threads: 1", "cpu_threads: 1\nin_process: true")
     path.write_text(text.split("    reference:")[0])  # seeds only: a reference stays a launched process
     suite = ttt.load_record_suite(path)
-    launched = []
-    monkeypatch.setattr(ttt, "_launch", lambda argv, *a, **k: launched.append(argv) or (1, 0.0))
+    launched = []  # every launched job goes through the runner's command_for
+    monkeypatch.setattr(runner, "command_for", lambda job, *a: launched.append(job.config) or ([], {}))
     (row,) = ttt.run_records(suite, tmp_path / "out")
     assert launched == []
     lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
@@ -137,31 +137,23 @@ def test_a_record_suite_cut_by_the_budget_still_writes_the_table_of_what_finishe
     still reach records.json and report.md, marked as cut."""
     import pytest
 
-    from dltrain.bench import ttt
+    from dltrain.bench import runner, ttt
 
     path = _suite(tmp_path, "      what: never run here\n      profile: cpu_test")
     suite = ttt.load_record_suite(ttt.Path(path))
-    from dltrain.bench.result import Result
 
-    def train_run(suite, recipe, profile, sets, run_dir, log, **facts):
-        if "train.seed=1" in sets:
+    def run_job(job, suite, run_dir, log):  # the runner's launch: seed 0's summary.json, then the cut
+        if job.seed == 1:
             raise KeyboardInterrupt  # timeout --signal=INT during the second seed
-        return Result(
-            suite=suite.name,
-            kind="dltrain",
-            mode="record",
-            world_size=1,
-            precision="fp32",
-            train_s=1.0,
-            wall_s=2.0,
-            steps=4,
-            run_dir="x",
-            target={"metric": "test/accuracy", "value": 0.05},
-            metrics={"test/accuracy": 0.5},
-            **facts,
-        )
+        summary = {
+            "throughput": {"train_s": 1.0},
+            "steps": 4,
+            "target": {"metric": "test/accuracy", "value": 0.05},
+            "metrics": {"test/accuracy": 0.5},
+        }
+        return summary, None, 2.0, ""
 
-    monkeypatch.setattr(ttt, "train_run", train_run)
+    monkeypatch.setattr(runner, "run_job", run_job)
     with pytest.raises(ttt.RecordsInterrupted) as cut:
         ttt.run_records(suite, tmp_path / "out")
     (row,) = json.loads((tmp_path / "out" / "records.json").read_text())
