@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import rundir, testhooks
+from dltrain import rundir, storage, testhooks
 from dltrain.checkpoint_scan import MANIFEST, STATE_FILE, scan, step_of, step_of_safe
 from dltrain.data import sha256_of
 from dltrain.errors import RecipeError, StorageError
@@ -96,7 +96,7 @@ def save(loop, state) -> Path:
     root = rundir.checkpoint_root(loop.recipe, loop.run_dir, loop.run_id)
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
-    caught = rundir.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
+    caught = storage.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
     phases = [
         (main, lambda: _begin(root, tmp, final, loop.run_id)),
         (True, lambda: loop.strategy.save(tmp)),
@@ -110,7 +110,7 @@ def save(loop, state) -> Path:
                 phase()
         except caught as exc:
             failed = exc
-        if not rundir.agree_ok(acc, failed):
+        if not storage.agree_ok(acc, failed):
             _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
@@ -137,7 +137,7 @@ def _write_own_files(loop, state, tmp: Path) -> None:
 def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     """Checksums, manifest (written last), rename into place, then prune."""
     testhooks.in_save(tmp)
-    rundir.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
+    storage.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
     _fsync_tree(tmp)
     files = {
         str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
@@ -162,7 +162,7 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
     need = _size(good[-1]) if good else _state_bytes(loop)
     raise StorageError(
-        rundir.write_failure(
+        storage.write_failure(
             failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need, root, loop.run_dir
         )
     )

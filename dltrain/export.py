@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dltrain import rundir
+from dltrain import rundir, storage
 from dltrain.errors import StorageError
 from dltrain.recipe import RecipeError, dump_recipe, validate
 
@@ -58,10 +58,10 @@ def from_loop(loop, out_dir: Path) -> None:
                 os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
-        except rundir.WRITE_ERRORS as exc:
+        except storage.WRITE_ERRORS as exc:
             failed = exc
             shutil.rmtree(tmp, ignore_errors=True)
-    if not rundir.agree_ok(acc, failed):
+    if not storage.agree_ok(acc, failed):
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
         intact = (
             f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)"
@@ -69,7 +69,7 @@ def from_loop(loop, out_dir: Path) -> None:
             else "no checkpoint was written"
         )
         raise StorageError(
-            rundir.write_failure(
+            storage.write_failure(
                 failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need, out_dir.parent, loop.run_dir
             )
         )
@@ -95,7 +95,7 @@ def save(model, state_dict: dict, out_dir: Path, recipe) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE))
         write_config(out_dir, model, recipe)
     (out_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
-    rundir.with_umask_mode(out_dir)
+    storage.with_umask_mode(out_dir)
 
 
 def write_config(out_dir: Path, model, recipe) -> Path:
