@@ -22,13 +22,13 @@ deleted only after the new one is in place. Everything is loaded with torch.load
 safetensors. The data position needs no replay: the loop restarts the epoch's index stream at
 `step_in_epoch` (dltrain.data.train_index_batches).
 
-The training loop (dltrain.trainer) decides when to save and when to stop; this module only stores:
-save, locate, load, prune. Model exports (final_model/, best_model/) are dltrain.export's.
+The training loop (dltrain.trainer) decides when to save and when to stop; this module only stores
+and restores: save, prune, load, resume. Finding and checking checkpoints (scan, `--resume auto`'s
+pick) is dltrain.checkpoint_scan's; model exports (final_model/, best_model/) are dltrain.export's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -39,155 +39,14 @@ from pathlib import Path
 
 import torch
 
-from dltrain import rundir, testhooks
+from dltrain import rundir, storage, testhooks
+from dltrain.checkpoint_scan import MANIFEST, STATE_FILE, scan, step_of, step_of_safe
 from dltrain.data import sha256_of
 from dltrain.errors import RecipeError, StorageError
 from dltrain.recipe import dump_recipe
-from dltrain.state import TrainState
 
-MANIFEST = "manifest.json"
-STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding checkpoints
-
-
-def ckpt_root(recipe, run_dir: Path, run_id: str) -> Path:
-    return rundir.checkpoint_root(recipe, run_dir, run_id)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.rsplit("_", 1)[1])
-
-
-def problem_with(path: Path, *, checksums: bool = True) -> str | None:
-    """Why `path` is not a complete, intact checkpoint (None when it is)."""
-    manifest = path / MANIFEST
-    if not path.is_dir():
-        return "not a directory"
-    if not manifest.is_file():
-        return "incomplete (no manifest: the run stopped while writing it)"
-    files = _manifest_files(manifest)
-    if files is None:
-        return "corrupt manifest.json"
-    for name, meta in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if checksums and sha256_of(f) != meta["sha256"]:
-            return f"{name} does not match its checksum"
-    if _state_of(path) is None:
-        return f"{STATE_FILE} is not a trainer state"
-    return None
-
-
-def _manifest_files(manifest: Path) -> dict | None:
-    """{file: {"size", "sha256"}} of a manifest, None for one that is not JSON of that shape."""
-    try:
-        files = json.loads(manifest.read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return None
-    ok = isinstance(files, dict) and all(
-        isinstance(meta, dict)
-        and isinstance(meta.get("size"), int)
-        and isinstance(meta.get("sha256"), str)
-        and isinstance(name, str)
-        and not Path(name).is_absolute()
-        and ".." not in Path(name).parts
-        for name, meta in files.items()
-    )
-    return files if ok else None
-
-
-def _state_of(path: Path) -> dict | None:
-    """trainer_state.json of a checkpoint when it has the shape dltrain writes, else None."""
-    try:
-        meta = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (
-        isinstance(meta, dict)
-        and isinstance(meta.get("state"), dict)
-        and isinstance(meta.get("recipe"), str)
-        and isinstance(meta.get("run_id"), str)
-        and isinstance(meta["state"].get("step"), int)
-    ):
-        return None
-    fields = set(meta["state"])
-    return meta if fields <= {f.name for f in dataclasses.fields(TrainState)} else None
-
-
-def scan(root: Path, *, checksums: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(complete checkpoints oldest first, [(incomplete or damaged one, why)]). Without `checksums`
-    only the manifest and the file sizes are checked: cheap enough for every save."""
-    good, bad = [], []
-    if not root.is_dir():
-        return good, bad
-    for path in root.iterdir():
-        if path.name.startswith(".tmp-step_"):
-            bad.append((path, "incomplete (interrupted while writing)"))
-        elif path.name.startswith("step_") and path.name[5:].isdigit():
-            why = problem_with(path, checksums=checksums)
-            (bad.append((path, why)) if why else good.append(path))
-    return sorted(good, key=_step_of), sorted(bad)
-
-
-def locate(
-    run_dir: Path, recipe, resume: str | None, run_id: str | None = None, *, verbose: bool = True
-) -> Path | None:
-    """The checkpoint to resume from: `auto` = the newest complete one of run `run_id` (None if
-    there is none: a fresh start, so a restarted job can always pass --resume auto), else the
-    given path."""
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume).expanduser().resolve()
-        if not path.exists():
-            raise RecipeError(f"--resume {resume}: no such checkpoint directory")
-        if (path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir():
-            raise RecipeError(
-                f"--resume {resume} is a run directory, not a checkpoint: continue it with "
-                f"--resume auto --output-dir {resume}, or pass one of its checkpoints/step_N"
-            )
-        why = problem_with(path)
-        if why:
-            raise RecipeError(f"--resume {resume}: checkpoint is {why}; pick another (see {path.parent})")
-        return path
-    if run_id is None:
-        return None  # a directory that holds no run yet has no checkpoint of its own
-    good, bad = scan(ckpt_root(recipe, run_dir, run_id))
-    good = [p for p in good if rundir.owned_by(p, run_id)]
-    bad = [(p, why) for p, why in bad if rundir.owned_by(p, run_id)]
-    chosen = None
-    for path in reversed(good):  # newest first; checksums are read only until one is intact
-        why = problem_with(path)
-        if why is None:
-            chosen = path
-            break
-        bad.append((path, why))
-    newest = _step_of(chosen) if chosen else -1
-    for path, why in sorted(bad):
-        if verbose and _step_of_safe(path) > newest:
-            print(f"dltrain: warning: skipping checkpoint {path}: {why}", file=sys.stderr, flush=True)
-    return chosen
-
-
-def _step_of_safe(path: Path) -> int:
-    try:
-        return _step_of(path)
-    except ValueError:
-        return -1
-
-
-def saved_state(path: Path | None) -> dict:
-    """trainer_state.json of a checkpoint ({} for none): counters, run ids, the recipe. `locate`
-    has checked its shape (problem_with)."""
-    return _state_of(path) if path is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,10 +93,10 @@ def save(loop, state) -> Path:
     naming the checkpoint that is intact and the space needed (StorageError): the run exits 2,
     nothing lost."""
     acc, main = loop.accelerator, loop.accelerator.is_main_process
-    root = ckpt_root(loop.recipe, loop.run_dir, loop.run_id)
+    root = rundir.checkpoint_root(loop.recipe, loop.run_dir, loop.run_id)
     final, tmp = root / f"step_{state.step}", root / f".tmp-step_{state.step}"
     # DeepSpeed's save has collectives inside: a rank must not leave it early to report a failure.
-    caught = rundir.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
+    caught = storage.WRITE_ERRORS if not loop.strategy.save_is_collective else ()
     phases = [
         (main, lambda: _begin(root, tmp, final, loop.run_id)),
         (True, lambda: loop.strategy.save(tmp)),
@@ -251,7 +110,7 @@ def save(loop, state) -> Path:
                 phase()
         except caught as exc:
             failed = exc
-        if not rundir.agree_ok(acc, failed):
+        if not storage.agree_ok(acc, failed):
             _give_up(loop, root, tmp, failed)
     loop.last_checkpoint = str(final)
     return final
@@ -278,7 +137,7 @@ def _write_own_files(loop, state, tmp: Path) -> None:
 def _seal(loop, state, root: Path, tmp: Path, final: Path) -> None:
     """Checksums, manifest (written last), rename into place, then prune."""
     testhooks.in_save(tmp)
-    rundir.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
+    storage.with_umask_mode(tmp)  # safetensors writes its files 0600, unlike every other file
     _fsync_tree(tmp)
     files = {
         str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
@@ -303,7 +162,7 @@ def _give_up(loop, root: Path, tmp: Path, failed: Exception | None) -> None:
     intact = f"the last intact checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
     need = _size(good[-1]) if good else _state_bytes(loop)
     raise StorageError(
-        rundir.write_failure(
+        storage.write_failure(
             failed, f"checkpoint {tmp.name[5:]} not written to {root}", intact, need, root, loop.run_dir
         )
     )
@@ -329,9 +188,9 @@ def _prune(root: Path, keep_last: int, run_id: str) -> None:
     good = [p for p in good if rundir.owned_by(p, run_id)]
     for path in good[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
-    newest = _step_of(good[-1]) if good else -1
+    newest = step_of(good[-1]) if good else -1
     for path, _ in bad:
-        if _step_of_safe(path) < newest and rundir.owned_by(path, run_id):
+        if step_of_safe(path) < newest and rundir.owned_by(path, run_id):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
         print(dump_recipe(load_recipe(args.recipe, args.profile, args.overrides)), end="")
         return 0
     if args.resume and args.resume != "auto":
-        from dltrain.checkpoint import locate
+        from dltrain.checkpoint_scan import locate
 
         locate(None, None, args.resume)  # a missing or damaged checkpoint fails now, before any data loads
     recipe = load_recipe(args.recipe, args.profile, args.overrides)

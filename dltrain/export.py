@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dltrain import rundir
+from dltrain import rundir, storage
 from dltrain.errors import StorageError
 from dltrain.recipe import RecipeError, dump_recipe, validate
 
@@ -58,10 +58,10 @@ def from_loop(loop, out_dir: Path) -> None:
                 os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
-        except rundir.WRITE_ERRORS as exc:
+        except storage.WRITE_ERRORS as exc:
             failed = exc
             shutil.rmtree(tmp, ignore_errors=True)
-    if not rundir.agree_ok(acc, failed):
+    if not storage.agree_ok(acc, failed):
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
         intact = (
             f"the last checkpoint is {loop.last_checkpoint} (export it with `dltrain export`)"
@@ -69,7 +69,7 @@ def from_loop(loop, out_dir: Path) -> None:
             else "no checkpoint was written"
         )
         raise StorageError(
-            rundir.write_failure(
+            storage.write_failure(
                 failed, f"{out_dir.name} not written to {out_dir.parent}", intact, need, out_dir.parent, loop.run_dir
             )
         )
@@ -95,7 +95,7 @@ def save(model, state_dict: dict, out_dir: Path, recipe) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE))
         write_config(out_dir, model, recipe)
     (out_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
-    rundir.with_umask_mode(out_dir)
+    storage.with_umask_mode(out_dir)
 
 
 def write_config(out_dir: Path, model, recipe) -> Path:
@@ -144,7 +144,7 @@ DEFAULT_ORDER = ("final", "best", "checkpoint")
 
 def _newest_checkpoint(run_dir: Path, recipe_text: str) -> Path | None:
     """The newest complete checkpoint of a run that holds model weights (DeepSpeed's do not)."""
-    from dltrain import checkpoint
+    from dltrain import checkpoint_scan
 
     try:
         recipe = validate(yaml.safe_load(recipe_text) or {}, source=f"{run_dir} (its recipe)")
@@ -152,7 +152,7 @@ def _newest_checkpoint(run_dir: Path, recipe_text: str) -> Path | None:
         root = rundir.checkpoint_root(recipe, run_dir, identity["run_id"] if identity else "")
     except RecipeError:
         root = run_dir / "checkpoints"
-    good, _ = checkpoint.scan(root)
+    good, _ = checkpoint_scan.scan(root)
     with_weights = [p for p in good if (p / WEIGHTS_FILE).is_file()]
     return with_weights[-1] if with_weights else None
 
@@ -195,13 +195,13 @@ def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
     """(resolved recipe YAML, folder holding the weights) of a run, checkpoint or exported folder.
     Of a run directory: its `which` model (final, best), or with None what it saved, in the order
     DEFAULT_ORDER (final_model/, best_model/, the newest checkpoint)."""
-    from dltrain import checkpoint
+    from dltrain import checkpoint_scan
 
     path = Path(path)
     if not path.is_dir():
         raise RecipeError(f"{path}: no such folder: give a run directory, a checkpoint or an exported model")
     if (path / "trainer_state.json").is_file():  # a checkpoint: intact, as --resume would require
-        why = checkpoint.problem_with(path)
+        why = checkpoint_scan.problem_with(path)
         if why is not None:
             raise RecipeError(f"checkpoint {path} is {why}: use another of the run's checkpoints, or its final_model")
         if not (path / WEIGHTS_FILE).is_file():
@@ -209,7 +209,7 @@ def locate(path: Path, which: str | None = None) -> tuple[str, Path]:
                 f"{path} holds no {WEIGHTS_FILE} (a DeepSpeed checkpoint?): evaluate or export the run's "
                 "final_model instead"
             )
-        return checkpoint.saved_state(path)["recipe"], path
+        return checkpoint_scan.saved_state(path)["recipe"], path
     if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():  # exported, or final_model/
         return _read(path / RECIPE_FILE), path
     if (path / RECIPE_FILE).is_file():  # a run directory

@@ -90,7 +90,7 @@ def warmup_steps(cfg, total_steps: int) -> int:
 
 
 def build_scheduler(cfg, optimizer, total_steps: int):
-    """A LambdaLR (dltrain.rundir re-evaluates its lambdas when a resume changes the schedule)."""
+    """A LambdaLR (dltrain.resume_rules re-evaluates its lambdas when a resume changes the schedule)."""
     if cfg.name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = warmup_steps(cfg, total_steps)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dltrain import checkpoint, export, extras, rundir, strategy, tracking
+from dltrain import checkpoint, checkpoint_scan, export, extras, resume_rules, rundir, strategy, tracking
 from dltrain.accel import build_accelerator
 from dltrain.errors import RecipeError, StorageError
 from dltrain.launched import cpu_threads
@@ -73,8 +73,8 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
     it came from; every refusal is raised here or before the first write (dltrain.rundir)."""
     identity = rundir.read_identity(run_dir)
     own = identity["run_id"] if identity else None
-    path = checkpoint.locate(run_dir, recipe, resume, own)
-    meta = checkpoint.saved_state(path)
+    path = checkpoint_scan.locate(run_dir, recipe, resume, own)
+    meta = checkpoint_scan.saved_state(path)
     theirs = meta.get("run_id")
     if path is not None and own is not None and theirs != own:
         raise RecipeError(
@@ -90,10 +90,10 @@ def start_point(run_dir: Path, recipe, resume: str | None) -> dict:
         # Stopped before its first checkpoint: it starts over, as the recipe it began with says.
         first = run_dir / "recipe.yaml"
         if first.is_file():
-            rundir.recipe_changes(first.read_text(), recipe, first)
-    changes = rundir.recipe_changes(meta["recipe"], recipe, path) if path is not None else []
+            resume_rules.recipe_changes(first.read_text(), recipe, first)
+    changes = resume_rules.recipe_changes(meta["recipe"], recipe, path) if path is not None else []
     run_id = own or rundir.new_run_id()
-    checkpoint.ckpt_root(recipe, run_dir, run_id)  # refuses a checkpoint.dir leading out of the run
+    rundir.checkpoint_root(recipe, run_dir, run_id)  # refuses a checkpoint.dir leading out of the run
     fork = path is not None and own is None
     forked_from = {"checkpoint": str(path), "run_id": theirs, "step": meta["state"]["step"]} if fork else None
     return {
@@ -201,8 +201,8 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     state = TrainState(**saved) if saved else TrainState()
     changes = start["changes"] if saved else []
     if changes:
-        rundir.apply_to_optimizer(changes, recipe, backend.optimizer, scheduler)
-        print0(accelerator, f"dltrain: resuming with changes: {rundir.describe(changes)}")
+        resume_rules.apply_to_optimizer(changes, recipe, backend.optimizer, scheduler)
+        print0(accelerator, f"dltrain: resuming with changes: {resume_rules.describe(changes)}")
     if state.step > total_steps:
         raise RecipeError(
             f"the checkpoint is at step {state.step}, past the end of this recipe ({total_steps} steps): "
@@ -214,7 +214,7 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     identity = {}
     if accelerator.is_main_process:  # every check has passed: now the directory may change
         identity = rundir.start_segment(
-            run_dir, recipe, start, state.step, checkpoint.ckpt_root(recipe, run_dir, start["run_id"])
+            run_dir, recipe, start, state.step, rundir.checkpoint_root(recipe, run_dir, start["run_id"])
         )
         if resume and not saved:
             print(f"dltrain: starting from scratch: no complete checkpoint of this run in {run_dir} yet", flush=True)
@@ -238,7 +238,7 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
         except StorageError as exc:
             unsaved = exc
     summary = _summary(loop, state, final, run_dir, time.perf_counter() - t_start) | {
-        "resumed_with_changes": rundir.changes_so_far(identity),
+        "resumed_with_changes": resume_rules.changes_so_far(identity),
         "forked_from": start["forked_from"],
         "final_model": None if unsaved or not recipe.checkpoint.save_final_model else str(run_dir / "final_model"),
     }

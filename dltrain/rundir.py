@@ -1,4 +1,5 @@
-"""The run directory: who may write it, where its checkpoints may go, and what a resume may change.
+"""The run directory: who may write it, where its checkpoints may go, and what each segment of a run
+changes in it.
 
 A run directory belongs to one job at a time. Rank 0 holds an exclusive OS lock on RUN_DIR/.lock
 (fcntl.flock) from before it looks at the directory until the process ends; the kernel releases it
@@ -21,13 +22,7 @@ the run directory; one outside (absolute, or climbing out with ..) only with
 runs sharing a folder never meet. Every checkpoint carries the run's id; `--resume auto` picks and
 pruning deletes only checkpoints that carry it.
 
-Resuming with a changed recipe: the checkpoint stores the recipe it was trained with. A change to
-what defines the model, the data or their order (workload, model.*, data.*, train.seed,
-train.global_batch_size, train.precision, optim.name, optim.no_decay_bias_norm, deepspeed.*, distributed.strategy,
-distributed.comm_hook, distributed.fsdp.auto_wrap / reduce_dtype) is refused with one line listing
-the changed keys. Changes to what users change when continuing a run (RESUMABLE below: length,
-cadences, learning rate and optimizer hyperparameters, schedule, tracking, target) are applied,
-printed, and listed in summary.json under `resumed_with_changes`.
+What a resume may change in the recipe is dltrain.resume_rules's.
 """
 
 from __future__ import annotations
@@ -42,57 +37,9 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
-from safetensors import SafetensorError
-
 from dltrain.recipe import RecipeError, dump_recipe
 
 LOCK_FILE = ".lock"
-
-# Keys (or sections, as prefixes) a resume may change. Everything else must stay as the
-# checkpoint's recipe has it: a key added here must not change the model, the data or its order.
-RESUMABLE = (
-    "name",
-    "description",
-    "train.epochs",
-    "train.max_steps",
-    "train.eval_every",
-    "train.log_every",
-    "train.sync_every",
-    "train.max_nonfinite_steps",
-    "train.warmup_steps_excluded",
-    "train.compile",
-    "train.tf32",
-    "train.clip_grad_norm",
-    "train.micro_batch_size",
-    "train.grad_accum",
-    "train.cpu_threads",
-    "optim.lr",
-    "optim.weight_decay",
-    "optim.betas",
-    "optim.momentum",
-    "optim.fused",
-    "schedule",
-    "tracking",
-    "checkpoint",
-    "target",
-    # Workload keys that change neither the examples nor their order.
-    "data.padding",
-    "data.bucket_multiple",
-    "data.loader",
-    "data.num_workers",
-    # How DDP buckets and schedules the same all-reduce, and when FSDP frees gathered parameters
-    # or in which layout the next checkpoints are written: the sums are the same. Not so the
-    # strategy, a gradient compression hook, FSDP's units or reduce dtype.
-    "distributed.bucket_cap_mb",
-    "distributed.gradient_as_bucket_view",
-    "distributed.static_graph",
-    "distributed.find_unused_parameters",
-    "distributed.fsdp.sharding",
-    "distributed.fsdp.state_dict_type",
-)
-# Changes after which the optimizer's hyperparameters and the LR schedule are set anew.
-RESCHEDULE = ("optim.", "schedule", "train.epochs", "train.max_steps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,122 +157,8 @@ def owned_by(path: Path, run_id: str | None) -> bool:
         return False
 
 
-# What a failed write raises: OSError, torch's zip writer's RuntimeError (a full disk without an
-# errno), safetensors' own SafetensorError.
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-def agree_ok(acc, failed: Exception | None) -> bool:
-    """True when no rank failed; one collective (a barrier's worth) per phase of a save."""
-    if acc.num_processes == 1:
-        return failed is None
-    import torch  # here: `dltrain --help` imports this module's callers, and torch costs seconds
-
-    flag = torch.tensor([0.0 if failed is None else 1.0], device=acc.device)
-    return acc.reduce(flag, reduction="sum").item() == 0
-
-
-def with_umask_mode(folder: Path) -> None:
-    """Give the weights in `folder` the mode a new file gets (0666 less the umask), as every other
-    file dltrain writes has. safetensors (0.8) writes *.safetensors with mode 0600 whatever the umask
-    (transformers' save_pretrained goes through it too): other users of a shared model folder could
-    read its config but not its weights."""
-    mask = os.umask(0)  # reading the umask sets it: put it straight back (no thread writes meanwhile)
-    os.umask(mask)
-    for path in folder.glob("*.safetensors"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~mask)
-
-
-def write_failure(failed: Exception | None, head: str, intact: str, need: int, where: Path, run_dir) -> str:
-    """The one line for a write into `where` that failed. torch's zip writer and safetensors report
-    a full disk without an errno: little free space then tells."""
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        free = None
-    code = getattr(failed, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < need)
-    if full:
-        what = failed.strerror if code else os.strerror(errno.ENOSPC)
-    elif failed is None:
-        what = "failed on another rank"
-    else:
-        what = (
-            getattr(failed, "strerror", None) or (str(failed).strip().splitlines() or [type(failed).__name__])[0][:200]
-        )
-    if not full:
-        return f"{head} ({what}); {intact}"
-    space = f"it needs about {_mb(need)}" + (f", {_mb(free)} free" if free is not None else "")
-    return f"{head} ({what}; {space}); {intact}: free space and continue with --resume auto --output-dir {run_dir}"
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
-
-
 # ----------------------------------------------------------------------------------------------
-# The recipe across resumes
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out |= _flat(value, f"{prefix}.{key}" if prefix else str(key))
-    return out
-
-
-def _resumable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
-
-
-def recipe_changes(saved_yaml: str, recipe, checkpoint: Path) -> list[dict]:
-    """[{key, from, to}] for each resumable change from the checkpoint's recipe; a change to
-    anything else raises RecipeError listing every such key. Keys the saved recipe does not have
-    (added to the schema since) are not changes."""
-    saved = _flat(yaml.safe_load(saved_yaml) or {})
-    now = _flat(yaml.safe_load(dump_recipe(recipe)))
-    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
-    refused = [k for k in changed if not _resumable(k)]
-    if refused:
-        shown = ", ".join(f"{k} ({_short(saved[k])} -> {_short(now[k])})" for k in refused)
-        raise RecipeError(
-            f"cannot resume from {checkpoint} with a different {shown}: a resume keeps the model, the data, its "
-            "order and the optimizer type; use the checkpoint's values, or start a new run in another --output-dir"
-        )
-    return [{"key": k, "from": saved[k], "to": now[k]} for k in changed]
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def describe(changes: list[dict]) -> str:
-    return ", ".join(f"{c['key']} {_short(c['from'])} -> {_short(c['to'])}" for c in changes)
-
-
-def apply_to_optimizer(changes: list[dict], recipe, optimizer, scheduler) -> None:
-    """After a resume with changes: the loaded optimizer and scheduler states carry the old
-    hyperparameters and base LR (torch restores them from the checkpoint); set the recipe's, and
-    the LR the new schedule gives at the current step."""
-    if not any(c["key"].startswith(RESCHEDULE) for c in changes):
-        return
-    cfg = recipe.optim
-    for group in optimizer.param_groups:
-        group["weight_decay"] = 0.0 if group.get("no_decay") else cfg.weight_decay  # dltrain.optim's groups
-        group["initial_lr"] = cfg.lr
-        if "betas" in group:
-            group["betas"] = tuple(cfg.betas)
-        if "momentum" in group:
-            group["momentum"] = cfg.momentum
-    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
+# A segment's start
 
 
 def start_segment(run_dir: Path, recipe, start: dict, step: int, ckpt_root: Path) -> dict:
@@ -352,11 +185,6 @@ def start_segment(run_dir: Path, recipe, start: dict, step: int, ckpt_root: Path
         )
     write_segment_recipe(run_dir, recipe, step)
     return identity
-
-
-def changes_so_far(identity: dict) -> list[dict]:
-    """Every resumed segment's recipe changes, each with the step it was applied at."""
-    return [change | {"at_step": seg["from_step"]} for seg in identity.get("segments", []) for change in seg["changes"]]
 
 
 def clean_stale_writes(root: Path) -> list[Path]:

@@ -40,7 +40,7 @@ def _state(ckpt: Path) -> dict:
 
 
 def test_scan_tells_complete_from_incomplete(tmp_path):
-    from dltrain.checkpoint import MANIFEST, problem_with, scan
+    from dltrain.checkpoint_scan import MANIFEST, problem_with, scan
     from dltrain.data import sha256_of as _sha256
 
     root = tmp_path / "checkpoints"

@@ -238,7 +238,7 @@ def test_linear_warmup_keeps_its_numbers_and_hf_schedules_come_from_transformers
 
 
 def test_a_resume_that_changes_the_schedule_sets_the_new_lr_and_keeps_no_decay_groups():
-    from dltrain import rundir
+    from dltrain import resume_rules
     from dltrain.optim import build_optimizer, build_scheduler
 
     old = load_recipe(RECIPES / "cnn_mnist.yaml", overrides=["optim.name=adamw", "optim.weight_decay=0.1"])
@@ -253,7 +253,7 @@ def test_a_resume_that_changes_the_schedule_sets_the_new_lr_and_keeps_no_decay_g
         sched.step()
     sched_new = build_scheduler(new.schedule, opt, 10)
     sched_new.load_state_dict(sched.state_dict())  # as a resume loads the checkpoint's state
-    rundir.apply_to_optimizer([{"key": "schedule.name"}], new, opt, sched_new)
+    resume_rules.apply_to_optimizer([{"key": "schedule.name"}], new, opt, sched_new)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5)  # cosine at half-way
 

@@ -1,5 +1,5 @@
-"""Run-directory integrity (dltrain.rundir): one job per directory, resume with a changed recipe,
-checkpoints confined to the run, a cut-off metrics.jsonl, a full disk.
+"""Run-directory integrity (dltrain.rundir, dltrain.resume_rules): one job per directory, resume
+with a changed recipe, checkpoints confined to the run, a cut-off metrics.jsonl, a full disk.
 
 Runs are real `python -m dltrain` processes on the tiny CNN of resume_helpers (20 steps, a
 checkpoint every 4)."""

@@ -102,12 +102,12 @@ def test_master_without_a_port_takes_the_default_and_one_node_may_take_any_free_
 def test_launch_refuses_process_counts_this_host_cannot_run_before_starting_any(capsys, monkeypatch):
     import os
 
-    from dltrain import launch
+    from dltrain import launch, supervise
 
     def must_not_run(argv, env):
         raise AssertionError(f"launched {argv}")
 
-    monkeypatch.setattr(launch, "run_command", must_not_run)
+    monkeypatch.setattr(supervise, "run_command", must_not_run)
     too_many = 4 * (os.cpu_count() or 1) + 1
     rc, _, err = _launch(capsys, "--cpu", "--nproc", str(too_many), *TRAIN)
     assert rc == 2 and f"--nproc {too_many}: more than 4 processes per core" in err
@@ -321,12 +321,12 @@ def test_the_root_gpu_config_on_a_host_without_gpus_is_refused_before_training(t
     """The root accelerate_config.yaml (gpu_ids: all, 8 processes) started 8 CPU processes on 2 cores."""
     import torch
 
-    from dltrain import launch
+    from dltrain import supervise
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for hosts without a GPU; here the config runs one process per GPU")
     root = str(REPO / "accelerate_config.yaml")
-    monkeypatch.setattr(launch, "run_command", lambda argv, env: pytest.fail(f"launched {argv}"))
+    monkeypatch.setattr(supervise, "run_command", lambda argv, env: pytest.fail(f"launched {argv}"))
     rc, _, err = _launch(capsys, *TRAIN, "--config_file", root)
     assert rc == 2 and len(_dltrain_errors(err)) == 1, err
     assert "is a GPU config (gpu_ids: all, 8 processes)" in err and "launch/cpu_2proc.yaml" in err, err

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import RECIPES, run_cli
-from dltrain import rundir
+from dltrain import resume_rules
 from dltrain.recipe import RecipeError, dump_recipe, load_recipe
 from dltrain.strategy import fsdp
 
@@ -58,7 +58,7 @@ def test_contradictions_and_typos_are_refused_in_one_line(overrides, message):
 
 def test_a_resume_may_change_how_ddp_buckets_but_not_what_it_sums():
     saved = dump_recipe(_cnn())
-    changes = rundir.recipe_changes(
+    changes = resume_rules.recipe_changes(
         saved,
         _cnn(
             "distributed.bucket_cap_mb=1", "distributed.static_graph=true", "distributed.gradient_as_bucket_view=true"
@@ -71,15 +71,17 @@ def test_a_resume_may_change_how_ddp_buckets_but_not_what_it_sums():
         "distributed.gradient_as_bucket_view",
     }
     with pytest.raises(RecipeError, match=r"distributed\.comm_hook \('none' -> 'bf16'\)"):
-        rundir.recipe_changes(saved, _cnn("distributed.comm_hook=bf16"), "ckpt")
+        resume_rules.recipe_changes(saved, _cnn("distributed.comm_hook=bf16"), "ckpt")
     with pytest.raises(RecipeError, match=r"distributed\.strategy \('ddp' -> 'fsdp'\)"):
-        rundir.recipe_changes(saved, _cnn("distributed.strategy=fsdp"), "ckpt")
+        resume_rules.recipe_changes(saved, _cnn("distributed.strategy=fsdp"), "ckpt")
     fsdp_saved = dump_recipe(_cnn("distributed.strategy=fsdp"))
-    assert rundir.recipe_changes(
+    assert resume_rules.recipe_changes(
         fsdp_saved, _cnn("distributed.strategy=fsdp", "distributed.fsdp.state_dict_type=full"), "c"
     )
     with pytest.raises(RecipeError, match=r"distributed\.fsdp\.auto_wrap"):
-        rundir.recipe_changes(fsdp_saved, _cnn("distributed.strategy=fsdp", "distributed.fsdp.auto_wrap=[Linear]"), "c")
+        resume_rules.recipe_changes(
+            fsdp_saved, _cnn("distributed.strategy=fsdp", "distributed.fsdp.auto_wrap=[Linear]"), "c"
+        )
 
 
 def test_launch_fsdp_sets_the_strategy_and_needs_two_processes():
