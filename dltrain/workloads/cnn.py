@@ -39,14 +39,13 @@ class ModelConfig(Section):
     channels_last: bool = False
     """hold the conv weights, and so the activations, in channels_last (NHWC) memory format: the
     same model and numbers up to reduction order, faster oneDNN convolutions and max-pooling on CPU
-    (issue 24: 1.12-1.36x samples/s at batch 128 on one AVX2 thread, loaded). The 1-channel images need no
+    (issue 24: 1.15-1.35x samples/s at batch 128 on one AVX2 thread). The 1-channel images need no
     change (NCHW and NHWC are the same bytes); checkpoints and exports are written contiguous."""
     pool_before_relu: bool = False
     """max-pool, then ReLU, in each conv block: the same function and gradients bit for bit (ReLU is
     monotone, so it commutes with max), the same parameters and state_dict keys, with the ReLU and
-    its backward on a quarter of the elements (about 70 MB less memory traffic a step at batch
-    128). Off in every profile: on a loaded 2-core AVX2 machine its gain over channels_last alone
-    was not resolved (0.75-1.7x between runs under dltrain's allocator settings; issue 24)"""
+    its backward on a quarter of the elements (issue 24: 1.48x samples/s over channels_last alone
+    at batch 128 on one AVX2 thread)"""
 
 
 class DataConfig(Section):
