@@ -36,6 +36,11 @@ class ModelConfig(Section):
     """width of the first linear layer"""
     num_classes: int = Field(10, ge=10)
     """logits; MNIST's labels are 0-9, so at least 10"""
+    channels_last: bool = False
+    """hold the conv weights, and so the activations, in channels_last (NHWC) memory format: the
+    same model and numbers up to reduction order, faster oneDNN convolutions and max-pooling on CPU
+    (issue 24: 1.15-1.35x samples/s at batch 128 on one AVX2 thread). The 1-channel images need no
+    change (NCHW and NHWC are the same bytes); checkpoints and exports are written contiguous."""
 
 
 class DataConfig(Section):
@@ -86,7 +91,13 @@ class Net(nn.Module):
 
 def build_model(recipe: Recipe) -> nn.Module:
     with sized_by("the model", "model.conv1_channels, model.conv2_channels or model.hidden"):
-        return Net(recipe.model)
+        model = Net(recipe.model)
+    if recipe.model.channels_last:
+        # Parameters keep these strides through .to(device), load_state_dict (a copy into them) and
+        # the optimizer's state (zeros_like preserves the format); state_dict() hands them out
+        # non-contiguous, which the savers (Accelerate's save_state, dltrain.export) make contiguous.
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
