@@ -32,10 +32,16 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from dltrain.bench.result import Config
+
+class StepTimes(Protocol):
+    """What slowest_of reads of a config's results (dltrain.bench.result.Config has it): the model
+    stays below the result types, which import its Fit."""
+
+    step_time_ms_percentiles: list[float] | None
+
+    def mean(self, key: str) -> float: ...
 
 
 @runtime_checkable
@@ -108,7 +114,7 @@ def predict_step(step1_s: float, profile: dict, comm: CollectiveCost, bucket_cap
     }
 
 
-def slowest_of(cfg: Config, n: int) -> float:
+def slowest_of(cfg: StepTimes, n: int) -> float:
     """Seconds: the median over steps of the slowest of n ranks' step times, each rank drawing its
     batch independently from the world-1 step-time distribution: its 0.5^(1/n) quantile (p50 for
     n = 1, p70.7 for n = 2, p99 and beyond for n >= 69, clamped to the p99 recorded). Text with
