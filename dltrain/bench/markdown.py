@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dltrain.bench.overhead import markdown_lines as overhead_lines
 from dltrain.bench.result import Config, Stats
 from dltrain.bench.suite import VARIANT_KINDS
 
@@ -177,6 +178,7 @@ def render(summary: dict, out_dir: Path) -> str:
             for b in summary["baselines"]
         ],
     )
+    lines += overhead_lines(summary)  # dltrain.bench.overhead: us per step over the bare loop
     lines += [
         "## Scaling (measured, constant per-device batch)",
         "",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from dltrain.bench.overhead import overhead_rows
 from dltrain.bench.result import Config, Result, Stats, read_results
 
 FIGURES = [
@@ -228,6 +229,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> dict:
         "flops": meta.get("flops", {}),
         "configs": configs,
         "baselines": baseline_ratios(results, configs),
+        "overhead": overhead_rows(results, configs),  # dltrain.bench.overhead: us per step over the bare loop
         "variants": variants(results, configs),
         "scaling": scaling(configs),
         "comm": comm,
