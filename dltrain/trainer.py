@@ -192,7 +192,8 @@ def _sync(loop: Loop, state: TrainState) -> bool:
     pending, loop.pending = loop.pending, []
     several = loop.plan.world > 1
     if len(pending) == 1 and not several:  # one step's one flag (a CPU syncs every step): read it alone
-        values = [pending[0][2].item()]
+        value = pending[0][2].tolist()  # no operator dispatched, unlike .item()
+        values = value if isinstance(value, list) else [value]
     else:
         flags = [flag.reshape(1) for _, _, flag in pending]
         acc = loop.accelerator
