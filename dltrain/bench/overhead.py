@@ -38,13 +38,35 @@ RECIPES = {"cnn": "cnn_mnist", "rnn": "rnn_sine", "bert": "bert_sst2_minilm"}
 # The profiler: one child process per loop
 
 
+class OpCounter:
+    """Counts the ATen operators the steps run (a TorchDispatchMode: below autograd, so backward's
+    and the optimizer's too; on a CPU they run on this thread). Each costs a dispatch, several
+    microseconds on a tiny tensor: the currency of a 1 ms step's overhead besides Python calls."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.counts, self.mode = counts, Mode()
+
+
 class Window:
-    """Marks at the end of each step: `steps` timed, then `steps` profiled."""
+    """Marks at the end of each step: `steps` timed, then `steps` profiled, then `steps` whose
+    ATen operators are counted."""
 
     def __init__(self, steps: int):
         self.steps = steps
         self.marks: list[float] = []
+        self.cpu_marks: list[float] = []  # this thread's CPU time: what load on a shared machine moves least
         self.profile = cProfile.Profile(builtins=True)
+        self.ops = OpCounter()
         self.done = False
 
     def at(self, k: int) -> None:
@@ -52,20 +74,28 @@ class Window:
         n = self.steps
         if k <= n:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.thread_time())
         if k == n:
             self.profile.enable()
         elif k == 2 * n:
             self.profile.disable()
+            self.ops.mode.__enter__()
+        elif k == 3 * n:
+            self.ops.mode.__exit__(None, None, None)
             self.done = True
 
     def result(self, loop: str) -> dict:
         times = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        cpu = [b - a for a, b in zip(self.cpu_marks, self.cpu_marks[1:])]
         return {
             "loop": loop,
             "steps": self.steps,
             "step_us_mean": 1e6 * (self.marks[-1] - self.marks[0]) / self.steps,
             "step_us_p50": 1e6 * statistics.median(times),
+            "cpu_us_p50": 1e6 * statistics.median(cpu),
             **profile_figures(self.profile, self.steps),
+            "aten_ops_per_step": sum(self.ops.counts.values()) / self.steps,
+            "aten_ops": {k: v / self.steps for k, v in sorted(self.ops.counts.items())},
         }
 
 
@@ -99,8 +129,8 @@ def _short(file: str) -> str:
 
 def _base_sets(steps: int, warmup: int) -> list[str]:
     return [
-        f"train.max_steps={warmup + 2 * steps + 1}",
-        f"train.eval_every={warmup + 2 * steps + 1}",  # evaluated once, after the windows
+        f"train.max_steps={warmup + 3 * steps + 1}",
+        f"train.eval_every={warmup + 3 * steps + 1}",  # evaluated once, after the windows
         "train.cpu_threads=1",
         "tracking.wandb=false",
         "tracking.plots=false",
@@ -149,7 +179,7 @@ def bare_argv(workload: str, profile: str | None, sets: list[str], steps: int, w
 
     recipe = load_recipe(RECIPES[workload], profile, sets)
     wl = get_workload(recipe.workload)
-    argv = [str(shipped.folder("baselines") / wl.baselines["bare"]), "--steps", str(2 * steps)]
+    argv = [str(shipped.folder("baselines") / wl.baselines["bare"]), "--steps", str(3 * steps)]
     argv += ["--warmup", str(warmup), "--batch", str(recipe.train.global_batch_size)]
     argv += ["--precision", recipe.train.precision, "--seed", str(recipe.train.seed)]
     if wl.baseline_takes_recipe:
@@ -205,7 +235,7 @@ def measure(workload: str, profile: str | None, steps: int, sets: list[str], out
     out = {}
     for loop in ("dltrain", "bare"):
         out[loop] = runs[0][loop]
-        for key in ("step_us_p50", "step_us_mean"):
+        for key in ("step_us_p50", "step_us_mean", "cpu_us_p50"):
             out[loop][f"rounds_{key}"] = [r[loop][key] for r in runs]
             out[loop][key] = min(out[loop][f"rounds_{key}"])
     return out
@@ -236,7 +266,16 @@ def compare(run: dict, top: int = 15) -> dict:
     """dltrain minus bare per step, and the functions whose extra profiled time is largest."""
     d, b = run["dltrain"], run["bare"]
     diff = {
-        k: d[k] - b[k] for k in ("step_us_p50", "step_us_mean", "calls_per_step", "python_us_per_step", "c_us_per_step")
+        k: d[k] - b[k]
+        for k in (
+            "step_us_p50",
+            "step_us_mean",
+            "cpu_us_p50",
+            "calls_per_step",
+            "aten_ops_per_step",
+            "python_us_per_step",
+            "c_us_per_step",
+        )
     }
     extra = []
     for key, (calls, own) in d["functions"].items():
@@ -244,7 +283,13 @@ def compare(run: dict, top: int = 15) -> dict:
         if calls > b_calls + 1e-9:
             extra.append((key, calls - b_calls, own - b_own))
     extra.sort(key=lambda e: -e[2])
-    return {"overhead": diff, "extra_functions": extra[:top]}
+    ops = {k: n - b["aten_ops"].get(k, 0.0) for k, n in d["aten_ops"].items()}
+    ops |= {k: -n for k, n in b["aten_ops"].items() if k not in d["aten_ops"]}
+    return {
+        "overhead": diff,
+        "extra_functions": extra[:top],
+        "aten_ops_diff": {k: v for k, v in sorted(ops.items(), key=lambda kv: -kv[1]) if abs(v) > 1e-9},
+    }
 
 
 def format_report(workload: str, run: dict, cmp: dict) -> str:
@@ -252,7 +297,9 @@ def format_report(workload: str, run: dict, cmp: dict) -> str:
     rows = [
         ("step time p50 (us, unprofiled, least of rounds)", "step_us_p50"),
         ("step time mean (us, unprofiled, least of rounds)", "step_us_mean"),
+        ("thread CPU time p50 (us, unprofiled, least)", "cpu_us_p50"),
         ("calls per step (cProfile, C included)", "calls_per_step"),
+        ("ATen operators per step", "aten_ops_per_step"),
         ("Python functions' own us/step (profiled)", "python_us_per_step"),
         ("C functions' own us/step (profiled)", "c_us_per_step"),
     ]
@@ -263,12 +310,15 @@ def format_report(workload: str, run: dict, cmp: dict) -> str:
     ]
     lines += [f"{label:50} {d[k]:10.1f} {b[k]:10.1f} {o[k]:13.1f}" for label, k in rows]
     lines += [
-        f"ratio bare/dltrain step time p50: {b['step_us_p50'] / d['step_us_p50']:.3f}",
+        f"ratio bare/dltrain: step time p50 {b['step_us_p50'] / d['step_us_p50']:.3f}, "
+        f"thread CPU time p50 {b['cpu_us_p50'] / d['cpu_us_p50']:.3f}",
         "",
         "functions dltrain calls more than bare (by extra profiled us/step):",
         f"{'extra calls/step':>17} {'extra us/step':>14}  function",
     ]
     lines += [f"{calls:17.2f} {us:14.1f}  {key}" for key, calls, us in cmp["extra_functions"]]
+    ops = ", ".join(f"{k} {v:+.2f}" for k, v in cmp["aten_ops_diff"].items())
+    lines += ["", f"ATen operators per step, dltrain - bare: {ops or 'none'}"]
     return "\n".join(lines)
 
 
