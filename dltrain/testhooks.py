@@ -30,7 +30,21 @@ def _hits(name: str, step: int, rank: int) -> bool:
     return int(at) == step and (not only or int(only) == rank)
 
 
+_STEP_END_VARS = ("DLTRAIN_TEST_SIGNAL_AT_STEP", "DLTRAIN_TEST_STEP_SLEEP", "DLTRAIN_TEST_CRASH_AT_STEP")
+_step_end_armed: bool | None = None  # None: not known, look every time
+
+
+def arm() -> None:
+    """Read once at the start of a run (dltrain.trainer.fit) whether any step-end hook is set:
+    unset, at_step_end returns at once instead of looking up four variables every step (about
+    5 us of a 1 ms step)."""
+    global _step_end_armed
+    _step_end_armed = any(os.environ.get(name) for name in _STEP_END_VARS)
+
+
 def at_step_end(rank: int, step: int) -> None:
+    if _step_end_armed is False:
+        return
     if _hits("DLTRAIN_TEST_SIGNAL_AT_STEP", step, rank):
         os.kill(os.getpid(), getattr(signal, os.environ.get("DLTRAIN_TEST_SIGNAL", "SIGTERM")))
     if (pause := os.environ.get("DLTRAIN_TEST_STEP_SLEEP")) and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":

@@ -71,9 +71,12 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     clock = loop.clock = StepClock(acc.device, r.train.warmup_steps_excluded, plan.global_batch, start_step=state.step)
     bar = progress_bar(loop.total_steps, state.step, acc.is_main_process)  # plain lines when not on a terminal
     window: dict = {}  # per-step statistics since the last log record, as device tensors
-    fail_at = testhooks.fail_at_step(acc.process_index)
+    testhooks.arm()  # the fault-injection variables, read once here rather than every step
+    rank = acc.process_index
+    fail_at = testhooks.fail_at_step(rank)
     nan_at = testhooks.nonfinite_at_step()
     sync_every = loop.sync_every
+    alone = plan.world == 1  # equal to acc.num_processes (dltrain.accel.check_world), without its lookups
     debug = sync_debug_mode(acc.device)  # on a GPU, torch warns or raises at a host read inside the step
     loop.model.train()
     reached = False  # the target, when target.stop ends training there
@@ -105,16 +108,14 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             clock.step_done(state.step)
             bar.update(1)
             if state.step == fail_at:
-                raise RuntimeError(
-                    f"injected failure on rank {acc.process_index} at step {fail_at} (DLTRAIN_TEST_FAIL_AT_STEP)"
-                )
-            testhooks.at_step_end(acc.process_index, state.step)
+                raise RuntimeError(f"injected failure on rank {rank} at step {fail_at} (DLTRAIN_TEST_FAIL_AT_STEP)")
+            testhooks.at_step_end(rank, state.step)
             # The step's end. Nothing below reads from the device except at a sync point.
             last = state.step == loop.total_steps
             log_due = state.step % r.train.log_every == 0 or last
             eval_due = _eval_due(r, state, state.step_in_epoch == loop.steps_per_epoch, loop.total_steps)
             save_due = _save_due(r.checkpoint, state, loop.steps_per_epoch)
-            alone_stopping = acc.num_processes == 1 and signals.received() is not None  # no one to agree with
+            alone_stopping = alone and signals.received() is not None  # no one to agree with
             stop = False
             if state.step % sync_every == 0 or last or eval_due or save_due or alone_stopping:
                 stop = _sync(loop, state)
@@ -152,13 +153,15 @@ def _train_step(loop: Loop, batches, window: dict, state: TrainState, poison: bo
     """One optimizer step: grad_accum micro-batches, then the backend's step, which waits for the
     device nowhere it can avoid it (dltrain.strategy). Every statement runs once per step, so each
     costs: on a 1 ms step (the RNN on a CPU) a few tensor ops are several percent."""
-    acc, model, strategy = loop.accelerator, loop.model, loop.strategy
+    strategy, plan = loop.strategy, loop.plan
+    acc, model = strategy.accelerator, strategy.model  # Loop's properties, without their calls
+    accumulating = plan.grad_accum > 1  # else gradients sync at every micro-batch: sync_gradients stays True
     loss_sum = None  # of the micro-batch losses: non-finite iff one of them is
-    for _ in range(loop.plan.grad_accum):
+    for _ in range(plan.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         loop.clock.add_data_wait(time.perf_counter() - t0)
-        with acc.accumulate(model) if loop.plan.grad_accum > 1 else nullcontext():
+        with acc.accumulate(model) if accumulating else _NO_CONTEXT:
             out = loop.workload.forward(model, batch)
             if poison:  # a test hook (dltrain.testhooks): a NaN loss and NaN gradients
                 out = type(out)(out.loss * float("nan"), out.stats)
@@ -166,10 +169,13 @@ def _train_step(loop: Loop, batches, window: dict, state: TrainState, poison: bo
             loss_sum = loss if loss_sum is None else loss_sum + loss
             add_train_stats(window, loss, out.stats, loop.workload.batch_size_of(batch))
             strategy.backward(out.loss)
-            if acc.sync_gradients:
-                if acc.num_processes > 1:  # every rank must take the same decision
+            if not accumulating or acc.sync_gradients:
+                if plan.world > 1:  # every rank must take the same decision
                     loss_sum = acc.reduce(loss_sum, reduction="sum")
                 _optimizer_step(loop, loss_sum, state)
+
+
+_NO_CONTEXT = nullcontext()  # reusable: entered once per micro-batch when not accumulating
 
 
 def _optimizer_step(loop: Loop, loss_sum: torch.Tensor, state: TrainState) -> None:
@@ -183,17 +189,21 @@ def _optimizer_step(loop: Loop, loss_sum: torch.Tensor, state: TrainState) -> No
 def _sync(loop: Loop, state: TrainState) -> bool:
     """A sync point: the one host read between them. Learns which steps since the last sync had a
     non-finite loss (not applied) or an fp16 skip, and whether any rank was asked to stop."""
-    acc = loop.accelerator
-    flags = [flag.reshape(1) for _, _, flag in loop.pending]
-    several = acc.num_processes > 1
-    if several:  # ranks agree on stopping here, not with a collective every step
-        asked = 1.0 if signals.received() else 0.0
-        flags.append(torch.full((1,), asked, device=acc.device))
-    vector = torch.cat(flags) if flags else None
-    if several:
-        vector = acc.reduce(vector, reduction="sum")
-    values = vector.tolist() if vector is not None else []
     pending, loop.pending = loop.pending, []
+    several = loop.plan.world > 1
+    if len(pending) == 1 and not several:  # one step's one flag (a CPU syncs every step): read it alone
+        value = pending[0][2].tolist()  # no operator dispatched, unlike .item()
+        values = value if isinstance(value, list) else [value]
+    else:
+        flags = [flag.reshape(1) for _, _, flag in pending]
+        acc = loop.accelerator
+        if several:  # ranks agree on stopping here, not with a collective every step
+            asked = 1.0 if signals.received() else 0.0
+            flags.append(torch.full((1,), asked, device=acc.device))
+        vector = torch.cat(flags) if flags else None
+        if several:
+            vector = acc.reduce(vector, reduction="sum")
+        values = vector.tolist() if vector is not None else []
     for (kind, step, _), value in zip(pending, values):
         if value > 0 and kind == "skipped":
             state.skipped_steps += 1  # fp16 loss scaling found inf gradients: normal, logged

@@ -7,7 +7,7 @@ from pathlib import Path
 from dltrain.bench.cells import fig, num, stats, table
 from dltrain.bench.markdown_scaling import model_sections, scaling_section
 from dltrain.bench.report import Summary
-from dltrain.bench.result import Config
+from dltrain.bench.result import Config, Stats
 from dltrain.bench.suite import VARIANT_KINDS
 
 
@@ -148,6 +148,7 @@ def render(summary: Summary, out_dir: Path) -> str:
             for b in summary.baselines
         ],
     )
+    lines += _overhead_section(summary)
     lines += scaling_section(summary)
     if summary.variants:
         lines += [
@@ -256,3 +257,43 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text(render(summary, out_dir))
     return path
+
+
+def _overhead_section(summary: Summary) -> list[str]:
+    """One row per bare baseline; nothing when the suite ran none."""
+    if not summary.overhead:
+        return []
+
+    def us(s: Stats | None) -> str:
+        return "-" if s is None else f"{s.mean:+.0f}" + (f" ± {s.std:.0f}" if s.n > 1 else "")
+
+    return [
+        "## Framework overhead (dltrain - bare loop, per step)",
+        "",
+        "Microseconds per step dltrain spends beyond the bare loop of the same model, data and batch, "
+        "per repeat then averaged: from the median step times (p50) and from the timed window's mean "
+        "(global batch / samples/s). Negative: dltrain was faster. Where it goes: "
+        "`python -m dltrain.bench.overhead WORKLOAD` (calls and Python time per step, by function).",
+        "",
+        *table(
+            [
+                "baseline",
+                "dltrain config",
+                "bare step p50 (us)",
+                "overhead p50 (us/step)",
+                "overhead mean (us/step)",
+                "share of the bare step",
+            ],
+            [
+                [
+                    r.config,
+                    r.dltrain_config,
+                    num(r.bare_step_us_p50),
+                    us(r.overhead_us_p50),
+                    us(r.overhead_us_mean),
+                    "-" if r.overhead_share_p50 is None else f"{r.overhead_share_p50:+.1%}",
+                ]
+                for r in summary.overhead
+            ],
+        ),
+    ]

@@ -17,6 +17,7 @@ from dltrain.bench.result import (
     BaselineRow,
     CommRun,
     Config,
+    OverheadRow,
     ProjectionRow,
     Result,
     ScalingRow,
@@ -188,6 +189,41 @@ def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[B
     return rows
 
 
+def overhead_rows(results: list[Result], configs: dict[str, Config]) -> list[OverheadRow]:
+    """Each bare baseline against its dltrain pair, per repeat (the two ran back to back), then
+    averaged: microseconds per step dltrain spends beyond the bare loop, from the median step
+    times and from the timed window's mean (global batch / samples/s). Where the time goes:
+    `python -m dltrain.bench.overhead WORKLOAD`."""
+    by_key = {(r.config, r.repeat): r for r in results if r.ok}
+    rows = []
+    for name, cfg in configs.items():
+        if cfg.kind != "bare" or not cfg.pair:
+            continue
+        p50, mean, bare_p50 = [], [], []
+        for (config, repeat), bare in by_key.items():
+            ours = by_key.get((cfg.pair, repeat))
+            if config != name or ours is None:
+                continue
+            if bare.step_time_ms_p50 and ours.step_time_ms_p50:
+                p50.append(1e3 * (ours.step_time_ms_p50 - bare.step_time_ms_p50))
+                bare_p50.append(1e3 * bare.step_time_ms_p50)
+            batch = (ours.batch or {}).get("global")
+            if batch and bare.samples_per_s and ours.samples_per_s:
+                mean.append(1e6 * batch * (1 / ours.samples_per_s - 1 / bare.samples_per_s))
+        if p50 or mean:
+            rows.append(
+                OverheadRow(
+                    config=name,
+                    dltrain_config=cfg.pair,
+                    bare_step_us_p50=statistics.fmean(bare_p50) if bare_p50 else None,
+                    overhead_us_p50=Stats.of(p50) if p50 else None,
+                    overhead_us_mean=Stats.of(mean) if mean else None,
+                    overhead_share_p50=statistics.fmean(p50) / statistics.fmean(bare_p50) if p50 else None,
+                )
+            )
+    return rows
+
+
 def rescale_cpu_mfu(results: list[Result], peaks: dict[str, float]) -> None:
     """CPU MFU against the best peak sampled over the whole suite (results.jsonl holds the value
     against the best peak known when the run ended)."""
@@ -220,6 +256,7 @@ class Summary(BaseModel):
     flops: dict[str, Any] = {}  # the harness's FLOP count and step profile per entry (dltrain.bench.flops)
     configs: dict[str, Config] = {}
     baselines: list[BaselineRow] = []
+    overhead: list[OverheadRow] = []
     variants: list[VariantRow] = []
     scaling: list[ScalingRow] = []
     comm: list[CommRun] = []
@@ -262,6 +299,7 @@ def build_summary(out_dir: Path, gpu_results: str | Path | None = None) -> Summa
         flops=meta.get("flops", {}),
         configs=configs,
         baselines=baseline_ratios(results, configs),
+        overhead=overhead_rows(results, configs),
         variants=variants(results, configs),
         scaling=scaling(configs),
         comm=comm,

@@ -200,6 +200,18 @@ class BaselineRow(_Row):
     target: float | None  # the ratio dltrain must reach, if any
 
 
+class OverheadRow(_Row):
+    """Microseconds per step dltrain spends beyond the bare loop of the same model, data and batch
+    (report.overhead_rows): per repeat, then averaged; negative when dltrain was faster."""
+
+    config: str  # the bare baseline
+    dltrain_config: str
+    bare_step_us_p50: float | None
+    overhead_us_p50: Stats | None  # from the median step times
+    overhead_us_mean: Stats | None  # from the timed window's mean (global batch / samples/s)
+    overhead_share_p50: float | None  # of the bare step
+
+
 class VariantRow(_Row):
     """A setting against its reference entry at the same world size, precision and mode (report.variants)."""
 

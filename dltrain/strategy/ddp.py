@@ -46,7 +46,7 @@ class DDP(Strategy):
         if self.scaler is not None:
             return self._scaled_step(loss_sum, clip)
         # Without a scaler Accelerate's clip is torch's (it has nothing to unscale).
-        return guarded_step(self._inner, self.model.parameters(), loss_sum, clip)
+        return guarded_step(self._inner, self.model.parameters() if clip else (), loss_sum, clip)
 
     def _scaled_step(self, loss_sum: torch.Tensor, clip: float | None) -> list[tuple[str, torch.Tensor]]:
         """fp16: the GradScaler skips a step whose gradients hold inf/NaN by itself (on the device

@@ -206,7 +206,13 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> DataSplits
 
     def split(lo: int, hi: int) -> Split:
         xs, ys = x[lo:hi], y[lo:hi]
-        return Split(hi - lo, lambda idx: (xs[idx.to(xs.device)], ys[idx.to(ys.device)]))
+
+        def fetch(idx: torch.Tensor):
+            if idx.device != xs.device:  # the loop's indices live where the data does: no copy per step
+                idx = idx.to(xs.device)
+            return xs[idx], ys[idx]
+
+        return Split(hi - lo, fetch)
 
     return DataSplits(**{name: split(lo, hi) for name, (lo, hi) in bounds.items()})
 
