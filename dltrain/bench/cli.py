@@ -87,7 +87,7 @@ def bench_records(path: Path, raw: dict, output_dir: str | None, dry_run: bool, 
             f"{', '.join(sorted(known))})"
         )
     if dry_run:
-        for rec in suite.records:
+        for rec in (r for r in suite.records if not only or r.name in only):
             sets = [*rec.overrides, "train.seed=S"]
             print(
                 f"[{rec.name}] seeds {rec.seeds}: dltrain train {rec.recipe}"

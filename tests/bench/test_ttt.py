@@ -91,7 +91,8 @@ def test_the_shipped_record_suites_validate_with_every_recipe_profile_and_refere
         suite = load_record_suite(resolve_path(name))
         assert suite.name == name and all(len(r.seeds) >= (3 if r.name == "minilm" else 5) for r in suite.records)
     cpu = load_record_suite(resolve_path("ttt"))
-    assert {r.name for r in cpu.records} == {"cnn", "rnn", "minilm"} and all(r.reference for r in cpu.records)
+    assert {r.name for r in cpu.records} == {"cnn", "cnn_fp32", "rnn", "minilm"}
+    assert all(r.reference for r in cpu.records)
 
 
 def test_a_record_suite_with_a_recipe_without_target_is_refused(tmp_path):
@@ -162,3 +163,12 @@ def test_a_record_suite_cut_by_the_budget_still_writes_the_table_of_what_finishe
         "Interrupted (the time budget ran out): cnn over the seeds that finished"
         in (tmp_path / "out" / "report.md").read_text()
     )
+
+
+def test_a_dry_run_with_only_lists_that_record_alone():
+    done = run_cli("bench", "ttt", "--only", "cnn_fp32", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines == [
+        "[cnn_fp32] seeds [0, 1, 2, 3, 4]: dltrain train recipes/cnn_mnist.yaml --profile fast --set train.seed=S"
+    ]
