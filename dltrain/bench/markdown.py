@@ -273,7 +273,7 @@ def _overhead_section(summary: Summary) -> list[str]:
         "Microseconds per step dltrain spends beyond the bare loop of the same model, data and batch, "
         "per repeat then averaged: from the median step times (p50) and from the timed window's mean "
         "(global batch / samples/s). Negative: dltrain was faster. Where it goes: "
-        "`python -m dltrain.bench.overhead WORKLOAD` (calls and Python time per step, by function).",
+        "`python -m dltrain.bench.overhead RECIPE` (calls and Python time per step, by function).",
         "",
         *table(
             [

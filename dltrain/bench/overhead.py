@@ -1,13 +1,13 @@
 """Framework overhead: what dltrain does per training step that the bare loop does not.
 
-Two parts:
+Two parts, the second elsewhere:
 
-* a profiler (`python -m dltrain.bench.overhead rnn --profile cpu_test`): runs `steps` steady
-  steps of dltrain's loop and of the workload's `bare` baseline (benchmarks/baselines/), each in a
+* a profiler (`python -m dltrain.bench.overhead rnn_sine --profile cpu_test`): runs `steps` steady
+  steps of dltrain's loop and of the recipe's workload's `bare` baseline (benchmarks/baselines/), each in a
   process of its own, one thread, and reports per step: wall time (unprofiled), Python function
   calls counted by cProfile (C functions included), time under the profiler in Python functions
   and in C functions, and the functions dltrain calls that the bare loop does not (or more often);
-* the bench report's overhead table (`overhead_rows`, `markdown_lines`): from the baseline pairs
+* the bench report's overhead table is dltrain.bench.report.overhead_rows: from the baseline pairs
   already in results.jsonl, dltrain's step time minus the bare loop's, in microseconds per step.
 
 Both loops see the same model, data, batch and optimizer. dltrain's steps are counted from the
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 MARK = "dltrain-overhead: "  # the child's result line
-RECIPES = {"cnn": "cnn_mnist", "rnn": "rnn_sine", "bert": "bert_sst2_minilm"}
 
 # ----------------------------------------------------------------------------------------------
 # The profiler: one child process per loop
@@ -140,7 +139,7 @@ def _base_sets(steps: int, warmup: int) -> list[str]:
     ]
 
 
-def run_dltrain(workload: str, profile: str | None, sets: list[str], steps: int, output_dir: str) -> dict:
+def run_dltrain(recipe_name: str, profile: str | None, sets: list[str], steps: int, output_dir: str) -> dict:
     import torch
 
     from dltrain import testhooks
@@ -148,7 +147,7 @@ def run_dltrain(workload: str, profile: str | None, sets: list[str], steps: int,
     from dltrain.run import train
 
     torch.set_num_threads(1)
-    recipe = load_recipe(RECIPES[workload], profile, [*_base_sets(steps, _warmup(workload, profile, sets)), *sets])
+    recipe = load_recipe(recipe_name, profile, [*_base_sets(steps, _warmup(recipe_name, profile, sets)), *sets])
     warmup = recipe.train.warmup_steps_excluded
     window, at_step_end = Window(steps), testhooks.at_step_end
 
@@ -165,25 +164,25 @@ def run_dltrain(workload: str, profile: str | None, sets: list[str], steps: int,
     return window.result("dltrain") | {"warmup": warmup, "batch": recipe.train.global_batch_size}
 
 
-def _warmup(workload: str, profile: str | None, sets: list[str]) -> int:
+def _warmup(recipe_name: str, profile: str | None, sets: list[str]) -> int:
     from dltrain.recipe import load_recipe
 
-    return load_recipe(RECIPES[workload], profile, sets).train.warmup_steps_excluded
+    return load_recipe(recipe_name, profile, sets).train.warmup_steps_excluded
 
 
-def bare_argv(workload: str, profile: str | None, sets: list[str], steps: int, warmup: int) -> list[str]:
+def bare_argv(recipe_name: str, profile: str | None, sets: list[str], steps: int, warmup: int) -> list[str]:
     """The baseline's command line as `dltrain bench` builds it (dltrain.bench.runner.baseline_command)."""
     from dltrain import shipped
     from dltrain.recipe import load_recipe
     from dltrain.workload import get_workload
 
-    recipe = load_recipe(RECIPES[workload], profile, sets)
+    recipe = load_recipe(recipe_name, profile, sets)
     wl = get_workload(recipe.workload)
     argv = [str(shipped.folder("baselines") / wl.baselines["bare"]), "--steps", str(3 * steps)]
     argv += ["--warmup", str(warmup), "--batch", str(recipe.train.global_batch_size)]
     argv += ["--precision", recipe.train.precision, "--seed", str(recipe.train.seed)]
     if wl.baseline_takes_recipe:
-        argv += ["--recipe", RECIPES[workload], *(["--profile", profile] if profile else [])]
+        argv += ["--recipe", recipe_name, *(["--profile", profile] if profile else [])]
         argv += [a for s in sets for a in ("--set", s)]
     return argv
 
@@ -216,19 +215,21 @@ def run_bare(argv: list[str], steps: int) -> dict:
 def child(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child == "dltrain":
-        out = run_dltrain(args.workload, args.profile, args.overrides, args.steps, args.output_dir)
+        out = run_dltrain(args.recipe, args.profile, args.overrides, args.steps, args.output_dir)
     else:
         out = run_bare(json.loads(args.argv), args.steps)
     print(MARK + json.dumps(out), flush=True)
 
 
-def measure(workload: str, profile: str | None, steps: int, sets: list[str], output_dir: Path, rounds: int = 3) -> dict:
+def measure(
+    recipe_name: str, profile: str | None, steps: int, sets: list[str], output_dir: Path, rounds: int = 3
+) -> dict:
     """Both loops, each in its own process, `rounds` times in alternating order: {"dltrain":
     figures, "bare": figures}, the calls from the first round, the step times the least disturbed
     (the smallest) of the rounds' on a shared machine, each round's kept beside them."""
     runs = [
         _measure_once(
-            workload, profile, steps, sets, output_dir / f"round{i}", first="dltrain" if i % 2 == 0 else "bare"
+            recipe_name, profile, steps, sets, output_dir / f"round{i}", first="dltrain" if i % 2 == 0 else "bare"
         )
         for i in range(rounds)
     ]
@@ -242,16 +243,16 @@ def measure(workload: str, profile: str | None, steps: int, sets: list[str], out
 
 
 def _measure_once(
-    workload: str, profile: str | None, steps: int, sets: list[str], output_dir: Path, first: str
+    recipe_name: str, profile: str | None, steps: int, sets: list[str], output_dir: Path, first: str
 ) -> dict:
     out = {}
-    warmup = _warmup(workload, profile, sets)
+    warmup = _warmup(recipe_name, profile, sets)
     for loop in (first, "bare" if first == "dltrain" else "dltrain"):
-        cmd = [sys.executable, "-m", "dltrain.bench.overhead", workload, "--steps", str(steps), "--child", loop]
+        cmd = [sys.executable, "-m", "dltrain.bench.overhead", recipe_name, "--steps", str(steps), "--child", loop]
         cmd += ["--output-dir", str(output_dir), *(["--profile", profile] if profile else [])]
         cmd += [a for s in sets for a in ("--set", s)]
         if loop == "bare":
-            cmd += ["--argv", json.dumps(bare_argv(workload, profile, sets, steps, warmup))]
+            cmd += ["--argv", json.dumps(bare_argv(recipe_name, profile, sets, steps, warmup))]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         # from the folder holding this dltrain, so the children import the same one
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
@@ -292,7 +293,7 @@ def compare(run: dict, top: int = 15) -> dict:
     }
 
 
-def format_report(workload: str, run: dict, cmp: dict) -> str:
+def format_report(recipe_name: str, run: dict, cmp: dict) -> str:
     d, b, o = run["dltrain"], run["bare"], cmp["overhead"]
     rows = [
         ("step time p50 (us, unprofiled, least of rounds)", "step_us_p50"),
@@ -304,7 +305,7 @@ def format_report(workload: str, run: dict, cmp: dict) -> str:
         ("C functions' own us/step (profiled)", "c_us_per_step"),
     ]
     lines = [
-        f"{workload}: {d['steps']} steady steps each, batch {d['batch']}, 1 thread; "
+        f"{recipe_name}: {d['steps']} steady steps each, batch {d['batch']}, 1 thread; "
         f"p50 per round dltrain {_us(d['rounds_step_us_p50'])}, bare {_us(b['rounds_step_us_p50'])}",
         f"{'':50} {'dltrain':>10} {'bare':>10} {'dltrain-bare':>13}",
     ]
@@ -328,7 +329,7 @@ def _us(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workload", choices=sorted(RECIPES))
+    ap.add_argument("recipe", help="a shipped recipe name (cnn_mnist, rnn_sine, ...) or a YAML path")
     ap.add_argument("--profile", default="cpu_test", help="the recipe's profile (default cpu_test)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=200, help="steps timed, then as many profiled")
@@ -344,13 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = measure(
-            args.workload, args.profile, args.steps, args.overrides, Path(args.output_dir or tmp), args.rounds
-        )
+        run = measure(args.recipe, args.profile, args.steps, args.overrides, Path(args.output_dir or tmp), args.rounds)
     cmp = compare(run, args.top)
-    print(format_report(args.workload, run, cmp))
+    print(format_report(args.recipe, run, cmp))
     if args.json:
-        Path(args.json).write_text(json.dumps({"workload": args.workload, **run, **cmp}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"recipe": args.recipe, **run, **cmp}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def overhead_rows(results: list[Result], configs: dict[str, Config]) -> list[Ove
     """Each bare baseline against its dltrain pair, per repeat (the two ran back to back), then
     averaged: microseconds per step dltrain spends beyond the bare loop, from the median step
     times and from the timed window's mean (global batch / samples/s). Where the time goes:
-    `python -m dltrain.bench.overhead WORKLOAD`."""
+    `python -m dltrain.bench.overhead RECIPE`."""
     by_key = {(r.config, r.repeat): r for r in results if r.ok}
     rows = []
     for name, cfg in configs.items():

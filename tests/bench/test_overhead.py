@@ -21,7 +21,7 @@ MAX_EXTRA_OPS = 6
 
 @pytest.fixture(scope="module")
 def rnn(tmp_path_factory):
-    return overhead.measure("rnn", "cpu_test", STEPS, [], tmp_path_factory.mktemp("overhead"), rounds=1)
+    return overhead.measure("rnn_sine", "cpu_test", STEPS, [], tmp_path_factory.mktemp("overhead"), rounds=1)
 
 
 def _extra(run: dict) -> str:
