@@ -157,6 +157,7 @@ NODES = str(REPO / "launch" / "local_multinode.sh")
 NODES_ENV = {"DLTRAIN": " ".join(DLTRAIN), "NPROC": "1"}
 
 
+@pytest.mark.long
 def test_two_nodes_on_one_host_train_like_one_node(runs):
     """Two launchers on 127.0.0.1, machine ranks 0 and 1, one process each (launch/local_multinode.sh)."""
     nodes = runs.get("cnn-nodes", [NODES, *SMALL["cnn"]], env=NODES_ENV)

@@ -372,6 +372,7 @@ def test_cpu_threads_are_the_recipes_else_omp_num_threads_else_cores_over_local_
     assert launcher_thread_env(None, 2) == {}  # the user's value reaches the processes as it is
 
 
+@pytest.mark.long
 def test_dltrain_train_on_a_cpu_prints_its_threads_and_takes_cores_over_processes(tmp_path):
     """It used every core's thread per process, with nothing printed."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
