@@ -155,6 +155,14 @@ def variants(results: list[Result], configs: dict[str, Config]) -> list[VariantR
     return rows
 
 
+def _pairs(by_key: dict[tuple[str, int], Result], name: str, pair: str):
+    """(baseline run, its dltrain run) per repeat: the two ran back to back."""
+    for (config, repeat), res in by_key.items():
+        ours = by_key.get((pair, repeat))
+        if config == name and ours is not None:
+            yield res, ours
+
+
 def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[BaselineRow]:
     """dltrain samples/s over each baseline's, per repeat (the two ran back to back), then averaged.
     Also the ratio of median step times (baseline p50 / dltrain p50): the same comparison, but
@@ -165,9 +173,8 @@ def baseline_ratios(results: list[Result], configs: dict[str, Config]) -> list[B
         if cfg.kind == "dltrain" or not cfg.pair:
             continue
         ratios, p50_ratios = [], []
-        for (config, repeat), res in by_key.items():
-            ours = by_key.get((cfg.pair, repeat))
-            if config == name and ours and res.samples_per_s and ours.samples_per_s:
+        for res, ours in _pairs(by_key, name, cfg.pair):
+            if res.samples_per_s and ours.samples_per_s:
                 ratios.append(ours.samples_per_s / res.samples_per_s)
                 if res.step_time_ms_p50 and ours.step_time_ms_p50:
                     p50_ratios.append(res.step_time_ms_p50 / ours.step_time_ms_p50)
@@ -200,10 +207,7 @@ def overhead_rows(results: list[Result], configs: dict[str, Config]) -> list[Ove
         if cfg.kind != "bare" or not cfg.pair:
             continue
         p50, mean, bare_p50 = [], [], []
-        for (config, repeat), bare in by_key.items():
-            ours = by_key.get((cfg.pair, repeat))
-            if config != name or ours is None:
-                continue
+        for bare, ours in _pairs(by_key, name, cfg.pair):
             if bare.step_time_ms_p50 and ours.step_time_ms_p50:
                 p50.append(1e3 * (ours.step_time_ms_p50 - bare.step_time_ms_p50))
                 bare_p50.append(1e3 * bare.step_time_ms_p50)
