@@ -32,8 +32,10 @@ def test_fast_profile_keeps_the_architecture_and_targets_the_record(name, profil
     base = load_recipe(RECIPES / name)
     fast = load_recipe(RECIPES / name, profile)
     assert fast.workload == base.workload
-    # the record is for the seed architecture; a memory format (model.channels_last) is not one
-    layout = {"channels_last"}
+    # the record is for the seed architecture; a memory format (model.channels_last) and the order of
+    # ReLU and max-pool (model.pool_before_relu: the same function and gradients bit for bit,
+    # tests/integration/test_cnn_fast_model.py) change how it runs, not what it computes
+    layout = {"channels_last", "pool_before_relu"}
     assert fast.model.model_dump(exclude=layout) == base.model.model_dump(exclude=layout)
     metric, value, mode = RECORDS[name]
     assert (fast.target.metric, fast.target.value, fast.target.mode) == (metric, value, mode)

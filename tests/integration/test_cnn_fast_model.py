@@ -1,6 +1,7 @@
-"""model.channels_last (issue 24): the same CNN in NHWC memory format computes what the NCHW one
-does, and its runs checkpoint, export and resume as the plain model's do (safetensors takes only
-contiguous tensors; the channels_last conv weights are not)."""
+"""The CNN's speed keys (issue 24), which only the record profiles set: model.channels_last (the
+same CNN in NHWC memory format computes what the NCHW one does, and its runs checkpoint, export and
+resume as the plain model's do: safetensors takes only contiguous tensors, the channels_last conv
+weights are not) and model.pool_before_relu (the same function and gradients, bit for bit)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,27 @@ def test_channels_last_model_computes_what_the_plain_one_does():
     for (name, a), b in zip(plain.named_parameters(), nhwc.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
         assert b.grad.stride() == b.stride(), name  # gradients (and so Adam's state) share the format
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_before_relu_is_the_same_function_and_gradients_bit_for_bit(channels_last):
+    torch.manual_seed(0)
+    seed_order = cnn.Net(cnn.ModelConfig())
+    swapped = cnn.Net(cnn.ModelConfig(pool_before_relu=True))
+    assert [type(m) for m in swapped.features][1:3] == [torch.nn.MaxPool2d, torch.nn.ReLU]
+    swapped.load_state_dict(seed_order.state_dict(), strict=True)  # the same keys and shapes
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    x[:, :, :8] = -1.0  # windows whose pre-activations are all <= 0 as well as ties
+    outputs = []
+    for model in (seed_order, swapped):
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        outputs.append((logits, [p.grad for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = outputs
+    assert torch.equal(a, b)
+    assert all(torch.equal(ga, gb) for ga, gb in zip(grads_a, grads_b))
 
 
 @pytest.mark.slow
