@@ -86,12 +86,17 @@ __all__ = [
 # The step's helpers (the built-in workloads use them too)
 
 
-def classification_output(logits: torch.Tensor, labels: torch.Tensor) -> Output:
+def classification_output(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> Output:
     """Cross-entropy for logits (batch, classes) and integer labels: the mean loss, and per example
-    "loss" and "correct" (1.0 where the argmax is the label). Computed in fp32 under autocast."""
-    per_example = F.cross_entropy(logits.float(), labels, reduction="none")
+    "loss" and "correct" (1.0 where the argmax is the label). Computed in fp32 under autocast.
+    With `label_smoothing` s > 0 the loss to backpropagate is the cross-entropy against
+    (1 - s) x one-hot + s / classes; the per-example "loss" stays the plain cross-entropy, so
+    logged and evaluated losses compare across settings."""
+    logits = logits.float()
+    per_example = F.cross_entropy(logits, labels, reduction="none")
     correct = (logits.argmax(dim=-1) == labels).float()
-    return Output(per_example.mean(), {"loss": per_example.detach(), "correct": correct})
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if label_smoothing else per_example.mean()
+    return Output(loss, {"loss": per_example.detach(), "correct": correct})
 
 
 def classification_summary(sums: dict[str, float]) -> dict[str, float]:

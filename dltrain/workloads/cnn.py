@@ -64,10 +64,17 @@ class DataConfig(Section):
     """use only this many train examples"""
 
 
+class LossConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """training loss only: cross-entropy against (1 - s) x one-hot + s / classes (issue 24's record
+    profile); logged and evaluated losses stay the plain cross-entropy"""
+
+
 class Recipe(RecipeBase):
     workload: Literal["cnn"]
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,12 +110,16 @@ def build_model(recipe: Recipe) -> nn.Module:
         # the optimizer's state (zeros_like preserves the format); state_dict() hands them out
         # non-contiguous, which the savers (Accelerate's save_state, dltrain.export) make contiguous.
         model = model.to(memory_format=torch.channels_last)
+    # A plain attribute, not a buffer: not in the state_dict, read by `forward` in training mode.
+    model.label_smoothing = recipe.loss.label_smoothing
     return model
 
 
 def forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Output:
     images, labels = batch
-    return classification_output(model(images), labels)
+    # DDP and DeepSpeed wrap the Net as `.module`; a compiled module forwards attribute reads.
+    smoothing = getattr(getattr(model, "module", model), "label_smoothing", 0.0) if model.training else 0.0
+    return classification_output(model(images), labels, smoothing)
 
 
 summarize = classification_summary
