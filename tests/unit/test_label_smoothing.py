@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dltrain.plugin import classification_output
 from dltrain.api import load
+from dltrain.plugin import classification_output
 from dltrain.recipe import RecipeError
 from dltrain.workloads import cnn
 
