@@ -39,8 +39,9 @@ class ModelConfig(Section):
     channels_last: bool = False
     """hold the conv weights, and so the activations, in channels_last (NHWC) memory format: the
     same model and numbers up to reduction order, faster oneDNN convolutions and max-pooling on CPU
-    (issue 24: 1.15-1.35x samples/s at batch 128 on one AVX2 thread). The 1-channel images need no
-    change (NCHW and NHWC are the same bytes); checkpoints and exports are written contiguous."""
+    (issue 24: 1.38 +- 0.09x samples/s at batch 128 on one AVX2 thread, suites/cnn_layout.yaml).
+    The 1-channel images need no change (NCHW and NHWC are the same bytes); checkpoints and exports
+    are written contiguous."""
     pool_before_relu: bool = False
     """max-pool, then ReLU, in each conv block: the same function and gradients bit for bit (ReLU is
     monotone, so it commutes with max), the same parameters and state_dict keys, with the ReLU and
