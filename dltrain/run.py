@@ -176,7 +176,7 @@ def _train(recipe, accelerator, plan, run_dir: Path, start: dict, resume: str | 
     total_steps, per_epoch = total_steps_for(recipe, len(data.train), plan.global_batch)
     backend = strategy.create(accelerator, recipe, plan)
     backend.setup(model, lambda m: build_optimizer(recipe.optim, m, fused_default=backend.fused_optimizer))
-    scheduler = build_scheduler(recipe.schedule, backend.optimizer, total_steps)
+    scheduler = build_scheduler(recipe.schedule, backend.stepped_optimizer(), total_steps)
     parallel = backend.describe()
     if parallel:
         print0(accelerator, f"  {parallel}")

@@ -63,6 +63,11 @@ class Strategy:
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         raise NotImplementedError
 
+    def stepped_optimizer(self):
+        """The optimizer whose step() this backend calls: the learning-rate scheduler is built on it
+        (torch's scheduler wraps that step() to warn when the schedule runs ahead of it)."""
+        return self.optimizer
+
     # ------------------------------------------------------------------------------------------
     # The step
 

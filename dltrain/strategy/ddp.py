@@ -35,6 +35,9 @@ class DDP(Strategy):
         # even when that is 1; without accumulation or a scaler it is loss.backward().
         self._plain_backward = self.scaler is None and self.plan.grad_accum == 1
 
+    def stepped_optimizer(self):
+        return self._inner
+
     def backward(self, loss: torch.Tensor) -> None:
         if self._plain_backward:
             loss.backward()

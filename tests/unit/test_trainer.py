@@ -99,3 +99,22 @@ def test_cnn_and_rnn_training_forward_compile_without_graph_breaks():
     ):
         model = workload.build_model(load_recipe(RECIPES / recipe_file, "cpu_test")).train()
         assert compiles_whole(workload.forward, model, batch), recipe_file
+
+
+def test_the_schedule_follows_the_optimizer_steps_without_torchs_order_warning(tmp_path):
+    """The DDP backend steps the inner torch optimizer (not Accelerate's wrapper), so the scheduler is
+    built on that one: torch then sees each step() before the schedule's and warns of nothing."""
+    import warnings
+
+    from dltrain.api import train
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(
+            RECIPES / "rnn_sine.yaml",
+            profile="fast",
+            output_dir=tmp_path / "run",
+            sets=["train.max_steps=3", "train.eval_every=3", "tracking.trackers=[]"],
+        )
+    assert result.summary["steps"] == 3
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
