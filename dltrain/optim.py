@@ -54,16 +54,17 @@ def decays_bias_and_norm(cfg) -> bool:
 
 
 def param_groups(cfg, model_or_params) -> list:
-    """A model's parameters in (up to) two groups, the second marked `no_decay` with weight decay 0;
-    a plain list of parameters (or a model under a rule that is off) stays one group."""
+    """A model's trained parameters (frozen ones, requires_grad false, are left out) in (up to) two
+    groups, the second marked `no_decay` with weight decay 0; a plain list of parameters (or a model
+    under a rule that is off) stays one group."""
     if not isinstance(model_or_params, nn.Module):
         return list(model_or_params)
-    model = model_or_params
+    trained = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
     if decays_bias_and_norm(cfg):
-        return list(model.parameters())
-    skip = no_decay_names(model)
-    decay = [p for n, p in model.named_parameters() if n not in skip]
-    plain = [p for n, p in model.named_parameters() if n in skip]
+        return [p for _, p in trained]
+    skip = no_decay_names(model_or_params)
+    decay = [p for n, p in trained if n not in skip]
+    plain = [p for n, p in trained if n in skip]
     groups = [{"params": decay}] if decay else []
     return groups + ([{"params": plain, "weight_decay": 0.0, "no_decay": True}] if plain else [])
 

@@ -55,6 +55,11 @@ class ModelConfig(Section):
     # Always an int once the recipe is validated (Recipe._labels_agree fills in the default).
     num_labels: int | None = Field(None, ge=2)
     """classifier outputs (label ids 0 .. num_labels-1); null: the number of data.label_names, else 2"""
+    freeze_embeddings: bool = False
+    """the embedding tables and their LayerNorm are not trained: no gradient, no optimizer state"""
+    freeze_layers: int = Field(0, ge=0)
+    """the first k encoder layers are not trained either (needs freeze_embeddings): no backward
+    runs below the first trained layer"""
 
 
 class Recipe(RecipeBase):
@@ -71,6 +76,15 @@ class Recipe(RecipeBase):
             raise ValueError(
                 f"data.label_names lists {len(names)} labels but model.num_labels is {self.model.num_labels}: "
                 "make them agree (or set model.num_labels to null)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_layers_sit_on_frozen_embeddings(self) -> Recipe:
+        if self.model.freeze_layers and not self.model.freeze_embeddings:
+            raise ValueError(
+                f"model.freeze_layers={self.model.freeze_layers} with trained embeddings still runs the "
+                "frozen layers' backward to reach them: set model.freeze_embeddings=true as well"
             )
         return self
 
@@ -165,12 +179,12 @@ def build_model(recipe: Recipe) -> nn.Module:
         for key, value in labels.items():
             setattr(config, key, value)
         with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
-            return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+            return freeze(AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa"), cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     try:
         with sized_by("the model", "model.num_labels or choose a smaller model.name_or_path"):
-            return AutoModelForSequenceClassification.from_pretrained(
+            model = AutoModelForSequenceClassification.from_pretrained(
                 resolve(cfg.name_or_path),
                 num_labels=cfg.num_labels,
                 attn_implementation="sdpa",  # forward() relies on it
@@ -180,6 +194,29 @@ def build_model(recipe: Recipe) -> nn.Module:
         raise _load_error("model", cfg.name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    return freeze(model, cfg)
+
+
+def freeze(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """model.freeze_embeddings / freeze_layers: those parameters stop requiring gradients, so autograd
+    stops at the first trained layer and the optimizer (dltrain.optim.param_groups) never sees them."""
+    if not cfg.freeze_embeddings:
+        return model
+    base = model.base_model
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not hasattr(base, "embeddings") or layers is None:
+        raise RecipeError(
+            f"model.freeze_embeddings: {type(base).__name__} has no .embeddings and .encoder.layer "
+            "(a BERT-like encoder): set model.freeze_embeddings=false and model.freeze_layers=0"
+        )
+    if cfg.freeze_layers >= len(layers):
+        raise RecipeError(
+            f"model.freeze_layers={cfg.freeze_layers} leaves none of {cfg.name_or_path}'s {len(layers)} "
+            f"encoder layers to train: set it to at most {len(layers) - 1}"
+        )
+    for module in (base.embeddings, *layers[: cfg.freeze_layers]):
+        module.requires_grad_(False)
+    return model
 
 
 def forward(model: nn.Module, batch: dict) -> Output:
@@ -214,15 +251,22 @@ def batch_size_of(batch) -> int:
     return len(batch["labels"])
 
 
-def flops_per_token(config, seq_len: float) -> float:
+def flops_per_token(config, seq_len: float, model: ModelConfig | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6 N + 12 L d T, where N counts the weights of the
     encoder layers, pooler and classifier (embeddings are lookups, not matmuls), L layers, d the
     hidden size, T the sequence length (the 12 L d T term is QK^T and attention x V, forward and
-    backward)."""
+    backward).
+
+    Frozen parts (`model`'s freeze_embeddings, freeze_layers): the first freeze_layers layers run
+    forward only, a third of their share, and the first trained layer's Q, K and V projections
+    compute no input gradient (2 d^2 each), as nothing below them is trained."""
     d, L, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     per_layer = 4 * d * d + 2 * d * ff  # Q, K, V, output projections; two feed-forward matmuls
     n = L * per_layer + d * d + d * config.num_labels  # + pooler + classifier
-    return 6 * n + 12 * L * d * seq_len
+    flops = 6 * n + 12 * L * d * seq_len
+    if model is not None and model.freeze_embeddings:
+        flops -= model.freeze_layers * 4 * (per_layer + 2 * d * seq_len) + 3 * 2 * d * d
+    return flops
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,7 +279,8 @@ def flops_per_sample(recipe: Recipe) -> int:
     """flops_per_token x T with T = data.max_length, i.e. every example padded to max_length as in
     the original. With dynamic or bucket padding the work done is smaller: see flops_of."""
     T = recipe.data.max_length
-    return T * flops_per_token(_cached_config(recipe.model.name_or_path, recipe.model.num_labels), T)
+    config = _cached_config(recipe.model.name_or_path, recipe.model.num_labels)
+    return T * flops_per_token(config, T, recipe.model)
 
 
 def flops_of(recipe: Recipe, sums: dict[str, float]) -> dict[str, float]:
@@ -254,8 +299,8 @@ def flops_of(recipe: Recipe, sums: dict[str, float]) -> dict[str, float]:
     config = _cached_config(recipe.model.name_or_path, recipe.model.num_labels)
     padded, real = sums["padded_tokens"], sums["tokens"]
     return {
-        "flops": padded * flops_per_token(config, padded / count),
-        "flops_real": real * flops_per_token(config, real / count),
+        "flops": padded * flops_per_token(config, padded / count, recipe.model),
+        "flops_real": real * flops_per_token(config, real / count, recipe.model),
     }
 
 
