@@ -114,7 +114,8 @@ def report_lines(suite, rows: list[RecordRow], interrupted: bool = False) -> lis
         "",
         suite.description,
         "",
-        f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run; "
+        f"Machine and software: {host or 'unknown'}; {suite.cpu_threads or os.cpu_count()} CPU threads per run "
+        "unless its recipe sets train.cpu_threads (each record's line below gives its runs' own); "
         f"written {time.strftime('%Y-%m-%d %H:%M %Z')}.",
         "",
         "train_s: first batch to the end of the last step, evaluation excluded; wall_s: "
